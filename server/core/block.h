@@ -21,6 +21,16 @@ class InversionEngine;
 
 namespace natgrad::core {
 
+// Precision of a block's state and arithmetic (session option).
+enum class Precision { kFloat32, kFloat64 };
+
+// A parameter as the block sees it: rows x cols (a 1-D parameter of n values
+// is n x 1; higher ranks are [shape[0], prod(rest)]).
+struct MatrixShape {
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
 // K-FAC curvature statistics for one step (DESIGN.md §4.1). Exactly one of
 // the raw or reduced forms is set.
 struct KfacStatisticsInput {

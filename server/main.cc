@@ -1,0 +1,126 @@
+// natgrad-server: flags, wiring, signals. See docs/server-flags.md.
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include <iostream>
+#include "absl/time/time.h"
+#include "server/service/natgrad_server.h"
+
+ABSL_FLAG(std::string, address, "127.0.0.1:50051",
+          "gRPC listen address (host:port); port 0 picks a free port");
+ABSL_FLAG(std::string, metrics_address, "",
+          "Prometheus /metrics listen address (host:port); empty disables it");
+ABSL_FLAG(int64_t, max_sessions, 1024, "Sessions held at once, all tenants");
+ABSL_FLAG(int64_t, max_session_bytes, int64_t{1} << 30,
+          "Optimizer state bytes per session (also bounds one step's messages)");
+ABSL_FLAG(int64_t, max_sessions_per_tenant, 0, "Sessions per tenant; 0: no limit");
+ABSL_FLAG(int64_t, max_bytes_per_tenant, 0, "State bytes per tenant; 0: no limit");
+ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
+          "gRPC receive/send message size limit (gRPC's default is 4 MiB)");
+ABSL_FLAG(int32_t, worker_threads, 0, "Threads applying steps; 0: one per core");
+ABSL_FLAG(std::string, inversion_backend, "auto",
+          "Factor decompositions on 'auto' (CUDA when a GPU is present), 'cpu' or 'cuda'");
+ABSL_FLAG(int64_t, batch_window_us, 200,
+          "How long the inversion engine waits to batch same-size jobs");
+ABSL_FLAG(int32_t, max_batch, 64, "Largest inversion batch");
+ABSL_FLAG(std::string, checkpoint_dir, "", "Directory for session checkpoints; empty: none");
+ABSL_FLAG(int64_t, checkpoint_every_steps, 0,
+          "Checkpoint a session every N steps, before answering (0: off)");
+ABSL_FLAG(int64_t, checkpoint_interval_s, 0,
+          "Checkpoint sessions with new steps every T seconds (0: off)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate chain; enables TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; when set, clients must present a certificate it signed");
+ABSL_FLAG(std::string, auth_tokens_file, "",
+          "File of '<token> <tenant>' lines; when set, calls need 'authorization: "
+          "Bearer <token>'. Reloaded on SIGHUP");
+ABSL_FLAG(int32_t, shutdown_grace_s, 20,
+          "After SIGTERM/SIGINT: seconds open streams get to finish");
+ABSL_FLAG(std::string, port_file, "",
+          "Write the bound gRPC port to this file once serving (for tests and scripts)");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "natgrad-server: natural-gradient optimizer service (gRPC natgrad.v1.OptimizerService)");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the signals we handle before any thread exists, so every thread
+  // inherits the mask and only sigwait below sees them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  natgrad::service::ServerOptions o;
+  o.address = absl::GetFlag(FLAGS_address);
+  o.metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  o.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  o.limits.max_session_bytes = absl::GetFlag(FLAGS_max_session_bytes);
+  o.limits.max_sessions_per_tenant = absl::GetFlag(FLAGS_max_sessions_per_tenant);
+  o.limits.max_bytes_per_tenant = absl::GetFlag(FLAGS_max_bytes_per_tenant);
+  o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  o.engine.backend = absl::GetFlag(FLAGS_inversion_backend);
+  o.engine.batch_window_us = absl::GetFlag(FLAGS_batch_window_us);
+  o.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
+  o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  o.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  o.checkpoint_interval_s = absl::GetFlag(FLAGS_checkpoint_interval_s);
+  o.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  o.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  o.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  o.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
+  if (o.max_message_bytes <= 0 || o.max_message_bytes > INT32_MAX) {
+    std::cerr << "natgrad-server: --max_message_bytes must be in (0, 2^31)\n";
+    return 2;
+  }
+
+  auto server = natgrad::service::NatgradServer::Start(o);
+  if (!server.ok()) {
+    std::cerr << "natgrad-server: " << server.status() << "\n";
+    return 1;
+  }
+  auto& s = **server;
+  std::cout << "natgrad-server listening on port " << s.port() << " ("
+            << (o.tls_cert_file.empty() ? "insecure" : "TLS") << ")" << std::endl;
+  std::cout << "inversion backend: " << s.backend() << " (" << s.backend_reason() << ")"
+            << std::endl;
+  if (s.metrics_port() != 0) {
+    std::cout << "metrics on port " << s.metrics_port() << " at /metrics" << std::endl;
+  }
+  if (!o.checkpoint_dir.empty()) {
+    std::cout << "checkpoints in " << o.checkpoint_dir << ", restored " << s.restored_sessions()
+              << " session(s)" << std::endl;
+  }
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty()) {
+    // Write then rename, so a reader never sees a partial number.
+    const std::string tmp = port_file + ".tmp";
+    std::ofstream(tmp) << s.port() << "\n";
+    std::rename(tmp.c_str(), port_file.c_str());
+  }
+
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&signals, &sig) != 0) continue;
+    if (sig == SIGHUP) {
+      absl::Status st = s.ReloadTokens();
+      std::cerr << "natgrad-server: info: " << "SIGHUP: tokens reloaded: " << st << std::endl;
+      continue;
+    }
+    std::cout << "natgrad-server: signal " << sig << ", draining" << std::endl;
+    s.Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s)));
+    break;
+  }
+  std::cout << "natgrad-server: stopped" << std::endl;
+  return 0;
+}

@@ -1,0 +1,214 @@
+#include "server/service/natgrad_server.h"
+
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+#include <iostream>
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "server/service/token_authenticator.h"
+
+namespace natgrad::service {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view flag) {
+  std::ifstream in(path);
+  if (!in) return absl::FailedPreconditionError(absl::StrCat(flag, ": cannot read ", path));
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+// Engine batches -> Prometheus.
+class EngineMetricsObserver final : public engine::EngineObserver {
+ public:
+  explicit EngineMetricsObserver(std::shared_ptr<ServiceMetrics> metrics)
+      : metrics_(std::move(metrics)) {}
+  void OnBatch(const engine::BatchEvent& e) override {
+    metrics_->InversionBatch(e.backend, e.batch_size, e.seconds, e.failed);
+  }
+
+ private:
+  std::shared_ptr<ServiceMetrics> metrics_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<NatgradServer>> NatgradServer::Start(ServerOptions options) {
+  std::unique_ptr<NatgradServer> server(new NatgradServer());
+  if (absl::Status s = server->Init(std::move(options)); !s.ok()) return s;
+  return server;
+}
+
+absl::Status NatgradServer::Init(ServerOptions options) {
+  options_ = std::move(options);
+  metrics_ = std::make_shared<ServiceMetrics>(std::make_shared<prometheus::Registry>());
+  if (!options_.metrics_address.empty()) {
+    auto http = MetricsHttpServer::Start(
+        options_.metrics_address,
+        std::shared_ptr<prometheus::Registry>(metrics_, &metrics_->registry()));
+    if (!http.ok()) return http.status();
+    metrics_http_ = *std::move(http);
+    metrics_port_ = metrics_http_->port();
+  }
+
+  options_.engine.observer = std::make_shared<EngineMetricsObserver>(metrics_);
+  auto created = engine::CreateInversionEngine(options_.engine);
+  if (!created.ok()) return created.status();
+  engine_ = std::move(created->engine);
+  backend_ = created->backend;
+  backend_reason_ = created->reason;
+  metrics_->SetBackend(backend_);
+
+  registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get());
+  if (!options_.checkpoint_dir.empty()) {
+    auto store = session::CheckpointStore::Open(options_.checkpoint_dir);
+    if (!store.ok()) return store.status();
+    checkpoints_.emplace(*std::move(store));
+    session::LoadedCheckpoints loaded = checkpoints_->LoadAll();
+    for (const std::string& why : loaded.skipped) {
+      std::cerr << "natgrad-server: warning: " << "skipping checkpoint " << why << std::endl;
+      metrics_->CheckpointSkipped();
+    }
+    for (const auto& snap : loaded.snapshots) {
+      auto restored = registry_->Import(snap, snap.tenant(), "");
+      if (!restored.ok()) {
+        std::cerr << "natgrad-server: warning: " << "skipping checkpoint of " << snap.name() << ": " << restored.status() << std::endl;
+        metrics_->CheckpointSkipped();
+        continue;
+      }
+      ++restored_;
+    }
+    metrics_->SetSessions(registry_->size());
+  }
+
+  if (!options_.auth_tokens_file.empty()) {
+    auto tokens = TokenAuthenticator::FromFile(options_.auth_tokens_file);
+    if (!tokens.ok()) return tokens.status();
+    tokens_ = tokens->get();
+    authenticator_ = *std::move(tokens);
+  } else {
+    authenticator_ = std::make_unique<AnonymousAuthenticator>();
+  }
+
+  executor_ = std::make_unique<StepExecutor>(options_.worker_threads);
+  ServiceDependencies deps;
+  deps.registry = registry_.get();
+  deps.executor = executor_.get();
+  deps.authenticator = authenticator_.get();
+  deps.checkpoints = checkpoints_.has_value() ? &*checkpoints_ : nullptr;
+  deps.checkpoint_every_steps = options_.checkpoint_every_steps;
+  deps.metrics = metrics_.get();
+  service_ = std::make_unique<OptimizerService>(deps);
+
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!options_.tls_cert_file.empty() || !options_.tls_key_file.empty()) {
+    auto cert = ReadFile(options_.tls_cert_file, "--tls_cert");
+    if (!cert.ok()) return cert.status();
+    auto key = ReadFile(options_.tls_key_file, "--tls_key");
+    if (!key.ok()) return key.status();
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({*key, *cert});
+    if (!options_.tls_client_ca_file.empty()) {
+      auto ca = ReadFile(options_.tls_client_ca_file, "--tls_client_ca");
+      if (!ca.ok()) return ca.status();
+      ssl.pem_root_certs = *ca;
+      ssl.client_certificate_request =
+          GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
+    creds = grpc::SslServerCredentials(ssl);
+  } else if (!options_.tls_client_ca_file.empty()) {
+    return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.address, creds, &port_);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
+  builder.RegisterService(service_.get());
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.address));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(true);
+
+  if (checkpoints_.has_value() && options_.checkpoint_interval_s > 0) {
+    checkpoint_thread_ = std::thread([this] { PeriodicCheckpoints(); });
+  }
+  return absl::OkStatus();
+}
+
+void NatgradServer::PeriodicCheckpoints() {
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_),
+                         absl::Seconds(options_.checkpoint_interval_s));
+    if (stopping_) break;
+    mu_.Unlock();
+    for (const auto& s : registry_->All()) {
+      if (s->StepsSinceCheckpoint() == 0) continue;
+      const auto start = absl::Now();
+      const auto snap = s->Snapshot();
+      absl::Status st = checkpoints_->Write(snap);
+      metrics_->CheckpointWritten(st.ok(), absl::Now() - start);
+      if (st.ok()) s->MarkCheckpointed(snap.last_step());
+    }
+    mu_.Lock();
+  }
+}
+
+absl::Status NatgradServer::CheckpointAll() {
+  if (!checkpoints_.has_value()) return absl::OkStatus();
+  absl::Status result;
+  for (const auto& s : registry_->All()) {
+    const auto start = absl::Now();
+    const auto snap = s->Snapshot();
+    absl::Status st = checkpoints_->Write(snap);
+    metrics_->CheckpointWritten(st.ok(), absl::Now() - start);
+    if (st.ok()) {
+      s->MarkCheckpointed(snap.last_step());
+    } else {
+      result.Update(st);
+    }
+  }
+  return result;
+}
+
+absl::Status NatgradServer::ReloadTokens() {
+  if (tokens_ == nullptr) return absl::OkStatus();
+  return tokens_->Reload();
+}
+
+void NatgradServer::Shutdown(absl::Duration grace) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  if (checkpoint_thread_.joinable()) checkpoint_thread_.join();
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  // Checkpoint first (a step may still land during the drain: its own
+  // checkpoint-every-N policy covers it), then again after the drain.
+  if (absl::Status s = CheckpointAll(); !s.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << s << std::endl;
+  server_->Shutdown(std::chrono::system_clock::now() + absl::ToChronoSeconds(grace));
+  if (absl::Status s = CheckpointAll(); !s.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << s << std::endl;
+  executor_.reset();
+  engine_->Shutdown();
+  absl::MutexLock lock(&mu_);
+  stopped_ = true;
+}
+
+void NatgradServer::Wait() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(&stopped_));
+}
+
+NatgradServer::~NatgradServer() {
+  if (server_ != nullptr) Shutdown(absl::ZeroDuration());
+}
+
+}  // namespace natgrad::service

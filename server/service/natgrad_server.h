@@ -1,0 +1,99 @@
+// A whole natgrad server: engine, sessions, gRPC service with health and
+// reflection, metrics endpoint and checkpoints. main() and the in-process
+// tests build it the same way.
+#ifndef NATGRAD_SERVER_SERVICE_NATGRAD_SERVER_H_
+#define NATGRAD_SERVER_SERVICE_NATGRAD_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+#include "server/engine/engine_factory.h"
+#include "server/service/authenticator.h"
+#include "server/service/metrics_http_server.h"
+#include "server/service/optimizer_service.h"
+#include "server/service/service_metrics.h"
+#include "server/session/checkpoint_store.h"
+#include "server/session/session_registry.h"
+
+namespace natgrad::service {
+
+class TokenAuthenticator;
+
+struct ServerOptions {
+  std::string address = "127.0.0.1:50051";
+  std::string metrics_address;  // empty: no /metrics endpoint
+  session::RegistryLimits limits;
+  int64_t max_message_bytes = int64_t{256} << 20;
+  int worker_threads = 0;
+  engine::EngineOptions engine;
+  std::string checkpoint_dir;  // empty: no checkpoints
+  int64_t checkpoint_every_steps = 0;
+  int64_t checkpoint_interval_s = 0;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;  // set: client certificates required
+  std::string auth_tokens_file;    // set: bearer tokens required
+};
+
+class NatgradServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<NatgradServer>> Start(ServerOptions options);
+  ~NatgradServer();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  const std::string& backend() const { return backend_; }
+  const std::string& backend_reason() const { return backend_reason_; }
+  int restored_sessions() const { return restored_; }
+
+  // Health NOT_SERVING, checkpoint every session, let open streams finish
+  // for up to `grace`, then cancel the rest and stop. Idempotent.
+  void Shutdown(absl::Duration grace);
+  // Blocks until Shutdown completed.
+  void Wait();
+
+  absl::Status CheckpointAll();
+  // Re-reads --auth_tokens_file (SIGHUP).
+  absl::Status ReloadTokens();
+
+  session::SessionRegistry& registry() { return *registry_; }
+  engine::BatchingInversionEngine& engine() { return *engine_; }
+  ServiceMetrics& metrics() { return *metrics_; }
+
+ private:
+  NatgradServer() = default;
+  absl::Status Init(ServerOptions options);
+  void PeriodicCheckpoints();
+
+  ServerOptions options_;
+  std::shared_ptr<ServiceMetrics> metrics_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
+  std::unique_ptr<engine::BatchingInversionEngine> engine_;
+  std::string backend_, backend_reason_;
+  std::unique_ptr<session::SessionRegistry> registry_;
+  std::optional<session::CheckpointStore> checkpoints_;
+  std::unique_ptr<StepExecutor> executor_;
+  std::unique_ptr<Authenticator> authenticator_;
+  TokenAuthenticator* tokens_ = nullptr;  // owned by authenticator_ when set
+  std::unique_ptr<OptimizerService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  int restored_ = 0;
+
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread checkpoint_thread_;
+};
+
+}  // namespace natgrad::service
+
+#endif  // NATGRAD_SERVER_SERVICE_NATGRAD_SERVER_H_

@@ -1,0 +1,150 @@
+#include "server/service/optimizer_service.h"
+
+#include <algorithm>
+
+#include <iostream>
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "server/service/service_metrics.h"
+#include "server/service/status_conversion.h"
+#include "server/service/step_reactor.h"
+
+namespace natgrad::service {
+namespace {
+
+constexpr int kDefaultPageSize = 50;
+constexpr int kMaxPageSize = 1000;
+
+// Runs `body` with the caller's tenant and finishes the unary call with its
+// status, counting errors.
+template <typename Body>
+grpc::ServerUnaryReactor* Unary(const ServiceDependencies& deps,
+                                grpc::CallbackServerContext* context, Body body) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status status;
+  auto tenant = deps.authenticator->Authenticate(*context);
+  if (!tenant.ok()) {
+    status = tenant.status();
+  } else {
+    status = body(*tenant);
+  }
+  if (!status.ok() && deps.metrics) {
+    deps.metrics->RpcError(static_cast<grpc::StatusCode>(status.code()));
+  }
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+}  // namespace
+
+OptimizerService::OptimizerService(ServiceDependencies deps) : deps_(deps) {}
+
+grpc::ServerUnaryReactor* OptimizerService::CreateSession(
+    grpc::CallbackServerContext* context,
+    const natgrad::v1::CreateSessionRequest* request,
+    natgrad::v1::Session* response) {
+  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+    auto session = deps_.registry->Create(request->config(), tenant, request->session_id());
+    if (!session.ok()) return session.status();
+    *response = (*session)->Describe();
+    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
+    if (deps_.checkpoints != nullptr) {
+      // A new session is durable at once, so a crash before its first
+      // checkpointed step still leaves it restorable.
+      absl::Status written = deps_.checkpoints->Write((*session)->Snapshot());
+      if (!written.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << written << std::endl;
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* OptimizerService::GetSession(
+    grpc::CallbackServerContext* context, const natgrad::v1::GetSessionRequest* request,
+    natgrad::v1::Session* response) {
+  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+    auto session = deps_.registry->Get(request->name(), tenant);
+    if (!session.ok()) return session.status();
+    *response = (*session)->Describe();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* OptimizerService::ListSessions(
+    grpc::CallbackServerContext* context,
+    const natgrad::v1::ListSessionsRequest* request,
+    natgrad::v1::ListSessionsResponse* response) {
+  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+    if (request->page_size() < 0) {
+      return absl::InvalidArgumentError("page_size: must be >= 0");
+    }
+    const int size = request->page_size() == 0
+                         ? kDefaultPageSize
+                         : std::min(request->page_size(), kMaxPageSize);
+    // The page token is the last id of the previous page: stable under
+    // concurrent creates and deletes.
+    std::string after = request->page_token();
+    if (!after.empty()) {
+      auto id = session::SessionRegistry::ParseName(after);
+      if (!id.ok()) return absl::InvalidArgumentError("page_token: invalid");
+      after = *id;
+    }
+    auto page = deps_.registry->List(tenant, after, size + 1);
+    const bool more = static_cast<int>(page.size()) > size;
+    if (more) page.pop_back();
+    for (const auto& s : page) *response->add_sessions() = s->Describe();
+    if (more) response->set_next_page_token(page.back()->id());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
+    grpc::CallbackServerContext* context, const natgrad::v1::DeleteSessionRequest* request,
+    google::protobuf::Empty*) {
+  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+    auto session = deps_.registry->Get(request->name(), tenant);
+    if (!session.ok()) return session.status();
+    if (absl::Status s = deps_.registry->Delete(request->name(), tenant); !s.ok()) return s;
+    if (deps_.checkpoints != nullptr) {
+      absl::Status removed = deps_.checkpoints->Remove((*session)->id());
+      if (!removed.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << removed << std::endl;
+    }
+    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* OptimizerService::ExportSession(
+    grpc::CallbackServerContext* context, const natgrad::v1::ExportSessionRequest* request,
+    natgrad::v1::SessionSnapshot* response) {
+  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+    auto session = deps_.registry->Get(request->name(), tenant);
+    if (!session.ok()) return session.status();
+    *response = (*session)->Snapshot();
+    response->clear_tenant();  // the importing server assigns its own
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* OptimizerService::ImportSession(
+    grpc::CallbackServerContext* context, const natgrad::v1::ImportSessionRequest* request,
+    natgrad::v1::Session* response) {
+  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+    auto session =
+        deps_.registry->Import(request->snapshot(), tenant, request->session_id());
+    if (!session.ok()) return session.status();
+    *response = (*session)->Describe();
+    if (deps_.checkpoints != nullptr) {
+      absl::Status written = deps_.checkpoints->Write((*session)->Snapshot());
+      if (!written.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << written << std::endl;
+    }
+    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerBidiReactor<natgrad::v1::StepRequest, natgrad::v1::StepResponse>*
+OptimizerService::Step(grpc::CallbackServerContext* context) {
+  return new StepReactor(deps_, context);
+}
+
+}  // namespace natgrad::service

@@ -1,0 +1,161 @@
+#include "server/service/service_metrics.h"
+
+#include <string>
+
+#include "absl/strings/ascii.h"
+#include "prometheus/counter.h"
+
+namespace natgrad::service {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Histogram;
+
+std::string KindOf(const natgrad::v1::BlockConfig& b) {
+  switch (b.kind_case()) {
+    case natgrad::v1::BlockConfig::kSgd:
+      return "sgd";
+    case natgrad::v1::BlockConfig::kAdam:
+      return "adam";
+    case natgrad::v1::BlockConfig::kKfacDense:
+      return "kfac_dense";
+    case natgrad::v1::BlockConfig::kGaussian:
+      return "gaussian";
+    default:
+      return "unknown";
+  }
+}
+
+std::string CodeName(int code) {
+  std::string name = absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+  return absl::AsciiStrToUpper(name);
+}
+
+// 100us .. ~100s, x2.5 per bucket.
+Histogram::BucketBoundaries LatencyBuckets() {
+  Histogram::BucketBoundaries b;
+  for (double v = 1e-4; v < 200; v *= 2.5) b.push_back(v);
+  return b;
+}
+
+}  // namespace
+
+ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
+    : registry_(std::move(registry)),
+      steps_(BuildCounter().Name("natgrad_steps_total")
+                 .Help("Steps by outcome (ok, replayed, or the gRPC code).")
+                 .Register(*registry_)),
+      block_steps_(BuildCounter().Name("natgrad_block_steps_total")
+                       .Help("Block updates computed, by block kind.")
+                       .Register(*registry_)),
+      messages_(BuildCounter().Name("natgrad_stream_messages_total")
+                    .Help("Step stream messages by direction.")
+                    .Register(*registry_)),
+      bytes_(BuildCounter().Name("natgrad_stream_bytes_total")
+                 .Help("Serialized bytes of Step stream messages by direction.")
+                 .Register(*registry_)),
+      errors_(BuildCounter().Name("natgrad_rpc_errors_total")
+                  .Help("RPCs that ended with an error, by gRPC code.")
+                  .Register(*registry_)),
+      checkpoints_(BuildCounter().Name("natgrad_checkpoint_writes_total")
+                       .Help("Checkpoint writes by outcome.")
+                       .Register(*registry_)),
+      inversion_jobs_(BuildCounter().Name("natgrad_inversion_jobs_total")
+                          .Help("Decomposition jobs by backend and outcome.")
+                          .Register(*registry_)),
+      inversion_batches_(BuildCounter().Name("natgrad_inversion_batches_total")
+                             .Help("Decomposition batches run, by backend.")
+                             .Register(*registry_)),
+      inversion_seconds_(BuildHistogram().Name("natgrad_inversion_batch_seconds")
+                             .Help("Wall time of one decomposition batch.")
+                             .Register(*registry_)),
+      inversion_batch_size_(BuildHistogram().Name("natgrad_inversion_batch_size")
+                                .Help("Jobs per decomposition batch.")
+                                .Register(*registry_)),
+      backend_(BuildGauge().Name("natgrad_inversion_backend_info")
+                   .Help("1 for the inversion backend in use.")
+                   .Register(*registry_)),
+      step_latency_(BuildHistogram().Name("natgrad_step_latency_seconds")
+                        .Help("From a step's last message received to its response queued.")
+                        .Register(*registry_)
+                        .Add({}, LatencyBuckets())),
+      checkpoint_latency_(BuildHistogram().Name("natgrad_checkpoint_write_seconds")
+                              .Help("Time to write one session checkpoint durably.")
+                              .Register(*registry_)
+                              .Add({}, LatencyBuckets())),
+      streams_(BuildGauge().Name("natgrad_streams_open")
+                   .Help("Step streams open now.")
+                   .Register(*registry_)
+                   .Add({})),
+      sessions_(BuildGauge().Name("natgrad_sessions")
+                    .Help("Sessions held now.")
+                    .Register(*registry_)
+                    .Add({})),
+      checkpoints_skipped_(BuildCounter().Name("natgrad_checkpoints_skipped_total")
+                               .Help("Checkpoint files skipped at start-up as unreadable.")
+                               .Register(*registry_)
+                               .Add({})) {}
+
+void ServiceMetrics::StreamOpened() { streams_.Increment(); }
+void ServiceMetrics::StreamClosed() { streams_.Decrement(); }
+
+void ServiceMetrics::MessageReceived(int64_t bytes) {
+  messages_.Add({{"direction", "received"}}).Increment();
+  bytes_.Add({{"direction", "received"}}).Increment(static_cast<double>(bytes));
+}
+
+void ServiceMetrics::MessageSent(int64_t bytes) {
+  messages_.Add({{"direction", "sent"}}).Increment();
+  bytes_.Add({{"direction", "sent"}}).Increment(static_cast<double>(bytes));
+}
+
+void ServiceMetrics::StepSucceeded(const natgrad::v1::SessionConfig& config,
+                                   const natgrad::v1::StepResponse& response) {
+  steps_.Add({{"outcome", response.replayed() ? "replayed" : "ok"}}).Increment();
+  if (response.replayed()) return;
+  for (const auto& b : config.blocks()) block_steps_.Add({{"kind", KindOf(b)}}).Increment();
+  step_latency_.Observe(response.timing().server_micros() * 1e-6);
+}
+
+void ServiceMetrics::StepFailed(absl::StatusCode code) {
+  steps_.Add({{"outcome", CodeName(static_cast<int>(code))}}).Increment();
+}
+
+void ServiceMetrics::RpcError(grpc::StatusCode code) {
+  errors_.Add({{"code", CodeName(static_cast<int>(code))}}).Increment();
+}
+
+void ServiceMetrics::CheckpointWritten(bool ok, absl::Duration latency) {
+  checkpoints_.Add({{"outcome", ok ? "ok" : "error"}}).Increment();
+  if (ok) checkpoint_latency_.Observe(absl::ToDoubleSeconds(latency));
+}
+
+void ServiceMetrics::CheckpointSkipped() { checkpoints_skipped_.Increment(); }
+
+void ServiceMetrics::SetSessions(int64_t count) {
+  sessions_.Set(static_cast<double>(count));
+}
+
+void ServiceMetrics::SetBackend(absl::string_view backend) {
+  backend_.Add({{"backend", std::string(backend)}}).Set(1);
+}
+
+void ServiceMetrics::InversionBatch(absl::string_view backend, int64_t batch_size,
+                                    double seconds, int64_t failed_jobs) {
+  const std::string b(backend);
+  inversion_batches_.Add({{"backend", b}}).Increment();
+  inversion_jobs_.Add({{"backend", b}, {"outcome", "ok"}})
+      .Increment(static_cast<double>(batch_size - failed_jobs));
+  if (failed_jobs > 0) {
+    inversion_jobs_.Add({{"backend", b}, {"outcome", "error"}})
+        .Increment(static_cast<double>(failed_jobs));
+  }
+  inversion_seconds_.Add({{"backend", b}}, LatencyBuckets()).Observe(seconds);
+  inversion_batch_size_
+      .Add({{"backend", b}}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256})
+      .Observe(static_cast<double>(batch_size));
+}
+
+}  // namespace natgrad::service

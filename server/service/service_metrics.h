@@ -1,0 +1,68 @@
+// Prometheus metrics of the service (DESIGN.md §6): natgrad_ prefix, base
+// units, and never a session id as a label (unbounded cardinality).
+#ifndef NATGRAD_SERVER_SERVICE_SERVICE_METRICS_H_
+#define NATGRAD_SERVER_SERVICE_SERVICE_METRICS_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "grpcpp/support/status.h"
+#include "natgrad/v1/session.pb.h"
+#include "natgrad/v1/step.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace natgrad::service {
+
+class ServiceMetrics {
+ public:
+  explicit ServiceMetrics(std::shared_ptr<prometheus::Registry> registry);
+
+  void StreamOpened();
+  void StreamClosed();
+  void MessageReceived(int64_t bytes);
+  void MessageSent(int64_t bytes);
+  void StepSucceeded(const natgrad::v1::SessionConfig& config,
+                     const natgrad::v1::StepResponse& response);
+  void StepFailed(absl::StatusCode code);
+  void RpcError(grpc::StatusCode code);
+  void CheckpointWritten(bool ok, absl::Duration latency);
+  void CheckpointSkipped();
+  void SetSessions(int64_t count);
+  void SetBackend(absl::string_view backend);
+  // From the inversion engine's observer.
+  void InversionBatch(absl::string_view backend, int64_t batch_size,
+                      double seconds, int64_t failed_jobs);
+
+  prometheus::Registry& registry() { return *registry_; }
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& steps_;
+  prometheus::Family<prometheus::Counter>& block_steps_;
+  prometheus::Family<prometheus::Counter>& messages_;
+  prometheus::Family<prometheus::Counter>& bytes_;
+  prometheus::Family<prometheus::Counter>& errors_;
+  prometheus::Family<prometheus::Counter>& checkpoints_;
+  prometheus::Family<prometheus::Counter>& inversion_jobs_;
+  prometheus::Family<prometheus::Counter>& inversion_batches_;
+  prometheus::Family<prometheus::Histogram>& inversion_seconds_;
+  prometheus::Family<prometheus::Histogram>& inversion_batch_size_;
+  prometheus::Family<prometheus::Gauge>& backend_;
+  prometheus::Histogram& step_latency_;
+  prometheus::Histogram& checkpoint_latency_;
+  prometheus::Gauge& streams_;
+  prometheus::Gauge& sessions_;
+  prometheus::Counter& checkpoints_skipped_;
+};
+
+}  // namespace natgrad::service
+
+#endif  // NATGRAD_SERVER_SERVICE_SERVICE_METRICS_H_

@@ -1,0 +1,186 @@
+#include "server/service/step_reactor.h"
+
+#include <utility>
+
+#include <iostream>
+#include "absl/strings/str_cat.h"
+#include "server/service/service_metrics.h"
+#include "server/service/status_conversion.h"
+
+namespace natgrad::service {
+
+StepReactor::StepReactor(const ServiceDependencies& deps,
+                         grpc::CallbackServerContext* context)
+    : deps_(deps), context_(context) {
+  if (deps_.metrics) deps_.metrics->StreamOpened();
+  auto tenant = deps_.authenticator->Authenticate(*context);
+  Actions actions;
+  if (!tenant.ok()) {
+    absl::MutexLock lock(&mu_);
+    FinishLocked(ToGrpcStatus(tenant.status()), actions);
+  } else {
+    tenant_ = *std::move(tenant);
+    actions.read = true;
+  }
+  Apply(actions);
+}
+
+void StepReactor::Apply(const Actions& actions) {
+  if (actions.write != nullptr) StartWrite(actions.write);
+  if (actions.read) StartRead(&request_);
+  if (actions.finish.has_value()) Finish(*actions.finish);
+}
+
+void StepReactor::OnReadDone(bool ok) {
+  Actions actions;
+  if (!ok) {
+    // The client half-closed (or went away): end once our writes are out.
+    absl::MutexLock lock(&mu_);
+    FinishLocked(grpc::Status::OK, actions);
+  } else {
+    if (deps_.metrics) deps_.metrics->MessageReceived(request_.ByteSizeLong());
+    absl::Status status = HandleMessage();
+    if (!status.ok()) {
+      if (deps_.metrics) deps_.metrics->StepFailed(status.code());
+      absl::MutexLock lock(&mu_);
+      FinishLocked(ToGrpcStatus(status), actions);
+    } else if (!assembler_->complete()) {
+      actions.read = true;
+    } else {
+      {
+        absl::MutexLock lock(&mu_);
+        computing_ = true;
+      }
+      deps_.executor->Submit(
+          [this, data = assembler_->Take()]() mutable { RunStep(std::move(data)); });
+    }
+  }
+  Apply(actions);
+}
+
+absl::Status StepReactor::HandleMessage() {
+  if (session_ == nullptr) {
+    if (request_.session().empty()) {
+      return absl::InvalidArgumentError("session: required in the first message");
+    }
+    auto session = deps_.registry->Get(request_.session(), tenant_);
+    if (!session.ok()) return session.status();
+    if (!(*session)->TryAttachStream()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "stream already open on ", (*session)->name(),
+          ": one Step stream per session"));
+    }
+    session_ = *std::move(session);
+    assembler_.emplace(session_->config(), deps_.registry->limits().max_session_bytes);
+  } else if (!request_.session().empty() && request_.session() != session_->name() &&
+             request_.session() != session_->id()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "session: \"", request_.session(), "\" differs from this stream's ",
+        session_->name()));
+  }
+  return assembler_->Add(request_);
+}
+
+void StepReactor::RunStep(session::StepData data) {
+  auto response = session_->Step(data);
+  absl::Status status = response.status();
+  if (status.ok() && deps_.checkpoints != nullptr && deps_.checkpoint_every_steps > 0 &&
+      !(*response)->replayed() &&
+      session_->StepsSinceCheckpoint() >= deps_.checkpoint_every_steps) {
+    // Durable before the client sees the response: after a crash the server
+    // is never behind what a client was told.
+    const auto start = absl::Now();
+    const natgrad::v1::SessionSnapshot snap = session_->Snapshot();
+    absl::Status written = deps_.checkpoints->Write(snap);
+    if (deps_.metrics) deps_.metrics->CheckpointWritten(written.ok(), absl::Now() - start);
+    if (written.ok()) {
+      session_->MarkCheckpointed(snap.last_step());
+    } else {
+      std::cerr << "natgrad-server: error: " << "checkpoint of " << session_->name() << " failed: " << written << std::endl;
+    }
+  }
+  if (deps_.metrics) {
+    if (status.ok()) {
+      deps_.metrics->StepSucceeded(session_->config(), **response);
+    } else {
+      deps_.metrics->StepFailed(status.code());
+    }
+  }
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    computing_ = false;
+    if (pending_finish_.has_value()) {
+      FinishLocked(*pending_finish_, actions);  // cancelled meanwhile
+    } else if (!status.ok()) {
+      FinishLocked(ToGrpcStatus(status), actions);
+    } else {
+      writes_.push_back(*std::move(response));
+      MaybeWriteLocked(actions);
+      actions.read = true;
+    }
+  }
+  Apply(actions);
+}
+
+void StepReactor::MaybeWriteLocked(Actions& actions) {
+  if (writing_ || writes_.empty()) return;
+  writing_ = true;
+  if (deps_.metrics) deps_.metrics->MessageSent(writes_.front()->ByteSizeLong());
+  actions.write = writes_.front().get();
+}
+
+void StepReactor::OnWriteDone(bool ok) {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    writes_.pop_front();
+    if (!ok) {
+      writes_.clear();
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream broken"), actions);
+    } else {
+      MaybeWriteLocked(actions);
+      if (!writing_ && pending_finish_.has_value()) FinishLocked(*pending_finish_, actions);
+    }
+  }
+  Apply(actions);
+}
+
+void StepReactor::FinishLocked(grpc::Status status, Actions& actions) {
+  if (finished_) return;
+  if (writing_ || computing_) {
+    // Keep the first reason; finish when the write or the step completes.
+    if (!pending_finish_.has_value()) pending_finish_ = std::move(status);
+    return;
+  }
+  finished_ = true;
+  if (pending_finish_.has_value()) status = *pending_finish_;
+  if (deps_.metrics && !status.ok()) deps_.metrics->RpcError(status.error_code());
+  actions.read = false;
+  actions.finish = std::move(status);
+}
+
+void StepReactor::OnCancel() {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    // Drop queued responses but not the one being written: gRPC still
+    // holds a pointer to it.
+    if (writing_) {
+      writes_.erase(writes_.begin() + 1, writes_.end());
+    } else {
+      writes_.clear();
+    }
+    FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"), actions);
+  }
+  Apply(actions);
+}
+
+void StepReactor::OnDone() {
+  if (session_ != nullptr) session_->DetachStream();
+  if (deps_.metrics) deps_.metrics->StreamClosed();
+  delete this;
+}
+
+}  // namespace natgrad::service

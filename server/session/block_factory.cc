@@ -1,0 +1,201 @@
+#include "server/session/block_factory.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/core/first_order/adam_block.h"
+#include "server/core/first_order/sgd_block.h"
+#include "server/session/schedule_codec.h"
+
+namespace natgrad::session {
+namespace {
+
+using natgrad::v1::BlockConfig;
+
+core::Precision PrecisionOf(natgrad::v1::DType dtype, core::Precision fallback) {
+  switch (dtype) {
+    case natgrad::v1::FLOAT32:
+      return core::Precision::kFloat32;
+    case natgrad::v1::FLOAT64:
+      return core::Precision::kFloat64;
+    default:
+      return fallback;
+  }
+}
+
+absl::StatusOr<core::MatrixShape> MatrixShapeOf(const std::vector<int64_t>& shape,
+                                                const std::string& field) {
+  if (shape.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".shape: required"));
+  }
+  int64_t cols = 1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] <= 0 || shape[i] > (int64_t{1} << 31)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".shape: dimensions must be positive, got [",
+                       absl::StrJoin(shape, ", "), "]"));
+    }
+    if (i > 0) cols *= shape[i];
+  }
+  if (shape[0] * cols > (int64_t{1} << 32)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".shape: too many elements"));
+  }
+  return core::MatrixShape{shape[0], shape.size() == 1 ? 1 : cols};
+}
+
+#define NATGRAD_ASSIGN_SCHEDULE(lhs, proto, def, field)               \
+  do {                                                               \
+    auto _s = ScheduleFromProto(proto, def, field);                  \
+    if (!_s.ok()) return _s.status();                                \
+    lhs = *std::move(_s);                                            \
+  } while (0)
+
+absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewSgd(
+    const BlockConfig& c, core::MatrixShape shape, core::Precision p,
+    const std::string& f) {
+  core::SgdOptions o;
+  NATGRAD_ASSIGN_SCHEDULE(o.learning_rate, c.sgd().learning_rate(), 1e-2,
+                          f + ".sgd.learning_rate");
+  NATGRAD_ASSIGN_SCHEDULE(o.momentum, c.sgd().momentum(), 0.0,
+                          f + ".sgd.momentum");
+  NATGRAD_ASSIGN_SCHEDULE(o.weight_decay, c.sgd().weight_decay(), 0.0,
+                          f + ".sgd.weight_decay");
+  o.nesterov = c.sgd().nesterov();
+  return core::NewSgdBlock(c.name(), shape, o, p);
+}
+
+absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewAdam(
+    const BlockConfig& c, core::MatrixShape shape, core::Precision p,
+    const std::string& f) {
+  core::AdamOptions o;
+  NATGRAD_ASSIGN_SCHEDULE(o.learning_rate, c.adam().learning_rate(), 1e-3,
+                          f + ".adam.learning_rate");
+  NATGRAD_ASSIGN_SCHEDULE(o.weight_decay, c.adam().weight_decay(), 0.0,
+                          f + ".adam.weight_decay");
+  if (c.adam().beta1() != 0) o.beta1 = c.adam().beta1();
+  if (c.adam().beta2() != 0) o.beta2 = c.adam().beta2();
+  if (c.adam().epsilon() != 0) o.epsilon = c.adam().epsilon();
+  o.decoupled_weight_decay = c.adam().decoupled_weight_decay();
+  return core::NewAdamBlock(c.name(), shape, o, p);
+}
+
+}  // namespace
+
+std::vector<int64_t> CanonicalShape(const BlockConfig& config) {
+  std::vector<int64_t> shape(config.shape().begin(), config.shape().end());
+  if (!shape.empty()) return shape;
+  if (config.has_kfac_dense()) {
+    const auto& k = config.kfac_dense();
+    return {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+  }
+  if (config.has_gaussian()) {
+    const auto& g = config.gaussian();
+    return {g.copies() > 0 ? g.copies() : 1, g.dim()};
+  }
+  return shape;
+}
+
+absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewBlock(
+    const BlockConfig& config, natgrad::v1::DType state_dtype,
+    const std::string& field) {
+  if (state_dtype != natgrad::v1::DTYPE_UNSPECIFIED &&
+      state_dtype != natgrad::v1::FLOAT32 &&
+      state_dtype != natgrad::v1::FLOAT64) {
+    return absl::InvalidArgumentError("config.state_dtype: unknown dtype");
+  }
+  const std::vector<int64_t> shape = CanonicalShape(config);
+  switch (config.kind_case()) {
+    case BlockConfig::kSgd: {
+      auto ms = MatrixShapeOf(shape, field);
+      if (!ms.ok()) return ms.status();
+      return NewSgd(config, *ms, PrecisionOf(state_dtype, core::Precision::kFloat32), field);
+    }
+    case BlockConfig::kAdam: {
+      auto ms = MatrixShapeOf(shape, field);
+      if (!ms.ok()) return ms.status();
+      return NewAdam(config, *ms, PrecisionOf(state_dtype, core::Precision::kFloat32), field);
+    }
+    case BlockConfig::kKfacDense:
+    case BlockConfig::kGaussian:
+      return absl::UnimplementedError(
+          absl::StrCat(field, ": block kind not built into this server yet"));
+    case BlockConfig::KIND_NOT_SET:
+      break;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, ": kind is required (sgd, adam, kfac_dense, gaussian)"));
+}
+
+absl::Status ValidateSessionConfig(const natgrad::v1::SessionConfig& config) {
+  if (config.blocks_size() == 0) {
+    return absl::InvalidArgumentError("config.blocks: at least one block is required");
+  }
+  if (config.state_dtype() != natgrad::v1::DTYPE_UNSPECIFIED &&
+      config.state_dtype() != natgrad::v1::FLOAT32 &&
+      config.state_dtype() != natgrad::v1::FLOAT64) {
+    return absl::InvalidArgumentError("config.state_dtype: must be FLOAT32 or FLOAT64");
+  }
+  if (config.kl_clip().kappa() < 0 || !std::isfinite(config.kl_clip().kappa())) {
+    return absl::InvalidArgumentError("config.kl_clip.kappa: must be >= 0 and finite");
+  }
+  std::set<std::string> names;
+  for (int i = 0; i < config.blocks_size(); ++i) {
+    const auto& b = config.blocks(i);
+    const std::string field = absl::StrCat("config.blocks[", i, "]");
+    if (b.name().empty() || b.name().size() > 256) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".name: must be 1 to 256 characters"));
+    }
+    if (!names.insert(b.name()).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".name: duplicate block name \"", b.name(), "\""));
+    }
+    auto block = NewBlock(b, config.state_dtype(), field);
+    if (!block.ok()) return block.status();
+  }
+  return absl::OkStatus();
+}
+
+int64_t EstimateStateBytes(const natgrad::v1::SessionConfig& config) {
+  const int64_t es = config.state_dtype() == natgrad::v1::FLOAT64 ? 8 : 4;
+  int64_t total = 0;
+  for (const auto& b : config.blocks()) {
+    const std::vector<int64_t> shape = CanonicalShape(b);
+    int64_t n = 1;
+    for (int64_t d : shape) n *= std::max<int64_t>(d, 0);
+    switch (b.kind_case()) {
+      case BlockConfig::kSgd:
+        total += n * es;
+        break;
+      case BlockConfig::kAdam:
+        total += 2 * n * es;
+        break;
+      case BlockConfig::kKfacDense: {
+        const auto& k = b.kfac_dense();
+        const int64_t a = k.d_in() + (k.has_bias() ? 1 : 0);
+        const int64_t g = k.d_out();
+        // Factors, their decompositions (eigenvectors + values or damped
+        // inverses), a pending refresh, and the momentum buffer.
+        total += (3 * (a * a + g * g) + 2 * (a + g) + n) * es;
+        break;
+      }
+      case BlockConfig::kGaussian: {
+        const auto& gc = b.gaussian();
+        const int64_t copies = gc.copies() > 0 ? gc.copies() : 1;
+        total += copies * (gc.dim() * gc.dim() + gc.dim()) * 8;
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  return total;
+}
+
+}  // namespace natgrad::session

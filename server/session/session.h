@@ -1,0 +1,112 @@
+// One training job's optimizer state: its blocks, the step counter and the
+// cached response to the last step (DESIGN.md §3: a retried step replays it,
+// so at-least-once clients get exactly-once effect).
+#ifndef NATGRAD_SERVER_SESSION_SESSION_H_
+#define NATGRAD_SERVER_SESSION_SESSION_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "natgrad/v1/session.pb.h"
+#include "natgrad/v1/step.pb.h"
+#include "server/core/block.h"
+#include "server/engine/inversion_engine.h"
+
+namespace natgrad::session {
+
+// One block of a step, decoded from the wire. The wire dtype and shapes are
+// kept so the reply matches what the client sent.
+struct BlockStepData {
+  std::string name;
+  core::BlockStepInput input;
+  natgrad::v1::DType reply_dtype = natgrad::v1::FLOAT32;
+  std::vector<int64_t> reply_shape;       // the gradient's wire shape
+  std::vector<int64_t> gaussian_shape1;   // [copies, dim]
+  std::vector<int64_t> gaussian_shape2;   // [copies, dim, dim]
+};
+
+struct StepData {
+  int64_t step = 0;
+  // When the step's last message arrived (for StepTiming.server_micros).
+  absl::Time received = absl::InfinitePast();
+  std::optional<double> loss;
+  std::vector<BlockStepData> blocks;
+};
+
+class Session {
+ public:
+  static absl::StatusOr<std::unique_ptr<Session>> Create(
+      std::string id, std::string tenant, const natgrad::v1::SessionConfig& config,
+      engine::InversionEngine* engine);
+  static absl::StatusOr<std::unique_ptr<Session>> Restore(
+      const natgrad::v1::SessionSnapshot& snapshot, std::string id,
+      engine::InversionEngine* engine);
+
+  const std::string& id() const { return id_; }
+  std::string name() const { return "sessions/" + id_; }
+  const std::string& tenant() const { return tenant_; }
+  const natgrad::v1::SessionConfig& config() const { return config_; }
+
+  // Applies step `data.step` if it is the next one, replays the cached
+  // response if it is the last one, and otherwise fails with
+  // FAILED_PRECONDITION. Any error leaves the session exactly as it was.
+  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> Step(
+      const StepData& data);
+
+  natgrad::v1::Session Describe() const;
+  natgrad::v1::SessionSnapshot Snapshot() const;
+
+  // One Step stream at a time (DESIGN.md §3).
+  bool TryAttachStream();
+  void DetachStream();
+
+  int64_t last_step() const;
+  int64_t StateBytes() const;
+  // Steps applied since the last MarkCheckpointed (for checkpoint policy).
+  int64_t StepsSinceCheckpoint() const;
+  void MarkCheckpointed(int64_t step);
+
+ private:
+  struct NamedBlock {
+    std::string name;
+    std::unique_ptr<core::ParameterBlock> block;
+  };
+
+  Session(std::string id, std::string tenant, natgrad::v1::SessionConfig config,
+          std::vector<NamedBlock> blocks, engine::InversionEngine* engine);
+
+  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> ApplyLocked(
+      const StepData& data) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status RestoreStateLocked(const natgrad::v1::SessionSnapshot& snapshot)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::string id_;
+  const std::string tenant_;
+  const natgrad::v1::SessionConfig config_;
+  engine::InversionEngine* const engine_;
+  std::atomic<bool> stream_open_{false};
+
+  mutable absl::Mutex mu_;
+  std::vector<NamedBlock> blocks_ ABSL_GUARDED_BY(mu_);
+  int64_t last_step_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t checkpointed_step_ ABSL_GUARDED_BY(mu_) = 0;
+  std::shared_ptr<const natgrad::v1::StepResponse> last_response_
+      ABSL_GUARDED_BY(mu_);
+  absl::Time create_time_ ABSL_GUARDED_BY(mu_);
+  absl::Time update_time_ ABSL_GUARDED_BY(mu_);
+  // Levenberg-Marquardt state (DESIGN.md §4.4); see session.cc.
+  std::optional<double> damping_ ABSL_GUARDED_BY(mu_);
+  std::optional<double> previous_loss_ ABSL_GUARDED_BY(mu_);
+  double previous_predicted_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace natgrad::session
+
+#endif  // NATGRAD_SERVER_SESSION_SESSION_H_

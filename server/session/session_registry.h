@@ -1,0 +1,71 @@
+// All sessions of a server, by id, each owned by a tenant. Ids are 128 random
+// bits so that a session cannot be guessed; another tenant's session looks
+// exactly like a missing one (NOT_FOUND).
+#ifndef NATGRAD_SERVER_SESSION_SESSION_REGISTRY_H_
+#define NATGRAD_SERVER_SESSION_SESSION_REGISTRY_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "natgrad/v1/session.pb.h"
+#include "server/engine/inversion_engine.h"
+#include "server/session/session.h"
+
+namespace natgrad::session {
+
+struct RegistryLimits {
+  int64_t max_sessions = 1024;
+  int64_t max_session_bytes = int64_t{1} << 30;
+  // Per tenant; 0 means only the global limits apply.
+  int64_t max_sessions_per_tenant = 0;
+  int64_t max_bytes_per_tenant = 0;
+};
+
+class SessionRegistry {
+ public:
+  SessionRegistry(RegistryLimits limits, engine::InversionEngine* engine);
+
+  // requested_id may be empty (a random id is made). RESOURCE_EXHAUSTED when
+  // a limit would be exceeded, ALREADY_EXISTS for a taken id.
+  absl::StatusOr<std::shared_ptr<Session>> Create(
+      const natgrad::v1::SessionConfig& config, absl::string_view tenant,
+      absl::string_view requested_id);
+  absl::StatusOr<std::shared_ptr<Session>> Import(
+      const natgrad::v1::SessionSnapshot& snapshot, absl::string_view tenant,
+      absl::string_view requested_id);
+
+  // `name` is "sessions/{id}" (a bare id is accepted too).
+  absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view name,
+                                               absl::string_view tenant) const;
+  absl::Status Delete(absl::string_view name, absl::string_view tenant);
+  // Sorted by id, ids greater than `after_id`, at most `limit`.
+  std::vector<std::shared_ptr<Session>> List(absl::string_view tenant,
+                                             absl::string_view after_id,
+                                             int limit) const;
+  std::vector<std::shared_ptr<Session>> All() const;
+  int64_t size() const;
+
+  static absl::StatusOr<std::string> ParseName(absl::string_view name);
+  const RegistryLimits& limits() const { return limits_; }
+
+ private:
+  absl::Status CheckLimitsLocked(absl::string_view tenant, int64_t bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::string> PickIdLocked(absl::string_view requested) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const RegistryLimits limits_;
+  engine::InversionEngine* const engine_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace natgrad::session
+
+#endif  // NATGRAD_SERVER_SESSION_SESSION_REGISTRY_H_

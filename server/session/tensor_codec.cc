@@ -1,0 +1,165 @@
+#include "server/session/tensor_codec.h"
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace natgrad::session {
+namespace {
+
+using RowMajor =
+    Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+size_t ElementSize(natgrad::v1::DType dtype) {
+  switch (dtype) {
+    case natgrad::v1::FLOAT32:
+      return 4;
+    case natgrad::v1::FLOAT64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+// The wire is little-endian; so is every platform natgrad builds for.
+static_assert(std::endian::native == std::endian::little);
+
+template <typename T>
+bool AllFinite(const std::string& bytes) {
+  const size_t n = bytes.size() / sizeof(T);
+  for (size_t i = 0; i < n; ++i) {
+    T v;
+    std::memcpy(&v, bytes.data() + i * sizeof(T), sizeof(T));
+    if (!std::isfinite(v)) return false;
+  }
+  return true;
+}
+
+template <typename T>
+void CopyOut(const std::string& bytes, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    T v;
+    std::memcpy(&v, bytes.data() + i * sizeof(T), sizeof(T));
+    out[i] = static_cast<double>(v);
+  }
+}
+
+std::pair<int64_t, int64_t> MatrixDims(const natgrad::v1::Tensor& t,
+                                       int skip) {
+  const int rank = t.shape_size() - skip;
+  if (rank <= 0) return {1, 1};
+  const int64_t rows = t.shape(skip);
+  int64_t cols = 1;
+  for (int i = skip + 1; i < t.shape_size(); ++i) cols *= t.shape(i);
+  return {rows, cols};
+}
+
+Eigen::MatrixXd DecodeRange(const natgrad::v1::Tensor& t, int64_t offset,
+                            int64_t rows, int64_t cols) {
+  RowMajor m(rows, cols);
+  const int64_t n = rows * cols;
+  const size_t es = ElementSize(t.dtype());
+  const std::string part = t.data().substr(offset * es, n * es);
+  if (t.dtype() == natgrad::v1::FLOAT32) {
+    CopyOut<float>(part, m.data(), n);
+  } else {
+    CopyOut<double>(part, m.data(), n);
+  }
+  return m;
+}
+
+}  // namespace
+
+int64_t NumElements(const natgrad::v1::Tensor& tensor) {
+  int64_t n = 1;
+  for (int64_t d : tensor.shape()) n *= d;
+  return n;
+}
+
+absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
+                            absl::string_view field) {
+  const size_t es = ElementSize(tensor.dtype());
+  if (es == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": dtype must be FLOAT32 or FLOAT64, got ",
+                     natgrad::v1::DType_Name(tensor.dtype())));
+  }
+  int64_t n = 1;
+  for (int64_t d : tensor.shape()) {
+    if (d < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": negative dimension in shape [",
+          absl::StrJoin(tensor.shape(), ", "), "]"));
+    }
+    // Guard the product against overflow before multiplying.
+    if (d != 0 && n > (int64_t{1} << 40) / d) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": shape is too large"));
+    }
+    n *= d;
+  }
+  if (tensor.data().size() != static_cast<size_t>(n) * es) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": data has ", tensor.data().size(), " bytes, shape [",
+        absl::StrJoin(tensor.shape(), ", "), "] of ",
+        natgrad::v1::DType_Name(tensor.dtype()), " needs ", n * es));
+  }
+  const bool finite = tensor.dtype() == natgrad::v1::FLOAT32
+                          ? AllFinite<float>(tensor.data())
+                          : AllFinite<double>(tensor.data());
+  if (!finite) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": contains NaN or Inf"));
+  }
+  return absl::OkStatus();
+}
+
+Eigen::MatrixXd DecodeMatrix(const natgrad::v1::Tensor& tensor) {
+  auto [rows, cols] = MatrixDims(tensor, 0);
+  return DecodeRange(tensor, 0, rows, cols);
+}
+
+std::vector<Eigen::MatrixXd> DecodeSlices(const natgrad::v1::Tensor& tensor) {
+  std::vector<Eigen::MatrixXd> out;
+  if (tensor.shape_size() == 0) return out;
+  const int64_t k = tensor.shape(0);
+  auto [rows, cols] = MatrixDims(tensor, 1);
+  out.reserve(k);
+  for (int64_t i = 0; i < k; ++i) {
+    out.push_back(DecodeRange(tensor, i * rows * cols, rows, cols));
+  }
+  return out;
+}
+
+natgrad::v1::Tensor EncodeMatrix(const Eigen::MatrixXd& matrix,
+                                 natgrad::v1::DType dtype,
+                                 std::vector<int64_t> shape) {
+  natgrad::v1::Tensor t;
+  t.set_dtype(dtype);
+  for (int64_t d : shape) t.add_shape(d);
+  const RowMajor rm = matrix;
+  const int64_t n = rm.size();
+  std::string* data = t.mutable_data();
+  if (dtype == natgrad::v1::FLOAT32) {
+    data->resize(n * 4);
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = static_cast<float>(rm.data()[i]);
+      std::memcpy(data->data() + i * 4, &v, 4);
+    }
+  } else {
+    data->resize(n * 8);
+    std::memcpy(data->data(), rm.data(), n * 8);
+  }
+  return t;
+}
+
+natgrad::v1::Tensor EncodeMatrix(const Eigen::MatrixXd& matrix,
+                                 natgrad::v1::DType dtype) {
+  return EncodeMatrix(matrix, dtype, {matrix.rows(), matrix.cols()});
+}
+
+}  // namespace natgrad::session

@@ -1,0 +1,48 @@
+// natgrad.v1.Tensor <-> Eigen. Wire tensors are row-major little-endian
+// (DESIGN.md §3); Eigen matrices are column-major, so every copy transposes
+// through a row-major map.
+#ifndef NATGRAD_SERVER_SESSION_TENSOR_CODEC_H_
+#define NATGRAD_SERVER_SESSION_TENSOR_CODEC_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "Eigen/Core"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "natgrad/v1/tensor.pb.h"
+
+namespace natgrad::session {
+
+int64_t NumElements(const natgrad::v1::Tensor& tensor);
+
+// Checks dtype, non-negative shape, byte length and finiteness. `field` names
+// the tensor in error messages ("blocks[0].gradient").
+absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
+                            absl::string_view field);
+
+// Decodes as a rows x cols matrix: rank 0 is 1x1, rank 1 is n x 1, rank 2 is
+// itself, higher ranks are [shape[0], prod(rest)]. Call ValidateTensor first.
+Eigen::MatrixXd DecodeMatrix(const natgrad::v1::Tensor& tensor);
+
+// Decodes a [k, ...] tensor into k slices decoded as above from the rest of
+// the shape (a Gaussian block's copies).
+std::vector<Eigen::MatrixXd> DecodeSlices(const natgrad::v1::Tensor& tensor);
+
+// Encodes a matrix with the given wire shape (row-major order of values).
+natgrad::v1::Tensor EncodeMatrix(const Eigen::MatrixXd& matrix,
+                                 natgrad::v1::DType dtype,
+                                 std::vector<int64_t> shape);
+// Shape [rows, cols].
+natgrad::v1::Tensor EncodeMatrix(const Eigen::MatrixXd& matrix,
+                                 natgrad::v1::DType dtype);
+
+// Checkpoints store state exactly: float64 always.
+inline natgrad::v1::Tensor EncodeExact(const Eigen::MatrixXd& matrix) {
+  return EncodeMatrix(matrix, natgrad::v1::FLOAT64);
+}
+
+}  // namespace natgrad::session
+
+#endif  // NATGRAD_SERVER_SESSION_TENSOR_CODEC_H_
