@@ -28,7 +28,14 @@ StepReactor::StepReactor(const ServiceDependencies& deps,
 void StepReactor::Apply(const Actions& actions) {
   if (actions.write != nullptr) StartWrite(actions.write);
   if (actions.read) StartRead(&request_);
-  if (actions.finish.has_value()) Finish(*actions.finish);
+  if (actions.finish.has_value()) {
+    Detach();
+    Finish(*actions.finish);
+  }
+}
+
+void StepReactor::Detach() {
+  if (attached_.exchange(false)) session_->DetachStream();
 }
 
 void StepReactor::OnReadDone(bool ok) {
@@ -71,6 +78,7 @@ absl::Status StepReactor::HandleMessage() {
           ": one Step stream per session"));
     }
     session_ = *std::move(session);
+    attached_ = true;
     assembler_.emplace(session_->config(), deps_.registry->limits().max_session_bytes);
   } else if (!request_.session().empty() && request_.session() != session_->name() &&
              request_.session() != session_->id()) {
@@ -178,7 +186,7 @@ void StepReactor::OnCancel() {
 }
 
 void StepReactor::OnDone() {
-  if (session_ != nullptr) session_->DetachStream();
+  Detach();
   if (deps_.metrics) deps_.metrics->StreamClosed();
   delete this;
 }

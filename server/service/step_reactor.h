@@ -5,6 +5,7 @@
 #ifndef NATGRAD_SERVER_SERVICE_STEP_REACTOR_H_
 #define NATGRAD_SERVER_SERVICE_STEP_REACTOR_H_
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -44,6 +45,7 @@ class StepReactor final
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeWriteLocked(Actions& actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Apply(const Actions& actions);
+  void Detach();
 
   const ServiceDependencies& deps_;
   grpc::CallbackServerContext* const context_;
@@ -57,6 +59,9 @@ class StepReactor final
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool computing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // Released when finishing, before the client can see the status, so a
+  // client that reconnects at once is not refused as a second stream.
+  std::atomic<bool> attached_{false};
   std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
 };
 

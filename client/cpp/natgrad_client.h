@@ -1,0 +1,114 @@
+// C++ client of natgrad.v1.OptimizerService: session management and a Step
+// stream that survives dropped connections. A retried step carries the same
+// number, so the server replays its cached response instead of applying it
+// twice (DESIGN.md §3): at-least-once sending, exactly-once effect.
+#ifndef NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
+#define NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+#include "natgrad/v1/optimizer_service.grpc.pb.h"
+
+namespace natgrad::client {
+
+struct ClientOptions {
+  std::string target = "127.0.0.1:50051";
+  // Insecure when null (localhost mode).
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Sent as "authorization: Bearer <token>" when set.
+  std::string bearer_token;
+  int64_t max_message_bytes = int64_t{256} << 20;
+  // Reconnect attempts for one step before giving up, and the first backoff
+  // (doubled each attempt, with jitter).
+  int max_retries = 8;
+  absl::Duration initial_backoff = absl::Milliseconds(20);
+  // Blocks per stream message when a step is split.
+  int max_blocks_per_message = 64;
+};
+
+class SessionStream;
+
+class Client {
+ public:
+  explicit Client(ClientOptions options);
+
+  absl::StatusOr<natgrad::v1::Session> CreateSession(
+      const natgrad::v1::SessionConfig& config, const std::string& session_id = "");
+  absl::StatusOr<natgrad::v1::Session> GetSession(const std::string& name);
+  // Every page.
+  absl::StatusOr<std::vector<natgrad::v1::Session>> ListSessions();
+  absl::Status DeleteSession(const std::string& name);
+  absl::StatusOr<natgrad::v1::SessionSnapshot> ExportSession(const std::string& name);
+  absl::StatusOr<natgrad::v1::Session> ImportSession(
+      const natgrad::v1::SessionSnapshot& snapshot, const std::string& session_id = "");
+
+  // Steps of an existing session, continuing after its last applied step.
+  absl::StatusOr<std::unique_ptr<SessionStream>> OpenStream(const std::string& name);
+
+  natgrad::v1::OptimizerService::Stub& stub() { return *stub_; }
+  const ClientOptions& options() const { return options_; }
+  void PrepareContext(grpc::ClientContext& context) const;
+
+ private:
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<natgrad::v1::OptimizerService::Stub> stub_;
+};
+
+class SessionStream {
+ public:
+  SessionStream(Client* client, std::string name, int64_t next_step);
+  ~SessionStream();
+
+  // Sends the next step and returns its response, reconnecting and resending
+  // the same step number after a dropped stream. An error from the server
+  // (bad input, ...) is returned and the step number does not advance.
+  absl::StatusOr<natgrad::v1::StepResponse> Step(
+      const std::vector<natgrad::v1::BlockStep>& blocks,
+      std::optional<double> loss = std::nullopt);
+  // Sends a step with an explicit number (tests of ordering and replay).
+  absl::StatusOr<natgrad::v1::StepResponse> StepNumbered(
+      int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
+      std::optional<double> loss = std::nullopt);
+
+  int64_t next_step() const { return next_step_; }
+  const std::string& name() const { return name_; }
+  // Reconnects made so far (dropped streams recovered).
+  int reconnects() const { return reconnects_; }
+
+  // Half-closes the stream and waits for the server's status.
+  absl::Status Close();
+  // Cancels the current stream as a network cut would (tests, chaos).
+  void DropStream();
+
+ private:
+  using Stream = grpc::ClientReaderWriter<natgrad::v1::StepRequest, natgrad::v1::StepResponse>;
+  absl::Status EnsureOpen();
+  // One attempt on the current stream; UNAVAILABLE-like errors are retried.
+  absl::StatusOr<natgrad::v1::StepResponse> Attempt(
+      int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
+      std::optional<double> loss);
+  absl::Status FinishStream();
+
+  Client* const client_;
+  const std::string name_;
+  int64_t next_step_;
+  int reconnects_ = 0;
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<Stream> stream_;
+};
+
+// Whether a failed step may be resent: the stream broke, or the server has
+// not yet noticed the previous stream of this session is gone.
+bool IsRetryable(const absl::Status& status);
+
+}  // namespace natgrad::client
+
+#endif  // NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
