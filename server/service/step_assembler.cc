@@ -139,7 +139,7 @@ absl::Status StepAssembler::AddBlock(const natgrad::v1::BlockStep& b) {
       std::vector<Eigen::MatrixXd> slices = DecodeSlices(*lifted);
       if (rank == 2) {
         auto& dst = (i == 0) ? in.param1 : in.grad1;
-        for (auto& s : slices) dst.push_back(s.transpose());  // 1 x dim -> dim
+        for (auto& s : slices) dst.push_back(s.col(0));  // each slice is dim x 1
       } else {
         auto& dst = (i == 1) ? in.param2 : in.grad2;
         for (auto& s : slices) dst.push_back(std::move(s));

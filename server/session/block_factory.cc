@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "server/core/first_order/adam_block.h"
 #include "server/core/first_order/sgd_block.h"
+#include "server/core/gaussian/gaussian_block.h"
 #include "server/session/schedule_codec.h"
 
 namespace natgrad::session {
@@ -85,6 +86,57 @@ absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewAdam(
   return core::NewAdamBlock(c.name(), shape, o, p);
 }
 
+absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewGaussian(
+    const BlockConfig& c, const std::vector<int64_t>& shape,
+    natgrad::v1::DType state_dtype, const std::string& f) {
+  const auto& g = c.gaussian();
+  core::GaussianOptions o;
+  o.dim = g.dim();
+  o.copies = g.copies() > 0 ? g.copies() : 1;
+  if (g.dim() <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(f, ".gaussian.dim: must be positive"));
+  }
+  if (g.copies() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(f, ".gaussian.copies: must be >= 0"));
+  }
+  if (shape != std::vector<int64_t>{o.copies, o.dim}) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        f, ".shape: a gaussian block's shape is [copies, dim] = [", o.copies, ", ", o.dim,
+        "], got [", absl::StrJoin(shape, ", "), "]"));
+  }
+  switch (g.parametrization()) {
+    case natgrad::v1::NATURAL:
+      o.parametrization = core::GaussianParametrization::kNatural;
+      break;
+    case natgrad::v1::EXPECTATION:
+      o.parametrization = core::GaussianParametrization::kExpectation;
+      break;
+    case natgrad::v1::MEAN_CHOLESKY:
+      o.parametrization = core::GaussianParametrization::kMeanCholesky;
+      break;
+    case natgrad::v1::MEAN_COVARIANCE:
+    case natgrad::v1::GAUSSIAN_PARAMETRIZATION_UNSPECIFIED:
+      o.parametrization = core::GaussianParametrization::kMeanCovariance;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(f, ".gaussian.parametrization: unknown value"));
+  }
+  NATGRAD_ASSIGN_SCHEDULE(o.gamma, g.gamma(), 1.0, f + ".gaussian.gamma");
+  // Wire: 0 (unset) is the default, negative disables the retries.
+  if (g.max_halvings() > 0) o.max_halvings = g.max_halvings();
+  if (g.max_halvings() < 0) o.max_halvings = 0;
+  o.return_direction = g.return_direction();
+  // Small, ill-conditioned problems: float64 unless float32 is asked for.
+  const core::Precision p = state_dtype == natgrad::v1::FLOAT32 ? core::Precision::kFloat32
+                                                                 : core::Precision::kFloat64;
+  auto block = core::NewGaussianBlock(c.name(), o, p);
+  if (!block.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(f, ".gaussian: ", block.status().message()));
+  }
+  return block;
+}
+
 }  // namespace
 
 std::vector<int64_t> CanonicalShape(const BlockConfig& config) {
@@ -121,8 +173,9 @@ absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewBlock(
       if (!ms.ok()) return ms.status();
       return NewAdam(config, *ms, PrecisionOf(state_dtype, core::Precision::kFloat32), field);
     }
-    case BlockConfig::kKfacDense:
     case BlockConfig::kGaussian:
+      return NewGaussian(config, shape, state_dtype, field);
+    case BlockConfig::kKfacDense:
       return absl::UnimplementedError(
           absl::StrCat(field, ": block kind not built into this server yet"));
     case BlockConfig::KIND_NOT_SET:
