@@ -11,6 +11,8 @@
 #include "server/core/first_order/adam_block.h"
 #include "server/core/first_order/sgd_block.h"
 #include "server/core/gaussian/gaussian_block.h"
+#include "server/core/kfac/kfac_dense_block.h"
+#include "server/core/kfac/kfac_dense_options.h"
 #include "server/session/schedule_codec.h"
 
 namespace natgrad::session {
@@ -137,6 +139,61 @@ absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewGaussian(
   return block;
 }
 
+absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewKfacDense(
+    const BlockConfig& c, const std::vector<int64_t>& shape, core::Precision p,
+    const std::string& f) {
+  const auto& k = c.kfac_dense();
+  core::KfacDenseOptions o;
+  o.d_in = k.d_in();
+  o.d_out = k.d_out();
+  o.has_bias = k.has_bias();
+  const std::vector<int64_t> want = {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+  if (shape != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        f, ".shape: a kfac_dense block's shape is [d_out, d_in + has_bias] = [",
+        absl::StrJoin(want, ", "), "], got [", absl::StrJoin(shape, ", "), "]"));
+  }
+  // Unset schedules stay null: the block applies its documented defaults.
+  auto schedule = [&](const natgrad::v1::Schedule& proto, const char* name,
+                      core::SchedulePtr* out) -> absl::Status {
+    if (proto.kind_case() == natgrad::v1::Schedule::KIND_NOT_SET) return absl::OkStatus();
+    auto built = ScheduleFromProto(proto, 0.0, absl::StrCat(f, ".kfac_dense.", name));
+    if (!built.ok()) return built.status();
+    *out = *std::move(built);
+    return absl::OkStatus();
+  };
+  for (auto [proto, name, out] :
+       {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate},
+        std::tuple{&k.damping(), "damping", &o.damping},
+        std::tuple{&k.momentum(), "momentum", &o.momentum},
+        std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay}}) {
+    if (absl::Status st = schedule(*proto, name, out); !st.ok()) return st;
+  }
+  switch (k.damping_mode()) {
+    case natgrad::v1::EIGEN_EXACT:
+      o.damping_mode = core::KfacDampingMode::kEigenExact;
+      break;
+    case natgrad::v1::FACTORED_TIKHONOV:
+    case natgrad::v1::DAMPING_MODE_UNSPECIFIED:
+      o.damping_mode = core::KfacDampingMode::kFactoredTikhonov;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(f, ".kfac_dense.damping_mode: unknown"));
+  }
+  o.ema_decay = k.ema_decay();
+  o.inverse_period = k.inverse_period();
+  o.stats_period = k.stats_period();
+  o.locations = k.locations();
+  o.async_inversion = k.async_inversion();
+  o.max_staleness = k.max_staleness();
+  auto block = core::NewKfacDenseBlock(c.name(), o, p);
+  if (!block.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(f, ".kfac_dense: ", block.status().message()));
+  }
+  return block;
+}
+
 }  // namespace
 
 std::vector<int64_t> CanonicalShape(const BlockConfig& config) {
@@ -176,8 +233,8 @@ absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewBlock(
     case BlockConfig::kGaussian:
       return NewGaussian(config, shape, state_dtype, field);
     case BlockConfig::kKfacDense:
-      return absl::UnimplementedError(
-          absl::StrCat(field, ": block kind not built into this server yet"));
+      return NewKfacDense(config, shape,
+                          PrecisionOf(state_dtype, core::Precision::kFloat32), field);
     case BlockConfig::KIND_NOT_SET:
       break;
   }
@@ -196,6 +253,21 @@ absl::Status ValidateSessionConfig(const natgrad::v1::SessionConfig& config) {
   }
   if (config.kl_clip().kappa() < 0 || !std::isfinite(config.kl_clip().kappa())) {
     return absl::InvalidArgumentError("config.kl_clip.kappa: must be >= 0 and finite");
+  }
+  const auto& ad = config.adaptive_damping();
+  if (ad.enabled()) {
+    bool any_kfac = false;
+    for (const auto& b : config.blocks()) any_kfac |= b.has_kfac_dense();
+    if (!any_kfac) {
+      return absl::InvalidArgumentError(
+          "config.adaptive_damping: needs at least one kfac_dense block");
+    }
+    if (ad.interval() < 0 || ad.decay() < 0 || ad.decay() >= 1 || ad.min_damping() < 0 ||
+        ad.max_damping() < 0 || (ad.max_damping() > 0 && ad.max_damping() < ad.min_damping())) {
+      return absl::InvalidArgumentError(
+          "config.adaptive_damping: want interval >= 0, decay in [0, 1), "
+          "0 <= min_damping <= max_damping");
+    }
   }
   std::set<std::string> names;
   for (int i = 0; i < config.blocks_size(); ++i) {
@@ -231,11 +303,13 @@ int64_t EstimateStateBytes(const natgrad::v1::SessionConfig& config) {
         break;
       case BlockConfig::kKfacDense: {
         const auto& k = b.kfac_dense();
-        const int64_t a = k.d_in() + (k.has_bias() ? 1 : 0);
-        const int64_t g = k.d_out();
-        // Factors, their decompositions (eigenvectors + values or damped
-        // inverses), a pending refresh, and the momentum buffer.
-        total += (3 * (a * a + g * g) + 2 * (a + g) + n) * es;
+        core::KfacDenseOptions o;
+        o.d_in = std::max<int64_t>(k.d_in(), 0);
+        o.d_out = std::max<int64_t>(k.d_out(), 0);
+        o.has_bias = k.has_bias();
+        o.async_inversion = k.async_inversion();
+        total += core::KfacDenseStateBytes(
+            o, es == 8 ? core::Precision::kFloat64 : core::Precision::kFloat32);
         break;
       }
       case BlockConfig::kGaussian: {

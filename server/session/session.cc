@@ -7,9 +7,12 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
+#include "server/core/kfac/kl_clipping.h"
 #include "server/session/block_factory.h"
+#include "server/session/schedule_codec.h"
 #include "server/session/tensor_codec.h"
 
 namespace natgrad::session {
@@ -20,7 +23,34 @@ using google::protobuf::util::TimeUtil;
 
 // Bumped when SessionSnapshot's meaning changes; readers refuse newer ones.
 constexpr int kSnapshotFormat = 1;
-constexpr double kDefaultKlKappa = 1e-3;
+constexpr absl::string_view kDampingPrefix = "damping.";
+
+// Levenberg-Marquardt options from the config; the initial damping is the
+// first K-FAC block's damping schedule at step 1.
+absl::StatusOr<std::optional<core::LevenbergMarquardtDamping>> NewAdaptiveDamping(
+    const natgrad::v1::SessionConfig& config) {
+  const auto& ad = config.adaptive_damping();
+  if (!ad.enabled()) return std::nullopt;
+  core::LevenbergMarquardtOptions o;
+  o.initial_damping = 1e-3;
+  for (const auto& b : config.blocks()) {
+    if (!b.has_kfac_dense()) continue;
+    auto s = ScheduleFromProto(b.kfac_dense().damping(), 1e-3, "config.adaptive_damping");
+    if (!s.ok()) return s.status();
+    o.initial_damping = (*s)->Value(1);
+    break;
+  }
+  if (ad.interval() > 0) o.interval = ad.interval();
+  if (ad.decay() > 0) o.decay = ad.decay();
+  if (ad.min_damping() > 0) o.min_damping = ad.min_damping();
+  if (ad.max_damping() > 0) o.max_damping = ad.max_damping();
+  auto lm = core::LevenbergMarquardtDamping::Create(o);
+  if (!lm.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.adaptive_damping: ", lm.status().message()));
+  }
+  return std::optional<core::LevenbergMarquardtDamping>(*std::move(lm));
+}
 
 google::protobuf::Timestamp ToProto(absl::Time t) {
   return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));
@@ -91,9 +121,13 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(
     if (!block.ok()) return block.status();
     blocks.push_back({b->name(), *std::move(block)});
   }
-  return std::unique_ptr<Session>(new Session(std::move(id), std::move(tenant),
-                                              std::move(canonical),
-                                              std::move(blocks), engine));
+  auto damping = NewAdaptiveDamping(canonical);
+  if (!damping.ok()) return damping.status();
+  auto session = std::unique_ptr<Session>(new Session(
+      std::move(id), std::move(tenant), std::move(canonical), std::move(blocks), engine));
+  absl::MutexLock lock(&session->mu_);
+  session->damping_ = *std::move(damping);
+  return session;
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Restore(
@@ -150,11 +184,15 @@ absl::Status Session::RestoreStateLocked(
   }
   last_step_ = snapshot.last_step();
   checkpointed_step_ = last_step_;
-  const auto& sc = snapshot.session_scalars();
-  if (auto it = sc.find("damping"); it != sc.end()) damping_ = it->second;
-  if (auto it = sc.find("previous_loss"); it != sc.end()) previous_loss_ = it->second;
-  if (auto it = sc.find("previous_predicted"); it != sc.end()) {
-    previous_predicted_ = it->second;
+  if (damping_.has_value()) {
+    std::map<std::string, double> state;
+    for (const auto& [k, v] : snapshot.session_scalars()) {
+      if (absl::StartsWith(k, kDampingPrefix)) state[k.substr(kDampingPrefix.size())] = v;
+    }
+    if (absl::Status st = damping_->ImportState(state); !st.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("snapshot.session_scalars: ", st.message()));
+    }
   }
   if (snapshot.has_create_time()) create_time_ = FromProto(snapshot.create_time());
   update_time_ = absl::Now();
@@ -207,7 +245,9 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
   context.step = data.step;
   context.loss = data.loss;
   context.engine = engine_;
-  context.damping_override = damping_;
+  // Adapted on a copy: a rejected step must not move the damping.
+  std::optional<core::LevenbergMarquardtDamping> damping = damping_;
+  if (damping.has_value()) context.damping_override = damping->BeginStep(data.step, data.loss);
 
   std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending;
   pending.reserve(blocks_.size());
@@ -220,15 +260,14 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
   // KL clipping over every K-FAC block of the session (DESIGN.md §4.1).
   double kl_scale = 1.0;
   if (config_.kl_clip().enabled()) {
-    double sum = 0;
-    for (const auto& p : pending) {
-      if (p->clipped_by_kl()) sum += p->KlTerm();
-    }
-    const double kappa =
-        config_.kl_clip().kappa() > 0 ? config_.kl_clip().kappa() : kDefaultKlKappa;
-    if (sum != 0 && std::isfinite(sum)) {
-      kl_scale = std::min(1.0, std::sqrt(kappa / std::abs(sum)));
-    }
+    const double kappa = config_.kl_clip().kappa() > 0 ? config_.kl_clip().kappa()
+                                                        : core::kDefaultKlClipKappa;
+    kl_scale = core::KlClipScale(core::KlClipSum(pending), kappa);
+  }
+  if (damping.has_value()) {
+    double predicted = 0;
+    for (const auto& p : pending) predicted += p->PredictedReduction(kl_scale);
+    damping->EndStep(data.step, predicted);
   }
 
   // Nothing below can fail: the step is committed.
@@ -249,7 +288,8 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
     if (out.gaussian.has_value()) EncodeGaussian(*out.gaussian, in, u->mutable_gaussian());
     inversion_micros += out.inversion_micros;
   }
-  if (damping_.has_value()) response->set_damping(*damping_);
+  if (context.damping_override.has_value()) response->set_damping(*context.damping_override);
+  damping_ = std::move(damping);
   const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(
                           std::chrono::steady_clock::now() - start)
                           .count();
@@ -276,7 +316,7 @@ natgrad::v1::Session Session::Describe() const {
   s.set_state_bytes(bytes);
   *s.mutable_create_time() = ToProto(create_time_);
   *s.mutable_update_time() = ToProto(update_time_);
-  if (damping_.has_value()) s.set_damping(*damping_);
+  if (damping_.has_value()) s.set_damping(damping_->damping());
   s.set_stream_open(stream_open_.load());
   return s;
 }
@@ -300,10 +340,12 @@ natgrad::v1::SessionSnapshot Session::Snapshot() const {
   if (last_response_ != nullptr) {
     snap.set_last_response(last_response_->SerializeAsString());
   }
-  auto& sc = *snap.mutable_session_scalars();
-  if (damping_.has_value()) sc["damping"] = *damping_;
-  if (previous_loss_.has_value()) sc["previous_loss"] = *previous_loss_;
-  sc["previous_predicted"] = previous_predicted_;
+  if (damping_.has_value()) {
+    auto& sc = *snap.mutable_session_scalars();
+    for (const auto& [k, v] : damping_->ExportState()) {
+      sc[absl::StrCat(kDampingPrefix, k)] = v;
+    }
+  }
   return snap;
 }
 

@@ -17,6 +17,7 @@
 #include "natgrad/v1/session.pb.h"
 #include "natgrad/v1/step.pb.h"
 #include "server/core/block.h"
+#include "server/core/kfac/levenberg_marquardt_damping.h"
 #include "server/engine/inversion_engine.h"
 
 namespace natgrad::session {
@@ -101,10 +102,10 @@ class Session {
       ABSL_GUARDED_BY(mu_);
   absl::Time create_time_ ABSL_GUARDED_BY(mu_);
   absl::Time update_time_ ABSL_GUARDED_BY(mu_);
-  // Levenberg-Marquardt state (DESIGN.md §4.4); see session.cc.
-  std::optional<double> damping_ ABSL_GUARDED_BY(mu_);
-  std::optional<double> previous_loss_ ABSL_GUARDED_BY(mu_);
-  double previous_predicted_ ABSL_GUARDED_BY(mu_) = 0;
+  // Session-wide Levenberg-Marquardt damping (DESIGN.md §4.4), when enabled:
+  // it needs the loss reported by the client and every block's predicted
+  // change, so it lives here rather than in a block.
+  std::optional<core::LevenbergMarquardtDamping> damping_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace natgrad::session

@@ -1,0 +1,81 @@
+// The K-FAC dense block's arithmetic kernels, shared by the block and by
+// bench/kfac. Header-only templates over the state precision.
+#ifndef NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_
+#define NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_
+
+#include <cmath>
+
+#include "Eigen/Core"
+
+namespace natgrad::core::kfac {
+
+template <typename Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+template <typename Scalar>
+using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+// Mirrors the lower triangle into the upper one (exact symmetry, no temp).
+template <typename Scalar>
+void CopyLowerToUpper(Matrix<Scalar>& m) {
+  for (Eigen::Index j = 1; j < m.cols(); ++j) {
+    m.col(j).head(j) = m.row(j).head(j).transpose();
+  }
+}
+
+// x^T x / divisor for the rows of x, with a trailing column of ones appended
+// when append_one (bias), without materialising [x, 1]. Exactly symmetric.
+template <typename Scalar>
+Matrix<Scalar> GramFactor(const Matrix<Scalar>& x, bool append_one,
+                          Scalar divisor) {
+  const Eigen::Index d = x.cols();
+  const Eigen::Index n = d + (append_one ? 1 : 0);
+  Matrix<Scalar> out = Matrix<Scalar>::Zero(n, n);
+  // SYRK on the lower triangle: half the flops of x^T x.
+  out.topLeftCorner(d, d).template selfadjointView<Eigen::Lower>().rankUpdate(
+      x.transpose(), Scalar(1) / divisor);
+  if (append_one) {
+    out.row(d).head(d) = x.colwise().sum() / divisor;
+    out(d, d) = static_cast<Scalar>(x.rows()) / divisor;
+  }
+  CopyLowerToUpper(out);
+  return out;
+}
+
+// pi = sqrt((tr A / dim A) / (tr G / dim G)) (Martens & Grosse §6.3), 1 when
+// either trace is not positive (an all-zero factor) or the ratio overflows.
+template <typename Scalar>
+double PiCorrection(const Matrix<Scalar>& a, const Matrix<Scalar>& g) {
+  const double ta = static_cast<double>(a.trace()) / a.rows();
+  const double tg = static_cast<double>(g.trace()) / g.rows();
+  if (!(ta > 0) || !(tg > 0)) return 1.0;
+  const double pi = std::sqrt(ta / tg);
+  return std::isfinite(pi) && pi > 0 ? pi : 1.0;
+}
+
+// Exact damping in the Kronecker eigenbasis:
+// V = Q_G [(Q_G^T grad Q_A) / (s_G s_A^T + lambda)] Q_A^T.
+template <typename Scalar>
+Matrix<Scalar> PreconditionEigen(const Matrix<Scalar>& q_g,
+                                 const Vector<Scalar>& s_g,
+                                 const Matrix<Scalar>& q_a,
+                                 const Vector<Scalar>& s_a,
+                                 const Matrix<Scalar>& grad, Scalar lambda) {
+  Matrix<Scalar> rotated = q_g.transpose() * grad * q_a;
+  const Vector<Scalar> sg = s_g.cwiseMax(Scalar(0));
+  const Vector<Scalar> sa = s_a.cwiseMax(Scalar(0));
+  rotated.array() /= ((sg * sa.transpose()).array() + lambda);
+  return q_g * rotated * q_a.transpose();
+}
+
+// Factored Tikhonov with the damped inverses precomputed:
+// V = (G + sqrt(lambda)/pi I)^-1 grad (A + pi sqrt(lambda) I)^-1.
+template <typename Scalar>
+Matrix<Scalar> PreconditionFactored(const Matrix<Scalar>& g_inverse,
+                                    const Matrix<Scalar>& a_inverse,
+                                    const Matrix<Scalar>& grad) {
+  return g_inverse * grad * a_inverse;
+}
+
+}  // namespace natgrad::core::kfac
+
+#endif  // NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_

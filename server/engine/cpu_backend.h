@@ -1,0 +1,72 @@
+// CPU backend: LAPACKE ?syevd / ?potrf+?potri (DESIGN.md §5).
+//
+// Many independent matrices: one matrix per pool thread with OpenBLAS set to
+// one thread, so each LAPACK call runs on its caller and the calls run side by
+// side. A lone large matrix (fewer jobs than threads and n >=
+// threaded_blas_min_n): OpenBLAS threads = pool size, jobs one after another.
+//
+// OpenBLAS 0.3.21 (Debian's libopenblas0-pthread) only has a process-global
+// openblas_set_num_threads, so the backend flips that global per batch. It is
+// correct whatever the setting (concurrent callers of a multi-threaded
+// OpenBLAS queue on its internal lock), only the speed differs; another
+// OpenBLAS user in the process sees the last value set here.
+#ifndef NATGRAD_SERVER_ENGINE_CPU_BACKEND_H_
+#define NATGRAD_SERVER_ENGINE_CPU_BACKEND_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "server/engine/backend.h"
+
+namespace natgrad::engine {
+
+struct CpuBackendOptions {
+  int threads = 0;                // 0: std::thread::hardware_concurrency()
+  int threaded_blas_min_n = 512;  // below this a lone matrix stays 1-thread
+};
+
+class CpuBackend final : public InversionBackend {
+ public:
+  explicit CpuBackend(CpuBackendOptions options = {});
+  ~CpuBackend() override;
+  CpuBackend(const CpuBackend&) = delete;
+  CpuBackend& operator=(const CpuBackend&) = delete;
+
+  absl::string_view name() const override { return "cpu"; }
+  void Run(DecompositionKind kind, absl::Span<BatchJob<float>> jobs) override;
+  void Run(DecompositionKind kind, absl::Span<BatchJob<double>> jobs) override;
+
+  int threads() const { return threads_; }
+
+ private:
+  template <typename Scalar>
+  void RunImpl(DecompositionKind kind, absl::Span<BatchJob<Scalar>> jobs);
+  // fn(i) for i in [0, count) on the pool and the calling thread.
+  void ParallelFor(size_t count, const std::function<void(size_t)>& fn);
+  void WorkerLoop();
+
+  const int threads_;
+  const int threaded_blas_min_n_;
+
+  std::mutex run_mu_;  // one batch at a time per backend
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  bool stop_ = false;
+  uint64_t generation_ = 0;
+  const std::function<void(size_t)>* task_ = nullptr;
+  size_t count_ = 0;
+  std::atomic<size_t> next_{0};
+  int active_ = 0;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace natgrad::engine
+
+#endif  // NATGRAD_SERVER_ENGINE_CPU_BACKEND_H_

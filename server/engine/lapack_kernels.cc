@@ -1,0 +1,292 @@
+#include "server/engine/lapack_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <complex>
+#include <limits>
+#include <mutex>
+#include <type_traits>
+
+#include "absl/strings/str_cat.h"
+
+// lapacke.h picks C99 complex types unless told otherwise; we use none of
+// them, but the declarations must parse as C++.
+#define lapack_complex_float std::complex<float>
+#define lapack_complex_double std::complex<double>
+#include <lapacke.h>
+
+// From OpenBLAS's cblas.h, declared here so the TU does not pull cblas.h's
+// macros next to lapacke.h's.
+extern "C" {
+void openblas_set_num_threads(int num_threads);
+int openblas_get_num_threads(void);
+int openblas_get_num_procs(void);
+}
+
+namespace natgrad::engine {
+namespace {
+
+template <typename Scalar>
+using VectorX = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+template <typename Scalar>
+bool AllFinite(const MatrixX<Scalar>& a) {
+  // allFinite() is vectorised; NaN and ±Inf both fail it.
+  return a.allFinite();
+}
+
+// One attempt of `kind` on a prepared copy. Returns true on success and fills
+// `out`; `jitter` has already been added to the diagonal of `a`.
+template <typename Scalar>
+bool Attempt(MatrixX<Scalar>& a, DecompositionKind kind, Scalar jitter,
+             Decomposition<Scalar>& out) {
+  out.kind = kind;
+  if (kind == DecompositionKind::kEigh) {
+    VectorX<Scalar> w;
+    if (SyevdInPlace(a, w) != 0) return false;
+    if (!w.allFinite() || !a.allFinite()) return false;
+    // Adding jitter·I shifts eigenvalues and leaves eigenvectors alone, so
+    // undo the shift exactly; then clamp (PSD by contract, rounding aside).
+    w.array() = (w.array() - jitter).max(Scalar(0));
+    out.eigenvalues = std::move(w);
+    out.matrix = std::move(a);
+    return true;
+  }
+  if (PotrfPotriInPlace(a) != 0) return false;
+  if (!a.allFinite()) return false;
+  out.eigenvalues.resize(0);
+  out.matrix = std::move(a);
+  return true;
+}
+
+template <typename Scalar>
+void AddJitter(MatrixX<Scalar>& a, Scalar jitter) {
+  if (jitter != Scalar(0)) a.diagonal().array() += jitter;
+}
+
+// Relative jitter for the first retry: large enough to lift a singular PSD
+// matrix clear of rounding noise (≈ n·eps·‖A‖), small against its spectrum.
+template <typename Scalar>
+double FirstJitter(Eigen::Index n) {
+  const double eps = std::numeric_limits<Scalar>::epsilon();
+  return std::max(1e-12, 10.0 * static_cast<double>(std::max<Eigen::Index>(n, 1)) * eps);
+}
+
+}  // namespace
+
+template <typename Scalar>
+absl::Status PrepareSymmetric(MatrixX<Scalar>& a) {
+  if (a.rows() != a.cols()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "matrix must be square, got ", a.rows(), "x", a.cols()));
+  }
+  if (!AllFinite(a)) {
+    return absl::InvalidArgumentError(
+        "matrix has non-finite entries (NaN or Inf); refused before the solver");
+  }
+  // Symmetrise in place, tile by tile so the transposed reads stay in cache
+  // (a plain double loop misses on every a(j, i) once n·B exceeds L1/L2).
+  const Eigen::Index n = a.rows();
+  constexpr Eigen::Index kTile = 64;
+  for (Eigen::Index jb = 0; jb < n; jb += kTile) {
+    const Eigen::Index je = std::min(n, jb + kTile);
+    for (Eigen::Index ib = jb; ib < n; ib += kTile) {
+      const Eigen::Index ie = std::min(n, ib + kTile);
+      for (Eigen::Index j = jb; j < je; ++j) {
+        for (Eigen::Index i = std::max(ib, j + 1); i < ie; ++i) {
+          const Scalar m = (a(i, j) + a(j, i)) * Scalar(0.5);
+          a(i, j) = m;
+          a(j, i) = m;
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <>
+int SyevdInPlace<float>(MatrixX<float>& a, VectorX<float>& w) {
+  const lapack_int n = static_cast<lapack_int>(a.rows());
+  w.resize(n);
+  if (n == 0) return 0;
+  return LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'L', n, a.data(), n, w.data());
+}
+
+template <>
+int SyevdInPlace<double>(MatrixX<double>& a, VectorX<double>& w) {
+  const lapack_int n = static_cast<lapack_int>(a.rows());
+  w.resize(n);
+  if (n == 0) return 0;
+  return LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'L', n, a.data(), n, w.data());
+}
+
+namespace {
+// Copies the strict lower triangle onto the strict upper one, tiled like
+// PrepareSymmetric. ?potri leaves the inverse in the lower triangle only.
+template <typename Scalar>
+void FillUpperFromLower(MatrixX<Scalar>& a) {
+  const Eigen::Index n = a.rows();
+  constexpr Eigen::Index kTile = 64;
+  for (Eigen::Index jb = 0; jb < n; jb += kTile) {
+    const Eigen::Index je = std::min(n, jb + kTile);
+    for (Eigen::Index ib = jb; ib < n; ib += kTile) {
+      const Eigen::Index ie = std::min(n, ib + kTile);
+      for (Eigen::Index j = jb; j < je; ++j) {
+        for (Eigen::Index i = std::max(ib, j + 1); i < ie; ++i) a(j, i) = a(i, j);
+      }
+    }
+  }
+}
+
+template <typename Scalar>
+bool LowerFinite(const MatrixX<Scalar>& a) {
+  const Eigen::Index n = a.rows();
+  for (Eigen::Index j = 0; j < n; ++j) {
+    if (!a.col(j).tail(n - j).allFinite()) return false;
+  }
+  return true;
+}
+
+// The reverse: ?potrf/?potri ('L') never touch the strict upper triangle, so
+// after a failure the input is the upper triangle mirrored plus the diagonal.
+template <typename Scalar>
+void RestoreLowerFromUpper(MatrixX<Scalar>& a,
+                           const Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& diag) {
+  const Eigen::Index n = a.rows();
+  constexpr Eigen::Index kTile = 64;
+  for (Eigen::Index jb = 0; jb < n; jb += kTile) {
+    const Eigen::Index je = std::min(n, jb + kTile);
+    for (Eigen::Index ib = jb; ib < n; ib += kTile) {
+      const Eigen::Index ie = std::min(n, ib + kTile);
+      for (Eigen::Index j = jb; j < je; ++j) {
+        for (Eigen::Index i = std::max(ib, j + 1); i < ie; ++i) a(i, j) = a(j, i);
+      }
+    }
+  }
+  a.diagonal() = diag;
+}
+}  // namespace
+
+template <>
+int PotrfPotriInPlace<float>(MatrixX<float>& a) {
+  const lapack_int n = static_cast<lapack_int>(a.rows());
+  if (n == 0) return 0;
+  int info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 'L', n, a.data(), n);
+  if (info != 0) return info;
+  info = LAPACKE_spotri(LAPACK_COL_MAJOR, 'L', n, a.data(), n);
+  if (info != 0) return info;
+  if (!LowerFinite(a)) return n + 1;  // before mirroring: keep the upper input
+  FillUpperFromLower(a);
+  return 0;
+}
+
+template <>
+int PotrfPotriInPlace<double>(MatrixX<double>& a) {
+  const lapack_int n = static_cast<lapack_int>(a.rows());
+  if (n == 0) return 0;
+  int info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', n, a.data(), n);
+  if (info != 0) return info;
+  info = LAPACKE_dpotri(LAPACK_COL_MAJOR, 'L', n, a.data(), n);
+  if (info != 0) return info;
+  if (!LowerFinite(a)) return n + 1;  // before mirroring: keep the upper input
+  FillUpperFromLower(a);
+  return 0;
+}
+
+template <typename Scalar>
+Scalar JitterFor(const MatrixX<Scalar>& a, double relative) {
+  const Eigen::Index n = a.rows();
+  double scale = n > 0 ? static_cast<double>(a.trace()) / n : 1.0;
+  if (!(scale > 0) || !std::isfinite(scale)) scale = 1.0;
+  return static_cast<Scalar>(relative * scale);
+}
+
+template <typename Scalar>
+absl::StatusOr<Decomposition<Scalar>> DecomposeLapack(MatrixX<Scalar> a,
+                                                      DecompositionKind kind,
+                                                      bool already_prepared) {
+  if (!already_prepared) {
+    if (absl::Status s = PrepareSymmetric(a); !s.ok()) return s;
+  }
+  const Eigen::Index n = a.rows();
+  const double rel = FirstJitter<Scalar>(n);
+  Decomposition<Scalar> out;
+
+  // Attempt 0: as given, keeping what the retries need. ?syevd overwrites all
+  // of `a`, so eigh works on a copy (O(n²) against its O(n³)); the Cholesky
+  // path works in place and can rebuild its input from the untouched upper
+  // triangle and the saved diagonal, which matters for its cheaper O(n³).
+  if (kind == DecompositionKind::kEigh) {
+    MatrixX<Scalar> work = a;
+    if (Attempt<Scalar>(work, kind, Scalar(0), out)) return out;
+  } else {
+    const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> diag = a.diagonal();
+    if (Attempt<Scalar>(a, kind, Scalar(0), out)) return out;
+    // Attempt moves `a` into `out` only on success, so `a` is still here.
+    RestoreLowerFromUpper(a, diag);
+  }
+  // Attempt 1: native precision, jitter scaled to the trace.
+  {
+    MatrixX<Scalar> work = a;
+    const Scalar jitter = JitterFor(a, rel);
+    AddJitter(work, jitter);
+    if (Attempt<Scalar>(work, kind, jitter, out)) {
+      out.retries = 1;
+      return out;
+    }
+  }
+  // Attempt 2: float jobs go to float64 with the same relative jitter; double
+  // jobs get a 1000x larger jitter.
+  if constexpr (std::is_same_v<Scalar, float>) {
+    MatrixX<double> work = a.template cast<double>();
+    const double jitter = JitterFor(work, rel);
+    AddJitter(work, jitter);
+    Decomposition<double> out64;
+    if (Attempt<double>(work, kind, jitter, out64)) {
+      out.kind = kind;
+      out.eigenvalues = out64.eigenvalues.template cast<float>();
+      out.matrix = out64.matrix.template cast<float>();
+      if (out.matrix.allFinite()) {  // the float64 inverse may overflow float
+        out.retries = 2;
+        return out;
+      }
+    }
+  } else {
+    MatrixX<Scalar> work = a;
+    const Scalar jitter = JitterFor(a, rel * 1000.0);
+    AddJitter(work, jitter);
+    if (Attempt<Scalar>(work, kind, jitter, out)) {
+      out.retries = 2;
+      return out;
+    }
+  }
+  return absl::InternalError(absl::StrCat(
+      kind == DecompositionKind::kEigh ? "?syevd" : "?potrf/?potri",
+      " failed on a ", n, "x", n,
+      " matrix after retries with jitter and float64"));
+}
+
+template absl::Status PrepareSymmetric<float>(MatrixX<float>&);
+template absl::Status PrepareSymmetric<double>(MatrixX<double>&);
+template float JitterFor<float>(const MatrixX<float>&, double);
+template double JitterFor<double>(const MatrixX<double>&, double);
+template absl::StatusOr<Decomposition<float>> DecomposeLapack<float>(
+    MatrixX<float>, DecompositionKind, bool);
+template absl::StatusOr<Decomposition<double>> DecomposeLapack<double>(
+    MatrixX<double>, DecompositionKind, bool);
+
+void SetBlasThreads(int threads) {
+  threads = std::max(1, threads);
+  // Serialise toggles; reading the current value first makes repeats free
+  // (openblas_set_num_threads may touch its thread pool).
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (openblas_get_num_threads() == threads) return;
+  openblas_set_num_threads(threads);
+}
+
+int BlasThreads() { return openblas_get_num_threads(); }
+
+int BlasMaxThreads() { return std::max(1, openblas_get_num_procs()); }
+
+}  // namespace natgrad::engine
