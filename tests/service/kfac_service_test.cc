@@ -1,0 +1,192 @@
+// Issue 3 through the service: an MLP's layers streamed from the C++ client
+// give the updates of the core blocks called in-process, with the session's
+// KL clipping and Levenberg-Marquardt damping applied the same way.
+#include <cmath>
+
+#include "gmock/gmock.h"
+#include "server/core/kfac/kfac_dense_block.h"
+#include "server/core/kfac/kl_clipping.h"
+#include "server/core/kfac/levenberg_marquardt_damping.h"
+#include "server/engine/engine_factory.h"
+#include "tests/service/server_fixture.h"
+
+namespace natgrad::testing {
+namespace {
+
+const std::vector<int64_t> kWidths = {6, 5, 4, 3};
+constexpr int64_t kBatch = 16;
+
+natgrad::v1::SessionConfig MlpConfig(bool adaptive) {
+  natgrad::v1::SessionConfig c;
+  c.set_state_dtype(natgrad::v1::FLOAT64);
+  c.mutable_kl_clip()->set_enabled(true);
+  c.mutable_kl_clip()->set_kappa(1e-2);
+  if (adaptive) {
+    c.mutable_adaptive_damping()->set_enabled(true);
+    c.mutable_adaptive_damping()->set_interval(2);
+  }
+  for (size_t l = 0; l + 1 < kWidths.size(); ++l) {
+    auto* b = c.add_blocks();
+    b->set_name("fc" + std::to_string(l));
+    auto* k = b->mutable_kfac_dense();
+    k->set_d_in(kWidths[l]);
+    k->set_d_out(kWidths[l + 1]);
+    k->set_has_bias(true);
+    *k->mutable_learning_rate() = Constant(0.5);
+    *k->mutable_damping() = Constant(1e-2);
+    *k->mutable_momentum() = Constant(0.9);
+    k->set_inverse_period(3);
+    k->set_damping_mode(l == 1 ? natgrad::v1::EIGEN_EXACT : natgrad::v1::FACTORED_TIKHONOV);
+  }
+  return c;
+}
+
+Eigen::MatrixXd RowMajor(const std::vector<double>& v, int64_t r, int64_t c) {
+  Eigen::MatrixXd m(r, c);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < c; ++j) m(i, j) = v[i * c + j];
+  return m;
+}
+
+void RunAgainstCore(bool adaptive) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  auto session = client.CreateSession(MlpConfig(adaptive));
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto stream = client.OpenStream(session->name());
+
+  // The reference: the same core blocks on an engine of our own.
+  engine::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = engine::CreateInversionEngine(eo);
+  ASSERT_TRUE(engine.ok());
+  std::vector<std::unique_ptr<core::ParameterBlock>> ref;
+  for (size_t l = 0; l + 1 < kWidths.size(); ++l) {
+    core::KfacDenseOptions o;
+    o.d_in = kWidths[l];
+    o.d_out = kWidths[l + 1];
+    o.has_bias = true;
+    o.learning_rate = core::ConstantSchedule(0.5);
+    o.damping = core::ConstantSchedule(1e-2);
+    o.momentum = core::ConstantSchedule(0.9);
+    o.inverse_period = 3;
+    o.damping_mode = l == 1 ? core::KfacDampingMode::kEigenExact
+                            : core::KfacDampingMode::kFactoredTikhonov;
+    ref.push_back(*core::NewKfacDenseBlock("fc" + std::to_string(l), o, core::Precision::kFloat64));
+  }
+  core::LevenbergMarquardtOptions lo;
+  lo.initial_damping = 1e-2;
+  lo.interval = 2;
+  auto lm = *core::LevenbergMarquardtDamping::Create(lo);
+
+  std::mt19937 rng(21);
+  double loss = 2.0;
+  for (int t = 1; t <= 12; ++t) {
+    std::vector<natgrad::v1::BlockStep> steps;
+    std::vector<core::BlockStepInput> inputs;
+    for (size_t l = 0; l + 1 < kWidths.size(); ++l) {
+      const int64_t din = kWidths[l], dout = kWidths[l + 1];
+      auto g = RandomVector(rng, dout * (din + 1), 0.1);
+      auto a = RandomVector(rng, kBatch * din);
+      auto og = RandomVector(rng, kBatch * dout);
+      natgrad::v1::BlockStep s;
+      s.set_name("fc" + std::to_string(l));
+      *s.mutable_gradient() = client::MakeTensor(g, {dout, din + 1});
+      *s.mutable_kfac()->mutable_raw()->mutable_activations() = client::MakeTensor(a, {kBatch, din});
+      *s.mutable_kfac()->mutable_raw()->mutable_output_gradients() =
+          client::MakeTensor(og, {kBatch, dout});
+      steps.push_back(s);
+      core::BlockStepInput in;
+      in.gradient = RowMajor(g, dout, din + 1);
+      core::KfacStatisticsInput k;
+      k.activations = RowMajor(a, kBatch, din);
+      k.output_gradients = RowMajor(og, kBatch, dout);
+      k.num_examples = kBatch;
+      in.kfac = k;
+      inputs.push_back(in);
+    }
+    loss *= (t % 4 == 0) ? 1.05 : 0.9;  // mostly improving, sometimes not
+    auto r = (*stream)->Step(steps, adaptive ? std::optional<double>(loss) : std::nullopt);
+    ASSERT_TRUE(r.ok()) << r.status();
+
+    core::StepContext ctx;
+    ctx.step = t;
+    ctx.engine = engine->engine.get();
+    if (adaptive) {
+      ctx.loss = loss;
+      ctx.damping_override = lm.BeginStep(t, loss);
+    }
+    std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending;
+    for (size_t l = 0; l < ref.size(); ++l) pending.push_back(*ref[l]->Propose(inputs[l], ctx));
+    const double nu = core::KlClipScale(core::KlClipSum(pending), 1e-2);
+    EXPECT_NEAR(r->kl_clip_scale(), nu, 1e-12 * nu) << "step " << t;
+    if (adaptive) {
+      double predicted = 0;
+      for (auto& p : pending) predicted += p->PredictedReduction(nu);
+      lm.EndStep(t, predicted);
+      EXPECT_DOUBLE_EQ(r->damping(), *ctx.damping_override) << "step " << t;
+    }
+    for (size_t l = 0; l < ref.size(); ++l) {
+      const Eigen::MatrixXd want = pending[l]->Commit(nu).delta;
+      const std::vector<double> got = client::TensorValues(r->updates(l).delta());
+      ASSERT_EQ(got.size(), size_t(want.size()));
+      const double scale = want.cwiseAbs().maxCoeff();
+      for (int64_t i = 0; i < want.rows(); ++i)
+        for (int64_t j = 0; j < want.cols(); ++j)
+          ASSERT_NEAR(got[i * want.cols() + j], want(i, j), 1e-10 * scale)
+              << "step " << t << " layer " << l;
+    }
+  }
+  if (adaptive) {
+    // The damping actually moved (the loss went both ways).
+    EXPECT_NE(client.GetSession(session->name())->damping(), 1e-2);
+    EXPECT_NEAR(client.GetSession(session->name())->damping(), lm.damping(), 1e-15);
+  }
+}
+
+TEST(KfacService, MlpLayersEqualCoreInProcess) { RunAgainstCore(false); }
+TEST(KfacService, AdaptiveDampingEqualsCoreInProcess) { RunAgainstCore(true); }
+
+TEST(KfacService, BadStatisticsAreRejectedNamingBlockAndField) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  auto session = client.CreateSession(MlpConfig(false));
+  auto stream = client.OpenStream(session->name());
+  const int64_t bytes_before = client.GetSession(session->name())->state_bytes();
+  std::mt19937 rng(2);
+  std::vector<natgrad::v1::BlockStep> steps;
+  for (size_t l = 0; l + 1 < kWidths.size(); ++l) {
+    const int64_t din = kWidths[l], dout = kWidths[l + 1];
+    natgrad::v1::BlockStep s;
+    s.set_name("fc" + std::to_string(l));
+    *s.mutable_gradient() = client::MakeTensor(RandomVector(rng, dout * (din + 1)), {dout, din + 1});
+    // Layer 1 gets activations one column too wide.
+    const int64_t width = l == 1 ? din + 1 : din;
+    *s.mutable_kfac()->mutable_raw()->mutable_activations() =
+        client::MakeTensor(RandomVector(rng, kBatch * width), {kBatch, width});
+    *s.mutable_kfac()->mutable_raw()->mutable_output_gradients() =
+        client::MakeTensor(RandomVector(rng, kBatch * dout), {kBatch, dout});
+    steps.push_back(s);
+  }
+  auto r = (*stream)->Step(steps);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), ::testing::HasSubstr("fc1"));
+  EXPECT_THAT(r.status().message(), ::testing::HasSubstr("activations"));
+  EXPECT_EQ(client.GetSession(session->name())->last_step(), 0);
+  EXPECT_EQ(client.GetSession(session->name())->state_bytes(), bytes_before);
+}
+
+TEST(KfacService, AdaptiveDampingNeedsAKfacBlock) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  natgrad::v1::SessionConfig c;
+  c.mutable_adaptive_damping()->set_enabled(true);
+  auto* b = c.add_blocks();
+  b->set_name("w");
+  b->add_shape(3);
+  b->mutable_sgd();
+  EXPECT_EQ(client.CreateSession(c).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace natgrad::testing
