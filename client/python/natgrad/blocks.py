@@ -1,0 +1,164 @@
+"""Block and session configuration helpers producing natgrad.v1 messages.
+
+Hyperparameters given as None are left unset, so the server's documented
+default applies; numbers become constant schedules; natgrad.schedules
+messages pass through.
+
+    cfg = blocks.session_config([
+        blocks.kfac_dense("fc1", d_in=64, d_out=32, lr=0.1, damping=1e-3),
+        blocks.adam("bn.weight", shape=[32], lr=1e-3),
+    ], kl_clip=1e-3)
+"""
+import math
+
+from natgrad._pb import blocks_pb2, session_pb2, tensor_pb2
+from natgrad.schedules import as_schedule
+
+BlockConfig = blocks_pb2.BlockConfig
+SessionConfig = session_pb2.SessionConfig
+
+_DAMPING_MODES = {
+    None: blocks_pb2.DAMPING_MODE_UNSPECIFIED,
+    "tikhonov": blocks_pb2.FACTORED_TIKHONOV,
+    "factored_tikhonov": blocks_pb2.FACTORED_TIKHONOV,
+    "eigen": blocks_pb2.EIGEN_EXACT,
+    "eigen_exact": blocks_pb2.EIGEN_EXACT,
+}
+
+PARAMETRIZATIONS = {
+    "natural": blocks_pb2.NATURAL,
+    "expectation": blocks_pb2.EXPECTATION,
+    "mean_covariance": blocks_pb2.MEAN_COVARIANCE,
+    "mean_cholesky": blocks_pb2.MEAN_CHOLESKY,
+}
+
+
+def _set_schedule(msg, field, value, block):
+    s = as_schedule(value, f"block '{block}': {field}")
+    if s is not None:
+        getattr(msg, field).CopyFrom(s)
+
+
+def _check_name(name):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"block name must be a non-empty string, got {name!r}")
+
+
+def _shape(shape, name):
+    if isinstance(shape, int):
+        shape = [shape]
+    shape = [int(s) for s in shape]
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"block '{name}': shape must be positive, got {shape}")
+    return shape
+
+
+def kfac_dense(name, d_in, d_out, bias=True, *, lr=None, damping=None, momentum=None,
+               weight_decay=None, damping_mode=None, ema_decay=None, inverse_period=None,
+               stats_period=None, locations=None, async_inversion=False, max_staleness=None):
+    """A K-FAC block for a dense layer (or an unfolded convolution, with
+    ``locations`` = spatial output positions T per example). The parameter is
+    W of shape [d_out, d_in + bias], the bias as the last column.
+    damping_mode: 'tikhonov' (factored, pi-corrected) or 'eigen' (exact in the
+    eigenbasis)."""
+    _check_name(name)
+    if int(d_in) <= 0 or int(d_out) <= 0:
+        raise ValueError(f"block '{name}': d_in and d_out must be positive")
+    if damping_mode not in _DAMPING_MODES:
+        raise ValueError(f"block '{name}': damping_mode must be one of "
+                         f"{sorted(k for k in _DAMPING_MODES if k)}, got {damping_mode!r}")
+    c = blocks_pb2.KfacDenseConfig(d_in=int(d_in), d_out=int(d_out), has_bias=bool(bias),
+                                   damping_mode=_DAMPING_MODES[damping_mode],
+                                   async_inversion=bool(async_inversion))
+    for f, v in (("learning_rate", lr), ("damping", damping), ("momentum", momentum),
+                 ("weight_decay", weight_decay)):
+        _set_schedule(c, f, v, name)
+    if ema_decay is not None:
+        if not 0 < ema_decay < 1:
+            raise ValueError(f"block '{name}': ema_decay must be in (0, 1)")
+        c.ema_decay = float(ema_decay)
+    for f, v in (("inverse_period", inverse_period), ("stats_period", stats_period),
+                 ("locations", locations), ("max_staleness", max_staleness)):
+        if v is not None:
+            if int(v) < 0:
+                raise ValueError(f"block '{name}': {f} must be >= 0")
+            setattr(c, f, int(v))
+    return BlockConfig(name=name, shape=[int(d_out), int(d_in) + int(bool(bias))], kfac_dense=c)
+
+
+def sgd(name, shape, *, lr=None, momentum=None, nesterov=False, weight_decay=None):
+    _check_name(name)
+    c = blocks_pb2.SgdConfig(nesterov=bool(nesterov))
+    for f, v in (("learning_rate", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        _set_schedule(c, f, v, name)
+    return BlockConfig(name=name, shape=_shape(shape, name), sgd=c)
+
+
+def adam(name, shape, *, lr=None, beta1=None, beta2=None, eps=None, weight_decay=None,
+         decoupled_weight_decay=False):
+    """Adam (or AdamW with decoupled_weight_decay=True). beta/eps None: server
+    defaults (0.9, 0.999, 1e-8)."""
+    _check_name(name)
+    c = blocks_pb2.AdamConfig(decoupled_weight_decay=bool(decoupled_weight_decay))
+    _set_schedule(c, "learning_rate", lr, name)
+    _set_schedule(c, "weight_decay", weight_decay, name)
+    for f, v in (("beta1", beta1), ("beta2", beta2), ("epsilon", eps)):
+        if v is not None:
+            setattr(c, f, float(v))
+    return BlockConfig(name=name, shape=_shape(shape, name), adam=c)
+
+
+def adamw(name, shape, *, lr=None, weight_decay=1e-2, **kw):
+    return adam(name, shape, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True, **kw)
+
+
+def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None,
+             max_halvings=8, return_direction=False):
+    """A variational Gaussian N(m, S) block (DESIGN.md §4.2) of dimension
+    ``dim`` with ``copies`` independent copies. parametrization: 'natural',
+    'expectation', 'mean_covariance' or 'mean_cholesky'. gamma: step size
+    (schedule). max_halvings: bounded step-halving safeguard (0 disables)."""
+    _check_name(name)
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"block '{name}': parametrization must be one of "
+                         f"{sorted(PARAMETRIZATIONS)}, got {parametrization!r}")
+    if int(dim) <= 0 or int(copies) <= 0:
+        raise ValueError(f"block '{name}': dim and copies must be positive")
+    c = blocks_pb2.GaussianConfig(dim=int(dim), copies=int(copies),
+                                  parametrization=PARAMETRIZATIONS[parametrization],
+                                  max_halvings=-1 if max_halvings is None else int(max_halvings),
+                                  return_direction=bool(return_direction))
+    _set_schedule(c, "gamma", gamma, name)
+    return BlockConfig(name=name, shape=[int(copies), int(dim)], gaussian=c)
+
+
+def session_config(blocks, *, state_dtype=None, kl_clip=None, adaptive_damping=None,
+                   display_name=None):
+    """blocks: BlockConfig messages. kl_clip: None/False (off), True (on,
+    kappa 1e-3) or kappa. adaptive_damping: None/False, True, or a dict of
+    AdaptiveDampingConfig fields (interval, decay, min_damping, max_damping).
+    state_dtype: 'float32' (default) or 'float64'."""
+    blocks = list(blocks)
+    names = [b.name for b in blocks]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"duplicate block names: {sorted(dup)}")
+    if not blocks:
+        raise ValueError("a session needs at least one block")
+    cfg = SessionConfig(blocks=blocks)
+    if state_dtype is not None:
+        cfg.state_dtype = {"float32": tensor_pb2.FLOAT32, "float64": tensor_pb2.FLOAT64}[str(state_dtype)]
+    if kl_clip is not None and kl_clip is not False:
+        cfg.kl_clip.enabled = True
+        if kl_clip is not True:
+            if not (float(kl_clip) > 0 and math.isfinite(kl_clip)):
+                raise ValueError("kl_clip must be positive")
+            cfg.kl_clip.kappa = float(kl_clip)
+    if adaptive_damping:
+        cfg.adaptive_damping.enabled = True
+        if isinstance(adaptive_damping, dict):
+            for k, v in adaptive_damping.items():
+                setattr(cfg.adaptive_damping, k, v)
+    if display_name:
+        cfg.display_name = display_name
+    return cfg

@@ -1,0 +1,567 @@
+"""Client and Session: sessions of server-side optimizer state and the Step
+stream (DESIGN.md §3).
+
+A Session keeps the step number, one bidirectional Step stream, and retries:
+when the stream drops (UNAVAILABLE, a reset or cancelled stream, the server
+restarting) it reconnects and sends the *same* step number again; the server
+answers a step it already applied with its cached response and changes no
+state, so every step takes effect exactly once. A FAILED_PRECONDITION
+"stream already open" right after a drop (the server has not yet noticed the
+old stream is gone) is retried too, for a short time. Everything else
+(INVALID_ARGUMENT, NOT_FOUND, step-order errors, ...) raises the matching
+natgrad.NatgradError subclass at once; the step counter is then unchanged,
+so the step can be corrected and sent again.
+"""
+import dataclasses
+import logging
+import queue
+import random
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from natgrad import errors
+from natgrad._pb import (optimizer_service_pb2 as svc_pb2, optimizer_service_pb2_grpc as svc_grpc,
+                         session_pb2, step_pb2)
+from natgrad.blocks import session_config as _session_config
+from natgrad.tensor import as_array, from_tensor, is_set, to_tensor
+
+log = logging.getLogger("natgrad")
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20   # the server's default --max_message_bytes
+DEFAULT_SPLIT_BYTES = 32 << 20          # one StepRequest carries at most this much
+
+
+@dataclasses.dataclass
+class RetryPolicy:
+    """How a Session rides out dropped streams.
+
+    max_attempts: sends of one step (first try included).
+    initial_backoff/max_backoff/multiplier: exponential backoff with jitter.
+    deadline_s: give up reconnecting after this long for one step.
+    stream_open_s: how long FAILED_PRECONDITION "stream already open" is retried.
+    """
+    max_attempts: int = 10
+    initial_backoff: float = 0.02
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    deadline_s: float = 60.0
+    stream_open_s: float = 10.0
+
+    def backoff(self, attempt):
+        b = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, attempt - 1))
+        return b * (0.5 + random.random() * 0.5)
+
+
+@dataclasses.dataclass
+class GaussianResult:
+    """A Gaussian block's update, in the block's parametrisation."""
+    param1: np.ndarray
+    param2: np.ndarray
+    delta1: np.ndarray = None
+    delta2: np.ndarray = None
+    direction1: np.ndarray = None
+    direction2: np.ndarray = None
+    gamma_used: float = 0.0
+    halvings: int = 0
+
+
+class StepResult(dict):
+    """name -> numpy delta (the client does w += delta), or a GaussianResult
+    for Gaussian blocks. Attributes: step, replayed, kl_clip_scale, damping,
+    hyperparameters (name -> {hyperparameter: value}), timing, response (the
+    StepResponse message)."""
+
+    def __init__(self, response):
+        super().__init__()
+        self.response = response
+        self.step = response.step
+        self.replayed = response.replayed
+        self.kl_clip_scale = response.kl_clip_scale
+        self.damping = response.damping
+        self.timing = response.timing
+        self.hyperparameters = {}
+        for u in response.updates:
+            self.hyperparameters[u.name] = dict(u.hyperparameters)
+            if u.HasField("gaussian"):
+                g = u.gaussian
+                self[u.name] = GaussianResult(
+                    param1=from_tensor(g.param1), param2=from_tensor(g.param2),
+                    delta1=from_tensor(g.delta1) if is_set(g.delta1) else None,
+                    delta2=from_tensor(g.delta2) if is_set(g.delta2) else None,
+                    direction1=from_tensor(g.direction1) if is_set(g.direction1) else None,
+                    direction2=from_tensor(g.direction2) if is_set(g.direction2) else None,
+                    gamma_used=g.gamma_used, halvings=g.halvings)
+            else:
+                self[u.name] = from_tensor(u.delta)
+
+
+def _session_name(name):
+    if isinstance(name, Session):
+        return name.name
+    if isinstance(name, session_pb2.Session):
+        return name.name
+    return name if name.startswith("sessions/") else f"sessions/{name}"
+
+
+def _channel_credentials(tls):
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    if isinstance(tls, dict):
+        def load(v):
+            if v is None or isinstance(v, bytes):
+                return v
+            with open(v, "rb") as f:
+                return f.read()
+        return grpc.ssl_channel_credentials(
+            root_certificates=load(tls.get("root_certificates") or tls.get("ca")),
+            private_key=load(tls.get("private_key") or tls.get("key")),
+            certificate_chain=load(tls.get("certificate_chain") or tls.get("cert")))
+    raise TypeError("tls must be None, True, a dict of PEM paths/bytes "
+                    "(ca, cert, key) or grpc.ChannelCredentials")
+
+
+class Client:
+    """A connection to natgrad-server.
+
+    target: "host:port". token: bearer token sent as `authorization` metadata.
+    tls: None (plaintext), True (system roots), {"ca": path, "cert": path,
+    "key": path} (mTLS), or grpc.ChannelCredentials. timeout: seconds for
+    unary calls. retry: RetryPolicy for Step streams.
+    """
+
+    def __init__(self, target, token=None, tls=None, *, timeout=30.0, retry=None,
+                 max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, options=(), server_name=None):
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_message_bytes = int(max_message_bytes)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        opts = [("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                # Reconnect quickly after a server restart.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000)]
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        opts.extend(options)
+        creds = _channel_credentials(tls)
+        self._channel = (grpc.secure_channel(target, creds, options=opts) if creds
+                         else grpc.insecure_channel(target, options=opts))
+        self.stub = svc_grpc.OptimizerServiceStub(self._channel)
+
+    # -- plumbing -------------------------------------------------------------
+    def _unary(self, method, request, what, idempotent=False):
+        deadline = time.monotonic() + self.retry.deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return getattr(self.stub, method)(request, timeout=self.timeout,
+                                                  metadata=self._metadata)
+            except grpc.RpcError as e:
+                if (idempotent and e.code() == grpc.StatusCode.UNAVAILABLE
+                        and attempt < 3 and time.monotonic() < deadline):
+                    time.sleep(self.retry.backoff(attempt))
+                    continue
+                raise self._error(e, what) from None
+
+    def _error(self, e, what):
+        err = errors.from_rpc_error(e, what)
+        if err.code == grpc.StatusCode.UNAVAILABLE:
+            err.message = f"{what}: natgrad server at {self.target} unavailable: {e.details()}"
+            err.args = (err.message,)
+        return err
+
+    def wait_ready(self, timeout=10.0):
+        """Blocks until the channel is connected (raises Unavailable after timeout)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise errors.Unavailable(f"natgrad server at {self.target} not reachable "
+                                     f"within {timeout}s") from None
+
+    # -- sessions -------------------------------------------------------------
+    def create_session(self, config, session_id=None, **session_kw):
+        """config: a SessionConfig, or a list of BlockConfig (from
+        natgrad.blocks) plus session_config() keywords (kl_clip=...,
+        adaptive_damping=..., state_dtype=..., display_name=...)."""
+        if not isinstance(config, session_pb2.SessionConfig):
+            config = _session_config(config, **session_kw)
+        elif session_kw:
+            raise TypeError("session keywords are only accepted with a list of blocks")
+        req = svc_pb2.CreateSessionRequest(config=config, session_id=session_id or "")
+        info = self._unary("CreateSession", req, "CreateSession")
+        return Session(self, info)
+
+    def get_session(self, name):
+        """Attaches to an existing session; steps continue from its last_step."""
+        return Session(self, self.get_session_info(name))
+
+    def get_session_info(self, name):
+        return self._unary("GetSession", svc_pb2.GetSessionRequest(name=_session_name(name)),
+                           f"GetSession {_session_name(name)}", idempotent=True)
+
+    def list_sessions(self, page_size=0):
+        """All sessions visible to this client (follows page tokens)."""
+        out, token = [], ""
+        while True:
+            r = self._unary("ListSessions", svc_pb2.ListSessionsRequest(
+                page_size=page_size, page_token=token), "ListSessions", idempotent=True)
+            out.extend(r.sessions)
+            token = r.next_page_token
+            if not token:
+                return out
+
+    def delete_session(self, name):
+        self._unary("DeleteSession", svc_pb2.DeleteSessionRequest(name=_session_name(name)),
+                    f"DeleteSession {_session_name(name)}")
+
+    def export_session(self, name):
+        return self._unary("ExportSession", svc_pb2.ExportSessionRequest(name=_session_name(name)),
+                           f"ExportSession {_session_name(name)}", idempotent=True)
+
+    def import_session(self, snapshot, session_id=None):
+        info = self._unary("ImportSession", svc_pb2.ImportSessionRequest(
+            snapshot=snapshot, session_id=session_id or ""), "ImportSession")
+        return Session(self, info)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Stream:
+    """One Step call fed from a queue (gRPC pulls requests on its own thread)."""
+
+    _END = object()
+
+    def __init__(self, stub, metadata):
+        self._q = queue.Queue()
+        self.call = stub.Step(self._requests(), metadata=metadata)
+
+    def _requests(self):
+        while True:
+            m = self._q.get()
+            if m is self._END:
+                return
+            yield m
+
+    def send(self, msg):
+        self._q.put(msg)
+
+    def recv(self):
+        return next(self.call)
+
+    def close(self):
+        self._q.put(self._END)
+
+    def cancel(self):
+        self._q.put(self._END)
+        self.call.cancel()
+
+
+_GRADIENT_SPACES = {
+    None: step_pb2.GAUSSIAN_GRADIENT_SPACE_UNSPECIFIED,
+    "expectation": step_pb2.EXPECTATION_GRADIENT,
+    "parametrization": step_pb2.PARAMETRIZATION_GRADIENT,
+}
+
+
+def _retry_reason(e):
+    """Why a failed Step call may be retried with the same step number, or None."""
+    code = e.code() if hasattr(e, "code") else None
+    details = (e.details() if hasattr(e, "details") else "") or ""
+    low = details.lower()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
+        return "drop"
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and (
+            "rst_stream" in low or "stream removed" in low or "reset" in low
+            or "goaway" in low or "socket closed" in low):
+        return "drop"
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "already open" in low:
+        return "stream_open"
+    return None
+
+
+class Session:
+    """A session on the server: steps, info, delete.
+
+    Use ``step(inputs, loss=None)``: inputs maps block name ->
+      * K-FAC blocks: {"gradient": dL/dW of the mean loss [d_out, d_in(+1)],
+        "activations": [rows, d_in], "output_gradients": [rows, d_out]} or
+        the reduced form {"a_factor", "g_factor", "num_examples"}; optional
+        "params" (needed for weight decay).
+      * SGD/Adam blocks: {"gradient": ..., "params": ...} or just the gradient array.
+      * Gaussian blocks: {"param1", "param2", "grad1", "grad2",
+        "gradient_space": "expectation" | "parametrization"}.
+      * or a natgrad.v1.BlockStep message, sent as is.
+    Arrays may be numpy, torch or jax arrays (float32 or float64).
+    Returns a StepResult (name -> delta, or GaussianResult).
+    """
+
+    def __init__(self, client, info):
+        self.client = client
+        self.name = info.name
+        self.id = info.name.split("/", 1)[-1]
+        self.config = info.config
+        self.blocks = {b.name: b for b in info.config.blocks}
+        self.next_step = info.last_step + 1
+        self.split_bytes = DEFAULT_SPLIT_BYTES
+        self.validate = True
+        self._stream = None
+        self._lock = threading.Lock()
+        # Test hook: called as hook(event, session, stream, step) at "sent"
+        # (the whole step is queued, no response read yet).
+        self._test_hook = None
+        self.retries = 0  # reconnects so far (for monitoring/tests)
+
+    def __repr__(self):
+        return f"<natgrad.Session {self.name} next_step={self.next_step} blocks={list(self.blocks)}>"
+
+    # -- lifecycle ------------------------------------------------------------
+    def info(self):
+        return self.client.get_session_info(self.name)
+
+    def delete(self):
+        self.close()
+        self.client.delete_session(self.name)
+
+    def close(self):
+        """Half-closes the Step stream (the session stays on the server)."""
+        with self._lock:
+            self._drop_stream(cancel=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _drop_stream(self, cancel=True):
+        s, self._stream = self._stream, None
+        if s is not None:
+            if cancel:
+                s.cancel()
+            else:
+                s.close()
+
+    # -- building requests ----------------------------------------------------
+    def _err(self, block, field, msg):
+        where = f"block '{block}'" + (f", field '{field}'" if field else "")
+        return errors.InvalidArgument(f"step {self.next_step}: {where}: {msg}", block=block, field=field)
+
+    def _array(self, block, field, x, shape=None, alt_shape=None):
+        try:
+            a = as_array(x)
+        except Exception as e:  # noqa: BLE001
+            raise self._err(block, field, f"cannot convert {type(x).__name__} to an array: {e}") from None
+        if a.dtype.kind not in "fiu":
+            raise self._err(block, field, f"expected a float array, got dtype {a.dtype}")
+        if self.validate:
+            if shape is not None and list(a.shape) != list(shape) and (
+                    alt_shape is None or list(a.shape) != list(alt_shape)):
+                want = f"{list(shape)}" + (f" or {list(alt_shape)}" if alt_shape is not None else "")
+                raise self._err(block, field, f"shape {list(a.shape)}, expected {want}")
+            if a.size and not np.all(np.isfinite(a)):
+                raise self._err(block, field, "contains NaN or Inf")
+        return a
+
+    def _block_step(self, name, x):
+        if isinstance(x, step_pb2.BlockStep):
+            if x.name and x.name != name:
+                raise self._err(name, "name", f"BlockStep message names block '{x.name}'")
+            bs = step_pb2.BlockStep()
+            bs.CopyFrom(x)
+            bs.name = name
+            return bs
+        cfg = self.blocks.get(name)
+        if cfg is None:
+            raise self._err(name, None, f"no such block in session {self.name} "
+                            f"(blocks: {sorted(self.blocks)})")
+        if not isinstance(x, dict):
+            x = {"gradient": x}
+        kind = cfg.WhichOneof("kind")
+        known = {"gradient", "params", "activations", "output_gradients", "a_factor", "g_factor",
+                 "num_examples", "param1", "param2", "grad1", "grad2", "gradient_space", "dtype"}
+        extra = set(x) - known
+        if extra:
+            raise self._err(name, sorted(extra)[0], f"unknown input field(s) {sorted(extra)}")
+        bs = step_pb2.BlockStep(name=name)
+        shape = list(cfg.shape)
+        dtype = x.get("dtype")
+        if kind == "gaussian":
+            g = cfg.gaussian
+            copies, dim = max(1, g.copies), g.dim
+            s1, s2 = [copies, dim], [copies, dim, dim]
+            alt1, alt2 = ([dim], [dim, dim]) if copies == 1 else (None, None)
+            for f in ("param1", "param2", "grad1", "grad2"):
+                if x.get(f) is None:
+                    raise self._err(name, f, "missing (Gaussian blocks need param1, param2, grad1, grad2)")
+            gi = bs.gaussian
+            for f, s, alt in (("param1", s1, alt1), ("param2", s2, alt2),
+                              ("grad1", s1, alt1), ("grad2", s2, alt2)):
+                # Always sent as [copies, dim] / [copies, dim, dim].
+                arr = self._array(name, f, x[f], s, alt)
+                if self.validate:
+                    arr = arr.reshape(s)
+                to_tensor(arr, dtype or np.float64, out=getattr(gi, f))
+            sp = x.get("gradient_space")
+            if sp not in _GRADIENT_SPACES:
+                raise self._err(name, "gradient_space", f"must be 'expectation' or 'parametrization', got {sp!r}")
+            gi.gradient_space = _GRADIENT_SPACES[sp]
+            return bs
+        if x.get("gradient") is None:
+            raise self._err(name, "gradient", "missing")
+        grad = self._array(name, "gradient", x["gradient"], shape)
+        if dtype is None:
+            dtype = np.float64 if (grad.dtype.kind == "f" and grad.dtype.itemsize == 8) else np.float32
+        to_tensor(grad, dtype, out=bs.gradient)
+        if x.get("params") is not None:
+            to_tensor(self._array(name, "params", x["params"], shape), dtype, out=bs.params)
+        if kind == "kfac_dense":
+            k = cfg.kfac_dense
+            din, dout, b = k.d_in, k.d_out, int(k.has_bias)
+            has_raw = x.get("activations") is not None or x.get("output_gradients") is not None
+            has_red = x.get("a_factor") is not None or x.get("g_factor") is not None
+            if has_raw and has_red:
+                raise self._err(name, "activations", "give raw (activations, output_gradients) "
+                                "or reduced (a_factor, g_factor) statistics, not both")
+            if has_raw:
+                for f in ("activations", "output_gradients"):
+                    if x.get(f) is None:
+                        raise self._err(name, f, "missing (raw statistics need both activations and output_gradients)")
+                a = self._array(name, "activations", x["activations"])
+                g = self._array(name, "output_gradients", x["output_gradients"])
+                if self.validate:
+                    if a.ndim != 2 or a.shape[1] != din:
+                        raise self._err(name, "activations", f"shape {list(a.shape)}, expected [rows, {din}] "
+                                        "(layer inputs without the bias column)")
+                    if g.ndim != 2 or g.shape[1] != dout:
+                        raise self._err(name, "output_gradients", f"shape {list(g.shape)}, expected [rows, {dout}]")
+                    if a.shape[0] != g.shape[0] or a.shape[0] == 0:
+                        raise self._err(name, "output_gradients", f"{g.shape[0]} rows but activations "
+                                        f"have {a.shape[0]} (must be equal and > 0)")
+                to_tensor(a, dtype, out=bs.kfac.raw.activations)
+                to_tensor(g, dtype, out=bs.kfac.raw.output_gradients)
+            elif has_red:
+                for f in ("a_factor", "g_factor"):
+                    if x.get(f) is None:
+                        raise self._err(name, f, "missing (reduced statistics need a_factor, g_factor, num_examples)")
+                n = int(x.get("num_examples") or 0)
+                if n <= 0:
+                    raise self._err(name, "num_examples", "must be a positive integer with reduced statistics")
+                to_tensor(self._array(name, "a_factor", x["a_factor"], [din + b, din + b]), dtype,
+                          out=bs.kfac.reduced.a_factor)
+                to_tensor(self._array(name, "g_factor", x["g_factor"], [dout, dout]), dtype,
+                          out=bs.kfac.reduced.g_factor)
+                bs.kfac.reduced.num_examples = n
+        else:
+            for f in ("activations", "output_gradients", "a_factor", "g_factor", "param1", "grad1"):
+                if x.get(f) is not None:
+                    raise self._err(name, f, f"not accepted by a {kind} block")
+        return bs
+
+    def build_requests(self, inputs, loss=None, step=None):
+        """The StepRequest messages for one step (split at self.split_bytes)."""
+        step = self.next_step if step is None else step
+        if loss is not None:
+            loss = float(loss)
+            if self.validate and not np.isfinite(loss):
+                raise errors.InvalidArgument(f"step {step}: loss is {loss}", field="loss")
+        bss = [self._block_step(n, x) for n, x in inputs.items()]
+        msgs, cur, cur_bytes = [], [], 0
+        for bs in bss:
+            sz = bs.ByteSize()
+            if cur and cur_bytes + sz > self.split_bytes:
+                msgs.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(bs)
+            cur_bytes += sz
+        msgs.append(cur)
+        reqs = []
+        for i, group in enumerate(msgs):
+            r = step_pb2.StepRequest(session=self.name, step=step, blocks=group,
+                                     last=(i == len(msgs) - 1))
+            if r.last and loss is not None:
+                r.loss = loss
+            if r.ByteSize() > self.client.max_message_bytes:
+                raise errors.ResourceExhausted(
+                    f"step {step}: block '{group[0].name}' needs {r.ByteSize()} bytes in one message, "
+                    f"over max_message_bytes={self.client.max_message_bytes} (raise it on the "
+                    "client and the server's --max_message_bytes, or send reduced statistics)",
+                    block=group[0].name)
+            reqs.append(r)
+        return reqs
+
+    # -- stepping -------------------------------------------------------------
+    def step(self, inputs, loss=None):
+        """Sends one step and returns its StepResult. Raises a NatgradError
+        subclass (the step counter unchanged) when the server rejects it."""
+        with self._lock:
+            reqs = self.build_requests(inputs, loss)
+            step = self.next_step
+            resp = self._send_step(reqs, step)
+            self.next_step = step + 1
+            return StepResult(resp)
+
+    def _send_step(self, reqs, step):
+        pol = self.client.retry
+        start = time.monotonic()
+        attempt = 0
+        open_since = None
+        while True:
+            attempt += 1
+            try:
+                if self._stream is None:
+                    self._stream = _Stream(self.client.stub, self.client._metadata)
+                s = self._stream
+                for r in reqs:
+                    s.send(r)
+                if self._test_hook is not None:
+                    self._test_hook("sent", self, s, step)
+                resp = s.recv()
+            except StopIteration:
+                self._drop_stream()
+                err, reason = errors.Unavailable(f"Step {self.name} step {step}: the server closed "
+                                                 "the stream without a response"), "drop"
+            except grpc.RpcError as e:
+                self._drop_stream()
+                reason = _retry_reason(e)
+                err = self.client._error(e, f"Step {self.name} step {step}")
+                if reason is None:
+                    raise err from None
+            else:
+                if resp.step != step:
+                    self._drop_stream()
+                    raise errors.Internal(f"Step {self.name}: sent step {step}, got a response for step {resp.step}")
+                if attempt > 1:
+                    log.info("natgrad: %s step %d succeeded after %d attempts (replayed=%s)",
+                             self.name, step, attempt, resp.replayed)
+                return resp
+            # retryable
+            now = time.monotonic()
+            if reason == "stream_open":
+                open_since = open_since or now
+                give_up = now - open_since > pol.stream_open_s
+            else:
+                give_up = attempt >= pol.max_attempts
+            if give_up or now - start > pol.deadline_s:
+                err.message += f" (gave up after {attempt} attempts, {now - start:.1f}s)"
+                err.args = (err.message,)
+                raise err
+            self.retries += 1
+            log.warning("natgrad: %s step %d: %s; retrying (attempt %d)", self.name, step, err, attempt + 1)
+            time.sleep(pol.backoff(attempt))

@@ -1,0 +1,154 @@
+"""Variational Gaussian blocks (DESIGN.md §4.2; Salimbeni, Eleftheriadis &
+Hensman 2018) from Python.
+
+A Gaussian block holds q = N(m, S) of dimension M (L independent copies:
+means [L, M], second parts [L, M, M]) in one of four parametrisations:
+
+    "natural"          theta1 = S^-1 m,  theta2 = -1/2 S^-1
+    "expectation"      eta1 = m,         eta2 = S + m m^T
+    "mean_covariance"  m, S
+    "mean_cholesky"    m, L (lower triangular, S = L L^T)
+
+Each step sends the current (param1, param2) and the loss gradient, either
+w.r.t. the block's own parametrisation (``gradient_space="parametrization"``,
+the server converts; symmetrisation and the Cholesky map are done there) or
+already w.r.t. the expectation parameters (``"expectation"``). The server
+returns theta' = theta - gamma dL/deta mapped back to the parametrisation.
+
+    q = natgrad.gaussian.GaussianOptimizer(client, dim=M, gamma=1.0)
+    m, L = q.step(m, L, dL_dm, dL_dL)
+
+or, inside a bigger session, ``step_input(...)`` builds the block's input
+for Session.step and ``result[name].param1/param2`` are the new parameters.
+
+The numpy conversions below (to_mean_cov, from_mean_cov, expectation_gradient,
+natural_gradient_step) are a client-side reference of the same maths.
+"""
+import numpy as np
+
+from natgrad import blocks as _blocks
+
+__all__ = ["step_input", "GaussianOptimizer", "to_mean_cov", "from_mean_cov",
+           "expectation_gradient", "natural_gradient_step", "PARAMETRIZATIONS"]
+
+PARAMETRIZATIONS = tuple(_blocks.PARAMETRIZATIONS)
+
+
+def step_input(param1, param2, grad1, grad2, gradient_space="parametrization"):
+    """The input of one Gaussian block for Session.step."""
+    return {"param1": param1, "param2": param2, "grad1": grad1, "grad2": grad2,
+            "gradient_space": gradient_space}
+
+
+def _sym(X):
+    return 0.5 * (X + np.swapaxes(X, -1, -2))
+
+
+def to_mean_cov(p1, p2, parametrization):
+    """(param1, param2) in `parametrization` -> (m, S). Batched over leading axes."""
+    p1, p2 = np.asarray(p1, np.float64), np.asarray(p2, np.float64)
+    if parametrization == "mean_covariance":
+        return p1, p2
+    if parametrization == "mean_cholesky":
+        L = np.tril(p2)
+        return p1, L @ np.swapaxes(L, -1, -2)
+    if parametrization == "expectation":
+        return p1, p2 - p1[..., :, None] * p1[..., None, :]
+    if parametrization == "natural":
+        S = np.linalg.inv(-2.0 * p2)
+        return (S @ p1[..., None])[..., 0], _sym(S)
+    raise ValueError(f"unknown parametrization {parametrization!r}")
+
+
+def from_mean_cov(m, S, parametrization):
+    """(m, S) -> (param1, param2) in `parametrization`."""
+    m, S = np.asarray(m, np.float64), _sym(np.asarray(S, np.float64))
+    if parametrization == "mean_covariance":
+        return m, S
+    if parametrization == "mean_cholesky":
+        return m, np.linalg.cholesky(S)
+    if parametrization == "expectation":
+        return m, S + m[..., :, None] * m[..., None, :]
+    if parametrization == "natural":
+        P = np.linalg.inv(S)
+        return (P @ m[..., None])[..., 0], -0.5 * _sym(P)
+    raise ValueError(f"unknown parametrization {parametrization!r}")
+
+
+def _phi(X):
+    """Lower triangle with the diagonal halved."""
+    return np.tril(X) - 0.5 * np.eye(X.shape[-1]) * X
+
+
+def expectation_gradient(p1, p2, g1, g2, parametrization):
+    """Gradients w.r.t. the block's parametrisation -> (dL/deta1, dL/deta2)."""
+    p1, p2 = np.asarray(p1, np.float64), np.asarray(p2, np.float64)
+    g1, g2 = np.asarray(g1, np.float64), np.asarray(g2, np.float64)
+    if parametrization == "expectation":
+        return g1, _sym(g2)
+    if parametrization == "natural":
+        # theta -> eta is the gradient of the log-partition; chain rule through
+        # (m, S): dL/dm and dL/dS from dL/dtheta.
+        m, S = to_mean_cov(p1, p2, "natural")
+        # theta1 = S^-1 m, theta2 = -1/2 S^-1  =>  dL/dm = S^-1 g1,
+        # dL/dS = -S^-1 (g1 m^T) S^-1 ... (symmetrised) + 1/2 S^-1 G2 S^-1
+        P = np.linalg.inv(S)
+        G2 = _sym(g2)
+        dm = (P @ g1[..., None])[..., 0]
+        dS = -_sym(P @ (g1[..., :, None] * m[..., None, :]) @ P) + 0.5 * P @ G2 @ P
+        return expectation_gradient(m, S, dm, dS, "mean_covariance")
+    if parametrization == "mean_covariance":
+        G = _sym(g2)
+        return g1 - 2.0 * (G @ p1[..., None])[..., 0], G
+    if parametrization == "mean_cholesky":
+        L = np.tril(p2)
+        Li = np.linalg.inv(L)
+        G = _sym(np.swapaxes(Li, -1, -2) @ _phi(np.swapaxes(L, -1, -2) @ np.tril(g2)) @ Li)
+        return g1 - 2.0 * (G @ p1[..., None])[..., 0], G
+    raise ValueError(f"unknown parametrization {parametrization!r}")
+
+
+def natural_gradient_step(p1, p2, g1, g2, parametrization, gamma=1.0, gradient_space="parametrization"):
+    """Reference of the server's step (no halving): theta' = theta - gamma dL/deta."""
+    if gradient_space == "parametrization":
+        e1, e2 = expectation_gradient(p1, p2, g1, g2, parametrization)
+    else:
+        e1, e2 = np.asarray(g1, np.float64), _sym(np.asarray(g2, np.float64))
+    t1, t2 = from_mean_cov(*to_mean_cov(p1, p2, parametrization), "natural")
+    t1, t2 = t1 - gamma * e1, t2 - gamma * e2
+    return from_mean_cov(*to_mean_cov(t1, t2, "natural"), parametrization)
+
+
+class GaussianOptimizer:
+    """A session with one Gaussian block (plus optional extra blocks).
+
+    client: natgrad.Client. dim, copies, parametrization, gamma, max_halvings:
+    see natgrad.blocks.gaussian. extra_blocks: more BlockConfig (e.g. an Adam
+    block for hyperparameters); pass their inputs to step(extra=...) and read
+    their deltas from ``last_result``.
+    """
+
+    def __init__(self, client, dim, copies=1, *, parametrization="mean_cholesky", gamma=1.0,
+                 max_halvings=8, name="q", extra_blocks=(), return_direction=False, session_id=None):
+        self.name = name
+        self.parametrization = parametrization
+        self.session = client.create_session(
+            [_blocks.gaussian(name, dim, copies, parametrization=parametrization, gamma=gamma,
+                              max_halvings=max_halvings, return_direction=return_direction)]
+            + list(extra_blocks), session_id=session_id, display_name=f"gaussian {name}")
+        self.last_result = None
+
+    def step(self, param1, param2, grad1, grad2, gradient_space="parametrization", extra=None, loss=None):
+        """Returns the new (param1, param2), shaped like the inputs."""
+        inputs = {self.name: step_input(param1, param2, grad1, grad2, gradient_space)}
+        inputs.update(extra or {})
+        r = self.session.step(inputs, loss=loss)
+        self.last_result = r
+        u = r[self.name]
+        return (u.param1.reshape(np.shape(param1)), u.param2.reshape(np.shape(param2)))
+
+    def close(self, delete=False):
+        if delete:
+            self.session.delete()
+        else:
+            self.session.close()

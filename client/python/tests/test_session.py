@@ -1,0 +1,270 @@
+"""Client / Session against a real natgrad-server: lifecycle, steps,
+splitting, retries after dropped streams, errors."""
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import natgrad
+from natgrad import blocks
+
+rng = np.random.default_rng(0)
+
+
+def sgd_session(client, **kw):
+    return client.create_session([blocks.sgd("w", [3, 2], lr=0.5),
+                                  blocks.sgd("b", [2], lr=0.5)], **kw)
+
+
+def grads(seed=0):
+    r = np.random.default_rng(seed)
+    return {"w": r.standard_normal((3, 2)).astype(np.float32),
+            "b": r.standard_normal(2).astype(np.float32)}
+
+
+def kfac_inputs(seed, n=8, d_in=4, d_out=3):
+    r = np.random.default_rng(seed)
+    return {"gradient": r.standard_normal((d_out, d_in + 1)),
+            "activations": r.standard_normal((n, d_in)),
+            "output_gradients": r.standard_normal((n, d_out))}
+
+
+def wait_for(pred, timeout=10.0):
+    """Polls pred() (no fixed sleeps as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.005)
+
+
+def test_session_lifecycle(client):
+    s = sgd_session(client, display_name="lifecycle")
+    assert s.name.startswith("sessions/") and s.next_step == 1
+    info = client.get_session_info(s.name)
+    assert info.last_step == 0 and info.config.display_name == "lifecycle"
+    assert s.name in [x.name for x in client.list_sessions()]
+    r = s.step(grads(), loss=1.0)
+    assert r.step == 1 and not r.replayed
+    np.testing.assert_allclose(r["w"], -0.5 * grads()["w"], rtol=1e-6)
+    np.testing.assert_allclose(r["b"], -0.5 * grads()["b"], rtol=1e-6)
+    assert r["w"].dtype == np.float32
+    s.step(grads(1))
+    assert s.next_step == 3 and s.info().last_step == 2
+    # Attaching from another Session object continues the numbering.
+    s.close()
+    s2 = client.get_session(s.id)
+    assert s2.next_step == 3
+    s2.step(grads(2))
+    s2.delete()
+    assert s.name not in [x.name for x in client.list_sessions()]
+    with pytest.raises(natgrad.NotFound) as e:
+        client.get_session_info(s.name)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_chosen_id_and_duplicate(client):
+    s = sgd_session(client, session_id="py-fixed-id-01")
+    assert s.name == "sessions/py-fixed-id-01"
+    with pytest.raises(natgrad.NatgradError) as e:
+        sgd_session(client, session_id="py-fixed-id-01")
+    assert e.value.code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
+    s.delete()
+
+
+def test_float64_in_float64_out(client):
+    g = np.array([1.0, 2.0, 3.0, 1e-12])
+    s = client.create_session([blocks.sgd("w", [4], lr=1.0)], state_dtype="float64")
+    r = s.step({"w": g})
+    assert r["w"].dtype == np.float64
+    np.testing.assert_allclose(r["w"], -g, rtol=1e-15)
+    s.delete()
+    s = client.create_session([blocks.sgd("w", [4], lr=1.0)])  # float32 state
+    r = s.step({"w": g})
+    assert r["w"].dtype == np.float64
+    np.testing.assert_allclose(r["w"], -g, rtol=1e-7)
+    s.delete()
+
+
+def test_split_step_equals_single_message(client):
+    cfg = [blocks.adam("l1", [3, 5], lr=0.1), blocks.sgd("l2", [3, 5], lr=0.1, momentum=0.9),
+           blocks.adam("p", [5], lr=1e-2)]
+    a = client.create_session(cfg)
+    b = client.create_session(cfg)
+    b.split_bytes = 1  # one block per message
+    for t in range(1, 4):
+        inputs = {"l1": kfac_inputs(t)["gradient"], "l2": kfac_inputs(t + 10)["gradient"],
+                  "p": np.arange(5.0) * t}
+        assert len(b.build_requests(inputs)) == 3
+        ra, rb = a.step(inputs), b.step(inputs)
+        for k in ra:
+            np.testing.assert_array_equal(ra[k], rb[k])
+    a.delete()
+    b.delete()
+
+
+def test_retry_after_stream_cancelled_before_response(client):
+    """The stream dies after the server applied the step but before the client
+    read the response: the client reconnects, resends the same step number and
+    gets the cached response (replayed); the session advanced exactly once."""
+    cfg = [blocks.adam("l", [5, 3], lr=0.1)]  # stateful: a re-applied step would differ
+    ref = client.create_session(cfg)
+    s = client.create_session(cfg)
+    fired = []
+
+    def hook(event, sess, stream, step):
+        if event == "sent" and step == 2 and not fired:
+            fired.append(step)
+            wait_for(lambda: client.get_session_info(sess.name).last_step == 2)
+            stream.cancel()
+
+    s._test_hook = hook
+    for t in range(1, 5):
+        inputs = {"l": kfac_inputs(t)["gradient"].T}
+        r, rr = s.step(inputs), ref.step(inputs)
+        np.testing.assert_array_equal(r["l"], rr["l"])
+        if t == 2:
+            assert r.replayed, "the retried step should be answered from the server's cache"
+    assert fired == [2] and s.retries >= 1
+    assert s.info().last_step == 4
+    s.delete()
+    ref.delete()
+
+
+def test_retry_after_stream_cancelled_mid_step(client):
+    """The stream dies after part of a split step was sent: the server never
+    applied it; the client resends the whole step on a new stream."""
+    cfg = [blocks.sgd("a", [2], lr=1.0), blocks.sgd("b", [2], lr=1.0)]
+    s = client.create_session(cfg)
+    s.split_bytes = 1
+    orig = natgrad.client._Stream.send
+    state = {"n": 0}
+
+    def send(self, msg):
+        state["n"] += 1
+        orig(self, msg)
+        if state["n"] == 1:  # first half of step 1 is out: drop the stream
+            self.cancel()
+
+    natgrad.client._Stream.send = send
+    try:
+        r = s.step({"a": np.ones(2), "b": 2 * np.ones(2)})
+    finally:
+        natgrad.client._Stream.send = orig
+    np.testing.assert_allclose(r["a"], -np.ones(2))
+    np.testing.assert_allclose(r["b"], -2 * np.ones(2))
+    assert s.retries >= 1 and s.info().last_step == 1
+    s.delete()
+
+
+def test_stream_already_open_is_retried_then_reported(client):
+    s = sgd_session(client)
+    s.step(grads())
+    other = client.get_session(s.name)
+    other.client = natgrad.Client(client.target, retry=natgrad.RetryPolicy(stream_open_s=0.3))
+    with pytest.raises(natgrad.FailedPrecondition, match="already open"):
+        other.step(grads())
+    # Once the first stream closes, the second one may step.
+    s.close()
+    other.client.retry = natgrad.RetryPolicy(stream_open_s=10)
+    assert other.step(grads()).step == 2
+    other.delete()
+
+
+def test_step_order_errors(client):
+    s = sgd_session(client)
+    s.step(grads())
+    s.close()
+    s.next_step = 5  # a gap
+    with pytest.raises(natgrad.FailedPrecondition):
+        s.step(grads())
+    s.next_step = 2
+    assert s.step(grads()).step == 2
+    s.delete()
+
+
+def test_client_side_validation_names_block_and_field(client):
+    s = client.create_session([blocks.kfac_dense("fc1", 4, 3), blocks.adam("bn", [3], lr=1e-3)])
+    good = kfac_inputs(0)
+    cases = [
+        ({"fc1": {**good, "gradient": np.zeros((3, 4))}}, "fc1", "gradient"),
+        ({"fc1": {**good, "activations": np.zeros((8, 5))}}, "fc1", "activations"),
+        ({"fc1": {**good, "output_gradients": np.zeros((7, 3))}}, "fc1", "output_gradients"),
+        ({"fc1": {**good, "gradient": np.full((3, 5), np.nan)}}, "fc1", "gradient"),
+        ({"nope": np.zeros(3)}, "nope", None),
+        ({"bn": np.zeros((3, 1))}, "bn", "gradient"),
+        ({"bn": {"gradient": np.zeros(3), "activations": np.zeros((2, 2))}}, "bn", "activations"),
+    ]
+    for inputs, block, field in cases:
+        with pytest.raises(natgrad.InvalidArgument) as e:
+            s.step(inputs)
+        assert f"'{block}'" in str(e.value) and e.value.block == block
+        if field:
+            assert field in str(e.value) and e.value.field == field
+    assert s.next_step == 1 and s.info().last_step == 0
+    s.delete()
+
+
+def test_server_side_validation_leaves_session_unchanged(client):
+    s = client.create_session([blocks.kfac_dense("fc1", 4, 3, lr=0.1, damping=1e-2)])
+    s.validate = False
+    bad = {**kfac_inputs(0), "activations": np.zeros((8, 5))}
+    with pytest.raises(natgrad.InvalidArgument) as e:
+        s.step({"fc1": bad})
+    assert "fc1" in e.value.message
+    with pytest.raises(natgrad.InvalidArgument):
+        s.step({"fc1": {**kfac_inputs(0), "gradient": np.full((3, 5), np.nan)}})
+    assert s.info().last_step == 0 and s.next_step == 1
+    s.validate = True
+    assert s.step({"fc1": kfac_inputs(0)}).step == 1
+    s.delete()
+
+
+def test_session_deleted_underneath(client):
+    s = sgd_session(client)
+    s.step(grads())
+    s.close()
+    client.delete_session(s.name)
+    with pytest.raises(natgrad.NotFound):
+        s.step(grads())
+
+
+def test_server_unreachable():
+    c = natgrad.Client("127.0.0.1:1", timeout=2.0,
+                       retry=natgrad.RetryPolicy(max_attempts=2, deadline_s=2.0))
+    t0 = time.monotonic()
+    with pytest.raises(natgrad.Unavailable) as e:
+        c.create_session([blocks.sgd("w", [1], lr=0.1)])
+    assert "127.0.0.1:1" in str(e.value)
+    assert time.monotonic() - t0 < 15
+    with pytest.raises(natgrad.Unavailable):
+        c.wait_ready(timeout=0.2)
+
+
+def test_invalid_config_rejected_by_server(client):
+    bad = blocks.sgd("w", [3], lr=0.1)
+    bad.shape[:] = [0]
+    with pytest.raises(natgrad.InvalidArgument):
+        client.create_session([bad])
+
+
+def test_concurrent_sessions(client):
+    errs = []
+
+    def work(i):
+        try:
+            s = client.create_session([blocks.kfac_dense("l", 4, 3, lr=0.1, damping=1e-2)])
+            for t in range(5):
+                s.step({"l": kfac_inputs(i * 10 + t)})
+            s.delete()
+        except Exception as e:  # noqa: BLE001
+            errs.append(e)
+
+    th = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    assert not errs, errs
