@@ -202,6 +202,9 @@ absl::Status Session::RestoreStateLocked(
 absl::StatusOr<std::shared_ptr<const StepResponse>> Session::Step(
     const StepData& data) {
   absl::MutexLock lock(&mu_);
+  if (deleted_.load()) {
+    return absl::NotFoundError(absl::StrCat("session ", name(), " was deleted"));
+  }
   if (data.step == last_step_ && last_response_ != nullptr) {
     auto replay = std::make_shared<StepResponse>(*last_response_);
     replay->set_replayed(true);

@@ -64,6 +64,10 @@ class Session {
   natgrad::v1::Session Describe() const;
   natgrad::v1::SessionSnapshot Snapshot() const;
 
+  // Called by the registry when the session is deleted: a stream that still
+  // holds it gets NOT_FOUND for any further step.
+  void MarkDeleted() { deleted_.store(true); }
+
   // One Step stream at a time (DESIGN.md §3).
   bool TryAttachStream();
   void DetachStream();
@@ -93,6 +97,7 @@ class Session {
   const natgrad::v1::SessionConfig config_;
   engine::InversionEngine* const engine_;
   std::atomic<bool> stream_open_{false};
+  std::atomic<bool> deleted_{false};
 
   mutable absl::Mutex mu_;
   std::vector<NamedBlock> blocks_ ABSL_GUARDED_BY(mu_);

@@ -163,6 +163,7 @@ absl::Status SessionRegistry::Delete(absl::string_view name,
   if (!session.ok()) return session.status();
   absl::MutexLock lock(&mu_);
   sessions_.erase((*session)->id());
+  (*session)->MarkDeleted();
   return absl::OkStatus();
 }
 

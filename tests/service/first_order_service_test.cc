@@ -216,6 +216,19 @@ TEST(StepProtocol, SecondStreamOnASessionIsRefused) {
   EXPECT_THAT(s.error_message(), HasSubstr("stream already open"));
 }
 
+TEST(StepProtocol, SessionDeletedUnderAnOpenStreamIsNotFound) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  auto session = client.CreateSession(TwoBlockConfig());
+  auto stream = client.OpenStream(session->name());
+  std::mt19937 rng(8);
+  std::vector<double> wg, wp, bg;
+  ASSERT_TRUE((*stream)->Step(RandomStep(rng, &wg, &wp, &bg)).ok());
+  ASSERT_TRUE(client.DeleteSession(session->name()).ok());
+  auto r = (*stream)->Step(RandomStep(rng, &wg, &wp, &bg));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(StepProtocol, UnknownSessionIsNotFound) {
   auto server = StartServer();
   client::Client client(ClientFor(*server));
