@@ -38,7 +38,9 @@ absl::StatusOr<SchedulePtr> PolynomialDecaySchedule(double init, double end,
 absl::StatusOr<SchedulePtr> IncreasingRateSchedule(double alpha, double beta);
 absl::StatusOr<SchedulePtr> LogLinearWarmupSchedule(double start, double end,
                                                     int64_t steps);
-// schedules[0] before boundaries[0], then schedules[i] at t - boundaries[i-1].
+// schedules[0] for t <= boundaries[0]; schedules[i] for
+// boundaries[i-1] < t <= boundaries[i], evaluated at t - boundaries[i-1], so
+// every piece starts at its own step 1 (a K-step warm-up peaks at t = K).
 absl::StatusOr<SchedulePtr> JoinedSchedule(std::vector<SchedulePtr> schedules,
                                            std::vector<int64_t> boundaries);
 
