@@ -14,6 +14,7 @@
 #define NATGRAD_SERVER_ENGINE_CPU_BACKEND_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -51,8 +52,14 @@ class CpuBackend final : public InversionBackend {
   void ParallelFor(size_t count, const std::function<void(size_t)>& fn);
   void WorkerLoop();
 
+  // A batch smaller than the pool that starts within this long after a
+  // pool-parallel batch ended runs single-threaded too (see RunImpl).
+  static constexpr std::chrono::milliseconds kStreamingWindow{200};
+
   const int threads_;
   const int threaded_blas_min_n_;
+  // End of the last batch run one matrix per thread (under run_mu_).
+  std::chrono::steady_clock::time_point last_parallel_end_{};
 
   std::mutex run_mu_;  // one batch at a time per backend
   std::mutex mu_;
