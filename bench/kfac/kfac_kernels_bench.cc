@@ -1,8 +1,10 @@
 // K-FAC dense block kernels at d in {256, 1024, 2048}, float32 (the default
-// state precision), single-threaded Eigen, beside a plain d x d GEMM of the
-// same run. Every benchmark reports "flops" (a nominal count per iteration,
+// state precision), beside plain d x d GEMMs of the same run: Eigen's
+// (single-threaded) and OpenBLAS's through kfac::BlasGemm (the path the
+// kernels take for large products; threads as blas_products.h says). Every benchmark reports "flops" (a nominal count per iteration,
 // as a rate) so its figure reads as a fraction of the GEMM rate:
-//   gemm                 C = A B                          2 d^3
+//   gemm                 C = A B (Eigen)                  2 d^3
+//   blas_gemm            C = A B (kfac::BlasGemm)         2 d^3
 //   factor_update        A <- rho A + (1-rho) xbar^T xbar / n, n = d rows
 //                        (SYRK, one triangle)             d^3
 //   eigh                 Eigen SelfAdjointEigenSolver (the test engine;
@@ -40,6 +42,18 @@ void BM_Gemm(benchmark::State& state) {
   Matrix c(d, d);
   for (auto _ : state) {
     c.noalias() = a * b;
+    benchmark::DoNotOptimize(c.data());
+  }
+  SetFlops(state, 2.0 * d * d * d);
+}
+
+void BM_BlasGemm(benchmark::State& state) {
+  const int d = state.range(0);
+  const Matrix a = Matrix::Random(d, d), b = Matrix::Random(d, d);
+  Matrix c(d, d);
+  for (auto _ : state) {
+    kfac::BlasGemm<float>(false, false, d, d, d, 1.0f, a.data(), d, b.data(),
+                          d, 0.0f, c.data(), d);
     benchmark::DoNotOptimize(c.data());
   }
   SetFlops(state, 2.0 * d * d * d);
@@ -104,6 +118,7 @@ void BM_PreconditionFactored(benchmark::State& state) {
 
 #define KFAC_SIZES ->Arg(256)->Arg(1024)->Arg(2048)->Unit(benchmark::kMillisecond)
 BENCHMARK(BM_Gemm) KFAC_SIZES;
+BENCHMARK(BM_BlasGemm) KFAC_SIZES;
 BENCHMARK(BM_FactorUpdate) KFAC_SIZES;
 BENCHMARK(BM_Eigh) KFAC_SIZES;
 BENCHMARK(BM_CholeskyInverse) KFAC_SIZES;

@@ -164,7 +164,11 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate {
     const Matrix& a_sum = own ? *a_ema : block_->a_ema_;
     const Matrix& g_sum = own ? *g_ema : block_->g_ema_;
     const Scalar inv_w = static_cast<Scalar>(1.0 / ema_weight);
-    const Matrix curvature = (inv_w * g_sum) * delta * (inv_w * a_sum);
+    const Matrix g_factor = inv_w * g_sum;
+    const Matrix a_factor = inv_w * a_sum;
+    const Matrix curvature = kfac::Product<Scalar>(
+        kfac::Product<Scalar>(g_factor, false, delta, false), false, a_factor,
+        false);
     return Dot(grad, delta) + 0.5 * Dot(delta, curvature) +
            0.5 * damping * delta.template cast<double>().squaredNorm();
   }

@@ -1,11 +1,13 @@
 // The K-FAC dense block's arithmetic kernels, shared by the block and by
-// bench/kfac. Header-only templates over the state precision.
+// bench/kfac. Templates over the state precision; products above a size
+// threshold call OpenBLAS through blas_products.h (link natgrad_core_kfac).
 #ifndef NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_
 #define NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_
 
 #include <cmath>
 
 #include "Eigen/Core"
+#include "server/core/kfac/blas_products.h"
 
 namespace natgrad::core::kfac {
 
@@ -13,6 +15,31 @@ template <typename Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 template <typename Scalar>
 using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+// op(a) op(b), op = transpose when the flag says so. Products of at least
+// kBlasMinWork multiply-adds go to OpenBLAS (blas_products.h), smaller ones
+// stay on Eigen.
+template <typename Scalar>
+Matrix<Scalar> Product(const Matrix<Scalar>& a, bool trans_a,
+                       const Matrix<Scalar>& b, bool trans_b) {
+  const Eigen::Index m = trans_a ? a.cols() : a.rows();
+  const Eigen::Index k = trans_a ? a.rows() : a.cols();
+  const Eigen::Index n = trans_b ? b.rows() : b.cols();
+  Matrix<Scalar> out(m, n);
+  if (UseBlas(m, n, k)) {
+    BlasGemm<Scalar>(trans_a, trans_b, m, n, k, Scalar(1), a.data(), a.rows(),
+                     b.data(), b.rows(), Scalar(0), out.data(), m);
+  } else if (trans_a && trans_b) {
+    out.noalias() = a.transpose() * b.transpose();
+  } else if (trans_a) {
+    out.noalias() = a.transpose() * b;
+  } else if (trans_b) {
+    out.noalias() = a * b.transpose();
+  } else {
+    out.noalias() = a * b;
+  }
+  return out;
+}
 
 // Mirrors the lower triangle into the upper one (exact symmetry, no temp).
 template <typename Scalar>
@@ -31,8 +58,13 @@ Matrix<Scalar> GramFactor(const Matrix<Scalar>& x, bool append_one,
   const Eigen::Index n = d + (append_one ? 1 : 0);
   Matrix<Scalar> out = Matrix<Scalar>::Zero(n, n);
   // SYRK on the lower triangle: half the flops of x^T x.
-  out.topLeftCorner(d, d).template selfadjointView<Eigen::Lower>().rankUpdate(
-      x.transpose(), Scalar(1) / divisor);
+  if (UseBlas(d, d, x.rows())) {
+    BlasGramLower<Scalar>(d, x.rows(), Scalar(1) / divisor, x.data(),
+                          x.rows(), out.data(), n);
+  } else {
+    out.topLeftCorner(d, d).template selfadjointView<Eigen::Lower>().rankUpdate(
+        x.transpose(), Scalar(1) / divisor);
+  }
   if (append_one) {
     out.row(d).head(d) = x.colwise().sum() / divisor;
     out(d, d) = static_cast<Scalar>(x.rows()) / divisor;
@@ -60,11 +92,13 @@ Matrix<Scalar> PreconditionEigen(const Matrix<Scalar>& q_g,
                                  const Matrix<Scalar>& q_a,
                                  const Vector<Scalar>& s_a,
                                  const Matrix<Scalar>& grad, Scalar lambda) {
-  Matrix<Scalar> rotated = q_g.transpose() * grad * q_a;
+  Matrix<Scalar> rotated =
+      Product<Scalar>(Product<Scalar>(q_g, true, grad, false), false, q_a, false);
   const Vector<Scalar> sg = s_g.cwiseMax(Scalar(0));
   const Vector<Scalar> sa = s_a.cwiseMax(Scalar(0));
   rotated.array() /= ((sg * sa.transpose()).array() + lambda);
-  return q_g * rotated * q_a.transpose();
+  return Product<Scalar>(Product<Scalar>(q_g, false, rotated, false), false,
+                         q_a, true);
 }
 
 // Factored Tikhonov with the damped inverses precomputed:
@@ -73,7 +107,8 @@ template <typename Scalar>
 Matrix<Scalar> PreconditionFactored(const Matrix<Scalar>& g_inverse,
                                     const Matrix<Scalar>& a_inverse,
                                     const Matrix<Scalar>& grad) {
-  return g_inverse * grad * a_inverse;
+  return Product<Scalar>(Product<Scalar>(g_inverse, false, grad, false), false,
+                         a_inverse, false);
 }
 
 }  // namespace natgrad::core::kfac
