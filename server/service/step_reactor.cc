@@ -56,7 +56,7 @@ void StepReactor::OnReadDone(bool ok) {
     } else {
       {
         absl::MutexLock lock(&mu_);
-        computing_ = true;
+        ++busy_;
       }
       deps_.executor->Submit(
           [this, data = assembler_->Take()]() mutable { RunStep(std::move(data)); });
@@ -117,18 +117,25 @@ void StepReactor::RunStep(session::StepData data) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
-    computing_ = false;
-    if (pending_finish_.has_value()) {
-      FinishLocked(*pending_finish_, actions);  // cancelled meanwhile
-    } else if (!status.ok()) {
-      FinishLocked(ToGrpcStatus(status), actions);
-    } else {
+    if (!status.ok() && !pending_finish_.has_value()) {
+      pending_finish_ = ToGrpcStatus(status);
+    } else if (status.ok() && !pending_finish_.has_value()) {
       writes_.push_back(*std::move(response));
       MaybeWriteLocked(actions);
       actions.read = true;
     }
   }
-  Apply(actions);
+  // Still busy: a write started here may complete (and want to finish the
+  // call) before StartRead below has run.
+  if (actions.write != nullptr) StartWrite(actions.write);
+  if (actions.read) StartRead(&request_);
+  Actions finish;
+  {
+    absl::MutexLock lock(&mu_);
+    --busy_;
+    if (pending_finish_.has_value()) FinishLocked(*pending_finish_, finish);
+  }
+  Apply(finish);
 }
 
 void StepReactor::MaybeWriteLocked(Actions& actions) {
@@ -157,7 +164,7 @@ void StepReactor::OnWriteDone(bool ok) {
 
 void StepReactor::FinishLocked(grpc::Status status, Actions& actions) {
   if (finished_) return;
-  if (writing_ || computing_) {
+  if (writing_ || busy_ > 0) {
     // Keep the first reason; finish when the write or the step completes.
     if (!pending_finish_.has_value()) pending_finish_ = std::move(status);
     return;

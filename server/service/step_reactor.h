@@ -57,7 +57,11 @@ class StepReactor final
   absl::Mutex mu_;
   std::deque<std::shared_ptr<const natgrad::v1::StepResponse>> writes_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool computing_ ABSL_GUARDED_BY(mu_) = false;
+  // Executor-side work in flight: a step being computed, or its gRPC
+  // operations being started. The reactor cannot finish (and be deleted by
+  // OnDone) while this is non-zero, because executor threads are not gRPC
+  // reactions and gRPC does not wait for them.
+  int busy_ ABSL_GUARDED_BY(mu_) = 0;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   // Released when finishing, before the client can see the status, so a
   // client that reconnects at once is not refused as a second stream.
