@@ -1,18 +1,67 @@
 #include "server/core/gaussian/gaussian_block.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "server/core/gaussian/gaussian_gradient.h"
+#include "server/core/gaussian/gaussian_linalg.h"
 #include "server/core/gaussian/natural_gradient_direction.h"
 
 namespace natgrad::core {
 namespace {
 
 using StepInput = GaussianStepInputData;
+
+// Runs fn(i) (returning false on failure) for copies i = 0..n-1 and returns
+// the smallest failing i, or n. Sequential (stopping at the first failure)
+// unless OpenBLAS is single-threaded (the inversion engine's setting, left
+// alone here), n > 1 and there is more than one core; then copies run on up
+// to hardware_concurrency threads, claimed in increasing order, and claiming
+// stops past a failure, so the result is the same as the sequential one.
+template <typename Fn>
+size_t ForEachCopy(size_t n, const Fn& fn) {
+  static const size_t cores =
+      std::max(1u, std::thread::hardware_concurrency());
+  const size_t workers = std::min(n, cores);
+  if (workers <= 1 || !gaussian_linalg::BlasSingleThreaded()) {
+    for (size_t i = 0; i < n; ++i) {
+      if (!fn(i)) return i;
+    }
+    return n;
+  }
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> first_fail{n};
+  const auto work = [&] {
+    for (;;) {
+      const size_t i = next.fetch_add(1);
+      if (i >= n || i > first_fail.load()) return;
+      if (!fn(i)) {
+        size_t cur = first_fail.load();
+        while (i < cur && !first_fail.compare_exchange_weak(cur, i)) {
+        }
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(workers - 1);
+  for (size_t t = 1; t < workers; ++t) {
+    try {
+      threads.emplace_back(work);
+    } catch (const std::system_error&) {
+      break;  // the calling thread picks up the rest
+    }
+  }
+  work();
+  for (std::thread& t : threads) t.join();
+  return first_fail.load();
+}
 
 class GaussianBlock;
 
@@ -166,7 +215,8 @@ class GaussianBlock final : public ParameterBlock {
     const size_t copies = in.param1.size();
     std::vector<GaussianForms<T>> q(copies);
     std::vector<ExpectationGradient<T>> v(copies);
-    for (size_t i = 0; i < copies; ++i) {
+    std::vector<absl::Status> errors(copies);
+    const size_t first_bad = ForEachCopy(copies, [&](size_t i) {
       // Values that overflow float become inf here; checked below.
       const GVector<T> p1 = in.param1[i].cast<T>();
       const GMatrix<T> p2 = in.param2[i].cast<T>();
@@ -174,44 +224,46 @@ class GaussianBlock final : public ParameterBlock {
       const GMatrix<T> g2 = in.grad2[i].cast<T>();
       if (!p1.allFinite() || !p2.allFinite() || !g1.allFinite() ||
           !g2.allFinite()) {
-        return Invalid(absl::StrCat("gaussian input of copy ", i,
-                                    " overflows float32"));
+        errors[i] = Invalid(
+            absl::StrCat("gaussian input of copy ", i, " overflows float32"));
+        return false;
       }
-      absl::StatusOr<GaussianForms<T>> qi =
-          GaussianFromParams<T>(p, p1, p2, absl::StrCat("gaussian.param2[", i, "]"));
-      if (!qi.ok()) return Invalid(qi.status().message());
+      absl::StatusOr<GaussianForms<T>> qi = GaussianFromParams<T>(
+          p, p1, p2, absl::StrCat("gaussian.param2[", i, "]"));
+      if (!qi.ok()) {
+        errors[i] = Invalid(qi.status().message());
+        return false;
+      }
       q[i] = *std::move(qi);
       v[i] = in.gradient_space == StepInput::GradientSpace::kExpectation
                  ? ExpectationGradient<T>{g1, Symmetrize<T>(g2)}
                  : ExpectationGradientFrom<T>(p, q[i], g1, g2);
       if (!v[i].g1.allFinite() || !v[i].g2.allFinite()) {
-        return Invalid(absl::StrCat(
+        errors[i] = Invalid(absl::StrCat(
             "gaussian.grad1/grad2[", i,
             "] is not finite after conversion to dL/deta"));
+        return false;
       }
-    }
+      return true;
+    });
+    if (first_bad < copies) return errors[first_bad];
 
     // θ' = θ − γ' v with γ' = γ, γ/2, ...: the first γ' whose new point is a
     // Gaussian for every copy wins.
     std::vector<GaussianForms<T>> next(copies);
     int halvings = 0;
     double gamma_used = gamma;
-    size_t failed_copy = 0;
     for (;; ++halvings, gamma_used *= 0.5) {
-      bool ok = true;
       const T g = static_cast<T>(gamma_used);
-      for (size_t i = 0; i < copies && ok; ++i) {
+      const size_t failed_copy = ForEachCopy(copies, [&](size_t i) {
         absl::StatusOr<GaussianForms<T>> qi = GaussianFromNatural<T>(
             q[i].theta1 - g * v[i].g1,
             T(-0.5) * q[i].precision - g * v[i].g2);
-        if (qi.ok() && qi->mean.allFinite()) {
-          next[i] = *std::move(qi);
-        } else {
-          ok = false;
-          failed_copy = i;
-        }
-      }
-      if (ok) break;
+        if (!qi.ok() || !qi->mean.allFinite()) return false;
+        next[i] = *std::move(qi);
+        return true;
+      });
+      if (failed_copy >= copies) break;
       if (halvings >= options_.max_halvings) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "block \"%s\": the natural-gradient step left the "
@@ -225,18 +277,27 @@ class GaussianBlock final : public ParameterBlock {
     GaussianStepOutputData out;
     out.gamma_used = gamma_used;
     out.halvings = halvings;
-    for (size_t i = 0; i < copies; ++i) {
+    out.param1.resize(copies);
+    out.param2.resize(copies);
+    out.delta1.resize(copies);
+    out.delta2.resize(copies);
+    if (options_.return_direction) {
+      out.direction1.resize(copies);
+      out.direction2.resize(copies);
+    }
+    ForEachCopy(copies, [&](size_t i) {
       GaussianParams<T> np = GaussianToParams<T>(next[i], p);
-      out.param1.push_back(np.first.template cast<double>());
-      out.param2.push_back(np.second.template cast<double>());
-      out.delta1.push_back(out.param1.back() - in.param1[i]);
-      out.delta2.push_back(out.param2.back() - in.param2[i]);
+      out.param1[i] = np.first.template cast<double>();
+      out.param2[i] = np.second.template cast<double>();
+      out.delta1[i] = out.param1[i] - in.param1[i];
+      out.delta2[i] = out.param2[i] - in.param2[i];
       if (options_.return_direction) {
         GaussianParams<T> d = NaturalGradientDirection<T>(p, q[i], v[i]);
-        out.direction1.push_back(d.first.template cast<double>());
-        out.direction2.push_back(d.second.template cast<double>());
+        out.direction1[i] = d.first.template cast<double>();
+        out.direction2[i] = d.second.template cast<double>();
       }
-    }
+      return true;
+    });
     BlockStepOutput result;
     result.gaussian = std::move(out);
     return result;

@@ -1,5 +1,7 @@
 #include "server/core/gaussian/gaussian_gradient.h"
 
+#include "server/core/gaussian/gaussian_linalg.h"
+
 namespace natgrad::core {
 
 template <typename T>
@@ -23,17 +25,23 @@ ExpectationGradient<T> ExpectationGradientFrom(GaussianParametrization p,
       return ExpectationGradientFromMeanCovariance(q, g1, g2);
     case GaussianParametrization::kMeanCholesky: {
       // Reverse mode of L = chol(S): dS-gradient L⁻ᵀ Φ(Lᵀ ∂L/∂L) L⁻¹.
-      const auto lower = q.chol.template triangularView<Eigen::Lower>();
-      GMatrix<T> x = LowerHalfDiagonal<T>(q.chol.transpose() * g2);
-      lower.transpose().solveInPlace(x);       // L⁻ᵀ X
-      GMatrix<T> xt = x.transpose();
-      lower.transpose().solveInPlace(xt);      // (L⁻ᵀ X L⁻¹)ᵀ
+      GMatrix<T> x = g2;
+      gaussian_linalg::LowerTriangularMultiply<T>(q.chol, /*left=*/true,
+                                                  /*trans=*/true, &x);  // Lᵀ g2
+      x = LowerHalfDiagonal<T>(x);
+      gaussian_linalg::LowerTriangularSolve<T>(q.chol, true, true, &x);  // L⁻ᵀ X
+      gaussian_linalg::LowerTriangularSolve<T>(q.chol, false, false,
+                                               &x);  // L⁻ᵀ X L⁻¹
+      // Only its symmetric part is used; sym(Y) = sym(Yᵀ).
+      const GMatrix<T>& xt = x;
       return ExpectationGradientFromMeanCovariance<T>(q, g1, xt);
     }
     case GaussianParametrization::kNatural: {
       const GVector<T> pa = q.precision * g1;
-      const GMatrix<T> pb = q.precision * Symmetrize(g2);
-      GMatrix<T> ds = T(0.5) * (pb * q.precision);
+      const GMatrix<T> pb =
+          gaussian_linalg::SymmetricTimes<T>(q.precision, Symmetrize(g2));
+      GMatrix<T> ds = gaussian_linalg::TimesSymmetric<T>(pb, q.precision);
+      ds *= T(0.5);
       ds.noalias() -= pa * q.theta1.transpose();  // symmetrised below
       return ExpectationGradientFromMeanCovariance<T>(q, pa, ds);
     }

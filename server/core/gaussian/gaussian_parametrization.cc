@@ -1,43 +1,17 @@
 #include "server/core/gaussian/gaussian_parametrization.h"
 
 #include <algorithm>
+#include <cmath>
 
-#include "Eigen/Cholesky"
 #include "absl/strings/str_cat.h"
+#include "server/core/gaussian/gaussian_linalg.h"
 
 namespace natgrad::core {
 namespace {
 
-// (LLᵀ)⁻¹ = L⁻ᵀL⁻¹ from the lower factor, exactly symmetric: one triangular
-// solve and one SYRK instead of a general inverse.
-template <typename T>
-GMatrix<T> InverseFromCholesky(const GMatrix<T>& chol) {
-  const Eigen::Index n = chol.rows();
-  GMatrix<T> chol_inv = GMatrix<T>::Identity(n, n);
-  chol.template triangularView<Eigen::Lower>().solveInPlace(chol_inv);
-  GMatrix<T> inv = GMatrix<T>::Zero(n, n);
-  inv.template selfadjointView<Eigen::Lower>().rankUpdate(chol_inv.transpose());
-  return inv.template selfadjointView<Eigen::Lower>();
-}
-
-// LLᵀ, exactly symmetric.
-template <typename T>
-GMatrix<T> OuterFromCholesky(const GMatrix<T>& chol) {
-  const Eigen::Index n = chol.rows();
-  GMatrix<T> s = GMatrix<T>::Zero(n, n);
-  s.template selfadjointView<Eigen::Lower>().rankUpdate(chol);
-  return s.template selfadjointView<Eigen::Lower>();
-}
-
-// Lower Cholesky factor of a symmetric matrix, or false when not (numerically)
-// positive definite.
-template <typename T>
-bool LowerCholesky(const GMatrix<T>& a, GMatrix<T>* chol) {
-  Eigen::LLT<GMatrix<T>, Eigen::Lower> llt(a);
-  if (llt.info() != Eigen::Success) return false;
-  *chol = llt.matrixL();
-  return chol->allFinite() && (chol->diagonal().array() > T(0)).all();
-}
+using gaussian_linalg::InverseFromCholesky;
+using gaussian_linalg::LowerCholesky;
+using gaussian_linalg::OuterFromCholesky;
 
 absl::Status NotPd(absl::string_view field, absl::string_view what) {
   return absl::InvalidArgumentError(
@@ -81,13 +55,29 @@ template <typename T>
 bool IsNearlySymmetric(const GMatrix<T>& x) {
   if (x.size() == 0) return true;
   const T scale = x.cwiseAbs().maxCoeff();
-  const T asym = (x - x.transpose()).cwiseAbs().maxCoeff();
-  return asym <= static_cast<T>(kSymmetryRelTolerance) * scale;
+  // max |X − Xᵀ| over the strict upper triangle, tile by tile (X(j, i) read
+  // from a cache-resident tile rather than a stride-n walk).
+  T asym = T(0);
+  bool nan = false;
+  gaussian_linalg::ForUpperTiles(x.rows(), [&](Eigen::Index i, Eigen::Index j) {
+    const T d = std::abs(x(i, j) - x(j, i));
+    nan |= std::isnan(d);
+    asym = std::max(asym, d);
+  });
+  return !nan && asym <= static_cast<T>(kSymmetryRelTolerance) * scale;
 }
 
 template <typename T>
 GMatrix<T> Symmetrize(const GMatrix<T>& x) {
-  return (x + x.transpose()) * T(0.5);
+  // (X + Xᵀ)/2 entry by entry (the same rounding as the expression), tiled.
+  const Eigen::Index n = x.rows();
+  GMatrix<T> out(n, n);
+  for (Eigen::Index k = 0; k < n; ++k) out(k, k) = (x(k, k) + x(k, k)) * T(0.5);
+  gaussian_linalg::ForUpperTiles(n, [&](Eigen::Index i, Eigen::Index j) {
+    out(i, j) = (x(i, j) + x(j, i)) * T(0.5);
+    out(j, i) = (x(j, i) + x(i, j)) * T(0.5);
+  });
+  return out;
 }
 
 template <typename T>
@@ -106,15 +96,15 @@ absl::StatusOr<GaussianForms<T>> GaussianFromNatural(const GVector<T>& theta1,
   }
   GaussianForms<T> q;
   q.precision = Symmetrize(theta2) * T(-2);
-  GMatrix<T> chol_precision;
-  if (!LowerCholesky(q.precision, &chol_precision)) {
+  const gaussian_linalg::InverseStatus status =
+      gaussian_linalg::InverseAndItsCholesky(q.precision, &q.cov, &q.chol);
+  if (status == gaussian_linalg::InverseStatus::kNotPd) {
     return absl::InvalidArgumentError(absl::StrCat(
         field2, " is not a natural parameter: -2 theta2 is not positive "
                 "definite"));
   }
-  q.cov = InverseFromCholesky(chol_precision);
-  q.mean = q.cov * theta1;
-  if (!LowerCholesky(q.cov, &q.chol) || !q.mean.allFinite()) {
+  if (status == gaussian_linalg::InverseStatus::kOk) q.mean = q.cov * theta1;
+  if (status != gaussian_linalg::InverseStatus::kOk || !q.mean.allFinite()) {
     return absl::InvalidArgumentError(absl::StrCat(
         field2, " is not a natural parameter: -2 theta2 is not positive "
                 "definite (too ill-conditioned to invert)"));

@@ -1,5 +1,7 @@
 #include "server/core/gaussian/natural_gradient_direction.h"
 
+#include "server/core/gaussian/gaussian_linalg.h"
+
 namespace natgrad::core {
 
 template <typename T>
@@ -9,11 +11,18 @@ GaussianParams<T> NaturalGradientDirection(GaussianParametrization p,
   if (p == GaussianParametrization::kNatural) return {v.g1, v.g2};
   const GVector<T> dm = q.cov * (v.g1 + T(2) * (v.g2 * q.mean));
   if (p == GaussianParametrization::kMeanCholesky) {
-    const GMatrix<T> vl = v.g2 * q.chol;
-    GMatrix<T> inner = T(2) * (q.chol.transpose() * vl);
-    return {dm, q.chol * LowerHalfDiagonal<T>(inner)};
+    GMatrix<T> inner = v.g2;
+    gaussian_linalg::LowerTriangularMultiply<T>(q.chol, /*left=*/false,
+                                                /*trans=*/false, &inner);  // V L
+    gaussian_linalg::LowerTriangularMultiply<T>(q.chol, true, true,
+                                                &inner);  // Lᵀ V L
+    GMatrix<T> out = LowerHalfDiagonal<T>(T(2) * inner);
+    gaussian_linalg::LowerTriangularMultiply<T>(q.chol, true, false, &out);
+    return {dm, std::move(out)};
   }
-  GMatrix<T> ds = T(2) * (q.cov * v.g2 * q.cov);
+  GMatrix<T> ds = gaussian_linalg::SymmetricTimes<T>(
+      q.cov, gaussian_linalg::TimesSymmetric<T>(v.g2, q.cov));
+  ds *= T(2);
   ds = Symmetrize<T>(ds);  // rounding only
   if (p == GaussianParametrization::kExpectation) {
     ds.noalias() += dm * q.mean.transpose();

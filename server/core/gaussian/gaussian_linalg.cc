@@ -1,0 +1,303 @@
+#include "server/core/gaussian/gaussian_linalg.h"
+
+#include <complex>
+
+#include "Eigen/Cholesky"
+#include <limits>
+
+// lapacke.h picks C99 complex types unless told otherwise; we use none of
+// them, but the declarations must parse as C++.
+#define lapack_complex_float std::complex<float>
+#define lapack_complex_double std::complex<double>
+#include <lapacke.h>
+
+// OpenBLAS's cblas, declared here rather than through <cblas.h> (which of the
+// netlib / OpenBLAS headers that resolves to is a Debian alternative).
+extern "C" {
+void cblas_ssymm(int order, int side, int uplo, int m, int n, float alpha,
+                 const float* a, int lda, const float* b, int ldb, float beta,
+                 float* c, int ldc);
+void cblas_dsymm(int order, int side, int uplo, int m, int n, double alpha,
+                 const double* a, int lda, const double* b, int ldb,
+                 double beta, double* c, int ldc);
+void cblas_strmm(int order, int side, int uplo, int trans, int diag, int m,
+                 int n, float alpha, const float* a, int lda, float* b,
+                 int ldb);
+void cblas_dtrmm(int order, int side, int uplo, int trans, int diag, int m,
+                 int n, double alpha, const double* a, int lda, double* b,
+                 int ldb);
+void cblas_strsm(int order, int side, int uplo, int trans, int diag, int m,
+                 int n, float alpha, const float* a, int lda, float* b,
+                 int ldb);
+void cblas_dtrsm(int order, int side, int uplo, int trans, int diag, int m,
+                 int n, double alpha, const double* a, int lda, double* b,
+                 int ldb);
+int openblas_get_num_threads(void);
+}
+
+namespace natgrad::core::gaussian_linalg {
+namespace {
+
+constexpr int kColMajor = 102;
+constexpr int kNoTrans = 111;
+constexpr int kTrans = 112;
+constexpr int kUpper = 121;
+constexpr int kLower = 122;
+constexpr int kNonUnit = 131;
+constexpr int kLeft = 141;
+constexpr int kRight = 142;
+
+// Below this size OpenBLAS's threaded factorisations spend more time syncing
+// threads than computing (when the process runs it multi-threaded); Eigen
+// does them in place instead.
+constexpr int kSmall = 128;
+
+template <typename T>
+using MapM = Eigen::Map<GMatrix<T>>;
+
+// Lower-triangle-only small kernels (uplo 'L', plus 'U' for Lauum).
+template <typename T>
+lapack_int SmallPotrf(int n, T* a) {
+  MapM<T> m(a, n, n);
+  Eigen::LLT<GMatrix<T>, Eigen::Lower> llt(m);
+  if (llt.info() != Eigen::Success) return 1;
+  m.template triangularView<Eigen::Lower>() = llt.matrixL();
+  return 0;
+}
+template <typename T>
+lapack_int SmallTrtri(int n, T* a) {
+  MapM<T> m(a, n, n);
+  GMatrix<T> inv = GMatrix<T>::Identity(n, n);
+  m.template triangularView<Eigen::Lower>().solveInPlace(inv);
+  m.template triangularView<Eigen::Lower>() = inv;
+  return 0;
+}
+template <typename T>
+lapack_int SmallLauum(char uplo, int n, T* a) {
+  MapM<T> m(a, n, n);
+  if (uplo == 'L') {  // LᵀL
+    const GMatrix<T> l = m.template triangularView<Eigen::Lower>();
+    GMatrix<T> r = GMatrix<T>::Zero(n, n);
+    r.template selfadjointView<Eigen::Lower>().rankUpdate(l.transpose());
+    m.template triangularView<Eigen::Lower>() = r;
+  } else {  // U Uᵀ
+    const GMatrix<T> u = m.template triangularView<Eigen::Upper>();
+    GMatrix<T> r = GMatrix<T>::Zero(n, n);
+    r.template selfadjointView<Eigen::Upper>().rankUpdate(u);
+    m.template triangularView<Eigen::Upper>() = r;
+  }
+  return 0;
+}
+
+lapack_int Potrf(char uplo, int n, float* a) {
+  if (n < kSmall && uplo == 'L') return SmallPotrf(n, a);
+  return LAPACKE_spotrf(LAPACK_COL_MAJOR, uplo, n, a, n);
+}
+lapack_int Potrf(char uplo, int n, double* a) {
+  if (n < kSmall && uplo == 'L') return SmallPotrf(n, a);
+  return LAPACKE_dpotrf(LAPACK_COL_MAJOR, uplo, n, a, n);
+}
+lapack_int Trtri(char uplo, int n, float* a) {
+  if (n < kSmall && uplo == 'L') return SmallTrtri(n, a);
+  return LAPACKE_strtri(LAPACK_COL_MAJOR, uplo, 'N', n, a, n);
+}
+lapack_int Trtri(char uplo, int n, double* a) {
+  if (n < kSmall && uplo == 'L') return SmallTrtri(n, a);
+  return LAPACKE_dtrtri(LAPACK_COL_MAJOR, uplo, 'N', n, a, n);
+}
+lapack_int Lauum(char uplo, int n, float* a) {
+  if (n < kSmall) return SmallLauum(uplo, n, a);
+  return LAPACKE_slauum(LAPACK_COL_MAJOR, uplo, n, a, n);
+}
+lapack_int Lauum(char uplo, int n, double* a) {
+  if (n < kSmall) return SmallLauum(uplo, n, a);
+  return LAPACKE_dlauum(LAPACK_COL_MAJOR, uplo, n, a, n);
+}
+lapack_int Potri(char uplo, int n, float* a) {
+  if (n < kSmall && uplo == 'L') {
+    SmallTrtri(n, a);
+    return SmallLauum('L', n, a);
+  }
+  return LAPACKE_spotri(LAPACK_COL_MAJOR, uplo, n, a, n);
+}
+lapack_int Potri(char uplo, int n, double* a) {
+  if (n < kSmall && uplo == 'L') {
+    SmallTrtri(n, a);
+    return SmallLauum('L', n, a);
+  }
+  return LAPACKE_dpotri(LAPACK_COL_MAJOR, uplo, n, a, n);
+}
+void Symm(int side, int m, int n, const float* a, const float* b, float* c) {
+  const int lda = side == kLeft ? m : n;
+  cblas_ssymm(kColMajor, side, kLower, m, n, 1.0f, a, lda, b, m, 0.0f, c, m);
+}
+void Symm(int side, int m, int n, const double* a, const double* b,
+          double* c) {
+  const int lda = side == kLeft ? m : n;
+  cblas_dsymm(kColMajor, side, kLower, m, n, 1.0, a, lda, b, m, 0.0, c, m);
+}
+void Trmm(int side, int trans, int m, int n, const float* a, float* b) {
+  const int lda = side == kLeft ? m : n;
+  cblas_strmm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0f, a, lda, b,
+              m);
+}
+void Trmm(int side, int trans, int m, int n, const double* a, double* b) {
+  const int lda = side == kLeft ? m : n;
+  cblas_dtrmm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0, a, lda, b,
+              m);
+}
+void Trsm(int side, int trans, int m, int n, const float* a, float* b) {
+  const int lda = side == kLeft ? m : n;
+  cblas_strsm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0f, a, lda, b,
+              m);
+}
+void Trsm(int side, int trans, int m, int n, const double* a, double* b) {
+  const int lda = side == kLeft ? m : n;
+  cblas_dtrsm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0, a, lda, b,
+              m);
+}
+
+// Copies the lower triangle onto the upper one.
+template <typename T>
+void MirrorLower(GMatrix<T>* a) {
+  GMatrix<T>& m = *a;
+  ForUpperTiles(m.rows(), [&](Eigen::Index i, Eigen::Index j) { m(i, j) = m(j, i); });
+}
+
+template <typename T>
+void ZeroUpper(GMatrix<T>* a) {
+  const Eigen::Index n = a->rows();
+  for (Eigen::Index j = 1; j < n; ++j)
+    for (Eigen::Index i = 0; i < j; ++i) (*a)(i, j) = T(0);
+}
+
+template <typename T>
+bool FactorOk(const GMatrix<T>& chol) {
+  return chol.allFinite() && (chol.diagonal().array() > T(0)).all();
+}
+
+}  // namespace
+
+template <typename T>
+bool LowerCholesky(const GMatrix<T>& a, GMatrix<T>* chol) {
+  const int n = static_cast<int>(a.rows());
+  *chol = a;
+  if (n == 0) return true;
+  if (Potrf('L', n, chol->data()) != 0) return false;
+  ZeroUpper(chol);
+  return FactorOk(*chol);
+}
+
+template <typename T>
+GMatrix<T> InverseFromCholesky(const GMatrix<T>& chol) {
+  const int n = static_cast<int>(chol.rows());
+  GMatrix<T> inv = chol;
+  if (n == 0) return inv;
+  if (Potri('L', n, inv.data()) != 0) {
+    inv.setConstant(std::numeric_limits<T>::quiet_NaN());
+    return inv;
+  }
+  MirrorLower(&inv);
+  return inv;
+}
+
+template <typename T>
+GMatrix<T> OuterFromCholesky(const GMatrix<T>& chol) {
+  const int n = static_cast<int>(chol.rows());
+  if (n == 0) return chol;
+  // R = J L J is upper triangular and R Rᵀ = J L Lᵀ J.
+  GMatrix<T> r = chol.template triangularView<Eigen::Lower>();
+  r = r.reverse().eval();
+  Lauum('U', n, r.data());
+  GMatrix<T> s = r.reverse();  // J (R Rᵀ) J: lower triangle valid
+  MirrorLower(&s);
+  return s;
+}
+
+template <typename T>
+InverseStatus InverseAndItsCholesky(const GMatrix<T>& p, GMatrix<T>* cov,
+                                    GMatrix<T>* cov_chol) {
+  const int n = static_cast<int>(p.rows());
+  if (n == 0) {
+    *cov = p;
+    *cov_chol = p;
+    return InverseStatus::kOk;
+  }
+  GMatrix<T> w = p.reverse();  // J P J
+  if (Potrf('L', n, w.data()) != 0) return InverseStatus::kNotPd;  // L'
+  ZeroUpper(&w);
+  if (!FactorOk(w)) return InverseStatus::kNotPd;
+  if (Trtri('L', n, w.data()) != 0) return InverseStatus::kIllConditioned;
+  // J Wᵀ J with W = L'⁻¹: lower; entry (i, j) is W(n-1-j, n-1-i).
+  cov_chol->setZero(n, n);
+  {
+    GMatrix<T>& c = *cov_chol;
+    const Eigen::Index k = n - 1;
+    for (Eigen::Index d = 0; d < n; ++d) c(d, d) = w(k - d, k - d);
+    ForUpperTiles(n, [&](Eigen::Index i, Eigen::Index j) {
+      c(j, i) = w(k - i, k - j);
+    });
+  }
+  if (!FactorOk(*cov_chol)) return InverseStatus::kIllConditioned;
+  Lauum('L', n, w.data());  // W^T W = (J P J)^-1 = J S J, lower triangle
+  *cov = w.reverse();       // upper triangle of S valid
+  GMatrix<T>& s = *cov;
+  ForUpperTiles(s.rows(), [&](Eigen::Index i, Eigen::Index j) { s(j, i) = s(i, j); });
+  return cov->allFinite() ? InverseStatus::kOk : InverseStatus::kIllConditioned;
+}
+
+template <typename T>
+GMatrix<T> SymmetricTimes(const GMatrix<T>& a, const GMatrix<T>& b) {
+  GMatrix<T> c(a.rows(), b.cols());
+  if (c.size() == 0) return c;
+  Symm(kLeft, static_cast<int>(b.rows()), static_cast<int>(b.cols()),
+       a.data(), b.data(), c.data());
+  return c;
+}
+
+template <typename T>
+GMatrix<T> TimesSymmetric(const GMatrix<T>& b, const GMatrix<T>& a) {
+  GMatrix<T> c(b.rows(), a.cols());
+  if (c.size() == 0) return c;
+  Symm(kRight, static_cast<int>(b.rows()), static_cast<int>(b.cols()),
+       a.data(), b.data(), c.data());
+  return c;
+}
+
+template <typename T>
+void LowerTriangularMultiply(const GMatrix<T>& l, bool left, bool trans,
+                             GMatrix<T>* b) {
+  if (b->size() == 0) return;
+  Trmm(left ? kLeft : kRight, trans ? kTrans : kNoTrans,
+       static_cast<int>(b->rows()), static_cast<int>(b->cols()), l.data(),
+       b->data());
+}
+
+template <typename T>
+void LowerTriangularSolve(const GMatrix<T>& l, bool left, bool trans,
+                          GMatrix<T>* b) {
+  if (b->size() == 0) return;
+  Trsm(left ? kLeft : kRight, trans ? kTrans : kNoTrans,
+       static_cast<int>(b->rows()), static_cast<int>(b->cols()), l.data(),
+       b->data());
+}
+
+bool BlasSingleThreaded() { return openblas_get_num_threads() <= 1; }
+
+#define NATGRAD_INSTANTIATE(T)                                                \
+  template bool LowerCholesky<T>(const GMatrix<T>&, GMatrix<T>*);             \
+  template GMatrix<T> InverseFromCholesky<T>(const GMatrix<T>&);              \
+  template GMatrix<T> OuterFromCholesky<T>(const GMatrix<T>&);                \
+  template InverseStatus InverseAndItsCholesky<T>(                             \
+      const GMatrix<T>&, GMatrix<T>*, GMatrix<T>*);                           \
+  template GMatrix<T> SymmetricTimes<T>(const GMatrix<T>&, const GMatrix<T>&); \
+  template GMatrix<T> TimesSymmetric<T>(const GMatrix<T>&, const GMatrix<T>&); \
+  template void LowerTriangularMultiply<T>(const GMatrix<T>&, bool, bool,     \
+                                           GMatrix<T>*);                      \
+  template void LowerTriangularSolve<T>(const GMatrix<T>&, bool, bool,        \
+                                        GMatrix<T>*);
+NATGRAD_INSTANTIATE(float)
+NATGRAD_INSTANTIATE(double)
+#undef NATGRAD_INSTANTIATE
+
+}  // namespace natgrad::core::gaussian_linalg
