@@ -250,6 +250,12 @@ template <typename T>
 GMatrix<T> SymmetricTimes(const GMatrix<T>& a, const GMatrix<T>& b) {
   GMatrix<T> c(a.rows(), b.cols());
   if (c.size() == 0) return c;
+  // Small products: a BLAS call (and its thread hand-off) costs more than it
+  // saves, as with the factorisations above.
+  if (a.rows() < kSmall) {
+    c.noalias() = a.template selfadjointView<Eigen::Lower>() * b;
+    return c;
+  }
   Symm(kLeft, static_cast<int>(b.rows()), static_cast<int>(b.cols()),
        a.data(), b.data(), c.data());
   return c;
@@ -259,6 +265,10 @@ template <typename T>
 GMatrix<T> TimesSymmetric(const GMatrix<T>& b, const GMatrix<T>& a) {
   GMatrix<T> c(b.rows(), a.cols());
   if (c.size() == 0) return c;
+  if (a.rows() < kSmall) {
+    c.noalias() = b * a.template selfadjointView<Eigen::Lower>();
+    return c;
+  }
   Symm(kRight, static_cast<int>(b.rows()), static_cast<int>(b.cols()),
        a.data(), b.data(), c.data());
   return c;
@@ -268,6 +278,15 @@ template <typename T>
 void LowerTriangularMultiply(const GMatrix<T>& l, bool left, bool trans,
                              GMatrix<T>* b) {
   if (b->size() == 0) return;
+  if (l.rows() < kSmall) {
+    const auto tri = l.template triangularView<Eigen::Lower>();
+    if (left) {
+      *b = trans ? (tri.transpose() * *b).eval() : (tri * *b).eval();
+    } else {
+      *b = trans ? (*b * tri.transpose()).eval() : (*b * tri).eval();
+    }
+    return;
+  }
   Trmm(left ? kLeft : kRight, trans ? kTrans : kNoTrans,
        static_cast<int>(b->rows()), static_cast<int>(b->cols()), l.data(),
        b->data());
@@ -277,6 +296,21 @@ template <typename T>
 void LowerTriangularSolve(const GMatrix<T>& l, bool left, bool trans,
                           GMatrix<T>* b) {
   if (b->size() == 0) return;
+  if (l.rows() < kSmall) {
+    const auto tri = l.template triangularView<Eigen::Lower>();
+    if (left) {
+      if (trans) {
+        tri.transpose().solveInPlace(*b);
+      } else {
+        tri.solveInPlace(*b);
+      }
+    } else if (trans) {
+      tri.transpose().template solveInPlace<Eigen::OnTheRight>(*b);
+    } else {
+      tri.template solveInPlace<Eigen::OnTheRight>(*b);
+    }
+    return;
+  }
   Trsm(left ? kLeft : kRight, trans ? kTrans : kNoTrans,
        static_cast<int>(b->rows()), static_cast<int>(b->cols()), l.data(),
        b->data());
