@@ -8,6 +8,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include <iostream>
 #include "absl/time/time.h"
 #include "server/service/natgrad_server.h"
@@ -47,8 +49,16 @@ ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving (for tests and scripts)");
 
 int main(int argc, char** argv) {
+  // --help lists the flags defined in this file (absl's default looks for a
+  // file named after the binary).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "server/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "natgrad-server: natural-gradient optimizer service (gRPC natgrad.v1.OptimizerService)");
+      "natural-gradient optimizer service (gRPC natgrad.v1.OptimizerService)");
   absl::ParseCommandLine(argc, argv);
 
   // Block the signals we handle before any thread exists, so every thread
