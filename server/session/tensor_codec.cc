@@ -40,10 +40,10 @@ bool AllFinite(const std::string& bytes) {
 }
 
 template <typename T>
-void CopyOut(const std::string& bytes, double* out, int64_t n) {
+void CopyOut(const char* bytes, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     T v;
-    std::memcpy(&v, bytes.data() + i * sizeof(T), sizeof(T));
+    std::memcpy(&v, bytes + i * sizeof(T), sizeof(T));
     out[i] = static_cast<double>(v);
   }
 }
@@ -62,8 +62,8 @@ Eigen::MatrixXd DecodeRange(const natgrad::v1::Tensor& t, int64_t offset,
                             int64_t rows, int64_t cols) {
   RowMajor m(rows, cols);
   const int64_t n = rows * cols;
-  const size_t es = ElementSize(t.dtype());
-  const std::string part = t.data().substr(offset * es, n * es);
+  // Read in place: no intermediate copy of the (possibly large) payload.
+  const char* part = t.data().data() + offset * ElementSize(t.dtype());
   if (t.dtype() == natgrad::v1::FLOAT32) {
     CopyOut<float>(part, m.data(), n);
   } else {

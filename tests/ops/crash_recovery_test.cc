@@ -163,18 +163,6 @@ TEST(CrashRecovery, SigtermDrainsCheckpointsAndExitsWithinGrace) {
   EXPECT_EQ(got->last_step(), 5);
 }
 
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 double Sample(const std::string& text, const std::string& series) {
   // "name{labels} value" lines.
   const size_t at = text.find("\n" + series + " ");

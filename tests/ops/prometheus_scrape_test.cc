@@ -14,18 +14,6 @@
 namespace natgrad::testing {
 namespace {
 
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 TEST(Prometheus, ScrapesNatgradSeries) {
   const char* prom = "/usr/bin/prometheus";
   ASSERT_EQ(access(prom, X_OK), 0) << "Debian package `prometheus` (scripts/setup installs it)";
