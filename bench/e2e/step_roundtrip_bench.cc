@@ -1,7 +1,8 @@
 // End-to-end step benchmark: the same steps through a real server over
 // loopback (C++ client, Step stream) and in-process (StepAssembler +
-// Session::Step, i.e. everything but gRPC), reported as p50/p99 latency,
-// throughput and their ratio, measured in one run.
+// Session::Step + reply encoding, i.e. everything but gRPC), reported as
+// p50/p99 latency, throughput and their ratio, measured in one run, plus the
+// server-side decode time per step (StepAssembler::Add).
 //
 //   step_roundtrip_bench [--steps=N] [--models=adam_1k,adam_1m,kfac_ae]
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include "client/cpp/tensor.h"
 #include "server/service/natgrad_server.h"
 #include "server/service/step_assembler.h"
+#include "server/service/step_reply.h"
 
 ABSL_FLAG(int, steps, 50, "timed steps per model (after 3 warm-up steps)");
 ABSL_FLAG(std::string, models, "adam_1k,adam_100k,adam_1m,kfac_mlp",
@@ -128,9 +130,9 @@ int main(int argc, char** argv) {
   natgrad::client::Client client(co);
   const int steps = absl::GetFlag(FLAGS_steps);
 
-  std::printf("%-10s %12s %12s %12s | %12s %12s %12s | %8s\n", "model", "rpc p50 ms",
+  std::printf("%-10s %12s %12s %12s | %12s %12s %12s | %8s | %9s\n", "model", "rpc p50 ms",
               "rpc p99 ms", "rpc steps/s", "inproc p50", "inproc p99", "inproc st/s",
-              "rpc/inproc");
+              "rpc/inproc", "decode p50");
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     auto it = models.find(std::string(name));
     if (it == models.end()) {
@@ -165,7 +167,7 @@ int main(int argc, char** argv) {
 
     // In-process: the same decode + session step, no gRPC.
     auto local = (*server)->registry().Create(model.config, "bench", "");
-    std::vector<double> local_ms;
+    std::vector<double> local_ms, decode_ms;
     for (int t = 0; t < steps + 3; ++t) {
       natgrad::v1::StepRequest req;
       req.set_session((*local)->name());
@@ -175,15 +177,24 @@ int main(int argc, char** argv) {
       const auto start = Clock::now();
       natgrad::service::StepAssembler assembler((*local)->config(), int64_t{1} << 40);
       if (!assembler.Add(req).ok()) return 1;
-      auto r = (*local)->Step(assembler.Take());
+      const auto decoded = Clock::now();
+      natgrad::service::AssembledStep step = assembler.Take();
+      const std::string name = (*local)->name();
+      auto r = (*local)->Step(step.data, [&](const natgrad::session::StepResult& result)
+                                             -> std::shared_ptr<const natgrad::session::CachedReply> {
+        return natgrad::service::EncodeStepReply(result, step, (*local)->config(), name);
+      });
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
       if (!r.ok()) return 1;
-      if (t >= 3) local_ms.push_back(ms);
+      if (t >= 3) {
+        local_ms.push_back(ms);
+        decode_ms.push_back(std::chrono::duration<double, std::milli>(decoded - start).count());
+      }
     }
-    const Figures a = Summarise(rpc_ms), b = Summarise(local_ms);
-    std::printf("%-10s %12.3f %12.3f %12.1f | %12.3f %12.3f %12.1f | %8.2f\n", it->first.c_str(),
-                a.p50_ms, a.p99_ms, a.steps_per_s, b.p50_ms, b.p99_ms, b.steps_per_s,
-                a.p50_ms / b.p50_ms);
+    const Figures a = Summarise(rpc_ms), b = Summarise(local_ms), d = Summarise(decode_ms);
+    std::printf("%-10s %12.3f %12.3f %12.1f | %12.3f %12.3f %12.1f | %8.2f | %9.3f\n",
+                it->first.c_str(), a.p50_ms, a.p99_ms, a.steps_per_s, b.p50_ms, b.p99_ms,
+                b.steps_per_s, a.p50_ms / b.p50_ms, d.p50_ms);
   }
   (*server)->Shutdown(absl::Seconds(1));
   return 0;

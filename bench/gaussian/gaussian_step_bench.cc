@@ -13,7 +13,7 @@
 namespace natgrad::core {
 namespace {
 
-BlockStepInput MakeInput(int m, int copies, GaussianParametrization p) {
+GaussianStepInput MakeInput(int m, int copies, GaussianParametrization p) {
   std::mt19937 rng(1);
   std::normal_distribution<double> normal;
   const auto random = [&](int r, int c) {
@@ -22,8 +22,8 @@ BlockStepInput MakeInput(int m, int copies, GaussianParametrization p) {
       for (int i = 0; i < r; ++i) x(i, j) = normal(rng);
     return x;
   };
-  GaussianStepInputData in;
-  in.gradient_space = GaussianStepInputData::GradientSpace::kParametrization;
+  GaussianStepInput in;
+  in.gradient_space = GaussianStepInput::GradientSpace::kParametrization;
   for (int c = 0; c < copies; ++c) {
     const Eigen::MatrixXd a = random(m, m) / std::sqrt(double(m));
     const Eigen::MatrixXd s =
@@ -36,9 +36,7 @@ BlockStepInput MakeInput(int m, int copies, GaussianParametrization p) {
     const Eigen::MatrixXd g = random(m, m);
     in.grad2.push_back(1e-3 * (g + g.transpose()));
   }
-  BlockStepInput input;
-  input.gaussian = std::move(in);
-  return input;
+  return in;
 }
 
 void BM_GaussianStep(benchmark::State& state) {
@@ -55,7 +53,7 @@ void BM_GaussianStep(benchmark::State& state) {
     state.SkipWithError(std::string(block.status().message()).c_str());
     return;
   }
-  const BlockStepInput input = MakeInput(m, copies, p);
+  const GaussianStepInput input = MakeInput(m, copies, p);
   StepContext ctx;
   ctx.step = 1;
   for (auto _ : state) {

@@ -1,5 +1,8 @@
 // The interface every parameter-block kind implements (kfac-jax style: one
-// block kind per class behind one interface). Pure math: no gRPC, no protobuf.
+// block kind per class behind one interface). Pure math: no gRPC, no
+// protobuf. Each kind takes its own input type and may return its own output
+// type (the variants below); a kind is added by one alternative here plus its
+// directory under server/blocks/ (docs/architecture.md).
 #ifndef NATGRAD_SERVER_CORE_BLOCK_H_
 #define NATGRAD_SERVER_CORE_BLOCK_H_
 
@@ -8,12 +11,15 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "Eigen/Core"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "server/core/dense_tensor.h"
 
 namespace natgrad::engine {
 class InversionEngine;
@@ -31,25 +37,40 @@ struct MatrixShape {
   int64_t cols = 0;
 };
 
-// K-FAC curvature statistics for one step (DESIGN.md §4.1). Exactly one of
-// the raw or reduced forms is set.
+// What a first-order block (sgd, adam) takes for one step: dL/dW of the mean
+// loss as a matrix of the block's shape, and W itself when weight decay needs it.
+struct DenseStepInput {
+  DenseTensor gradient;
+  std::optional<DenseTensor> params;
+  // Replaces the learning-rate schedule for this step (client-side scheduler).
+  std::optional<double> learning_rate;
+};
+
+// K-FAC curvature statistics for one step (docs/architecture.md, K-FAC).
+// Exactly one of the raw or reduced forms is set.
 struct KfacStatisticsInput {
   enum class Form { kRaw, kReduced };
   Form form = Form::kRaw;
   // kRaw: per-example layer inputs (rows x d_in, without the bias column) and
   // per-example output gradients (rows x d_out).
-  Eigen::MatrixXd activations;
-  Eigen::MatrixXd output_gradients;
-  // kReduced: A = a_bar^T a_bar / n (bias included) and G = g^T g / n.
-  Eigen::MatrixXd a_factor;
-  Eigen::MatrixXd g_factor;
+  DenseTensor activations;
+  DenseTensor output_gradients;
+  // kReduced: A = a_bar^T a_bar / n (bias included) and G = g^T g / (n T).
+  DenseTensor a_factor;
+  DenseTensor g_factor;
   int64_t num_examples = 0;
   // kRaw: spatial locations of this step (rows = n*T); 0: the block's own.
   int64_t locations = 0;
 };
 
-// A Gaussian block's step input (DESIGN.md §4.2): one entry per copy.
-struct GaussianStepInputData {
+// A K-FAC block's step: the dense parts plus the layer statistics (required
+// on statistics steps).
+struct KfacStepInput : DenseStepInput {
+  std::optional<KfacStatisticsInput> kfac;
+};
+
+// A Gaussian block's step input: one entry per copy.
+struct GaussianStepInput {
   enum class GradientSpace { kExpectation, kParametrization };
   std::vector<Eigen::VectorXd> param1;  // [copies][dim]
   std::vector<Eigen::MatrixXd> param2;  // [copies][dim x dim]
@@ -58,7 +79,10 @@ struct GaussianStepInputData {
   GradientSpace gradient_space = GradientSpace::kExpectation;
 };
 
-struct GaussianStepOutputData {
+// What one block receives in one step, by kind.
+using BlockStepInput = std::variant<DenseStepInput, KfacStepInput, GaussianStepInput>;
+
+struct GaussianStepOutput {
   std::vector<Eigen::VectorXd> param1;
   std::vector<Eigen::MatrixXd> param2;
   std::vector<Eigen::VectorXd> delta1;
@@ -67,19 +91,6 @@ struct GaussianStepOutputData {
   std::vector<Eigen::MatrixXd> direction2;
   double gamma_used = 0;
   int halvings = 0;
-};
-
-// What the client sent for one block in one step, decoded and shape-checked
-// against the wire format only; blocks validate the rest.
-struct BlockStepInput {
-  // dL/dW of the mean loss as a matrix (a 1-D parameter is n x 1; higher
-  // ranks are flattened to [shape[0], prod(rest)]). Empty for Gaussian blocks.
-  Eigen::MatrixXd gradient;
-  std::optional<Eigen::MatrixXd> params;
-  // Replaces the learning-rate schedule for this step (client-side scheduler).
-  std::optional<double> learning_rate;
-  std::optional<KfacStatisticsInput> kfac;
-  std::optional<GaussianStepInputData> gaussian;
 };
 
 // Step-wide facts every block sees.
@@ -94,9 +105,12 @@ struct StepContext {
 };
 
 struct BlockStepOutput {
-  Eigen::MatrixXd delta;  // the client does w += delta
+  // The client does w += delta; empty for kinds whose result is not a delta
+  // of the block's shape (gaussian: see kind_output).
+  Eigen::MatrixXd delta;
   std::map<std::string, double> hyperparameters;
-  std::optional<GaussianStepOutputData> gaussian;
+  // Kind-specific results beyond the delta.
+  std::variant<std::monostate, GaussianStepOutput> kind_output;
   int64_t inversion_micros = 0;
 };
 
@@ -107,27 +121,33 @@ struct BlockState {
   std::map<std::string, double> scalars;
 };
 
+// The narrow view of a proposed update that session-wide curvature
+// transforms (KL clipping, Levenberg-Marquardt damping) need. Blocks with a
+// local quadratic model of the loss implement it.
+class CurvatureModel {
+ public:
+  virtual ~CurvatureModel() = default;
+  // lr^2 <V, grad>, this update's term in the KL-clip sum.
+  virtual double KlTerm() const = 0;
+  // grad.delta + 1/2 delta^T (F + lambda) delta for the update that
+  // Commit(scale) makes.
+  virtual double PredictedReduction(double scale) const = 0;
+};
+
 // The result of validating and computing one block's step without touching
-// the block's state. Commit applies it; dropping it leaves the block as it was.
+// the block's state; it holds everything Commit installs. Commit applies it;
+// dropping it leaves the block as it was.
 class PendingBlockUpdate {
  public:
   virtual ~PendingBlockUpdate() = default;
 
-  // Whether this update takes part in the session's KL clipping (K-FAC).
-  virtual bool clipped_by_kl() const { return false; }
-  // lr^2 <V, grad> for the KL-clip sum (DESIGN.md §4.1); 0 when not clipped.
-  virtual double KlTerm() const { return 0.0; }
-  // Predicted change of the loss under the local quadratic model, for
-  // Levenberg-Marquardt damping: grad.delta + 1/2 delta^T (F + lambda) delta,
-  // evaluated for the update that Commit(kl_scale) makes. 0 when the block
-  // has no curvature model.
-  virtual double PredictedReduction(double kl_scale) const {
-    (void)kl_scale;
-    return 0.0;
-  }
+  // Non-null when the update takes part in the session's curvature
+  // transforms; valid until Commit.
+  virtual const CurvatureModel* curvature() const { return nullptr; }
 
-  // Applies the update to the block's state. Cannot fail.
-  virtual BlockStepOutput Commit(double kl_scale) = 0;
+  // Applies the update, scaled by `scale` (KL clipping's nu; 1 for blocks
+  // without a curvature model). Cannot fail.
+  virtual BlockStepOutput Commit(double scale) = 0;
 };
 
 class ParameterBlock {
@@ -137,8 +157,8 @@ class ParameterBlock {
   virtual absl::string_view kind() const = 0;
   const std::string& name() const { return name_; }
 
-  // Validates `input` (errors are INVALID_ARGUMENT naming the field) and
-  // computes the proposed update. Never changes the block.
+  // Validates `input` (INVALID_ARGUMENT naming block and field, block_error.h)
+  // and computes the proposed update. Never changes the block.
   virtual absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) = 0;
 
@@ -151,6 +171,14 @@ class ParameterBlock {
 
  protected:
   explicit ParameterBlock(std::string name) : name_(std::move(name)) {}
+
+  // The input alternative this kind takes, or an error naming the kind.
+  template <typename Input>
+  absl::StatusOr<const Input*> InputOf(const BlockStepInput& input) const {
+    if (const Input* in = std::get_if<Input>(&input)) return in;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block \"", name_, "\": the step input is not for a ", kind(), " block"));
+  }
 
  private:
   std::string name_;

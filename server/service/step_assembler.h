@@ -1,6 +1,8 @@
 // Collects the messages of one step (a step may span several messages, the
-// last one marked) and decodes them into session::StepData, validating every
-// wire-level field: tensors, names, which statistics a block kind takes.
+// last one marked) and decodes each block's part through its kind
+// (server/blocks), moving tensor payloads out of the request instead of
+// copying them. What the session needs goes into session::StepData; how to
+// answer each block stays here, with the service.
 #ifndef NATGRAD_SERVER_SERVICE_STEP_ASSEMBLER_H_
 #define NATGRAD_SERVER_SERVICE_STEP_ASSEMBLER_H_
 
@@ -8,13 +10,24 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "natgrad/v1/session.pb.h"
 #include "natgrad/v1/step.pb.h"
+#include "server/blocks/block_kind.h"
 #include "server/session/session.h"
 
 namespace natgrad::service {
+
+struct AssembledStep {
+  session::StepData data;
+  // By config index: how to encode the block's update (absent: not sent).
+  std::vector<std::optional<blocks::ReplyFormat>> replies;
+  // When the step's first message arrived (StepTiming.server_micros).
+  absl::Time first_message = absl::InfinitePast();
+};
 
 class StepAssembler {
  public:
@@ -22,23 +35,30 @@ class StepAssembler {
   // of one step's messages (RESOURCE_EXHAUSTED beyond).
   StepAssembler(const natgrad::v1::SessionConfig& config, int64_t max_step_bytes);
 
-  // Adds one message of the current step. On error the partial step is
-  // dropped (the stream ends), and nothing reached the session.
-  absl::Status Add(const natgrad::v1::StepRequest& request);
+  // Adds one message of the current step, taking its tensors. On error the
+  // partial step is dropped (the stream ends), and nothing reached the session.
+  absl::Status Add(natgrad::v1::StepRequest& request);
 
   bool complete() const { return complete_; }
   // The completed step; resets the assembler for the next one.
-  session::StepData Take();
+  AssembledStep Take();
 
  private:
-  absl::Status AddBlock(const natgrad::v1::BlockStep& block);
+  struct Entry {
+    size_t index;
+    const natgrad::v1::BlockConfig* config;
+    const blocks::BlockKind* kind;
+  };
 
-  std::map<std::string, const natgrad::v1::BlockConfig*> kinds_;
+  absl::Status AddBlock(natgrad::v1::BlockStep& block);
+
+  std::map<std::string, Entry> blocks_;
+  const size_t num_blocks_;
   const int64_t max_step_bytes_;
   int64_t bytes_ = 0;
   bool started_ = false;
   bool complete_ = false;
-  session::StepData data_;
+  AssembledStep step_;
 };
 
 }  // namespace natgrad::service

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/service/service_metrics.h"
 #include "server/service/status_conversion.h"
+#include "server/service/step_reply.h"
 
 namespace natgrad::service {
 
@@ -59,7 +60,7 @@ void StepReactor::OnReadDone(bool ok) {
         ++busy_;
       }
       deps_.executor->Submit(
-          [this, data = assembler_->Take()]() mutable { RunStep(std::move(data)); });
+          [this, step = assembler_->Take()]() mutable { RunStep(std::move(step)); });
     }
   }
   Apply(actions);
@@ -89,8 +90,17 @@ absl::Status StepReactor::HandleMessage() {
   return assembler_->Add(request_);
 }
 
-void StepReactor::RunStep(session::StepData data) {
-  auto response = session_->Step(data);
+void StepReactor::RunStep(AssembledStep step) {
+  const std::string name = session_->name();
+  const natgrad::v1::SessionConfig& config = session_->config();
+  absl::StatusOr<session::StepOutcome> outcome = session_->Step(
+      step.data, [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
+        return EncodeStepReply(result, step, config, name);
+      });
+  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> response =
+      outcome.ok() ? ResponseFor(*outcome)
+                   : absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>>(
+                         outcome.status());
   absl::Status status = response.status();
   if (status.ok() && deps_.checkpoints != nullptr && deps_.checkpoint_every_steps > 0 &&
       !(*response)->replayed() &&

@@ -39,7 +39,7 @@ class StepReactor final
   };
 
   absl::Status HandleMessage();
-  void RunStep(session::StepData data);
+  void RunStep(AssembledStep step);
   // Finishes now if nothing is in flight, else once it completes.
   void FinishLocked(grpc::Status status, Actions& actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

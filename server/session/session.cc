@@ -10,15 +10,15 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
-#include "server/core/kfac/kl_clipping.h"
-#include "server/session/block_factory.h"
-#include "server/session/schedule_codec.h"
-#include "server/session/tensor_codec.h"
+#include "server/core/curvature/kl_clipping.h"
+#include "server/blocks/registry.h"
+#include "server/core/block_error.h"
+#include "server/wire/schedule_codec.h"
+#include "server/wire/tensor_codec.h"
 
 namespace natgrad::session {
 namespace {
 
-using natgrad::v1::StepResponse;
 using google::protobuf::util::TimeUtil;
 
 // Bumped when SessionSnapshot's meaning changes; readers refuse newer ones.
@@ -32,13 +32,14 @@ absl::StatusOr<std::optional<core::LevenbergMarquardtDamping>> NewAdaptiveDampin
   const auto& ad = config.adaptive_damping();
   if (!ad.enabled()) return std::nullopt;
   core::LevenbergMarquardtOptions o;
-  o.initial_damping = 1e-3;
+  // The first block with a curvature model sets the starting damping.
   for (const auto& b : config.blocks()) {
-    if (!b.has_kfac_dense()) continue;
-    auto s = ScheduleFromProto(b.kfac_dense().damping(), 1e-3, "config.adaptive_damping");
-    if (!s.ok()) return s.status();
-    o.initial_damping = (*s)->Value(1);
-    break;
+    auto kind = blocks::KindOf(b, "config.blocks");
+    if (!kind.ok()) return kind.status();
+    if (std::optional<double> d = (*kind)->InitialDamping(b)) {
+      o.initial_damping = *d;
+      break;
+    }
   }
   if (ad.interval() > 0) o.interval = ad.interval();
   if (ad.decay() > 0) o.decay = ad.decay();
@@ -59,38 +60,6 @@ absl::Time FromProto(const google::protobuf::Timestamp& t) {
   return absl::FromUnixNanos(TimeUtil::TimestampToNanoseconds(t));
 }
 
-Eigen::MatrixXd StackRows(const std::vector<Eigen::VectorXd>& v) {
-  if (v.empty()) return {};
-  Eigen::MatrixXd m(v.size(), v[0].size());
-  for (size_t i = 0; i < v.size(); ++i) m.row(i) = v[i].transpose();
-  return m;
-}
-
-Eigen::MatrixXd StackBlocks(const std::vector<Eigen::MatrixXd>& v) {
-  if (v.empty()) return {};
-  const int64_t r = v[0].rows();
-  Eigen::MatrixXd m(r * v.size(), v[0].cols());
-  for (size_t i = 0; i < v.size(); ++i) m.middleRows(i * r, r) = v[i];
-  return m;
-}
-
-void EncodeGaussian(const core::GaussianStepOutputData& g,
-                    const BlockStepData& in, natgrad::v1::GaussianUpdate* out) {
-  const auto dt = in.reply_dtype;
-  *out->mutable_param1() = EncodeMatrix(StackRows(g.param1), dt, in.gaussian_shape1);
-  *out->mutable_param2() = EncodeMatrix(StackBlocks(g.param2), dt, in.gaussian_shape2);
-  *out->mutable_delta1() = EncodeMatrix(StackRows(g.delta1), dt, in.gaussian_shape1);
-  *out->mutable_delta2() = EncodeMatrix(StackBlocks(g.delta2), dt, in.gaussian_shape2);
-  if (!g.direction1.empty()) {
-    *out->mutable_direction1() =
-        EncodeMatrix(StackRows(g.direction1), dt, in.gaussian_shape1);
-    *out->mutable_direction2() =
-        EncodeMatrix(StackBlocks(g.direction2), dt, in.gaussian_shape2);
-  }
-  out->set_gamma_used(g.gamma_used);
-  out->set_halvings(g.halvings);
-}
-
 }  // namespace
 
 Session::Session(std::string id, std::string tenant,
@@ -108,16 +77,18 @@ Session::Session(std::string id, std::string tenant,
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(
     std::string id, std::string tenant, const natgrad::v1::SessionConfig& config,
     engine::InversionEngine* engine) {
-  if (absl::Status s = ValidateSessionConfig(config); !s.ok()) return s;
+  if (absl::Status s = blocks::ValidateSessionConfig(config); !s.ok()) return s;
   natgrad::v1::SessionConfig canonical = config;
   std::vector<NamedBlock> blocks;
   for (int i = 0; i < canonical.blocks_size(); ++i) {
     auto* b = canonical.mutable_blocks(i);
+    const std::string field = absl::StrCat("config.blocks[", i, "]");
+    auto kind = blocks::KindOf(*b, field);
+    if (!kind.ok()) return kind.status();
     if (b->shape_size() == 0) {
-      for (int64_t d : CanonicalShape(*b)) b->add_shape(d);
+      for (int64_t d : (*kind)->CanonicalShape(*b)) b->add_shape(d);
     }
-    auto block = NewBlock(*b, canonical.state_dtype(),
-                          absl::StrCat("config.blocks[", i, "]"));
+    auto block = (*kind)->NewBlock(*b, canonical.state_dtype(), field);
     if (!block.ok()) return block.status();
     blocks.push_back({b->name(), *std::move(block)});
   }
@@ -166,8 +137,8 @@ absl::Status Session::RestoreStateLocked(
     core::BlockState state;
     for (const auto& [key, tensor] : bs.tensors()) {
       const std::string tf = absl::StrCat(field, ".tensors[", key, "]");
-      if (absl::Status st = ValidateTensor(tensor, tf); !st.ok()) return st;
-      state.tensors[key] = DecodeMatrix(tensor);
+      if (absl::Status st = wire::ValidateTensor(tensor, tf); !st.ok()) return st;
+      state.tensors[key] = wire::DecodeMatrix(tensor);
     }
     for (const auto& [key, value] : bs.scalars()) state.scalars[key] = value;
     if (absl::Status st = blocks_[i].block->ImportState(state); !st.ok()) {
@@ -176,11 +147,8 @@ absl::Status Session::RestoreStateLocked(
     }
   }
   if (!snapshot.last_response().empty()) {
-    auto response = std::make_shared<StepResponse>();
-    if (!response->ParseFromString(snapshot.last_response())) {
-      return absl::InvalidArgumentError("snapshot.last_response: unparsable");
-    }
-    last_response_ = std::move(response);
+    // Opaque here; the service checks it parses before importing.
+    last_reply_ = std::make_shared<SerializedReply>(snapshot.last_response());
   }
   last_step_ = snapshot.last_step();
   checkpointed_step_ = last_step_;
@@ -199,45 +167,44 @@ absl::Status Session::RestoreStateLocked(
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<const StepResponse>> Session::Step(
-    const StepData& data) {
+absl::StatusOr<StepOutcome> Session::Step(const StepData& data,
+                                          ReplyEncoder encode) {
   absl::MutexLock lock(&mu_);
   if (deleted_.load()) {
     return absl::NotFoundError(absl::StrCat("session ", name(), " was deleted"));
   }
-  if (data.step == last_step_ && last_response_ != nullptr) {
-    auto replay = std::make_shared<StepResponse>(*last_response_);
-    replay->set_replayed(true);
-    return replay;
+  if (data.step == last_step_ && last_reply_ != nullptr) {
+    return StepOutcome{true, last_reply_};
   }
   if (data.step != last_step_ + 1) {
     return absl::FailedPreconditionError(absl::StrCat(
         "step ", data.step, " is out of order: session ", id_, " is at step ",
         last_step_, ", the next step is ", last_step_ + 1));
   }
-  return ApplyLocked(data);
+  absl::StatusOr<StepResult> result = ApplyLocked(data);
+  if (!result.ok()) return result.status();
+  last_reply_ = encode(*result);
+  return StepOutcome{false, last_reply_};
 }
 
-absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
-    const StepData& data) {
+absl::StatusOr<StepResult> Session::ApplyLocked(const StepData& data) {
   const auto start = std::chrono::steady_clock::now();
-  // Which of our blocks each input feeds; every block must appear once.
+  // Which of our blocks each input feeds; a block may be left out, not sent twice.
   std::map<std::string, size_t> index;
   for (size_t i = 0; i < blocks_.size(); ++i) index[blocks_[i].name] = i;
   std::vector<const BlockStepData*> inputs(blocks_.size(), nullptr);
   for (const BlockStepData& b : data.blocks) {
     auto it = index.find(b.name);
     if (it == index.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("blocks: unknown block \"", b.name, "\""));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block ", core::QuotedBlockName(b.name), ": is not in the session"));
     }
     if (inputs[it->second] != nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("blocks: block \"", b.name, "\" sent twice in step ", data.step));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block ", core::QuotedBlockName(b.name), ": sent twice in step ", data.step));
     }
     inputs[it->second] = &b;
   }
-  // A block left out of a step (a layer that did not run) keeps its state.
   if (data.blocks.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("blocks: step ", data.step, " has no blocks"));
@@ -251,19 +218,15 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
   std::optional<core::LevenbergMarquardtDamping> damping = damping_;
   if (damping.has_value()) context.damping_override = damping->BeginStep(data.step, data.loss);
 
-  std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending;
-  pending.reserve(blocks_.size());
+  std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending(blocks_.size());
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    if (inputs[i] == nullptr) {
-      pending.push_back(nullptr);
-      continue;
-    }
+    if (inputs[i] == nullptr) continue;
     auto p = blocks_[i].block->Propose(inputs[i]->input, context);
     if (!p.ok()) return p.status();
-    pending.push_back(*std::move(p));
+    pending[i] = *std::move(p);
   }
 
-  // KL clipping over every K-FAC block of the session (DESIGN.md §4.1).
+  // Session-wide curvature transforms over the blocks' curvature models.
   double kl_scale = 1.0;
   if (config_.kl_clip().enabled()) {
     const double kappa = config_.kl_clip().kappa() > 0 ? config_.kl_clip().kappa()
@@ -271,47 +234,27 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
     kl_scale = core::KlClipScale(core::KlClipSum(pending), kappa);
   }
   if (damping.has_value()) {
-    double predicted = 0;
-    for (const auto& p : pending) {
-      if (p != nullptr) predicted += p->PredictedReduction(kl_scale);
-    }
-    damping->EndStep(data.step, predicted);
+    damping->EndStep(data.step, core::PredictedReductionSum(pending, kl_scale));
   }
 
   // Nothing below can fail: the step is committed.
-  auto response = std::make_shared<StepResponse>();
-  response->set_session(name());
-  response->set_step(data.step);
-  response->set_kl_clip_scale(kl_scale);
-  int64_t inversion_micros = 0;
+  StepResult result;
+  result.step = data.step;
+  result.kl_clip_scale = kl_scale;
+  result.damping = context.damping_override;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     if (pending[i] == nullptr) continue;
-    core::BlockStepOutput out = pending[i]->Commit(kl_scale);
-    const BlockStepData& in = *inputs[i];
-    natgrad::v1::BlockUpdate* u = response->add_updates();
-    u->set_name(blocks_[i].name);
-    if (out.delta.size() > 0) {
-      *u->mutable_delta() = EncodeMatrix(out.delta, in.reply_dtype, in.reply_shape);
-    }
-    for (const auto& [k, v] : out.hyperparameters) (*u->mutable_hyperparameters())[k] = v;
-    if (out.gaussian.has_value()) EncodeGaussian(*out.gaussian, in, u->mutable_gaussian());
-    inversion_micros += out.inversion_micros;
+    BlockResult r{i, blocks_[i].name, pending[i]->Commit(kl_scale)};
+    result.inversion_micros += r.output.inversion_micros;
+    result.blocks.push_back(std::move(r));
   }
-  if (context.damping_override.has_value()) response->set_damping(*context.damping_override);
   damping_ = std::move(damping);
-  const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(
-                          std::chrono::steady_clock::now() - start)
-                          .count();
-  response->mutable_timing()->set_compute_micros(micros);
-  response->mutable_timing()->set_inversion_micros(inversion_micros);
-  if (data.received != absl::InfinitePast()) {
-    response->mutable_timing()->set_server_micros(
-        absl::ToInt64Microseconds(absl::Now() - data.received));
-  }
+  result.compute_micros = std::chrono::duration_cast<std::chrono::microseconds>(
+                              std::chrono::steady_clock::now() - start)
+                              .count();
   last_step_ = data.step;
-  last_response_ = response;
   update_time_ = absl::Now();
-  return response;
+  return result;
 }
 
 natgrad::v1::Session Session::Describe() const {
@@ -343,12 +286,10 @@ natgrad::v1::SessionSnapshot Session::Snapshot() const {
     natgrad::v1::BlockSnapshot* bs = snap.add_blocks();
     bs->set_name(b.name);
     core::BlockState state = b.block->ExportState();
-    for (const auto& [k, m] : state.tensors) (*bs->mutable_tensors())[k] = EncodeExact(m);
+    for (const auto& [k, m] : state.tensors) (*bs->mutable_tensors())[k] = wire::EncodeExact(m);
     for (const auto& [k, v] : state.scalars) (*bs->mutable_scalars())[k] = v;
   }
-  if (last_response_ != nullptr) {
-    snap.set_last_response(last_response_->SerializeAsString());
-  }
+  if (last_reply_ != nullptr) snap.set_last_response(last_reply_->Serialized());
   if (damping_.has_value()) {
     auto& sc = *snap.mutable_session_scalars();
     for (const auto& [k, v] : damping_->ExportState()) {

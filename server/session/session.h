@@ -1,6 +1,7 @@
 // One training job's optimizer state: its blocks, the step counter and the
-// cached response to the last step (DESIGN.md §3: a retried step replays it,
-// so at-least-once clients get exactly-once effect).
+// cached reply to the last step (a retried step replays it, so at-least-once
+// clients get exactly-once effect). Works on core types: the service decodes
+// requests and encodes replies (docs/architecture.md).
 #ifndef NATGRAD_SERVER_SESSION_SESSION_H_
 #define NATGRAD_SERVER_SESSION_SESSION_H_
 
@@ -17,29 +18,68 @@
 #include "natgrad/v1/session.pb.h"
 #include "natgrad/v1/step.pb.h"
 #include "server/core/block.h"
-#include "server/core/kfac/levenberg_marquardt_damping.h"
+#include "server/core/curvature/levenberg_marquardt_damping.h"
 #include "server/engine/inversion_engine.h"
 
 namespace natgrad::session {
 
-// One block of a step, decoded from the wire. The wire dtype and shapes are
-// kept so the reply matches what the client sent.
+// One block of a step, decoded by the service into its kind's core input.
 struct BlockStepData {
   std::string name;
   core::BlockStepInput input;
-  natgrad::v1::DType reply_dtype = natgrad::v1::FLOAT32;
-  std::vector<int64_t> reply_shape;       // the gradient's wire shape
-  std::vector<int64_t> gaussian_shape1;   // [copies, dim]
-  std::vector<int64_t> gaussian_shape2;   // [copies, dim, dim]
 };
 
 struct StepData {
   int64_t step = 0;
-  // When the step's last message arrived (for StepTiming.server_micros).
-  absl::Time received = absl::InfinitePast();
   std::optional<double> loss;
+  // Blocks left out of the step keep their state (docs/architecture.md).
   std::vector<BlockStepData> blocks;
 };
+
+// One block's part of an applied step.
+struct BlockResult {
+  size_t index = 0;  // in the session config
+  std::string name;
+  core::BlockStepOutput output;
+};
+
+// What applying a step produced, on core types; the service encodes it.
+struct StepResult {
+  int64_t step = 0;
+  std::vector<BlockResult> blocks;  // config order, omitted blocks absent
+  double kl_clip_scale = 1.0;       // 1 when KL clipping is off
+  std::optional<double> damping;    // adaptive damping used, when on
+  int64_t compute_micros = 0;
+  int64_t inversion_micros = 0;
+};
+
+// The reply a step got, as the service encoded it. The session keeps the
+// last one so a retried step replays it, and snapshots its bytes; it never
+// looks inside.
+class CachedReply {
+ public:
+  virtual ~CachedReply() = default;
+  virtual std::string Serialized() const = 0;
+};
+
+// A reply known only by its bytes (restored from a snapshot).
+class SerializedReply final : public CachedReply {
+ public:
+  explicit SerializedReply(std::string bytes) : bytes_(std::move(bytes)) {}
+  std::string Serialized() const override { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+struct StepOutcome {
+  bool replayed = false;
+  std::shared_ptr<const CachedReply> reply;
+};
+
+// Turns a freshly applied step into the reply to cache and send.
+using ReplyEncoder =
+    absl::FunctionRef<std::shared_ptr<const CachedReply>(const StepResult&)>;
 
 class Session {
  public:
@@ -55,11 +95,11 @@ class Session {
   const std::string& tenant() const { return tenant_; }
   const natgrad::v1::SessionConfig& config() const { return config_; }
 
-  // Applies step `data.step` if it is the next one, replays the cached
-  // response if it is the last one, and otherwise fails with
-  // FAILED_PRECONDITION. Any error leaves the session exactly as it was.
-  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> Step(
-      const StepData& data);
+  // Applies step `data.step` if it is the next one (then `encode` makes the
+  // reply, which is cached), returns the cached reply if it is the last one,
+  // and otherwise fails with FAILED_PRECONDITION. Any error leaves the
+  // session exactly as it was.
+  absl::StatusOr<StepOutcome> Step(const StepData& data, ReplyEncoder encode);
 
   natgrad::v1::Session Describe() const;
   natgrad::v1::SessionSnapshot Snapshot() const;
@@ -87,8 +127,8 @@ class Session {
   Session(std::string id, std::string tenant, natgrad::v1::SessionConfig config,
           std::vector<NamedBlock> blocks, engine::InversionEngine* engine);
 
-  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> ApplyLocked(
-      const StepData& data) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<StepResult> ApplyLocked(const StepData& data)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status RestoreStateLocked(const natgrad::v1::SessionSnapshot& snapshot)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -103,8 +143,7 @@ class Session {
   std::vector<NamedBlock> blocks_ ABSL_GUARDED_BY(mu_);
   int64_t last_step_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t checkpointed_step_ ABSL_GUARDED_BY(mu_) = 0;
-  std::shared_ptr<const natgrad::v1::StepResponse> last_response_
-      ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const CachedReply> last_reply_ ABSL_GUARDED_BY(mu_);
   absl::Time create_time_ ABSL_GUARDED_BY(mu_);
   absl::Time update_time_ ABSL_GUARDED_BY(mu_);
   // Session-wide Levenberg-Marquardt damping (DESIGN.md §4.4), when enabled:

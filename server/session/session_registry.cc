@@ -8,7 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "server/session/block_factory.h"
+#include "server/blocks/registry.h"
 
 namespace natgrad::session {
 namespace {
@@ -64,7 +64,7 @@ absl::Status SessionRegistry::CheckLimitsLocked(absl::string_view tenant,
     for (const auto& [id, s] : sessions_) {
       if (s->tenant() != tenant) continue;
       ++count;
-      total += EstimateStateBytes(s->config());
+      total += blocks::EstimateStateBytes(s->config());
     }
     if (limits_.max_sessions_per_tenant > 0 &&
         count >= limits_.max_sessions_per_tenant) {
@@ -103,9 +103,9 @@ absl::StatusOr<std::string> SessionRegistry::PickIdLocked(
 absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
     const natgrad::v1::SessionConfig& config, absl::string_view tenant,
     absl::string_view requested_id) {
-  if (absl::Status s = ValidateSessionConfig(config); !s.ok()) return s;
+  if (absl::Status s = blocks::ValidateSessionConfig(config); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  if (absl::Status s = CheckLimitsLocked(tenant, EstimateStateBytes(config)); !s.ok()) {
+  if (absl::Status s = CheckLimitsLocked(tenant, blocks::EstimateStateBytes(config)); !s.ok()) {
     return s;
   }
   auto id = PickIdLocked(requested_id);
@@ -132,7 +132,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Import(
   natgrad::v1::SessionSnapshot owned = snapshot;
   owned.set_tenant(std::string(tenant));
   absl::MutexLock lock(&mu_);
-  if (absl::Status s = CheckLimitsLocked(tenant, EstimateStateBytes(snapshot.config()));
+  if (absl::Status s = CheckLimitsLocked(tenant, blocks::EstimateStateBytes(snapshot.config()));
       !s.ok()) {
     return s;
   }

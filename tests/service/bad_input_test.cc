@@ -59,17 +59,17 @@ std::vector<BadCase> Cases() {
   using R = natgrad::v1::StepRequest;
   return {
       {"unknown block", [](R& r) { r.mutable_blocks(0)->set_name("nope"); },
-       grpc::StatusCode::INVALID_ARGUMENT, "unknown block \"nope\""},
+       grpc::StatusCode::INVALID_ARGUMENT, "block \"nope\": unknown block"},
       {"block sent twice", [](R& r) { *r.add_blocks() = r.blocks(0); },
        grpc::StatusCode::INVALID_ARGUMENT, "sent twice"},
       {"no blocks at all", [](R& r) { r.clear_blocks(); },
        grpc::StatusCode::INVALID_ARGUMENT, "step 2 has no blocks"},
       {"negative learning rate", [](R& r) { r.mutable_blocks(0)->set_learning_rate(-1); },
-       grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].learning_rate: must be finite"},
+       grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": learning_rate must be finite"},
       {"NaN learning rate", [nan](R& r) { r.mutable_blocks(0)->set_learning_rate(nan); },
-       grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].learning_rate: must be finite"},
+       grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": learning_rate must be finite"},
       {"missing gradient", [](R& r) { r.mutable_blocks(1)->clear_gradient(); },
-       grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"b\"].gradient: required"},
+       grpc::StatusCode::INVALID_ARGUMENT, "block \"b\": gradient is required"},
       {"wrong shape", [](R& r) {
          std::vector<double> g(6, 1.0);
          *r.mutable_blocks(0)->mutable_gradient() = client::MakeTensor(g, {3, 2});
@@ -77,33 +77,33 @@ std::vector<BadCase> Cases() {
        }, grpc::StatusCode::INVALID_ARGUMENT, "shape"},
       {"unknown dtype", [](R& r) {
          r.mutable_blocks(0)->mutable_gradient()->set_dtype(natgrad::v1::DTYPE_UNSPECIFIED);
-       }, grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].gradient: dtype"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": gradient has dtype"},
       {"bytes do not match shape", [](R& r) {
          r.mutable_blocks(0)->mutable_gradient()->mutable_data()->pop_back();
-       }, grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].gradient: data has 47 bytes"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": gradient has 47 bytes of data"},
       {"negative dimension", [](R& r) {
          r.mutable_blocks(0)->mutable_gradient()->set_shape(0, -2);
        }, grpc::StatusCode::INVALID_ARGUMENT, "negative dimension"},
       {"NaN gradient", [nan](R& r) {
          std::vector<double> g = {1, nan, 3, 4, 5, 6};
          *r.mutable_blocks(0)->mutable_gradient() = client::MakeTensor(g, {2, 3});
-       }, grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].gradient: contains NaN or Inf"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": gradient contains NaN or Inf"},
       {"Inf params", [inf](R& r) {
          std::vector<double> p = {1, 2, inf, 4, 5, 6};
          *r.mutable_blocks(0)->mutable_params() = client::MakeTensor(p, {2, 3});
-       }, grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].params: contains NaN or Inf"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": params contains NaN or Inf"},
       {"params shape differs", [](R& r) {
          std::vector<double> p(6, 0.0);
          *r.mutable_blocks(0)->mutable_params() = client::MakeTensor(p, {6});
-       }, grpc::StatusCode::INVALID_ARGUMENT, "blocks[\"w\"].params: shape"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "block \"w\": params has shape"},
       {"weight decay without params", [](R& r) { r.mutable_blocks(0)->clear_params(); },
        grpc::StatusCode::INVALID_ARGUMENT, "params"},
       {"curvature statistics for an sgd block", [](R& r) {
          r.mutable_blocks(0)->mutable_kfac()->mutable_raw();
-       }, grpc::StatusCode::INVALID_ARGUMENT, "only kfac_dense blocks"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "is only for kfac_dense blocks"},
       {"gaussian input for an sgd block", [](R& r) {
          r.mutable_blocks(0)->mutable_gaussian();
-       }, grpc::StatusCode::INVALID_ARGUMENT, "only gaussian blocks"},
+       }, grpc::StatusCode::INVALID_ARGUMENT, "is only for gaussian blocks"},
       {"NaN loss", [nan](R& r) { r.set_loss(nan); },
        grpc::StatusCode::INVALID_ARGUMENT, "loss: must be finite"},
       {"step zero", [](R& r) { r.set_step(0); },
@@ -229,22 +229,25 @@ TEST(BadStepInput, StepLargerThanTheSessionBoundIsResourceExhausted) {
   auto server = StartServer(o);
   client::Client client(ClientFor(*server));
   natgrad::v1::SessionConfig c;
-  auto* b = c.add_blocks();
-  b->set_name("w");
-  b->add_shape(10);
-  b->mutable_sgd();
+  for (int i = 0; i < 8; ++i) {
+    auto* b = c.add_blocks();
+    b->set_name("w" + std::to_string(i));
+    b->add_shape(10);
+    b->mutable_sgd();
+  }
   auto session = client.CreateSession(c);
   ASSERT_TRUE(session.ok()) << session.status();
   // Many messages of one step, never marked last: bounded server memory.
+  // (Each names another block: a block sent twice is refused on its own.)
   grpc::ClientContext ctx;
   auto stream = client.stub().Step(&ctx);
   std::vector<double> g(1000, 1.0);  // 8 kB a message
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 8; ++i) {
     natgrad::v1::StepRequest r;
     r.set_session(session->name());
     r.set_step(1);
     auto* blk = r.add_blocks();
-    blk->set_name("w");
+    blk->set_name("w" + std::to_string(i));
     *blk->mutable_gradient() = client::MakeTensor(g, {1000});
     if (!stream->Write(r)) break;
   }

@@ -104,13 +104,13 @@ void RunAgainstCore(service::NatgradServer& server, int steps, uint32_t seed) {
 
     core::StepContext ctx;
     ctx.step = t;
-    core::BlockStepInput win;
+    core::DenseStepInput win;
     win.gradient = RowMajorMatrix(wg, kRows, kCols);
     win.params = RowMajorMatrix(wp, kRows, kCols);
     auto wpending = ref.w->Propose(win, ctx);
     ASSERT_TRUE(wpending.ok());
     const Eigen::MatrixXd wdelta = (*wpending)->Commit(1.0).delta;
-    core::BlockStepInput bin;
+    core::DenseStepInput bin;
     bin.gradient = RowMajorMatrix(bg, kBias, 1);
     auto bpending = ref.b->Propose(bin, ctx);
     ASSERT_TRUE(bpending.ok());

@@ -13,13 +13,13 @@ constexpr int kDim = 4, kCopies = 2;
 // Row-major [copies, dim] and [copies, dim, dim] buffers and their core form.
 struct GaussianBuffers {
   std::vector<double> p1, p2, g1, g2;
-  core::GaussianStepInputData core;
+  core::GaussianStepInput core;
 };
 
 GaussianBuffers RandomMeanCholesky(std::mt19937& rng) {
   GaussianBuffers b;
   std::normal_distribution<double> n;
-  b.core.gradient_space = core::GaussianStepInputData::GradientSpace::kParametrization;
+  b.core.gradient_space = core::GaussianStepInput::GradientSpace::kParametrization;
   for (int c = 0; c < kCopies; ++c) {
     Eigen::VectorXd m(kDim), gm(kDim);
     Eigen::MatrixXd L = Eigen::MatrixXd::Zero(kDim, kDim), gl(kDim, kDim);
@@ -119,11 +119,10 @@ TEST(GaussianService, StepsEqualCoreInProcess) {
     ASSERT_TRUE(r.ok()) << r.status();
     core::StepContext ctx;
     ctx.step = t;
-    core::BlockStepInput in;
-    in.gaussian = b.core;
+    core::BlockStepInput in = b.core;
     auto pending = ref->Propose(in, ctx);
     ASSERT_TRUE(pending.ok()) << pending.status();
-    const core::GaussianStepOutputData want = *(*pending)->Commit(1.0).gaussian;
+    const core::GaussianStepOutput want = std::get<core::GaussianStepOutput>((*pending)->Commit(1.0).kind_output);
     const auto& got = r->updates(0).gaussian();
     EXPECT_EQ(client::TensorValues(got.param1()), Flat(want.param1));
     EXPECT_EQ(client::TensorValues(got.param2()), Flat(want.param2));
@@ -163,7 +162,7 @@ TEST(GaussianService, NonPositiveDefiniteCovarianceIsRejected) {
   *bad.mutable_gaussian()->mutable_param1() = client::MakeTensor(b.p1, {kDim, kCopies});
   auto r2 = (*stream)->Step({bad, KernelStep(rng)});
   EXPECT_EQ(r2.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(r2.status().message(), ::testing::HasSubstr("gaussian.param1: shape [4, 2], want [2, 4]"));
+  EXPECT_THAT(r2.status().message(), ::testing::HasSubstr("block \"q_u\": gaussian.param1 has shape [4, 2], want [2, 4]"));
 }
 
 }  // namespace

@@ -5,8 +5,8 @@
 
 #include "gmock/gmock.h"
 #include "server/core/kfac/kfac_dense_block.h"
-#include "server/core/kfac/kl_clipping.h"
-#include "server/core/kfac/levenberg_marquardt_damping.h"
+#include "server/core/curvature/kl_clipping.h"
+#include "server/core/curvature/levenberg_marquardt_damping.h"
 #include "server/engine/engine_factory.h"
 #include "tests/service/server_fixture.h"
 
@@ -96,7 +96,7 @@ void RunAgainstCore(bool adaptive) {
       *s.mutable_kfac()->mutable_raw()->mutable_output_gradients() =
           client::MakeTensor(og, {kBatch, dout});
       steps.push_back(s);
-      core::BlockStepInput in;
+      core::KfacStepInput in;
       in.gradient = RowMajor(g, dout, din + 1);
       core::KfacStatisticsInput k;
       k.activations = RowMajor(a, kBatch, din);
@@ -122,7 +122,7 @@ void RunAgainstCore(bool adaptive) {
     EXPECT_NEAR(r->kl_clip_scale(), nu, 1e-12 * nu) << "step " << t;
     if (adaptive) {
       double predicted = 0;
-      for (auto& p : pending) predicted += p->PredictedReduction(nu);
+      for (auto& p : pending) predicted += p->curvature()->PredictedReduction(nu);
       lm.EndStep(t, predicted);
       EXPECT_DOUBLE_EQ(r->damping(), *ctx.damping_override) << "step " << t;
     }

@@ -74,7 +74,7 @@ TEST(StepContract, OmittedBlockKeepsItsStateAndCounters) {
 
     core::StepContext ctx;
     ctx.step = t;
-    core::BlockStepInput in;
+    core::DenseStepInput in;
     in.gradient = RowMajor(ga, 2, 3);
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
               Flatten((*ref_a->Propose(in, ctx))->Commit(1.0).delta));
@@ -115,7 +115,7 @@ TEST(StepContract, LearningRateOverrideReplacesTheScheduleForOneStep) {
     EXPECT_EQ(response->updates(0).hyperparameters().at("learning_rate"), lrs[t - 1]);
     core::StepContext ctx;
     ctx.step = t;
-    core::BlockStepInput in;
+    core::DenseStepInput in;
     in.gradient = RowMajor(g, 2, 3);
     in.learning_rate = lrs[t - 1];
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
@@ -176,7 +176,7 @@ TEST(StepContract, ConvolutionLocationsMayChangeBetweenSteps) {
     core::StepContext ctx;
     ctx.step = t;
     ctx.engine = &engine;
-    core::BlockStepInput in;
+    core::KfacStepInput in;
     in.gradient = RowMajor(grad, 3, 5);
     core::KfacStatisticsInput k;
     k.activations = RowMajor(a, rows, 4);

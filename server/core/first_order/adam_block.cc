@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/block_error.h"
 #include "server/core/first_order/common.h"
 
 namespace natgrad::core {
@@ -55,9 +56,7 @@ AdamBlock<Scalar>::AdamBlock(std::string name, MatrixShape shape,
       exp_avg_(Matrix::Zero(shape.rows, shape.cols)),
       exp_avg_sq_(Matrix::Zero(shape.rows, shape.cols)) {}
 
-template <typename Scalar>
-absl::StatusOr<std::unique_ptr<AdamBlock<Scalar>>> AdamBlock<Scalar>::Create(
-    std::string name, MatrixShape shape, const AdamOptions& options) {
+absl::Status ValidateAdamOptions(MatrixShape shape, const AdamOptions& options) {
   if (absl::Status s = fo::CheckShape("adam", shape); !s.ok()) return s;
   // Written as !(in range) so NaN fails too.
   for (auto [param, value] :
@@ -72,6 +71,13 @@ absl::StatusOr<std::unique_ptr<AdamBlock<Scalar>>> AdamBlock<Scalar>::Create(
         absl::StrCat("adam block: epsilon must be positive and finite, got ",
                      options.epsilon));
   }
+  return absl::OkStatus();
+}
+
+template <typename Scalar>
+absl::StatusOr<std::unique_ptr<AdamBlock<Scalar>>> AdamBlock<Scalar>::Create(
+    std::string name, MatrixShape shape, const AdamOptions& options) {
+  if (absl::Status s = ValidateAdamOptions(shape, options); !s.ok()) return s;
   AdamOptions resolved = options;
   if (resolved.learning_rate == nullptr) {
     resolved.learning_rate = ConstantSchedule(1e-3);
@@ -85,9 +91,11 @@ absl::StatusOr<std::unique_ptr<AdamBlock<Scalar>>> AdamBlock<Scalar>::Create(
 
 template <typename Scalar>
 absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
-    const BlockStepInput& input, const StepContext& context) {
-  if (absl::Status s =
-          fo::CheckStepInput(kind(), name(), shape_, input, context);
+    const BlockStepInput& step_input, const StepContext& context) {
+  absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
+  if (!in.ok()) return in.status();
+  const DenseStepInput& input = **in;
+  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context);
       !s.ok()) {
     return s;
   }
@@ -99,14 +107,14 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
       fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");
   if (!wd.ok()) return wd.status();
   if (*wd > 0 && !input.params.has_value()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "params required for weight_decay (block '", name(), "')"));
+    return InvalidBlockField(name(), "params",
+                             "is required when weight_decay > 0");
   }
   const double b1 = options_.beta1, b2 = options_.beta2;
 
-  Matrix g = input.gradient.template cast<Scalar>();
+  Matrix g = input.gradient.template ToMatrix<Scalar>();
   Matrix w;
-  if (*wd > 0) w = input.params->template cast<Scalar>();
+  if (*wd > 0) w = input.params->template ToMatrix<Scalar>();
   if (*wd > 0 && !options_.decoupled_weight_decay) g += Scalar(*wd) * w;
   Matrix m = Scalar(b1) * exp_avg_ + Scalar(1 - b1) * g;
   Matrix v =
@@ -127,8 +135,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
   // Finite inputs can still overflow (g^2, or a double gradient beyond
   // float's range); refuse rather than poison the state.
   if (!delta.allFinite() || !m.allFinite() || !v.allFinite()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "update of block '", name(), "' overflows to non-finite values"));
+    return InvalidBlockField(name(), "gradient",
+                             "gives an update that overflows to non-finite values");
   }
   std::map<std::string, double> hyper = {{"learning_rate", *lr},
                                          {"beta1", b1},

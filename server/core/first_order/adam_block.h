@@ -72,6 +72,9 @@ class AdamBlock final : public ParameterBlock {
 extern template class AdamBlock<float>;
 extern template class AdamBlock<double>;
 
+// Checks shape and options without allocating any state.
+absl::Status ValidateAdamOptions(MatrixShape shape, const AdamOptions& options);
+
 // Validates shape and options (INVALID_ARGUMENT naming the field).
 absl::StatusOr<std::unique_ptr<ParameterBlock>> NewAdamBlock(
     std::string name, MatrixShape shape, const AdamOptions& options,

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/block_error.h"
 
 namespace natgrad::core::first_order_internal {
 namespace {
@@ -16,15 +17,15 @@ std::string ShapeString(int64_t rows, int64_t cols) {
 }
 
 absl::Status CheckMatrix(absl::string_view field, const std::string& block,
-                         MatrixShape shape, const Eigen::MatrixXd& m) {
+                         MatrixShape shape, const DenseTensor& m) {
   if (m.rows() != shape.rows || m.cols() != shape.cols) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " has shape ", ShapeString(m.rows(), m.cols()), ", block '",
-        block, "' expects ", ShapeString(shape.rows, shape.cols)));
+    return InvalidBlockField(
+        block, field,
+        absl::StrCat("has shape ", ShapeString(m.rows(), m.cols()), ", want ",
+                     ShapeString(shape.rows, shape.cols)));
   }
-  if (!m.allFinite()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " for block '", block, "' contains non-finite values"));
+  if (!m.AllFinite()) {
+    return InvalidBlockField(block, field, "contains non-finite values");
   }
   return absl::OkStatus();
 }
@@ -41,18 +42,12 @@ absl::Status CheckShape(absl::string_view kind, MatrixShape shape) {
   return absl::OkStatus();
 }
 
-absl::Status CheckStepInput(absl::string_view kind, const std::string& block,
-                            MatrixShape shape, const BlockStepInput& input,
+absl::Status CheckStepInput(const std::string& block, MatrixShape shape,
+                            const DenseStepInput& input,
                             const StepContext& context) {
   if (context.step < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("step must be >= 1, got ", context.step));
-  }
-  if (input.kfac.has_value() || input.gaussian.has_value()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("block '", block, "' is ", kind,
-                     ": it takes only gradient and params, not ",
-                     input.kfac.has_value() ? "kfac" : "gaussian", " inputs"));
+    return InvalidBlockField(block, "step",
+                             absl::StrCat("is ", context.step, ", want >= 1"));
   }
   if (absl::Status s = CheckMatrix("gradient", block, shape, input.gradient);
       !s.ok()) {
@@ -69,24 +64,24 @@ absl::StatusOr<double> NonNegativeValue(const Schedule& schedule, int64_t t,
                                         absl::string_view param) {
   const double v = schedule.Value(t);
   if (!std::isfinite(v) || v < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(param, " of block '", block, "' at step ", t,
-                     " must be finite and >= 0, schedule gives ", v));
+    return InvalidBlockField(
+        block, param,
+        absl::StrCat("at step ", t, " must be finite and >= 0, schedule gives ", v));
   }
   return v;
 }
 
 absl::StatusOr<double> LearningRate(const Schedule& schedule, int64_t t,
                                     const std::string& block,
-                                    const BlockStepInput& input) {
+                                    const DenseStepInput& input) {
   if (!input.learning_rate.has_value()) {
     return NonNegativeValue(schedule, t, block, "learning_rate");
   }
   const double v = *input.learning_rate;
   if (!std::isfinite(v) || v < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("learning_rate of block '", block, "' at step ", t,
-                     " must be finite and >= 0, the step sets ", v));
+    return InvalidBlockField(
+        block, "learning_rate",
+        absl::StrCat("at step ", t, " must be finite and >= 0, the step sets ", v));
   }
   return v;
 }

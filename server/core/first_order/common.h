@@ -21,8 +21,8 @@ absl::Status CheckShape(absl::string_view kind, MatrixShape shape);
 // The step input a first-order block accepts: a finite gradient of the block's
 // shape, optional finite params of the same shape, no curvature inputs, and
 // a 1-based step.
-absl::Status CheckStepInput(absl::string_view kind, const std::string& block,
-                            MatrixShape shape, const BlockStepInput& input,
+absl::Status CheckStepInput(const std::string& block, MatrixShape shape,
+                            const DenseStepInput& input,
                             const StepContext& context);
 
 // schedule(t), refused unless finite and >= 0 (a negative learning rate or
@@ -34,7 +34,7 @@ absl::StatusOr<double> NonNegativeValue(const Schedule& schedule, int64_t t,
 // The step's learning rate: the input's override when set, else the schedule.
 absl::StatusOr<double> LearningRate(const Schedule& schedule, int64_t t,
                                     const std::string& block,
-                                    const BlockStepInput& input);
+                                    const DenseStepInput& input);
 
 // The state tensor `name` must exist with the block's shape and be finite.
 absl::StatusOr<const Eigen::MatrixXd*> StateTensor(const BlockState& state,

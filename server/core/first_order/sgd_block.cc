@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/block_error.h"
 #include "server/core/first_order/common.h"
 
 namespace natgrad::core {
@@ -64,9 +65,11 @@ absl::StatusOr<std::unique_ptr<SgdBlock<Scalar>>> SgdBlock<Scalar>::Create(
 
 template <typename Scalar>
 absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
-    const BlockStepInput& input, const StepContext& context) {
-  if (absl::Status s =
-          fo::CheckStepInput(kind(), name(), shape_, input, context);
+    const BlockStepInput& step_input, const StepContext& context) {
+  absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
+  if (!in.ok()) return in.status();
+  const DenseStepInput& input = **in;
+  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context);
       !s.ok()) {
     return s;
   }
@@ -85,12 +88,12 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
     mu = *m;
   }
   if (*wd > 0 && !input.params.has_value()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "params required for weight_decay (block '", name(), "')"));
+    return InvalidBlockField(name(), "params",
+                             "is required when weight_decay > 0");
   }
 
-  Matrix d = input.gradient.template cast<Scalar>();
-  if (*wd > 0) d += Scalar(*wd) * input.params->template cast<Scalar>();
+  Matrix d = input.gradient.template ToMatrix<Scalar>();
+  if (*wd > 0) d += Scalar(*wd) * input.params->template ToMatrix<Scalar>();
   std::optional<Matrix> buffer;
   Matrix delta;
   if (options_.momentum != nullptr) {
@@ -104,8 +107,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
   // Finite inputs can still overflow (e.g. a double gradient beyond float's
   // range); refuse rather than poison the state.
   if (!delta.allFinite() || (buffer.has_value() && !buffer->allFinite())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "update of block '", name(), "' overflows to non-finite values"));
+    return InvalidBlockField(name(), "gradient",
+                             "gives an update that overflows to non-finite values");
   }
   std::map<std::string, double> hyper = {
       {"learning_rate", *lr}, {"momentum", mu}, {"weight_decay", *wd}};

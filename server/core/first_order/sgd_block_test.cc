@@ -58,7 +58,7 @@ std::unique_ptr<ParameterBlock> MakeSgd(const SgdOptions& o, Precision p) {
 // Proposes and commits one step; fails the test on error.
 BlockStepOutput Step(ParameterBlock& block, const Eigen::MatrixXd& grad,
                      const Eigen::MatrixXd* params, int64_t t) {
-  BlockStepInput in;
+  DenseStepInput in;
   in.gradient = grad;
   if (params != nullptr) in.params = *params;
   StepContext ctx;
@@ -67,7 +67,7 @@ BlockStepOutput Step(ParameterBlock& block, const Eigen::MatrixXd& grad,
       block.Propose(in, ctx);
   EXPECT_TRUE(u.ok()) << u.status();
   if (!u.ok()) return {};
-  EXPECT_FALSE((*u)->clipped_by_kl());
+  EXPECT_EQ((*u)->curvature(), nullptr);
   return (*u)->Commit(1.0);
 }
 
@@ -210,7 +210,7 @@ TEST(SgdBlockTest, ProposeWithoutCommitChangesNothing) {
   std::mt19937 rng(1);
   Step(*b, RandomMatrix(rng), nullptr, 1);
   const BlockState before = b->ExportState();
-  BlockStepInput in;
+  DenseStepInput in;
   in.gradient = RandomMatrix(rng);
   StepContext ctx;
   ctx.step = 2;
@@ -268,51 +268,69 @@ TEST(SgdBlockTest, BadInputsAreRefusedAndLeaveStateUnchanged) {
     std::string message;
   };
   auto good = [&] {
-    BlockStepInput in;
+    DenseStepInput in;
     in.gradient = RandomMatrix(rng);
     in.params = w;
     return in;
   };
   std::vector<Bad> bad;
   {
-    BlockStepInput in = good();
-    in.gradient = Eigen::MatrixXd::Ones(kCols, kRows);
+    DenseStepInput in = good();
+    in.gradient = Eigen::MatrixXd(Eigen::MatrixXd::Ones(kCols, kRows));
     bad.push_back({"transposed gradient", in, 2, "gradient"});
   }
   {
-    BlockStepInput in = good();
-    in.gradient(1, 1) = kNan;
+    DenseStepInput in = good();
+    {
+      Eigen::MatrixXd g = in.gradient.ToMatrix<double>();
+      g(1, 1) = kNan;
+      in.gradient = g;
+    }
     bad.push_back({"nan gradient", in, 2, "gradient"});
   }
   {
-    BlockStepInput in = good();
-    in.gradient(0, 1) = std::numeric_limits<double>::infinity();
+    DenseStepInput in = good();
+    {
+      Eigen::MatrixXd g = in.gradient.ToMatrix<double>();
+      g(0, 1) = std::numeric_limits<double>::infinity();
+      in.gradient = g;
+    }
     bad.push_back({"inf gradient", in, 2, "gradient"});
   }
   {
-    BlockStepInput in = good();
-    in.params = Eigen::MatrixXd::Ones(kRows, kCols + 1);
+    DenseStepInput in = good();
+    in.params = Eigen::MatrixXd(Eigen::MatrixXd::Ones(kRows, kCols + 1));
     bad.push_back({"params shape", in, 2, "params"});
   }
   {
-    BlockStepInput in = good();
-    (*in.params)(2, 0) = kNan;
+    DenseStepInput in = good();
+    {
+      Eigen::MatrixXd p = in.params->ToMatrix<double>();
+      p(2, 0) = kNan;
+      in.params = p;
+    }
     bad.push_back({"nan params", in, 2, "params"});
   }
   {
-    BlockStepInput in = good();
+    DenseStepInput in = good();
     in.params.reset();
     bad.push_back(
-        {"missing params", in, 2, "params required for weight_decay"});
+        {"missing params", in, 2, "params is required when weight_decay > 0"});
   }
   {
-    BlockStepInput in = good();
-    in.kfac = KfacStatisticsInput{};
-    bad.push_back({"kfac input", in, 2, "kfac"});
+    DenseStepInput in = good();
+    KfacStepInput kfac;
+    static_cast<DenseStepInput&>(kfac) = in;
+    kfac.kfac = KfacStatisticsInput{};
+    bad.push_back({"kfac input", kfac, 2, "not for a sgd block"});
   }
   {
-    BlockStepInput in = good();
-    in.gradient(0, 0) = 1e300;  // finite in double, overflows float32
+    DenseStepInput in = good();
+    {
+      Eigen::MatrixXd g = in.gradient.ToMatrix<double>();
+      g(0, 0) = 1e300;
+      in.gradient = g;
+    }  // finite in double, overflows float32
     bad.push_back({"float overflow", in, 2, "non-finite"});
   }
   bad.push_back({"step 0", good(), 0, "step"});
@@ -356,7 +374,7 @@ TEST(SgdBlockTest, BadScheduleValuesAreRefused) {
     Step(*b, RandomMatrix(rng), nullptr, 1);
     Step(*b, RandomMatrix(rng), nullptr, 2);
     const BlockState before = b->ExportState();
-    BlockStepInput in;
+    DenseStepInput in;
     in.gradient = RandomMatrix(rng);
     StepContext ctx;
     ctx.step = 3;

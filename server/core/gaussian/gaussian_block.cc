@@ -17,7 +17,7 @@
 namespace natgrad::core {
 namespace {
 
-using StepInput = GaussianStepInputData;
+using StepInput = GaussianStepInput;
 
 // Runs fn(i) (returning false on failure) for copies i = 0..n-1 and returns
 // the smallest failing i, or n. Sequential (stopping at the first failure)
@@ -86,12 +86,13 @@ class GaussianBlock final : public ParameterBlock {
   absl::string_view kind() const override { return kGaussianBlockKind; }
 
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
-      const BlockStepInput& input, const StepContext& context) override {
-    if (!input.gaussian.has_value()) {
+      const BlockStepInput& step_input, const StepContext& context) override {
+    const GaussianStepInput* input = std::get_if<GaussianStepInput>(&step_input);
+    if (input == nullptr) {
       return Invalid(
           "needs the gaussian step input (param1, param2, grad1, grad2)");
     }
-    if (absl::Status s = CheckShapes(*input.gaussian); !s.ok()) return s;
+    if (absl::Status s = CheckShapes(*input); !s.ok()) return s;
     const double gamma = options_.gamma->Value(context.step);
     if (!std::isfinite(gamma) || gamma < 0) {
       return Invalid(absl::StrCat("gamma schedule gave ", gamma, " at step ",
@@ -99,11 +100,12 @@ class GaussianBlock final : public ParameterBlock {
     }
     absl::StatusOr<BlockStepOutput> out =
         precision_ == Precision::kFloat32
-            ? Step<float>(*input.gaussian, gamma)
-            : Step<double>(*input.gaussian, gamma);
+            ? Step<float>(*input, gamma)
+            : Step<double>(*input, gamma);
     if (!out.ok()) return out.status();
     out->hyperparameters["gamma"] = gamma;
-    out->hyperparameters["gamma_used"] = out->gaussian->gamma_used;
+    out->hyperparameters["gamma_used"] =
+        std::get<GaussianStepOutput>(out->kind_output).gamma_used;
     return std::make_unique<GaussianPendingUpdate>(this, *std::move(out));
   }
 
@@ -274,7 +276,7 @@ class GaussianBlock final : public ParameterBlock {
       }
     }
 
-    GaussianStepOutputData out;
+    GaussianStepOutput out;
     out.gamma_used = gamma_used;
     out.halvings = halvings;
     out.param1.resize(copies);
@@ -299,7 +301,7 @@ class GaussianBlock final : public ParameterBlock {
       return true;
     });
     BlockStepOutput result;
-    result.gaussian = std::move(out);
+    result.kind_output = std::move(out);
     return result;
   }
 
@@ -313,8 +315,9 @@ class GaussianBlock final : public ParameterBlock {
 BlockStepOutput GaussianPendingUpdate::Commit(double /*kl_scale*/) {
   // Not KL-clipped: γ is the Gaussian step's only scale.
   ++block_->steps_;
-  block_->gamma_used_ = output_.gaussian->gamma_used;
-  block_->halvings_ = output_.gaussian->halvings;
+  const auto& g = std::get<GaussianStepOutput>(output_.kind_output);
+  block_->gamma_used_ = g.gamma_used;
+  block_->halvings_ = g.halvings;
   return std::move(output_);
 }
 

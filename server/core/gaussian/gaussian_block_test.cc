@@ -17,6 +17,7 @@
 namespace natgrad::core {
 namespace {
 
+using ::natgrad::core::testing::GaussianOf;
 using ::natgrad::core::testing::AllParametrizations;
 using ::natgrad::core::testing::MaxAbsDiff;
 using ::natgrad::core::testing::MeanCov;
@@ -29,7 +30,7 @@ using ::natgrad::core::testing::RandomVector;
 using ::testing::HasSubstr;
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
-using Space = GaussianStepInputData::GradientSpace;
+using Space = GaussianStepInput::GradientSpace;
 using P = GaussianParametrization;
 
 constexpr int kDim = 4;
@@ -51,9 +52,9 @@ GaussianOptions Options(P p, int copies = 2, double gamma = 0.5) {
 }
 
 // Random current parameters in p and a random ∂L/∂η, one per copy.
-BlockStepInput RandomInput(P p, int copies, std::mt19937* rng,
+GaussianStepInput RandomInput(P p, int copies, std::mt19937* rng,
                            Space space = Space::kExpectation) {
-  GaussianStepInputData in;
+  GaussianStepInput in;
   in.gradient_space = space;
   for (int c = 0; c < copies; ++c) {
     auto [p1, p2] = OracleParams(p, {RandomVector(kDim, rng), RandomSpd(kDim, rng)});
@@ -62,9 +63,7 @@ BlockStepInput RandomInput(P p, int copies, std::mt19937* rng,
     in.grad1.push_back(0.1 * RandomVector(kDim, rng));
     in.grad2.push_back(0.1 * RandomSymmetric(kDim, rng));
   }
-  BlockStepInput input;
-  input.gaussian = std::move(in);
-  return input;
+  return in;
 }
 
 StepContext Ctx(int64_t step) {
@@ -112,7 +111,7 @@ TEST(GaussianBlockTest, StepOutputsAndHyperparameters) {
     GaussianOptions o = Options(p);
     o.gamma = *sched;
     auto block = MakeBlock(o);
-    const BlockStepInput in = RandomInput(p, 2, &rng);
+    const GaussianStepInput in = RandomInput(p, 2, &rng);
     auto pending = block->Propose(in, Ctx(2));
     ASSERT_TRUE(pending.ok()) << pending.status();
     // Propose changes nothing; Commit counts the step.
@@ -123,23 +122,23 @@ TEST(GaussianBlockTest, StepOutputsAndHyperparameters) {
     EXPECT_DOUBLE_EQ(gamma, 0.3);
     EXPECT_EQ(out.hyperparameters.at("gamma"), gamma);
     EXPECT_EQ(out.hyperparameters.at("gamma_used"), gamma);
-    ASSERT_TRUE(out.gaussian.has_value());
-    const GaussianStepOutputData& g = *out.gaussian;
+    ASSERT_TRUE(std::holds_alternative<GaussianStepOutput>(out.kind_output));
+    const GaussianStepOutput& g = GaussianOf(out);
     EXPECT_EQ(g.halvings, 0);
     ASSERT_EQ(g.param1.size(), 2u);
     ASSERT_EQ(g.param2.size(), 2u);
     EXPECT_TRUE(g.direction1.empty());
     EXPECT_TRUE(g.direction2.empty());
     for (int c = 0; c < 2; ++c) {
-      EXPECT_EQ(g.delta1[c], g.param1[c] - in.gaussian->param1[c]);
-      EXPECT_EQ(g.delta2[c], g.param2[c] - in.gaussian->param2[c]);
+      EXPECT_EQ(g.delta1[c], g.param1[c] - in.param1[c]);
+      EXPECT_EQ(g.delta2[c], g.param2[c] - in.param2[c]);
       // The new point is θ − γ ∂L/∂η, by the textbook conversions.
-      const MeanCov old_q = OracleMeanCov(p, in.gaussian->param1[c],
-                                          in.gaussian->param2[c]);
+      const MeanCov old_q = OracleMeanCov(p, in.param1[c],
+                                          in.param2[c]);
       const auto [t1, t2] = OracleParams(P::kNatural, old_q);
       const MeanCov want = OracleMeanCov(
-          P::kNatural, t1 - gamma * in.gaussian->grad1[c],
-          t2 - gamma * in.gaussian->grad2[c]);
+          P::kNatural, t1 - gamma * in.grad1[c],
+          t2 - gamma * in.grad2[c]);
       const auto [w1, w2] = OracleParams(p, want);
       EXPECT_LT(MaxAbsDiff(g.param1[c], w1), 1e-9);
       EXPECT_LT(MaxAbsDiff(g.param2[c], w2), 1e-9);
@@ -158,7 +157,7 @@ TEST(GaussianBlockTest, DirectionIsTangentOfTheStep) {
       auto block = MakeBlock(o);
       auto pending = block->Propose(RandomInput(p, 1, &rng, space), Ctx(1));
       ASSERT_TRUE(pending.ok()) << pending.status();
-      const GaussianStepOutputData g = *(*pending)->Commit(1).gaussian;
+      const GaussianStepOutput g = GaussianOf((*pending)->Commit(1));
       ASSERT_EQ(g.direction1.size(), 1u);
       ASSERT_EQ(g.direction2.size(), 1u);
       const double scale = 1 + g.direction1[0].cwiseAbs().maxCoeff() +
@@ -174,14 +173,14 @@ TEST(GaussianBlockTest, DirectionIsTangentOfTheStep) {
 TEST(GaussianBlockTest, Float32MatchesFloat64) {
   std::mt19937 rng(4);
   for (P p : AllParametrizations()) {
-    const BlockStepInput in = RandomInput(p, 2, &rng, Space::kParametrization);
+    const GaussianStepInput in = RandomInput(p, 2, &rng, Space::kParametrization);
     auto b64 = MakeBlock(Options(p));
     auto b32 = MakeBlock(Options(p), Precision::kFloat32);
     auto p64 = b64->Propose(in, Ctx(1));
     auto p32 = b32->Propose(in, Ctx(1));
     ASSERT_TRUE(p64.ok() && p32.ok());
-    const auto g64 = *(*p64)->Commit(1).gaussian;
-    const auto g32 = *(*p32)->Commit(1).gaussian;
+    const auto g64 = GaussianOf((*p64)->Commit(1));
+    const auto g32 = GaussianOf((*p32)->Commit(1));
     for (int c = 0; c < 2; ++c) {
       const double scale = 1 + g64.param2[c].cwiseAbs().maxCoeff();
       EXPECT_LT(MaxAbsDiff(g32.param1[c], g64.param1[c]), 1e-3 * scale);
@@ -191,17 +190,15 @@ TEST(GaussianBlockTest, Float32MatchesFloat64) {
 }
 
 // q = N(0, I) (P = I) and ∂L/∂η = (0, −c I): P' = (1 − 2γc) I.
-BlockStepInput ConeLeavingInput(P p, double c) {
-  GaussianStepInputData in;
+GaussianStepInput ConeLeavingInput(P p, double c) {
+  GaussianStepInput in;
   const auto [p1, p2] =
       OracleParams(p, {VectorXd::Zero(kDim), MatrixXd::Identity(kDim, kDim)});
   in.param1 = {p1};
   in.param2 = {p2};
   in.grad1 = {VectorXd::Zero(kDim)};
   in.grad2 = {-c * MatrixXd::Identity(kDim, kDim)};
-  BlockStepInput input;
-  input.gaussian = std::move(in);
-  return input;
+  return in;
 }
 
 TEST(GaussianSafeguardTest, HalvesGammaUntilPositiveDefinite) {
@@ -211,12 +208,12 @@ TEST(GaussianSafeguardTest, HalvesGammaUntilPositiveDefinite) {
     auto pending = block->Propose(ConeLeavingInput(p, 1.5), Ctx(1));
     ASSERT_TRUE(pending.ok()) << pending.status();
     const BlockStepOutput out = (*pending)->Commit(1);
-    EXPECT_EQ(out.gaussian->halvings, 2);
-    EXPECT_EQ(out.gaussian->gamma_used, 0.25);
+    EXPECT_EQ(GaussianOf(out).halvings, 2);
+    EXPECT_EQ(GaussianOf(out).gamma_used, 0.25);
     EXPECT_EQ(out.hyperparameters.at("gamma"), 1.0);
     EXPECT_EQ(out.hyperparameters.at("gamma_used"), 0.25);
     const MeanCov q =
-        OracleMeanCov(p, out.gaussian->param1[0], out.gaussian->param2[0]);
+        OracleMeanCov(p, GaussianOf(out).param1[0], GaussianOf(out).param2[0]);
     EXPECT_LT(MaxAbsDiff(q.s, 4 * MatrixXd::Identity(kDim, kDim)), 1e-12);
     EXPECT_LT(q.m.norm(), 1e-12);
     EXPECT_EQ(block->ExportState().scalars.at("halvings"), 2);
@@ -249,7 +246,7 @@ TEST(GaussianSafeguardTest, RejectsWhenAllHalvingsFail) {
 struct BadInputCase {
   std::string label;
   P p;
-  std::function<void(GaussianStepInputData*)> corrupt;
+  std::function<void(GaussianStepInput*)> corrupt;
   std::string message;  // expected substring after `block "q_u": `
 };
 
@@ -334,13 +331,13 @@ TEST_P(BadInputTest, InvalidArgumentNamingFieldAndStateUnchanged) {
     (*good)->Commit(1);
     const BlockState before = block->ExportState();
 
-    BlockStepInput in = RandomInput(c.p, 2, &rng);
+    GaussianStepInput in = RandomInput(c.p, 2, &rng);
+    BlockStepInput step_input = DenseStepInput{};  // not a gaussian input
     if (c.corrupt) {
-      c.corrupt(&*in.gaussian);
-    } else {
-      in.gaussian.reset();
+      c.corrupt(&in);
+      step_input = in;
     }
-    auto pending = block->Propose(in, Ctx(2));
+    auto pending = block->Propose(step_input, Ctx(2));
     ASSERT_FALSE(pending.ok());
     EXPECT_EQ(pending.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(std::string(pending.status().message()),
@@ -358,16 +355,16 @@ TEST(GaussianBlockTest, GradientSpacesAgree) {
   // chain rule for mean+covariance: ∂L/∂η1 = ∂L/∂m − 2Gm, ∂L/∂η2 = G).
   std::mt19937 rng(6);
   auto block = MakeBlock(Options(P::kMeanCovariance, 1));
-  BlockStepInput xi = RandomInput(P::kMeanCovariance, 1, &rng, Space::kParametrization);
-  BlockStepInput eta = xi;
-  const MatrixXd g = 0.5 * (xi.gaussian->grad2[0] + xi.gaussian->grad2[0].transpose());
-  eta.gaussian->gradient_space = Space::kExpectation;
-  eta.gaussian->grad1[0] = xi.gaussian->grad1[0] - 2 * g * xi.gaussian->param1[0];
+  GaussianStepInput xi = RandomInput(P::kMeanCovariance, 1, &rng, Space::kParametrization);
+  GaussianStepInput eta = xi;
+  const MatrixXd g = 0.5 * (xi.grad2[0] + xi.grad2[0].transpose());
+  eta.gradient_space = Space::kExpectation;
+  eta.grad1[0] = xi.grad1[0] - 2 * g * xi.param1[0];
   auto a = block->Propose(xi, Ctx(1));
   auto b = block->Propose(eta, Ctx(1));
   ASSERT_TRUE(a.ok() && b.ok());
-  const auto ga = *(*a)->Commit(1).gaussian;
-  const auto gb = *(*b)->Commit(1).gaussian;
+  const auto ga = GaussianOf((*a)->Commit(1));
+  const auto gb = GaussianOf((*b)->Commit(1));
   EXPECT_LT(MaxAbsDiff(ga.param1[0], gb.param1[0]), 1e-12);
   EXPECT_LT(MaxAbsDiff(ga.param2[0], gb.param2[0]), 1e-12);
 }

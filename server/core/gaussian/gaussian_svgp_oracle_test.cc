@@ -23,6 +23,7 @@ namespace natgrad::core {
 namespace {
 
 using ::natgrad::core::testing::AllParametrizations;
+using ::natgrad::core::testing::GaussianOf;
 using ::natgrad::core::testing::MaxAbsDiff;
 using ::natgrad::core::testing::MeanCov;
 using ::natgrad::core::testing::OracleMeanCov;
@@ -31,7 +32,7 @@ using ::natgrad::core::testing::RandomSpd;
 using ::natgrad::core::testing::RandomVector;
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
-using Space = GaussianStepInputData::GradientSpace;
+using Space = GaussianStepInput::GradientSpace;
 
 double LogDet(const MatrixXd& spd) {
   const MatrixXd l = spd.llt().matrixL();
@@ -138,9 +139,9 @@ class Svgp {
   MatrixXd kmm_, knm_, kmm_inv_, a_;
 };
 
-BlockStepInput MakeInput(const Svgp& model, GaussianParametrization p,
+GaussianStepInput MakeInput(const Svgp& model, GaussianParametrization p,
                          const std::vector<MeanCov>& qs, Space space) {
-  GaussianStepInputData in;
+  GaussianStepInput in;
   in.gradient_space = space;
   for (const MeanCov& q : qs) {
     auto [p1, p2] = OracleParams(p, q);
@@ -150,9 +151,7 @@ BlockStepInput MakeInput(const Svgp& model, GaussianParametrization p,
     in.grad1.push_back(g1);
     in.grad2.push_back(g2);
   }
-  BlockStepInput input;
-  input.gaussian = std::move(in);
-  return input;
+  return in;
 }
 
 std::unique_ptr<ParameterBlock> MakeBlock(GaussianParametrization p,
@@ -191,13 +190,13 @@ TEST_P(SvgpOracleTest, UnitStepLandsOnTitsiasBound) {
     auto pending = block->Propose(MakeInput(model, p, starts, space), ctx);
     ASSERT_TRUE(pending.ok()) << pending.status();
     const BlockStepOutput out = (*pending)->Commit(1.0);
-    ASSERT_TRUE(out.gaussian.has_value());
-    EXPECT_EQ(out.gaussian->halvings, 0);
-    EXPECT_EQ(out.gaussian->gamma_used, 1.0);
+    ASSERT_TRUE(std::holds_alternative<GaussianStepOutput>(out.kind_output));
+    EXPECT_EQ(GaussianOf(out).halvings, 0);
+    EXPECT_EQ(GaussianOf(out).gamma_used, 1.0);
     for (int c = 0; c < 2; ++c) {
       EXPECT_GT(bound - model.Elbo(starts[c]), 1e-3) << "start not optimal";
       const MeanCov q =
-          OracleMeanCov(p, out.gaussian->param1[c], out.gaussian->param2[c]);
+          OracleMeanCov(p, GaussianOf(out).param1[c], GaussianOf(out).param2[c]);
       EXPECT_NEAR(model.Elbo(q), bound, 1e-8) << "copy " << c;
       const auto [t1, t2] = OracleParams(GaussianParametrization::kNatural, q);
       EXPECT_LT(MaxAbsDiff(t1, model.Theta1Star()),
@@ -225,8 +224,8 @@ TEST_P(SvgpOracleTest, DampedStepsContractExactly) {
     auto pending = block->Propose(MakeInput(model, p, {q}, space), ctx);
     ASSERT_TRUE(pending.ok()) << pending.status();
     const BlockStepOutput out = (*pending)->Commit(1.0);
-    EXPECT_EQ(out.gaussian->gamma_used, gamma);
-    q = OracleMeanCov(p, out.gaussian->param1[0], out.gaussian->param2[0]);
+    EXPECT_EQ(GaussianOf(out).gamma_used, gamma);
+    q = OracleMeanCov(p, GaussianOf(out).param1[0], GaussianOf(out).param2[0]);
     const auto [t1, t2] = OracleParams(GaussianParametrization::kNatural, q);
     const double f = std::pow(1 - gamma, t);
     EXPECT_LT(MaxAbsDiff(t1 - model.Theta1Star(), f * e1_0), 1e-9 * scale)
@@ -269,7 +268,7 @@ TEST(SvgpOracleFloat32Test, UnitStepLandsNearTitsiasBound) {
     ASSERT_TRUE(pending.ok()) << pending.status();
     const BlockStepOutput out = (*pending)->Commit(1.0);
     const MeanCov q =
-        OracleMeanCov(p, out.gaussian->param1[0], out.gaussian->param2[0]);
+        OracleMeanCov(p, GaussianOf(out).param1[0], GaussianOf(out).param2[0]);
     EXPECT_NEAR(model.Elbo(q), bound, 1e-3 * std::abs(bound))
         << GaussianParametrizationName(p);
   }

@@ -13,6 +13,8 @@
 #include "Eigen/LU"
 #include "server/core/gaussian/gaussian_parametrization.h"
 
+#include "server/core/block.h"
+
 namespace natgrad::core::testing {
 
 using Eigen::MatrixXd;
@@ -95,6 +97,11 @@ inline MeanCov OracleMeanCov(GaussianParametrization p, const VectorXd& p1,
     }
   }
   return {};
+}
+
+// A Gaussian block's kind-specific output.
+inline const GaussianStepOutput& GaussianOf(const BlockStepOutput& out) {
+  return std::get<GaussianStepOutput>(out.kind_output);
 }
 
 inline double MaxAbsDiff(const MatrixXd& a, const MatrixXd& b) {

@@ -11,6 +11,7 @@
 #include "Eigen/Cholesky"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/block_error.h"
 #include "server/core/kfac/kfac_kernels.h"
 
 namespace natgrad::core {
@@ -36,8 +37,7 @@ std::string Shape(Eigen::Index rows, Eigen::Index cols) {
 
 absl::Status InvalidField(absl::string_view block, absl::string_view field,
                           absl::string_view what) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("block \"", block, "\": ", field, " ", what));
+  return InvalidBlockField(block, field, what);
 }
 
 // "" when all finite, else where the first non-finite value is.
@@ -54,8 +54,8 @@ std::string NonFiniteAt(const Eigen::MatrixXd& m) {
   return "";
 }
 
-// Shape and finiteness of a client matrix, then the cast to the state
-// precision (float32 blocks also refuse values beyond float range).
+// Shape and finiteness of a matrix, then the cast to the state precision
+// (float32 blocks also refuse values beyond float range).
 template <typename Scalar>
 absl::StatusOr<kfac::Matrix<Scalar>> CheckedCast(absl::string_view block,
                                                  absl::string_view field,
@@ -77,14 +77,45 @@ absl::StatusOr<kfac::Matrix<Scalar>> CheckedCast(absl::string_view block,
   return out;
 }
 
+// The same for a client tensor, read straight into Scalar from its dtype.
+template <typename Scalar>
+absl::StatusOr<kfac::Matrix<Scalar>> CheckedTensor(absl::string_view block,
+                                                   absl::string_view field,
+                                                   const DenseTensor& t,
+                                                   Eigen::Index rows,
+                                                   Eigen::Index cols) {
+  if (t.rows() != rows || t.cols() != cols) {
+    return InvalidField(block, field,
+                        absl::StrCat("has shape ", Shape(t.rows(), t.cols()),
+                                     ", want ", Shape(rows, cols)));
+  }
+  kfac::Matrix<Scalar> out = t.template ToMatrix<Scalar>();
+  if (!out.allFinite()) {
+    if (!t.AllFinite()) {
+      // Locate it for the message (the error path only).
+      return InvalidField(block, field,
+                          NonFiniteAt(t.template ToMatrix<double>()));
+    }
+    return InvalidField(block, field, "has values beyond float32 range");
+  }
+  return out;
+}
+
 // A reduced factor from the client: square, finite, symmetric and PSD up to
 // rounding. The PSD test is a Cholesky of X + delta I in float64 (O(d^3/3),
 // a sixth of the preconditioning GEMMs), delta = tol * max diag.
 template <typename Scalar>
 absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
                                                    absl::string_view field,
-                                                   const Eigen::MatrixXd& x,
+                                                   const DenseTensor& tensor,
                                                    Eigen::Index dim) {
+  if (tensor.rows() != dim || tensor.cols() != dim) {
+    return InvalidField(block, field,
+                        absl::StrCat("has shape ",
+                                     Shape(tensor.rows(), tensor.cols()),
+                                     ", want ", Shape(dim, dim)));
+  }
+  const Eigen::MatrixXd x = tensor.template ToMatrix<double>();
   if (x.rows() != dim || x.cols() != dim) {
     return InvalidField(block, field,
                         absl::StrCat("has shape ", Shape(x.rows(), x.cols()),
@@ -142,95 +173,95 @@ double Dot(const kfac::Matrix<Scalar>& x, const kfac::Matrix<Scalar>& y) {
 
 }  // namespace
 
-// The result of Propose: everything Commit installs, computed up front.
+// The result of Propose: everything Commit installs, computed up front, so
+// the update never reads the block (kfac-jax's split of a curvature block's
+// step into update-estimate, update-cache and multiply).
 template <typename Scalar>
-class KfacDensePendingUpdate final : public PendingBlockUpdate {
+class KfacDensePendingUpdate final : public PendingBlockUpdate,
+                                     public CurvatureModel {
  public:
   using Block = KfacDenseBlock<Scalar>;
   using Matrix = typename Block::Matrix;
 
-  explicit KfacDensePendingUpdate(Block* block) : block_(block) {}
+  KfacDensePendingUpdate(Block* block, int64_t step,
+                         typename Block::Hyperparameters hyper,
+                         typename Block::Factors factors,
+                         typename Block::RefreshPlan plan, Matrix grad,
+                         Matrix v, std::optional<Matrix> decayed_momentum)
+      : block_(block),
+        step_(step),
+        hyper_(hyper),
+        factors_(std::move(factors)),
+        plan_(std::move(plan)),
+        grad_(std::move(grad)),
+        v_(std::move(v)),
+        decayed_momentum_(std::move(decayed_momentum)) {}
 
-  bool clipped_by_kl() const override { return true; }
-  double KlTerm() const override { return lr * lr * Dot(v, grad); }
+  const CurvatureModel* curvature() const override { return this; }
+  double KlTerm() const override {
+    return hyper_.lr * hyper_.lr * Dot(v_, grad_);
+  }
 
   // The K-FAC quadratic model of the loss change for the committed delta,
-  // with the current (not the possibly stale decomposed) factors and this
-  // step's lambda: <grad, delta> + 1/2 <delta, G delta A> + 1/2 lambda |delta|^2.
-  double PredictedReduction(double kl_scale) const override {
-    const Matrix delta = static_cast<Scalar>(-lr) * Momentum(kl_scale);
-    // After Commit the new EMA sums live in the block.
-    const bool own = a_ema && !committed_;
-    const Matrix& a_sum = own ? *a_ema : block_->a_ema_;
-    const Matrix& g_sum = own ? *g_ema : block_->g_ema_;
-    const Scalar inv_w = static_cast<Scalar>(1.0 / ema_weight);
-    const Matrix g_factor = inv_w * g_sum;
-    const Matrix a_factor = inv_w * a_sum;
+  // with this step's (not the possibly stale decomposed) factors and lambda:
+  // <grad, delta> + 1/2 <delta, G delta A> + 1/2 lambda |delta|^2.
+  double PredictedReduction(double scale) const override {
+    const Matrix delta = static_cast<Scalar>(-hyper_.lr) * Momentum(scale);
+    const Scalar inv_w = static_cast<Scalar>(1.0 / factors_.weight);
+    const Matrix g_factor = inv_w * *factors_.g_sum;
+    const Matrix a_factor = inv_w * *factors_.a_sum;
     const Matrix curvature = kfac::Product<Scalar>(
         kfac::Product<Scalar>(g_factor, false, delta, false), false, a_factor,
         false);
-    return Dot(grad, delta) + 0.5 * Dot(delta, curvature) +
-           0.5 * damping * delta.template cast<double>().squaredNorm();
+    return Dot(grad_, delta) + 0.5 * Dot(delta, curvature) +
+           0.5 * hyper_.damping * delta.template cast<double>().squaredNorm();
   }
 
-  BlockStepOutput Commit(double kl_scale) override {
+  BlockStepOutput Commit(double scale) override {
     Block& b = *block_;
-    b.momentum_ = Momentum(kl_scale);
-    if (a_ema) {
-      b.a_ema_ = std::move(*a_ema);
-      b.g_ema_ = std::move(*g_ema);
-      b.ema_weight_ = ema_weight;
-      b.stats_updates_ = stats_updates;
-    }
-    if (clear_in_flight) b.in_flight_.reset();
-    if (start_in_flight) b.in_flight_ = std::move(*start_in_flight);
-    if (install) b.decomp_ = std::move(*install);
-    b.last_step_ = step;
-    committed_ = true;
+    b.momentum_ = Momentum(scale);
+    b.factors_ = factors_;  // shared sums: PredictedReduction stays valid
+    if (plan_.clear_in_flight) b.in_flight_.reset();
+    if (plan_.start_in_flight) b.in_flight_ = std::move(*plan_.start_in_flight);
+    if (plan_.install) b.decomp_ = std::move(*plan_.install);
+    b.last_step_ = step_;
 
     BlockStepOutput out;
-    out.delta = (static_cast<Scalar>(-lr) * b.momentum_).template cast<double>();
-    out.hyperparameters = {{"learning_rate", lr},
-                           {"damping", damping},
-                           {"momentum", momentum},
-                           {"weight_decay", weight_decay},
-                           {"kl_scale", kl_scale}};
-    out.inversion_micros = inversion_micros;
+    out.delta =
+        (static_cast<Scalar>(-hyper_.lr) * b.momentum_).template cast<double>();
+    out.hyperparameters = {{"learning_rate", hyper_.lr},
+                           {"damping", hyper_.damping},
+                           {"momentum", hyper_.momentum},
+                           {"weight_decay", hyper_.weight_decay},
+                           {"kl_scale", scale}};
+    out.inversion_micros = plan_.inversion_micros;
     return out;
   }
 
-  int64_t step = 0;
-  double lr = 0, damping = 0, momentum = 0, weight_decay = 0;
-  Matrix grad;  // the gradient preconditioned: grad + wd W
-  Matrix v;     // the preconditioned gradient
-  std::optional<Matrix> decayed_momentum;  // mu m_old, when mu != 0
-  // New EMA state when this step folds statistics.
-  std::optional<Matrix> a_ema, g_ema;
-  double ema_weight = 0;
-  int64_t stats_updates = 0;
-  std::optional<typename Block::Decomp> install;
-  bool clear_in_flight = false;
-  std::optional<typename Block::Refresh> start_in_flight;
-  int64_t inversion_micros = 0;
-
  private:
-  // mu m_old + nu V, independent of the block (valid after Commit too).
-  Matrix Momentum(double kl_scale) const {
-    Matrix m = static_cast<Scalar>(kl_scale) * v;
-    if (decayed_momentum) m += *decayed_momentum;
+  // mu m_old + nu V.
+  Matrix Momentum(double scale) const {
+    Matrix m = static_cast<Scalar>(scale) * v_;
+    if (decayed_momentum_) m += *decayed_momentum_;
     return m;
   }
 
-  Block* block_;
-  bool committed_ = false;
+  Block* const block_;
+  const int64_t step_;
+  const typename Block::Hyperparameters hyper_;
+  typename Block::Factors factors_;
+  typename Block::RefreshPlan plan_;
+  const Matrix grad_;  // the gradient preconditioned: grad + wd W
+  const Matrix v_;     // the preconditioned gradient
+  const std::optional<Matrix> decayed_momentum_;  // mu m_old, when mu != 0
 };
 
 template <typename Scalar>
 KfacDenseBlock<Scalar>::KfacDenseBlock(std::string name,
                                        KfacDenseOptions options)
     : ParameterBlock(std::move(name)), options_(std::move(options)) {
-  a_ema_ = Matrix::Zero(a_dim(), a_dim());
-  g_ema_ = Matrix::Zero(g_dim(), g_dim());
+  factors_.a_sum = std::make_shared<const Matrix>(Matrix::Zero(a_dim(), a_dim()));
+  factors_.g_sum = std::make_shared<const Matrix>(Matrix::Zero(g_dim(), g_dim()));
   momentum_ = Matrix::Zero(g_dim(), a_dim());
 }
 
@@ -262,20 +293,19 @@ KfacDenseBlock<Scalar>::Resolve(const Refresh& refresh) const {
         std::tuple{&refresh.g, g_dim(), 'G'}}) {
     const absl::StatusOr<engine::Decomposition<Scalar>>& r = future->get();
     if (!r.ok()) {
-      return absl::Status(
-          r.status().code(),
-          absl::StrCat("block \"", name(), "\": decomposing factor ", 
-                       std::string(1, which), " at step ", refresh.step, ": ",
-                       r.status().message()));
+      return BlockError(r.status().code(), name(),
+                        absl::StrCat("factor ", std::string(1, which)),
+                        absl::StrCat("could not be decomposed at step ",
+                                     refresh.step, ": ", r.status().message()));
     }
     const bool bad_shape =
         r->matrix.rows() != dim || r->matrix.cols() != dim ||
         (eigen && r->eigenvalues.size() != dim);
     if (bad_shape || !r->matrix.allFinite() ||
         (eigen && !r->eigenvalues.allFinite())) {
-      return absl::InternalError(absl::StrCat(
-          "block \"", name(), "\": the engine returned a malformed or "
-          "non-finite decomposition of factor ", std::string(1, which)));
+      return BlockError(absl::StatusCode::kInternal, name(),
+                        absl::StrCat("factor ", std::string(1, which)),
+                        "got a malformed or non-finite decomposition from the engine");
     }
     Matrix& m = which == 'A' ? d.a : d.g;
     m = r->matrix;
@@ -288,41 +318,49 @@ KfacDenseBlock<Scalar>::Resolve(const Refresh& refresh) const {
 }
 
 template <typename Scalar>
-absl::StatusOr<std::unique_ptr<PendingBlockUpdate>>
-KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
-                                const StepContext& context) {
-  const int64_t t = context.step;
-  if (t < 1) return Invalid("step", absl::StrCat("is ", t, ", want >= 1"));
-  if (t <= last_step_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("block \"", name(), "\": step ", t,
-                     " is not after the block's last step ", last_step_));
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Hyperparameters>
+KfacDenseBlock<Scalar>::ResolveHyperparameters(
+    int64_t t, const KfacStepInput& input, const StepContext& context) const {
+  auto value = [&](const SchedulePtr& s) { return s->Value(t); };
+  Hyperparameters h;
+  h.lr = input.learning_rate ? *input.learning_rate
+                             : value(options_.learning_rate);
+  h.momentum = value(options_.momentum);
+  h.weight_decay = value(options_.weight_decay);
+  h.damping = context.damping_override ? *context.damping_override
+                                       : value(options_.damping);
+  if (!std::isfinite(h.lr) || h.lr < 0) {
+    return Invalid("learning_rate",
+                   absl::StrCat("is ", h.lr, " at step ", t, ", want >= 0"));
   }
+  if (!std::isfinite(h.momentum)) {
+    return Invalid("momentum", absl::StrCat("is ", h.momentum, " at step ", t));
+  }
+  if (!std::isfinite(h.weight_decay)) {
+    return Invalid("weight_decay",
+                   absl::StrCat("is ", h.weight_decay, " at step ", t));
+  }
+  if (!std::isfinite(h.damping) || h.damping <= 0) {
+    return Invalid(context.damping_override ? "damping_override" : "damping",
+                   absl::StrCat("is ", h.damping, " at step ", t, ", want > 0"));
+  }
+  return h;
+}
+
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Factors>
+KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input,
+                                       int64_t t) const {
   const Eigen::Index ad = a_dim(), gd = g_dim();
-  auto pending = std::make_unique<KfacDensePendingUpdate<Scalar>>(this);
-  pending->step = t;
-
-  // Gradient and parameters.
-  absl::StatusOr<Matrix> grad =
-      CheckedCast<Scalar>(name(), "gradient", input.gradient, gd, ad);
-  if (!grad.ok()) return grad.status();
-  std::optional<Matrix> params;
-  if (input.params) {
-    absl::StatusOr<Matrix> p =
-        CheckedCast<Scalar>(name(), "params", *input.params, gd, ad);
-    if (!p.ok()) return p.status();
-    params = *std::move(p);
-  }
-
-  // Statistics: validated whenever sent, folded only on statistics steps
-  // (and whenever none has been folded yet, so factors always exist).
-  const bool fold = IsStatsStep(t) || stats_updates_ == 0;
+  // Statistics are validated whenever sent and folded only on statistics
+  // steps (and whenever none has been folded yet, so factors always exist).
+  const bool fold = IsStatsStep(t) || factors_.updates == 0;
   std::optional<Matrix> a_batch, g_batch;
   if (input.kfac) {
     const KfacStatisticsInput& s = *input.kfac;
     if (s.form == KfacStatisticsInput::Form::kRaw) {
-      const Eigen::MatrixXd& a = s.activations;
-      const Eigen::MatrixXd& g = s.output_gradients;
+      const DenseTensor& a = s.activations;
+      const DenseTensor& g = s.output_gradients;
       const int64_t rows = a.rows();
       if (s.locations < 0) {
         return Invalid("kfac.raw.locations",
@@ -349,10 +387,10 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
                        absl::StrCat("has ", rows, " rows, want a multiple of "
                                     "locations (", loc, ")"));
       }
-      absl::StatusOr<Matrix> as =
-          CheckedCast<Scalar>(name(), "kfac.raw.activations", a, rows, a.cols());
+      absl::StatusOr<Matrix> as = CheckedTensor<Scalar>(
+          name(), "kfac.raw.activations", a, rows, a.cols());
       if (!as.ok()) return as.status();
-      absl::StatusOr<Matrix> gs = CheckedCast<Scalar>(
+      absl::StatusOr<Matrix> gs = CheckedTensor<Scalar>(
           name(), "kfac.raw.output_gradients", g, rows, g.cols());
       if (!gs.ok()) return gs.status();
       if (fold) {
@@ -390,63 +428,42 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
                                         " folds them (stats_period ",
                                         options_.stats_period, ")"));
   }
-
-  // Hyperparameters of this step.
-  auto value = [&](const SchedulePtr& s) { return s->Value(t); };
-  const double lr = input.learning_rate ? *input.learning_rate
-                                        : value(options_.learning_rate);
-  const double mu = value(options_.momentum);
-  const double wd = value(options_.weight_decay);
-  const double lambda = context.damping_override
-                            ? *context.damping_override
-                            : value(options_.damping);
-  if (!std::isfinite(lr) || lr < 0) {
-    return Invalid("learning_rate",
-                   absl::StrCat("is ", lr, " at step ", t, ", want >= 0"));
-  }
-  if (!std::isfinite(mu)) {
-    return Invalid("momentum", absl::StrCat("is ", mu, " at step ", t));
-  }
-  if (!std::isfinite(wd)) {
-    return Invalid("weight_decay", absl::StrCat("is ", wd, " at step ", t));
-  }
-  if (!std::isfinite(lambda) || lambda <= 0) {
-    return Invalid(context.damping_override ? "damping_override" : "damping",
-                   absl::StrCat("is ", lambda, " at step ", t, ", want > 0"));
-  }
-  pending->lr = lr;
-  pending->momentum = mu;
-  if (mu != 0) pending->decayed_momentum = static_cast<Scalar>(mu) * momentum_;
-  pending->weight_decay = wd;
-  pending->damping = lambda;
+  if (!fold) return factors_;  // shares the current sums, no copy
 
   // EMA of the factors from a zero start; factor = sum / weight (kfac-jax's
   // WeightedMovingAverage, i.e. Adam-style bias correction).
   const Scalar rho = static_cast<Scalar>(options_.ema_decay);
-  if (fold) {
-    pending->a_ema = rho * a_ema_ + (Scalar(1) - rho) * *a_batch;
-    pending->g_ema = rho * g_ema_ + (Scalar(1) - rho) * *g_batch;
-    pending->ema_weight = options_.ema_decay * ema_weight_ +
-                          (1.0 - options_.ema_decay);
-    pending->stats_updates = stats_updates_ + 1;
-  } else {
-    pending->ema_weight = ema_weight_;
-  }
+  Factors next;
+  next.a_sum = std::make_shared<const Matrix>(rho * *factors_.a_sum +
+                                              (Scalar(1) - rho) * *a_batch);
+  next.g_sum = std::make_shared<const Matrix>(rho * *factors_.g_sum +
+                                              (Scalar(1) - rho) * *g_batch);
+  next.weight = options_.ema_decay * factors_.weight + (1.0 - options_.ema_decay);
+  next.updates = factors_.updates + 1;
+  return next;
+}
 
-  // Decomposition: resolve an async refresh in flight, refresh if due.
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::RefreshPlan>
+KfacDenseBlock<Scalar>::PlanRefresh(int64_t t, double lambda,
+                                    const Factors& factors,
+                                    const StepContext& context) const {
+  RefreshPlan plan;
   const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
   bool refresh = IsInverseStep(t) || decomp_.step == 0;
   bool force_wait = (t == 1);
+  // An async refresh in flight is installed once ready, or waited for when
+  // overdue.
   if (in_flight_) {
     const bool ready = IsReady(in_flight_->a) && IsReady(in_flight_->g);
     const bool overdue = refresh || t - in_flight_->step >= options_.max_staleness;
     if (ready || overdue) {
       const Clock::time_point start = Clock::now();
       absl::StatusOr<Decomp> d = Resolve(*in_flight_);
-      pending->inversion_micros += MicrosSince(start);
-      pending->clear_in_flight = true;
+      plan.inversion_micros += MicrosSince(start);
+      plan.clear_in_flight = true;
       if (d.ok()) {
-        pending->install = *std::move(d);
+        plan.install = *std::move(d);
       } else {
         // Redo it now from the current factors, waiting this time.
         refresh = true;
@@ -454,72 +471,119 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
       }
     }
   }
-  if (refresh) {
-    if (context.engine == nullptr) {
-      return absl::InternalError(absl::StrCat(
-          "block \"", name(), "\": no inversion engine in the step context"));
-    }
-    const Matrix& a_sum = pending->a_ema ? *pending->a_ema : a_ema_;
-    const Matrix& g_sum = pending->g_ema ? *pending->g_ema : g_ema_;
-    const Scalar inv_w = static_cast<Scalar>(1.0 / pending->ema_weight);
-    Matrix a_factor = inv_w * a_sum;
-    Matrix g_factor = inv_w * g_sum;
-    Refresh r;
-    r.step = t;
-    DecompositionKind kind = DecompositionKind::kEigh;
-    if (!eigen) {
-      // Factored Tikhonov (Martens & Grosse §6.3): the damping is split
-      // between the factors by pi and baked into their inverses.
-      r.damping = lambda;
-      const double pi = kfac::PiCorrection(a_factor, g_factor);
-      const double sqrt_lambda = std::sqrt(lambda);
-      a_factor.diagonal().array() += static_cast<Scalar>(pi * sqrt_lambda);
-      g_factor.diagonal().array() += static_cast<Scalar>(sqrt_lambda / pi);
-      kind = DecompositionKind::kCholeskyInverse;
-    }
-    const Clock::time_point start = Clock::now();
-    r.a = context.engine->Submit(std::move(a_factor), kind).share();
-    r.g = context.engine->Submit(std::move(g_factor), kind).share();
-    const bool have_previous = pending->install || decomp_.step > 0;
-    const bool wait = force_wait || !options_.async_inversion ||
-                      !have_previous || options_.max_staleness == 0 ||
-                      (IsReady(r.a) && IsReady(r.g));
-    if (wait) {
-      absl::StatusOr<Decomp> d = Resolve(r);
-      pending->inversion_micros += MicrosSince(start);
-      if (!d.ok()) return d.status();
-      pending->install = *std::move(d);
-    } else {
-      pending->inversion_micros += MicrosSince(start);
-      pending->start_in_flight = std::move(r);
-    }
+  if (!refresh) return plan;
+  if (context.engine == nullptr) {
+    return BlockError(absl::StatusCode::kInternal, name(), "",
+                      "has no inversion engine in the step context");
   }
-  const Decomp& use = pending->install ? *pending->install : decomp_;
+  const Scalar inv_w = static_cast<Scalar>(1.0 / factors.weight);
+  Matrix a_factor = inv_w * *factors.a_sum;
+  Matrix g_factor = inv_w * *factors.g_sum;
+  Refresh r;
+  r.step = t;
+  DecompositionKind kind = DecompositionKind::kEigh;
+  if (!eigen) {
+    // Factored Tikhonov (Martens & Grosse §6.3): the damping is split
+    // between the factors by pi and baked into their inverses.
+    r.damping = lambda;
+    const double pi = kfac::PiCorrection(a_factor, g_factor);
+    const double sqrt_lambda = std::sqrt(lambda);
+    a_factor.diagonal().array() += static_cast<Scalar>(pi * sqrt_lambda);
+    g_factor.diagonal().array() += static_cast<Scalar>(sqrt_lambda / pi);
+    kind = DecompositionKind::kCholeskyInverse;
+  }
+  const Clock::time_point start = Clock::now();
+  r.a = context.engine->Submit(std::move(a_factor), kind).share();
+  r.g = context.engine->Submit(std::move(g_factor), kind).share();
+  const bool have_previous = plan.install || decomp_.step > 0;
+  const bool wait = force_wait || !options_.async_inversion || !have_previous ||
+                    options_.max_staleness == 0 ||
+                    (IsReady(r.a) && IsReady(r.g));
+  if (wait) {
+    absl::StatusOr<Decomp> d = Resolve(r);
+    plan.inversion_micros += MicrosSince(start);
+    if (!d.ok()) return d.status();
+    plan.install = *std::move(d);
+  } else {
+    plan.inversion_micros += MicrosSince(start);
+    plan.start_in_flight = std::move(r);
+  }
+  return plan;
+}
 
-  // Precondition grad (+ wd W).
-  Matrix g = *std::move(grad);
-  if (params && wd != 0) g += static_cast<Scalar>(wd) * *params;
-  pending->v = eigen ? kfac::PreconditionEigen<Scalar>(
-                           use.g, use.g_values, use.a, use.a_values, g,
-                           static_cast<Scalar>(lambda))
-                     : kfac::PreconditionFactored<Scalar>(use.g, use.a, g);
-  if (!pending->v.allFinite()) {
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Matrix>
+KfacDenseBlock<Scalar>::Precondition(const Decomp& use, const Matrix& g,
+                                     double lambda) const {
+  const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
+  Matrix v = eigen ? kfac::PreconditionEigen<Scalar>(
+                         use.g, use.g_values, use.a, use.a_values, g,
+                         static_cast<Scalar>(lambda))
+                   : kfac::PreconditionFactored<Scalar>(use.g, use.a, g);
+  if (!v.allFinite()) {
     return Invalid("gradient",
                    "gives a non-finite preconditioned gradient; the damping "
                    "is too small for the factors' scale");
   }
-  pending->grad = std::move(g);
-  return pending;
+  return v;
+}
+
+template <typename Scalar>
+absl::StatusOr<std::unique_ptr<PendingBlockUpdate>>
+KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
+                                const StepContext& context) {
+  absl::StatusOr<const KfacStepInput*> in = InputOf<KfacStepInput>(step_input);
+  if (!in.ok()) return in.status();
+  const KfacStepInput& input = **in;
+  const int64_t t = context.step;
+  if (t < 1) return Invalid("step", absl::StrCat("is ", t, ", want >= 1"));
+  if (t <= last_step_) {
+    return BlockError(absl::StatusCode::kFailedPrecondition, name(), "step",
+                      absl::StrCat(t, " is not after the block's last step ",
+                                   last_step_));
+  }
+  const Eigen::Index ad = a_dim(), gd = g_dim();
+  absl::StatusOr<Matrix> grad =
+      CheckedTensor<Scalar>(name(), "gradient", input.gradient, gd, ad);
+  if (!grad.ok()) return grad.status();
+  std::optional<Matrix> params;
+  if (input.params) {
+    absl::StatusOr<Matrix> p =
+        CheckedTensor<Scalar>(name(), "params", *input.params, gd, ad);
+    if (!p.ok()) return p.status();
+    params = *std::move(p);
+  }
+  absl::StatusOr<Factors> factors = FoldStatistics(input, t);
+  if (!factors.ok()) return factors.status();
+  absl::StatusOr<Hyperparameters> hyper = ResolveHyperparameters(t, input, context);
+  if (!hyper.ok()) return hyper.status();
+  absl::StatusOr<RefreshPlan> plan = PlanRefresh(t, hyper->damping, *factors, context);
+  if (!plan.ok()) return plan.status();
+
+  Matrix g = *std::move(grad);
+  if (params && hyper->weight_decay != 0) {
+    g += static_cast<Scalar>(hyper->weight_decay) * *params;
+  }
+  absl::StatusOr<Matrix> v =
+      Precondition(plan->install ? *plan->install : decomp_, g, hyper->damping);
+  if (!v.ok()) return v.status();
+  std::optional<Matrix> decayed;
+  if (hyper->momentum != 0) {
+    decayed = static_cast<Scalar>(hyper->momentum) * momentum_;
+  }
+  return std::make_unique<KfacDensePendingUpdate<Scalar>>(
+      this, t, *hyper, *std::move(factors), *std::move(plan), std::move(g),
+      *std::move(v), std::move(decayed));
 }
 
 template <typename Scalar>
 BlockState KfacDenseBlock<Scalar>::ExportState() const {
   BlockState s;
-  s.tensors["a_ema"] = a_ema_.template cast<double>();
-  s.tensors["g_ema"] = g_ema_.template cast<double>();
+  s.tensors["a_ema"] = factors_.a_sum->template cast<double>();
+  s.tensors["g_ema"] = factors_.g_sum->template cast<double>();
   s.tensors["momentum"] = momentum_.template cast<double>();
-  s.scalars["ema_weight"] = ema_weight_;
-  s.scalars["stats_updates"] = static_cast<double>(stats_updates_);
+  s.scalars["ema_weight"] = factors_.weight;
+  s.scalars["stats_updates"] = static_cast<double>(factors_.updates);
   s.scalars["last_step"] = static_cast<double>(last_step_);
 
   const Decomp* d = &decomp_;
@@ -550,8 +614,7 @@ template <typename Scalar>
 absl::Status KfacDenseBlock<Scalar>::ImportState(const BlockState& state) {
   const Eigen::Index ad = a_dim(), gd = g_dim();
   auto bad = [&](absl::string_view what) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("block \"", name(), "\": state ", what));
+    return InvalidBlockField(name(), "state", what);
   };
   auto scalar = [&](const std::string& key, bool integer, double lo,
                     double hi) -> absl::StatusOr<double> {
@@ -621,11 +684,11 @@ absl::Status KfacDenseBlock<Scalar>::ImportState(const BlockState& state) {
     cast[key] = *std::move(m);
   }
 
-  a_ema_ = std::move(cast["a_ema"]);
-  g_ema_ = std::move(cast["g_ema"]);
+  factors_.a_sum = std::make_shared<const Matrix>(std::move(cast["a_ema"]));
+  factors_.g_sum = std::make_shared<const Matrix>(std::move(cast["g_ema"]));
   momentum_ = std::move(cast["momentum"]);
-  ema_weight_ = *weight;
-  stats_updates_ = static_cast<int64_t>(*updates);
+  factors_.weight = *weight;
+  factors_.updates = static_cast<int64_t>(*updates);
   last_step_ = static_cast<int64_t>(*last);
   decomp_ = Decomp{};
   decomp_.step = static_cast<int64_t>(*dstep);
@@ -647,7 +710,7 @@ absl::Status KfacDenseBlock<Scalar>::ImportState(const BlockState& state) {
 
 template <typename Scalar>
 int64_t KfacDenseBlock<Scalar>::StateBytes() const {
-  int64_t n = a_ema_.size() + g_ema_.size() + momentum_.size() +
+  int64_t n = factors_.a_sum->size() + factors_.g_sum->size() + momentum_.size() +
               decomp_.a.size() + decomp_.g.size() + decomp_.a_values.size() +
               decomp_.g_values.size();
   if (in_flight_) {
@@ -673,8 +736,7 @@ absl::StatusOr<std::unique_ptr<ParameterBlock>> NewKfacDenseBlock(
       return std::make_unique<KfacDenseBlock<double>>(std::move(name),
                                                       *std::move(normalized));
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("block \"", name, "\": unknown precision"));
+  return InvalidBlockField(name, "precision", "is unknown");
 }
 
 }  // namespace natgrad::core

@@ -57,10 +57,10 @@ absl::StatusOr<std::unique_ptr<ParameterBlock>> NewKfacDenseBlock(
 template <typename Scalar>
 class KfacDensePendingUpdate;
 
-// Instantiated for float and double in the .cc. Pending updates point at
-// the block: the block must outlive them, and only the latest proposal may be
-// committed (the session's protocol). KlTerm and PredictedReduction may be
-// asked before or after Commit.
+// Instantiated for float and double in the .cc. A pending update holds
+// everything it installs; Commit writes it into the block, so the block must
+// outlive it and only the latest proposal may be committed (the session's
+// protocol).
 template <typename Scalar>
 class KfacDenseBlock final : public ParameterBlock {
  public:
@@ -99,17 +99,50 @@ class KfacDenseBlock final : public ParameterBlock {
     double damping = 0;
     Future a, g;
   };
+  // EMA sums of the factors (factor = sum / weight). Shared and immutable,
+  // so a proposal that does not fold statistics holds them without a copy.
+  struct Factors {
+    std::shared_ptr<const Matrix> a_sum, g_sum;
+    double weight = 0;     // 1 - decay^k after k folds
+    int64_t updates = 0;   // k
+  };
+  struct Hyperparameters {
+    double lr = 0, damping = 0, momentum = 0, weight_decay = 0;
+  };
+  // What this step does to the decomposition.
+  struct RefreshPlan {
+    std::optional<Decomp> install;
+    bool clear_in_flight = false;
+    std::optional<Refresh> start_in_flight;
+    int64_t inversion_micros = 0;
+  };
 
   int64_t a_dim() const { return options_.d_in + (options_.has_bias ? 1 : 0); }
   int64_t g_dim() const { return options_.d_out; }
   absl::Status Invalid(absl::string_view field, absl::string_view what) const;
+
+  // The three parts of a step:
+  // 1. fold this step's statistics into new EMA factors (or share the
+  //    current ones when the step does not fold);
+  absl::StatusOr<Factors> FoldStatistics(const KfacStepInput& input,
+                                         int64_t t) const;
+  // 2. plan the decomposition: install a finished async refresh, submit a
+  //    due one to the engine and wait for it unless it may run behind;
+  absl::StatusOr<RefreshPlan> PlanRefresh(int64_t t, double lambda,
+                                          const Factors& factors,
+                                          const StepContext& context) const;
+  // 3. precondition the gradient with the decomposition in use.
+  absl::StatusOr<Matrix> Precondition(const Decomp& use, const Matrix& grad,
+                                      double lambda) const;
+
+  absl::StatusOr<Hyperparameters> ResolveHyperparameters(
+      int64_t t, const KfacStepInput& input, const StepContext& context) const;
   // The decomposition a refresh resolves to, checking the engine's output.
   absl::StatusOr<Decomp> Resolve(const Refresh& refresh) const;
 
   KfacDenseOptions options_;
-  Matrix a_ema_, g_ema_, momentum_;
-  double ema_weight_ = 0;
-  int64_t stats_updates_ = 0;
+  Factors factors_;
+  Matrix momentum_;
   int64_t last_step_ = 0;
   Decomp decomp_;
   std::optional<Refresh> in_flight_;

@@ -1,4 +1,4 @@
-#include "server/core/kfac/kl_clipping.h"
+#include "server/core/curvature/kl_clipping.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,7 +23,16 @@ double KlClipSum(
     const std::vector<std::unique_ptr<PendingBlockUpdate>>& updates) {
   double sum = 0;
   for (const auto& u : updates) {
-    if (u && u->clipped_by_kl()) sum += u->KlTerm();
+    if (u && u->curvature()) sum += u->curvature()->KlTerm();
+  }
+  return sum;
+}
+
+double PredictedReductionSum(
+    const std::vector<std::unique_ptr<PendingBlockUpdate>>& updates, double scale) {
+  double sum = 0;
+  for (const auto& u : updates) {
+    if (u && u->curvature()) sum += u->curvature()->PredictedReduction(scale);
   }
   return sum;
 }

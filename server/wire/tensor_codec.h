@@ -1,8 +1,8 @@
 // natgrad.v1.Tensor <-> Eigen. Wire tensors are row-major little-endian
 // (DESIGN.md §3); Eigen matrices are column-major, so every copy transposes
 // through a row-major map.
-#ifndef NATGRAD_SERVER_SESSION_TENSOR_CODEC_H_
-#define NATGRAD_SERVER_SESSION_TENSOR_CODEC_H_
+#ifndef NATGRAD_SERVER_WIRE_TENSOR_CODEC_H_
+#define NATGRAD_SERVER_WIRE_TENSOR_CODEC_H_
 
 #include <cstdint>
 #include <string>
@@ -12,8 +12,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "natgrad/v1/tensor.pb.h"
+#include "server/core/dense_tensor.h"
 
-namespace natgrad::session {
+namespace natgrad::wire {
 
 int64_t NumElements(const natgrad::v1::Tensor& tensor);
 
@@ -21,6 +22,11 @@ int64_t NumElements(const natgrad::v1::Tensor& tensor);
 // the tensor in error messages ("blocks[0].gradient").
 absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
                             absl::string_view field);
+
+// Validates `tensor` and moves its values into a core tensor (the wire
+// message keeps an empty payload): no conversion, no copy of the values.
+absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
+                                             absl::string_view field);
 
 // Decodes as a rows x cols matrix: rank 0 is 1x1, rank 1 is n x 1, rank 2 is
 // itself, higher ranks are [shape[0], prod(rest)]. Call ValidateTensor first.
@@ -43,6 +49,6 @@ inline natgrad::v1::Tensor EncodeExact(const Eigen::MatrixXd& matrix) {
   return EncodeMatrix(matrix, natgrad::v1::FLOAT64);
 }
 
-}  // namespace natgrad::session
+}  // namespace natgrad::wire
 
-#endif  // NATGRAD_SERVER_SESSION_TENSOR_CODEC_H_
+#endif  // NATGRAD_SERVER_WIRE_TENSOR_CODEC_H_

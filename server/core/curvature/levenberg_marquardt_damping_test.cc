@@ -1,4 +1,4 @@
-#include "server/core/kfac/levenberg_marquardt_damping.h"
+#include "server/core/curvature/levenberg_marquardt_damping.h"
 
 #include <cmath>
 

@@ -1,4 +1,4 @@
-#include "server/session/tensor_codec.h"
+#include "server/wire/tensor_codec.h"
 
 #include <bit>
 #include <cmath>
@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
-namespace natgrad::session {
+namespace natgrad::wire {
 namespace {
 
 using RowMajor =
@@ -85,26 +85,27 @@ absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
   const size_t es = ElementSize(tensor.dtype());
   if (es == 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat(field, ": dtype must be FLOAT32 or FLOAT64, got ",
-                     natgrad::v1::DType_Name(tensor.dtype())));
+        absl::StrCat(field, " has dtype ",
+                     natgrad::v1::DType_Name(tensor.dtype()),
+                     ", want FLOAT32 or FLOAT64"));
   }
   int64_t n = 1;
   for (int64_t d : tensor.shape()) {
     if (d < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
-          field, ": negative dimension in shape [",
+          field, " has a negative dimension in shape [",
           absl::StrJoin(tensor.shape(), ", "), "]"));
     }
     // Guard the product against overflow before multiplying.
     if (d != 0 && n > (int64_t{1} << 40) / d) {
       return absl::InvalidArgumentError(
-          absl::StrCat(field, ": shape is too large"));
+          absl::StrCat(field, " has too large a shape"));
     }
     n *= d;
   }
   if (tensor.data().size() != static_cast<size_t>(n) * es) {
     return absl::InvalidArgumentError(absl::StrCat(
-        field, ": data has ", tensor.data().size(), " bytes, shape [",
+        field, " has ", tensor.data().size(), " bytes of data, shape [",
         absl::StrJoin(tensor.shape(), ", "), "] of ",
         natgrad::v1::DType_Name(tensor.dtype()), " needs ", n * es));
   }
@@ -113,9 +114,20 @@ absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
                           : AllFinite<double>(tensor.data());
   if (!finite) {
     return absl::InvalidArgumentError(
-        absl::StrCat(field, ": contains NaN or Inf"));
+        absl::StrCat(field, " contains NaN or Inf"));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
+                                             absl::string_view field) {
+  if (absl::Status s = ValidateTensor(*tensor, field); !s.ok()) return s;
+  std::string bytes;
+  tensor->mutable_data()->swap(bytes);
+  return core::DenseTensor::FromBytes(
+      tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32
+                                              : core::DType::kFloat64,
+      {tensor->shape().begin(), tensor->shape().end()}, std::move(bytes));
 }
 
 Eigen::MatrixXd DecodeMatrix(const natgrad::v1::Tensor& tensor) {
@@ -162,4 +174,4 @@ natgrad::v1::Tensor EncodeMatrix(const Eigen::MatrixXd& matrix,
   return EncodeMatrix(matrix, dtype, {matrix.rows(), matrix.cols()});
 }
 
-}  // namespace natgrad::session
+}  // namespace natgrad::wire

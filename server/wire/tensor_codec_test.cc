@@ -1,4 +1,4 @@
-#include "server/session/tensor_codec.h"
+#include "server/wire/tensor_codec.h"
 
 #include <cstring>
 #include <limits>
@@ -6,7 +6,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace natgrad::session {
+namespace natgrad::wire {
 namespace {
 
 using ::testing::HasSubstr;
@@ -62,9 +62,9 @@ TEST(TensorCodec, Float64IsExact) {
 TEST(TensorCodec, RejectsWhatCannotBeRead) {
   natgrad::v1::Tensor t = Floats({1, 2}, {2});
   t.set_dtype(natgrad::v1::DTYPE_UNSPECIFIED);
-  EXPECT_THAT(ValidateTensor(t, "f").message(), HasSubstr("f: dtype"));
+  EXPECT_THAT(ValidateTensor(t, "f").message(), HasSubstr("f has dtype"));
   t = Floats({1, 2}, {3});
-  EXPECT_THAT(ValidateTensor(t, "f").message(), HasSubstr("data has 8 bytes"));
+  EXPECT_THAT(ValidateTensor(t, "f").message(), HasSubstr("has 8 bytes of data"));
   t = Floats({1, 2}, {-2});
   EXPECT_THAT(ValidateTensor(t, "f").message(), HasSubstr("negative"));
   t = Floats({1, std::numeric_limits<float>::infinity()}, {2});
@@ -74,4 +74,4 @@ TEST(TensorCodec, RejectsWhatCannotBeRead) {
 }
 
 }  // namespace
-}  // namespace natgrad::session
+}  // namespace natgrad::wire

@@ -1,4 +1,4 @@
-#include "server/session/schedule_codec.h"
+#include "server/wire/schedule_codec.h"
 
 #include <cmath>
 #include <vector>
@@ -7,7 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
-namespace natgrad::session {
+namespace natgrad::wire {
 namespace {
 
 absl::StatusOr<core::SchedulePtr> Build(const natgrad::v1::Schedule& s,
@@ -89,4 +89,4 @@ absl::StatusOr<core::SchedulePtr> ScheduleFromProto(
   return built;
 }
 
-}  // namespace natgrad::session
+}  // namespace natgrad::wire

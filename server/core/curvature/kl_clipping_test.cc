@@ -1,4 +1,4 @@
-#include "server/core/kfac/kl_clipping.h"
+#include "server/core/curvature/kl_clipping.h"
 
 #include <cmath>
 #include <limits>
@@ -8,11 +8,14 @@
 namespace natgrad::core {
 namespace {
 
-class FakeUpdate final : public PendingBlockUpdate {
+class FakeUpdate final : public PendingBlockUpdate, public CurvatureModel {
  public:
   FakeUpdate(bool clipped, double term) : clipped_(clipped), term_(term) {}
-  bool clipped_by_kl() const override { return clipped_; }
+  const CurvatureModel* curvature() const override {
+    return clipped_ ? this : nullptr;
+  }
   double KlTerm() const override { return term_; }
+  double PredictedReduction(double scale) const override { return scale * term_; }
   BlockStepOutput Commit(double) override { return {}; }
 
  private:
@@ -37,6 +40,7 @@ TEST(KfacKlClipping, SumsOnlyClippedUpdates) {
   updates.push_back(std::make_unique<FakeUpdate>(true, 0.5));
   updates.push_back(nullptr);
   EXPECT_DOUBLE_EQ(KlClipSum(updates), 0.75);
+  EXPECT_DOUBLE_EQ(PredictedReductionSum(updates, 2.0), 1.5);
 }
 
 TEST(KfacKlClipping, KappaMustBePositive) {

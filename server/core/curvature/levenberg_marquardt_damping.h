@@ -15,8 +15,8 @@
 //   lm.EndStep(t, sum of PredictedReduction(nu) over the blocks);
 //   session_lm = lm;                                // only once committed
 // A missing loss at t or t+1 skips that measurement.
-#ifndef NATGRAD_SERVER_CORE_KFAC_LEVENBERG_MARQUARDT_DAMPING_H_
-#define NATGRAD_SERVER_CORE_KFAC_LEVENBERG_MARQUARDT_DAMPING_H_
+#ifndef NATGRAD_SERVER_CORE_CURVATURE_LEVENBERG_MARQUARDT_DAMPING_H_
+#define NATGRAD_SERVER_CORE_CURVATURE_LEVENBERG_MARQUARDT_DAMPING_H_
 
 #include <cstdint>
 #include <map>
@@ -81,4 +81,4 @@ class LevenbergMarquardtDamping {
 
 }  // namespace natgrad::core
 
-#endif  // NATGRAD_SERVER_CORE_KFAC_LEVENBERG_MARQUARDT_DAMPING_H_
+#endif  // NATGRAD_SERVER_CORE_CURVATURE_LEVENBERG_MARQUARDT_DAMPING_H_

@@ -1,0 +1,195 @@
+#include "server/blocks/kfac_dense/kfac_dense_kind.h"
+
+#include "absl/strings/str_join.h"
+#include "server/blocks/internal/dense_codec.h"
+#include "server/core/kfac/kfac_dense_block.h"
+#include "server/core/kfac/kfac_dense_options.h"
+#include "server/wire/tensor_codec.h"
+
+namespace natgrad::blocks {
+namespace {
+
+using natgrad::v1::BlockConfig;
+using internal::SaturatingAdd;
+using internal::SaturatingMul;
+using internal::StepField;
+
+absl::Status CheckRank2(const natgrad::v1::Tensor& t, const std::string& field) {
+  if (t.shape_size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " must be a rank-2 tensor, got shape [", absl::StrJoin(t.shape(), ", "), "]"));
+  }
+  return absl::OkStatus();
+}
+
+// A required rank-2 statistics tensor, moved out of the message.
+absl::StatusOr<core::DenseTensor> TakeStatistic(bool present, natgrad::v1::Tensor* t,
+                                                const std::string& field) {
+  if (!present) return absl::InvalidArgumentError(field + " is required");
+  if (absl::Status s = CheckRank2(*t, field); !s.ok()) return s;
+  return wire::TakeTensor(t, field);
+}
+
+class KfacDenseBlockKind final : public BlockKind {
+ public:
+  absl::string_view name() const override { return "kfac_dense"; }
+  BlockConfig::KindCase config_case() const override { return BlockConfig::kKfacDense; }
+
+  std::vector<int64_t> CanonicalShape(const BlockConfig& config) const override {
+    if (config.shape_size() > 0) return {config.shape().begin(), config.shape().end()};
+    const auto& k = config.kfac_dense();
+    return {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+  }
+
+  absl::Status Validate(const BlockConfig& config, natgrad::v1::DType,
+                        const std::string& field) const override {
+    absl::StatusOr<core::KfacDenseOptions> o = Options(config, field);
+    if (!o.ok()) return o.status();
+    return Prefixed(core::NormalizeKfacDenseOptions(config.name(), *o).status(), field);
+  }
+
+  int64_t EstimateStateBytes(const BlockConfig& config,
+                             natgrad::v1::DType state_dtype) const override {
+    const auto& k = config.kfac_dense();
+    const int64_t a = SaturatingAdd(std::max<int64_t>(k.d_in(), 0), k.has_bias() ? 1 : 0);
+    const int64_t g = std::max<int64_t>(k.d_out(), 0);
+    // EMA factors + momentum, then the installed and one in-flight
+    // decomposition (eigen mode also keeps the eigenvalues).
+    const int64_t squares = SaturatingAdd(SaturatingMul(a, a), SaturatingMul(g, g));
+    const int64_t decomposition = SaturatingAdd(squares, a + g);
+    const int64_t elements = SaturatingAdd(SaturatingAdd(squares, SaturatingMul(g, a)),
+                                           SaturatingMul(2, decomposition));
+    return SaturatingMul(internal::ElementBytes(state_dtype, 4), elements);
+  }
+
+  absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewBlock(
+      const BlockConfig& config, natgrad::v1::DType state_dtype,
+      const std::string& field) const override {
+    absl::StatusOr<core::KfacDenseOptions> o = Options(config, field);
+    if (!o.ok()) return o.status();
+    auto block = core::NewKfacDenseBlock(
+        config.name(), *o, internal::PrecisionOf(state_dtype, core::Precision::kFloat32));
+    if (!block.ok()) return Prefixed(block.status(), field);
+    return block;
+  }
+
+  std::optional<double> InitialDamping(const BlockConfig& config) const override {
+    auto s = internal::OptionalSchedule(config.kfac_dense().damping(), "");
+    if (!s.ok() || *s == nullptr) return core::kKfacDefaultDamping;
+    return (*s)->Value(1);
+  }
+
+  absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
+                                                  const BlockConfig&,
+                                                  ReplyFormat* reply) const override {
+    if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
+    absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
+    if (!dense.ok()) return dense.status();
+    core::KfacStepInput in;
+    static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+    if (!step.has_kfac()) return core::BlockStepInput(std::move(in));
+    core::KfacStatisticsInput k;
+    natgrad::v1::KfacStatistics& wire = *step.mutable_kfac();
+    if (wire.has_raw()) {
+      auto& raw = *wire.mutable_raw();
+      k.form = core::KfacStatisticsInput::Form::kRaw;
+      auto a = TakeStatistic(raw.has_activations(), raw.mutable_activations(),
+                             StepField(step, "kfac.raw.activations"));
+      if (!a.ok()) return a.status();
+      auto g = TakeStatistic(raw.has_output_gradients(), raw.mutable_output_gradients(),
+                             StepField(step, "kfac.raw.output_gradients"));
+      if (!g.ok()) return g.status();
+      k.activations = *std::move(a);
+      k.output_gradients = *std::move(g);
+      k.num_examples = k.activations.rows();
+      k.locations = raw.locations();
+    } else if (wire.has_reduced()) {
+      auto& red = *wire.mutable_reduced();
+      k.form = core::KfacStatisticsInput::Form::kReduced;
+      auto a = TakeStatistic(red.has_a_factor(), red.mutable_a_factor(),
+                             StepField(step, "kfac.reduced.a_factor"));
+      if (!a.ok()) return a.status();
+      auto g = TakeStatistic(red.has_g_factor(), red.mutable_g_factor(),
+                             StepField(step, "kfac.reduced.g_factor"));
+      if (!g.ok()) return g.status();
+      k.a_factor = *std::move(a);
+      k.g_factor = *std::move(g);
+      k.num_examples = red.num_examples();
+    } else {
+      return absl::InvalidArgumentError(
+          StepField(step, "kfac must set either raw or reduced statistics"));
+    }
+    in.kfac = std::move(k);
+    return core::BlockStepInput(std::move(in));
+  }
+
+  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+                    natgrad::v1::BlockUpdate* update) const override {
+    internal::EncodeDelta(output, reply, update);
+  }
+
+  std::vector<std::string> SnapshotTensorNames() const override {
+    return {"a_ema",          "g_ema",          "momentum",
+            "a_eigenvectors", "a_eigenvalues",  "g_eigenvectors",
+            "g_eigenvalues",  "a_damped_inverse", "g_damped_inverse"};
+  }
+
+ private:
+  static absl::Status Prefixed(const absl::Status& s, const std::string& field) {
+    if (s.ok()) return s;
+    return absl::Status(s.code(), absl::StrCat(field, ".kfac_dense: ", s.message()));
+  }
+
+  // Unset schedules stay null: the block applies its documented defaults.
+  absl::StatusOr<core::KfacDenseOptions> Options(const BlockConfig& config,
+                                                 const std::string& field) const {
+    const auto& k = config.kfac_dense();
+    const std::vector<int64_t> shape = CanonicalShape(config);
+    const std::vector<int64_t> want = {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    if (shape != want) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".shape: a kfac_dense block's shape is [d_out, d_in + has_bias] = [",
+          absl::StrJoin(want, ", "), "], got [", absl::StrJoin(shape, ", "), "]"));
+    }
+    core::KfacDenseOptions o;
+    o.d_in = k.d_in();
+    o.d_out = k.d_out();
+    o.has_bias = k.has_bias();
+    for (auto [proto, param, out] :
+         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate},
+          std::tuple{&k.damping(), "damping", &o.damping},
+          std::tuple{&k.momentum(), "momentum", &o.momentum},
+          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay}}) {
+      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".kfac_dense.", param));
+      if (!s.ok()) return s.status();
+      *out = *std::move(s);
+    }
+    switch (k.damping_mode()) {
+      case natgrad::v1::EIGEN_EXACT:
+        o.damping_mode = core::KfacDampingMode::kEigenExact;
+        break;
+      case natgrad::v1::FACTORED_TIKHONOV:
+      case natgrad::v1::DAMPING_MODE_UNSPECIFIED:
+        o.damping_mode = core::KfacDampingMode::kFactoredTikhonov;
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(field, ".kfac_dense.damping_mode: unknown"));
+    }
+    o.ema_decay = k.ema_decay();
+    o.inverse_period = k.inverse_period();
+    o.stats_period = k.stats_period();
+    o.locations = k.locations();
+    o.async_inversion = k.async_inversion();
+    o.max_staleness = k.max_staleness();
+    return o;
+  }
+};
+
+}  // namespace
+
+const BlockKind& KfacDenseKind() {
+  static const KfacDenseBlockKind kind;
+  return kind;
+}
+
+}  // namespace natgrad::blocks

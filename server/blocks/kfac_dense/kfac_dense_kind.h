@@ -1,0 +1,13 @@
+// The `kfac_dense` block kind: config, step and update wire formats.
+#ifndef NATGRAD_SERVER_BLOCKS_KFAC_DENSE_KFAC_DENSE_KIND_H_
+#define NATGRAD_SERVER_BLOCKS_KFAC_DENSE_KFAC_DENSE_KIND_H_
+
+#include "server/blocks/block_kind.h"
+
+namespace natgrad::blocks {
+
+const BlockKind& KfacDenseKind();
+
+}  // namespace natgrad::blocks
+
+#endif  // NATGRAD_SERVER_BLOCKS_KFAC_DENSE_KFAC_DENSE_KIND_H_

@@ -1,0 +1,94 @@
+// A tensor as a client sent it: dtype, row-major shape and the raw
+// little-endian values, owned. Blocks read it straight into their own
+// precision (a float32 tensor never passes through double on its way to a
+// float32 block). Pure C++: the service moves the wire bytes in, the math
+// reads them out.
+#ifndef NATGRAD_SERVER_CORE_DENSE_TENSOR_H_
+#define NATGRAD_SERVER_CORE_DENSE_TENSOR_H_
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "Eigen/Core"
+
+namespace natgrad::core {
+
+enum class DType { kFloat32, kFloat64 };
+
+class DenseTensor {
+ public:
+  template <typename Scalar>
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  template <typename Scalar>
+  using RowMajorMap = Eigen::Map<
+      const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+
+  DenseTensor() = default;
+  // A float64 [rows, cols] tensor holding m (tests and in-process callers).
+  template <typename Derived>
+  DenseTensor(const Eigen::MatrixBase<Derived>& m) {  // NOLINT: implicit by design
+    SetFromMatrix(Eigen::MatrixXd(m.template cast<double>()));
+  }
+
+  // `bytes` must hold prod(shape) values of `dtype` (the service checks).
+  static DenseTensor FromBytes(DType dtype, std::vector<int64_t> shape,
+                               std::string bytes) {
+    DenseTensor t;
+    t.dtype_ = dtype;
+    t.shape_ = std::move(shape);
+    t.bytes_ = std::move(bytes);
+    return t;
+  }
+
+  DType dtype() const { return dtype_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+  // The block's matrix view: [shape[0], prod(rest)]; a rank-1 tensor of n
+  // values is n x 1, a scalar 1 x 1.
+  int64_t rows() const { return shape_.empty() ? 1 : shape_[0]; }
+  int64_t cols() const;
+  int64_t size() const { return static_cast<int64_t>(bytes_.size() / element_size()); }
+  bool empty() const { return bytes_.empty(); }
+  size_t element_size() const { return dtype_ == DType::kFloat32 ? 4 : 8; }
+  const char* data() const { return bytes_.data(); }
+
+  // The values as the rows x cols matrix, column-major, in Scalar: one pass
+  // from the stored dtype (a transpose-copy; no intermediate double).
+  template <typename Scalar>
+  Matrix<Scalar> ToMatrix() const {
+    return dtype_ == DType::kFloat32 ? Convert<float, Scalar>()
+                                     : Convert<double, Scalar>();
+  }
+
+  // Zero-copy row-major view; Scalar must be the stored dtype.
+  template <typename Scalar>
+  RowMajorMap<Scalar> View() const {
+    return RowMajorMap<Scalar>(reinterpret_cast<const Scalar*>(bytes_.data()),
+                               rows(), cols());
+  }
+
+  // Whether every value is finite (one pass over the stored values).
+  bool AllFinite() const;
+
+ private:
+  void SetFromMatrix(const Eigen::MatrixXd& m);
+
+  template <typename From, typename To>
+  Matrix<To> Convert() const {
+    // memcpy-free read: the bytes may be unaligned, so map them unaligned.
+    Eigen::Map<const Eigen::Matrix<From, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
+               Eigen::Unaligned>
+        src(reinterpret_cast<const From*>(bytes_.data()), rows(), cols());
+    return src.template cast<To>();
+  }
+
+  DType dtype_ = DType::kFloat64;
+  std::vector<int64_t> shape_;
+  std::string bytes_;
+};
+
+}  // namespace natgrad::core
+
+#endif  // NATGRAD_SERVER_CORE_DENSE_TENSOR_H_
