@@ -44,6 +44,8 @@ struct KfacStatisticsInput {
   Eigen::MatrixXd a_factor;
   Eigen::MatrixXd g_factor;
   int64_t num_examples = 0;
+  // kRaw: spatial locations of this step (rows = n*T); 0: the block's own.
+  int64_t locations = 0;
 };
 
 // A Gaussian block's step input (DESIGN.md §4.2): one entry per copy.
@@ -74,6 +76,8 @@ struct BlockStepInput {
   // ranks are flattened to [shape[0], prod(rest)]). Empty for Gaussian blocks.
   Eigen::MatrixXd gradient;
   std::optional<Eigen::MatrixXd> params;
+  // Replaces the learning-rate schedule for this step (client-side scheduler).
+  std::optional<double> learning_rate;
   std::optional<KfacStatisticsInput> kfac;
   std::optional<GaussianStepInputData> gaussian;
 };

@@ -93,6 +93,10 @@ absl::Status StepAssembler::AddBlock(const natgrad::v1::BlockStep& b) {
   out.name = b.name();
 
   if (is_gaussian) {
+    if (b.has_learning_rate()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          f, ".learning_rate: a gaussian block takes no learning rate (its step size is gamma)"));
+    }
     if (b.has_gradient() || b.has_kfac()) {
       return absl::InvalidArgumentError(absl::StrCat(
           f, ": a gaussian block takes its parameters and gradients in `gaussian`"));
@@ -161,6 +165,13 @@ absl::Status StepAssembler::AddBlock(const natgrad::v1::BlockStep& b) {
     auto grad = Required(b.has_gradient(), b.gradient(), f + ".gradient");
     if (!grad.ok()) return grad.status();
     out.input.gradient = *std::move(grad);
+    if (b.has_learning_rate()) {
+      if (!std::isfinite(b.learning_rate()) || b.learning_rate() < 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            f, ".learning_rate: must be finite and >= 0, got ", b.learning_rate()));
+      }
+      out.input.learning_rate = b.learning_rate();
+    }
     out.reply_dtype = b.gradient().dtype();
     out.reply_shape = ShapeOf(b.gradient());
     if (b.has_params()) {
@@ -195,6 +206,7 @@ absl::Status StepAssembler::AddBlock(const natgrad::v1::BlockStep& b) {
         k.activations = DecodeMatrix(raw.activations());
         k.output_gradients = DecodeMatrix(raw.output_gradients());
         k.num_examples = k.activations.rows();
+        k.locations = raw.locations();
       } else if (b.kfac().has_reduced()) {
         const auto& red = b.kfac().reduced();
         k.form = core::KfacStatisticsInput::Form::kReduced;

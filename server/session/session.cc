@@ -237,11 +237,10 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
     }
     inputs[it->second] = &b;
   }
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    if (inputs[i] == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "blocks: block \"", blocks_[i].name, "\" is missing from step ", data.step));
-    }
+  // A block left out of a step (a layer that did not run) keeps its state.
+  if (data.blocks.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("blocks: step ", data.step, " has no blocks"));
   }
 
   core::StepContext context;
@@ -255,6 +254,10 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
   std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending;
   pending.reserve(blocks_.size());
   for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (inputs[i] == nullptr) {
+      pending.push_back(nullptr);
+      continue;
+    }
     auto p = blocks_[i].block->Propose(inputs[i]->input, context);
     if (!p.ok()) return p.status();
     pending.push_back(*std::move(p));
@@ -269,7 +272,9 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
   }
   if (damping.has_value()) {
     double predicted = 0;
-    for (const auto& p : pending) predicted += p->PredictedReduction(kl_scale);
+    for (const auto& p : pending) {
+      if (p != nullptr) predicted += p->PredictedReduction(kl_scale);
+    }
     damping->EndStep(data.step, predicted);
   }
 
@@ -280,6 +285,7 @@ absl::StatusOr<std::shared_ptr<const StepResponse>> Session::ApplyLocked(
   response->set_kl_clip_scale(kl_scale);
   int64_t inversion_micros = 0;
   for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (pending[i] == nullptr) continue;
     core::BlockStepOutput out = pending[i]->Commit(kl_scale);
     const BlockStepData& in = *inputs[i];
     natgrad::v1::BlockUpdate* u = response->add_updates();

@@ -93,7 +93,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
   }
   const int64_t t = context.step;
   absl::StatusOr<double> lr =
-      fo::NonNegativeValue(*options_.learning_rate, t, name(), "learning_rate");
+      fo::LearningRate(*options_.learning_rate, t, name(), input);
   if (!lr.ok()) return lr.status();
   absl::StatusOr<double> wd =
       fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");

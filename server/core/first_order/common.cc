@@ -76,6 +76,21 @@ absl::StatusOr<double> NonNegativeValue(const Schedule& schedule, int64_t t,
   return v;
 }
 
+absl::StatusOr<double> LearningRate(const Schedule& schedule, int64_t t,
+                                    const std::string& block,
+                                    const BlockStepInput& input) {
+  if (!input.learning_rate.has_value()) {
+    return NonNegativeValue(schedule, t, block, "learning_rate");
+  }
+  const double v = *input.learning_rate;
+  if (!std::isfinite(v) || v < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("learning_rate of block '", block, "' at step ", t,
+                     " must be finite and >= 0, the step sets ", v));
+  }
+  return v;
+}
+
 absl::StatusOr<const Eigen::MatrixXd*> StateTensor(const BlockState& state,
                                                    absl::string_view name,
                                                    MatrixShape shape) {

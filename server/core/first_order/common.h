@@ -31,6 +31,11 @@ absl::StatusOr<double> NonNegativeValue(const Schedule& schedule, int64_t t,
                                         const std::string& block,
                                         absl::string_view param);
 
+// The step's learning rate: the input's override when set, else the schedule.
+absl::StatusOr<double> LearningRate(const Schedule& schedule, int64_t t,
+                                    const std::string& block,
+                                    const BlockStepInput& input);
+
 // The state tensor `name` must exist with the block's shape and be finite.
 absl::StatusOr<const Eigen::MatrixXd*> StateTensor(const BlockState& state,
                                                    absl::string_view name,

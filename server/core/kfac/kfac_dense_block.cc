@@ -324,7 +324,11 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
       const Eigen::MatrixXd& a = s.activations;
       const Eigen::MatrixXd& g = s.output_gradients;
       const int64_t rows = a.rows();
-      const int64_t loc = options_.locations;
+      if (s.locations < 0) {
+        return Invalid("kfac.raw.locations",
+                       absl::StrCat("is ", s.locations, ", want >= 0"));
+      }
+      const int64_t loc = s.locations > 0 ? s.locations : options_.locations;
       if (a.cols() != options_.d_in) {
         return Invalid("kfac.raw.activations",
                        absl::StrCat("has ", a.cols(), " columns, want ",
@@ -389,7 +393,8 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
 
   // Hyperparameters of this step.
   auto value = [&](const SchedulePtr& s) { return s->Value(t); };
-  const double lr = value(options_.learning_rate);
+  const double lr = input.learning_rate ? *input.learning_rate
+                                        : value(options_.learning_rate);
   const double mu = value(options_.momentum);
   const double wd = value(options_.weight_decay);
   const double lambda = context.damping_override
