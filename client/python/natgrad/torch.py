@@ -294,7 +294,7 @@ class _KfacModel:
                     surprising.append(f"'{mname}' ({r})")
         if surprising:
             warnings.warn(f"natgrad.torch.{who}: {len(surprising)} layer(s) use the {fallback_kind} "
-                          f"fallback instead of K-FAC: " + "; ".join(surprising), stacklevel=3)
+                          f"fallback instead of K-FAC: " + "; ".join(surprising), stacklevel=4)
 
     def format_report(self):
         """The block table as text: block, kind, module type, parameters, reason."""

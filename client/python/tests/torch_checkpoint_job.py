@@ -24,7 +24,7 @@ class Job:
         torch.manual_seed(0)
         self.mode = mode
         self.model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 8),
-                                   nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+                                   nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).float()
         kw = dict(target=target, damping=1e-2, inverse_period=2, ema_decay=0.9)
         if mode == "optimizer":
             self.ng = natgrad.torch.KFAC(self.model, lr=0.1, momentum=0.9, kl_clip=1e-3, **kw)
@@ -36,7 +36,7 @@ class Job:
 
     def step(self, t):
         g = torch.Generator().manual_seed(1000 + t)
-        x = torch.randn(32, 1, 6, 6, generator=g)
+        x = torch.randn(32, 1, 6, 6, generator=g, dtype=torch.float32)
         y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
         self.opt.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
