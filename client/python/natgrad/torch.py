@@ -293,8 +293,10 @@ class _KfacModel:
                 if r not in ("in skip_layers", "weight is frozen"):
                     surprising.append(f"'{mname}' ({r})")
         if surprising:
-            warnings.warn(f"natgrad.torch.{who}: {len(surprising)} layer(s) use the {fallback_kind} "
-                          f"fallback instead of K-FAC: " + "; ".join(surprising), stacklevel=4)
+            what = ("are not preconditioned (.grad left as is)" if fallback_kind == "untouched"
+                    else f"use the {fallback_kind} fallback instead of K-FAC")
+            warnings.warn(f"natgrad.torch.{who}: {len(surprising)} layer(s) {what}: "
+                          + "; ".join(surprising), stacklevel=4)
 
     def format_report(self):
         """The block table as text: block, kind, module type, parameters, reason."""
@@ -326,8 +328,8 @@ class _KfacModel:
     def _make_forward_hook(self, L):
         def hook(module, inputs, output):
             if not (module.training and torch.is_grad_enabled() and torch.is_tensor(output)
-                    and output.requires_grad):
-                return
+                    and output.requires_grad and inputs and torch.is_tensor(inputs[0])):
+                return  # nothing to record (a step with a gradient then warns and omits it)
             x = inputs[0].detach()
             # n: examples the loss is averaged over. Conv: the batch; Linear on
             # [..., d_in] inputs: every leading position (e.g. tokens).

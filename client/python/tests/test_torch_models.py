@@ -273,6 +273,18 @@ def test_sparse_embedding_gradient_is_densified(target):
     assert losses[-1] < losses[0]
     assert opt.last_result["0.weight"].shape == (20, 8)
     opt.close(delete=True)
+    # Preconditioner mode: the sparse .grad is the user's optimizer's business.
+    pre = natgrad.torch.KFACPreconditioner(model, target=target, damping=1e-2)
+    assert pre.param_kinds == {"0.weight": "untouched", "1.weight": "kfac", "1.bias": "kfac"}
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.zero_grad()
+    F.cross_entropy(model(bags[:32]), y[:32]).backward()
+    raw = model[1].weight.grad.clone()
+    pre.step()
+    assert model[0].weight.grad.is_sparse
+    assert not torch.equal(model[1].weight.grad, raw)
+    sgd.step()
+    pre.close(delete=True)
 
 
 class Functional(nn.Module):
