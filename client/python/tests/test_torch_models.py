@@ -122,6 +122,15 @@ def test_cnn_input_size_changes_between_steps(target):
         losses[s].append(float(loss))
     for s in sizes:  # each size's loss went down
         assert losses[s][-1] < losses[s][0], losses
+    # Two micro-batches of different sizes in one step: reduced factors.
+    opt.accumulation_steps = 2
+    opt.zero_grad()
+    for s in (8, 12):
+        (F.cross_entropy(model(data[s][0]), data[s][1]) / 2).backward()
+    inputs = opt.collect()
+    assert "a_factor" in inputs["0"] and inputs["0"]["num_examples"] == 128
+    opt.step()
+    assert set(opt.last_result) == set(opt.layers)
     opt.close(delete=True)
 
 
