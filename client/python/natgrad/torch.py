@@ -1,52 +1,83 @@
-"""natgrad.torch.KFAC: a torch.optim.Optimizer whose state lives on natgrad-server.
+"""natgrad.torch: K-FAC on natgrad-server for torch.nn.Module models.
+
+Two modes:
+
+* ``KFAC``, a torch.optim.Optimizer whose state lives on the server: it ships
+  gradients + K-FAC statistics and applies the returned deltas::
 
     opt = natgrad.torch.KFAC(model, target="localhost:50051", lr=0.1, damping=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 10, 0.5)    # torch schedulers work
     for x, y in loader:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        opt.step(loss=loss)      # ships gradients + K-FAC statistics, applies deltas
+        opt.step(loss=loss)
+        sched.step()
 
-What it captures (DESIGN.md §4.1):
+* ``KFACPreconditioner`` (as in kfac-pytorch): ``step()`` replaces each K-FAC
+  layer's ``.grad`` with its preconditioned gradient and leaves every other
+  ``.grad`` alone, so your own optimizer and LR scheduler do the update::
+
+    pre = natgrad.torch.KFACPreconditioner(model, target=..., damping=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ...
+    loss.backward()
+    pre.step()
+    opt.step()
+
+Which parameter gets which block is decided at construction and reported
+once (``report``, ``format_report()``, logged at INFO on the "natgrad.torch"
+logger; fallbacks of layers one would expect to be K-FAC also warn once):
+
   * nn.Linear and nn.Conv2d (groups=1, zero padding) are K-FAC blocks. A
     forward hook records each layer's input a (n x d_in; a Conv2d input is
-    unfolded with torch.nn.functional.unfold into n*T rows of patches, T =
-    output locations) and registers a hook on the layer's output tensor,
-    which records the output gradient in backward. Hooking the output tensor
-    (rather than a module backward hook) pairs inputs and gradients exactly
-    when a layer runs several times per step (gradient accumulation, weight
-    sharing).
+    unfolded with F.unfold into n*T rows of patches, T = output locations,
+    sent with every step so the spatial size may change between steps) and
+    hooks the layer's output tensor, which records the output gradient in
+    backward. Hooking the output tensor (rather than a module backward hook)
+    pairs inputs and gradients exactly when a layer runs several times per
+    step (gradient accumulation, weight sharing).
+  * Fallbacks (a first-order server block, ``fallback="adam"`` or "sgd"; in
+    preconditioner mode no block, ``.grad`` untouched): every other
+    parameter (norms, embeddings, ...), layers in ``skip_layers``,
+    unsupported convolutions, the projections of nn.MultiheadAttention (its
+    forward calls F.multi_head_attention_forward with out_proj.weight, so
+    out_proj's forward hook never fires), and tied parameters (one Parameter
+    reachable from several modules, e.g. an LM head tied to an embedding: one
+    layer's factors would precondition a gradient summed over all its uses).
+    Sparse gradients (nn.Embedding(sparse=True)) are densified.
+  * A parameter whose ``.grad`` is None in a step (a branch not used, a
+    task head not trained this step) is left out of that step; the server
+    leaves the omitted block's state alone. ``KFAC.zero_grad`` sets grads to
+    None by default (as torch >= 2.0 does), so unused layers are detected.
+  * A K-FAC layer with a gradient but no captured statistics (its weights
+    used without calling its forward) is left out of the step with a warning
+    (once per layer) instead of failing; put it in ``skip_layers`` to give it
+    a first-order block.
   * Output gradients must be those of the *per-example* loss. With a
     mean-reduced loss (the default, ``loss_reduction="mean"``) backward
-    yields dL/ds_i = (1/n) dl_i/ds_i, so the optimizer multiplies the
-    captured gradients by the batch size n of that forward call (and by
-    ``accumulation_steps`` when the loss is further divided over micro-batches).
-    Use ``loss_reduction="sum"`` for a summed loss.
-  * ``fisher="empirical"`` (default) takes the statistics from the same
-    backward pass as the gradient. ``fisher="sampled"`` uses the true Fisher:
-    after the forward pass call ``opt.sample_fisher(logits)`` (targets drawn
-    from the model's predictive, categorical or Gaussian); it differentiates
-    the sampled per-example losses with respect to the hooked layer outputs
-    only (torch.autograd.grad, .grad untouched), then the usual
-    ``loss.backward()`` provides the gradient.
+    yields dL/ds_i = (1/n) dl_i/ds_i, so the captured gradients are
+    multiplied by the batch size n of that forward call (Linear on
+    [..., d_in] inputs: every leading position, e.g. tokens) and by
+    ``accumulation_steps``. Use ``loss_reduction="sum"`` for a summed loss.
+  * ``fisher="sampled"``: after the forward pass call
+    ``opt.sample_fisher(logits)``; it differentiates the sampled per-example
+    losses with respect to the hooked layer outputs only (.grad untouched).
   * The gradient sent is dL/dW of the mean loss with the bias gradient as W's
     last column ([d_out, d_in + 1]; conv weights flattened to
     [C_out, C_in*kh*kw]).
-  * Every other trainable parameter (BatchNorm, LayerNorm, embeddings,
-    skipped layers) goes to a server-side first-order block (``fallback``:
-    "adam" by default, or "sgd").
   * Statistics are sent raw (rows x d_in, rows x d_out) or reduced
-    (A = ā^T ā / n, G = g^T g / (n T), the server's scaling of raw rows for a
-    convolution with T locations, kfac-jax's): ``reduce="auto"`` sends
-    whichever is smaller.
-  * ``step`` applies ``w += delta`` under torch.no_grad only after every
-    block's delta arrived and was checked; any error raises before a single
-    parameter changes.
+    (A = ā^T ā / n, G = g^T g / (n T), the server's scaling of raw rows):
+    ``reduce="auto"`` sends whichever is smaller.
 
-Hyperparameters (lr, damping, momentum, weight_decay) may be numbers or
-natgrad.schedules messages; they are evaluated on the server at each step,
-so changing ``param_groups[...]["lr"]`` has no effect.
+Checkpoints: ``state_dict()`` holds the exported session (the server's
+optimizer state) and its step; ``load_state_dict()`` imports it into a server
+that does not have the session, or checks that one that does is at the same
+step, and raises a natgrad error on any mismatch.
 """
+import dataclasses
+import logging
+import numbers
 import warnings
 
 import numpy as np
@@ -57,143 +88,238 @@ import torch.nn.functional as F
 import natgrad
 from natgrad import blocks as _blocks
 from natgrad import errors
+from natgrad._pb import session_pb2
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "KFACPreconditioner", "BlockReport"]
+
+log = logging.getLogger("natgrad.torch")
+
+_STATE_FORMAT = 1
 
 
 def _np(t):
     return t.detach().cpu().numpy()
 
 
+def _dense_grad(name, g):
+    """A strided float32/float64 copy-free view of a gradient, or a natgrad error."""
+    if g.layout != torch.strided:
+        try:
+            g = g.to_dense()
+        except Exception as e:  # noqa: BLE001
+            raise errors.InvalidArgument(f"parameter '{name}': cannot densify its {g.layout} "
+                                         f"gradient: {e}", block=name, field="gradient") from None
+    if g.dtype not in (torch.float32, torch.float64):
+        g = g.float()
+    return g
+
+
+def _number(v):
+    """v as a float when it is a plain number (or 0-d tensor), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if torch.is_tensor(v) and v.numel() == 1:
+        return float(v)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockReport:
+    """One row of the construction report.
+
+    block: the server block name ("" for a parameter left to your optimizer
+      in preconditioner mode). kind: "kfac", "adam", "sgd" or "untouched"
+      (preconditioner mode: .grad left as is). module / module_type: the
+      owning module. params: parameter names. reason: why it is not K-FAC.
+    """
+    block: str
+    kind: str
+    module: str
+    module_type: str
+    params: tuple
+    reason: str = ""
+
+
 class _Layer:
     """One K-FAC layer: its module, block name and the records of this step."""
 
-    def __init__(self, name, module):
+    def __init__(self, name, module, param_names, padding):
         self.name = name
         self.module = module
+        self.param_names = param_names
         self.records = []  # [a (detached input), g or None, output (sampled mode), n]
         self.conv = isinstance(module, nn.Conv2d)
+        self.padding = padding
         w = module.weight
         self.d_out = w.shape[0]
         self.d_in = int(np.prod(w.shape[1:]))
         self.bias = module.bias is not None and module.bias.requires_grad
-        if module.bias is not None and not module.bias.requires_grad:
-            self.bias = False
         self.locations = 0
+        self.warned = False
 
     def params(self):
         return [self.module.weight] + ([self.module.bias] if self.bias else [])
 
     def unfold(self, x):
         m = self.module
-        p = m.padding
-        if isinstance(p, str):
-            raise errors.InvalidArgument(f"layer '{self.name}': padding='{p}' is not supported; "
-                                         "use explicit integer padding", block=self.name, field="padding")
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=p, stride=m.stride)
+        if x.dim() == 3:  # unbatched [C, H, W]
+            x = x.unsqueeze(0)
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
         # [N, C*kh*kw, L] -> [N*L, C*kh*kw]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
 
 
-class KFAC(torch.optim.Optimizer):
-    """K-FAC through natgrad-server for a torch.nn.Module.
+def _conv_padding(m):
+    """Explicit symmetric padding for F.unfold, or (None, reason)."""
+    if m.groups != 1:
+        return None, f"groups={m.groups} (K-FAC blocks need groups=1)"
+    if m.padding_mode != "zeros":
+        return None, f"padding_mode='{m.padding_mode}' (K-FAC blocks need zero padding)"
+    p = m.padding
+    if p == "valid":
+        return (0, 0), ""
+    if p == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            return None, "padding='same' with an even kernel pads asymmetrically (F.unfold cannot)"
+        return tuple(t // 2 for t in total), ""
+    return tuple(p), ""
 
-    model: the module; its nn.Linear / nn.Conv2d layers get K-FAC blocks.
-    target / client: where the server is (or a natgrad.Client).
-    session: attach to an existing session (name) instead of creating one.
-    lr, damping, momentum, weight_decay: numbers or natgrad.schedules.
-    damping_mode: "tikhonov" (factored, pi-corrected) or "eigen".
-    ema_decay, inverse_period, stats_period: K-FAC factor updates (None:
-      server defaults, see docs).
-    kl_clip: kappa for KL clipping (None/False: off).
-    adaptive_damping: Levenberg-Marquardt damping (needs step(loss=...)).
-    fisher: "empirical" or "sampled" (see sample_fisher).
-    loss_reduction: "mean" or "sum" (how your loss reduces over the batch).
-    accumulation_steps: micro-batches per step when the loss is divided by it.
-    fallback, fallback_lr, fallback_kwargs: first-order block for other params.
-    skip_layers: module names or class names that must not be K-FAC blocks.
-    reduce: "auto" | True | False: send reduced factors instead of raw rows.
-    state_dtype: server state precision "float32" (default) or "float64".
-    """
 
-    def __init__(self, model, target=None, *, client=None, session=None, token=None, tls=None,
-                 lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, damping_mode="tikhonov",
-                 ema_decay=None, inverse_period=None, stats_period=None, kl_clip=1e-3,
-                 adaptive_damping=False, fisher="empirical", loss_reduction="mean",
-                 accumulation_steps=1, fallback="adam", fallback_lr=1e-3, fallback_kwargs=None,
-                 skip_layers=(), reduce="auto", state_dtype=None, session_id=None,
-                 display_name=None, async_inversion=False, locations=None):
-        if fisher not in ("empirical", "sampled"):
-            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if fallback not in ("adam", "sgd"):
-            raise ValueError(f"fallback must be 'adam' or 'sgd', got {fallback!r}")
-        if reduce not in ("auto", True, False):
-            raise ValueError("reduce must be 'auto', True or False")
-        self.model = model
-        self.fisher = fisher
-        self.loss_reduction = loss_reduction
-        self.accumulation_steps = int(accumulation_steps)
-        self.reduce = reduce
-        self.weight_decay = weight_decay
+class _KfacModel:
+    """What both modes share: the block plan, hooks, statistics, the session
+    and checkpoints. Subclasses set ``_mode`` and ``_fallback_kind``."""
+
+    _mode = None
+
+    # -- construction ---------------------------------------------------------
+    def _plan(self, model, skip_layers, fallback_kind):
+        """Decides each trainable parameter's block; fills self.layers,
+        self.fallback_params and self.report."""
         skip = set(skip_layers)
+        primary = {}  # id(param) -> its name in model.named_parameters() (deduplicated)
+        for pname, p in model.named_parameters():
+            primary.setdefault(id(p), pname)
+        # Every (module, attribute) a Parameter is reachable from; two or more
+        # distinct ones is weight tying (a module reused is not).
+        owners = {}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            for an, p in m._parameters.items():
+                if p is not None:
+                    owners.setdefault(id(p), {})[(id(m), an)] = f"{mname}.{an}" if mname else an
+        tied = {pid: sorted(set(o.values())) for pid, o in owners.items() if len(o) > 1}
+        modules = dict(model.named_modules())
+        mha = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
 
-        # K-FAC layers and fallback parameters.
+        def in_mha(mname):
+            for n in mha:
+                if n == mname or n == "" or mname.startswith(n + "."):
+                    return n
+            return None
+
         self.layers = {}
-        covered = set()
-        for mname, m in model.named_modules():
+        reasons = {}  # id(param) -> reason it is not K-FAC
+        for mname, m in modules.items():
             if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 continue
+            w, b = m.weight, m.bias
+            reason = ""
+            padding = None
             if mname in skip or type(m).__name__ in skip:
-                continue
-            if not m.weight.requires_grad:
-                continue
-            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"
-                                             or isinstance(m.padding, str)):
-                warnings.warn(f"natgrad.torch.KFAC: conv layer '{mname}' (groups={m.groups}, "
-                              f"padding={m.padding!r}, padding_mode={m.padding_mode}) is not "
-                              f"supported by K-FAC; it uses the {fallback} fallback")
+                reason = "in skip_layers"
+            elif in_mha(mname) is not None:
+                reason = (f"inside nn.MultiheadAttention '{in_mha(mname)}', whose forward uses the "
+                          "weights directly (F.multi_head_attention_forward), so this layer's "
+                          "forward hook never fires")
+            elif not w.requires_grad:
+                reason = "weight is frozen"
+            elif id(w) in tied or (b is not None and b.requires_grad and id(b) in tied):
+                pid = id(w) if id(w) in tied else id(b)
+                reason = "tied: the same Parameter is " + " and ".join(f"'{x}'" for x in tied[pid])
+            elif isinstance(m, nn.Conv2d):
+                padding, reason = _conv_padding(m)
+            if reason:
+                for p in (w, b):
+                    if p is not None:
+                        reasons.setdefault(id(p), reason)
                 continue
             bname = mname or "module"
-            layer = _Layer(bname, m)
-            self.layers[bname] = layer
-            covered.update(id(p) for p in layer.params())
+            names = (primary[id(w)],) + ((primary[id(b)],) if b is not None and b.requires_grad else ())
+            self.layers[bname] = _Layer(bname, m, names, padding)
+
+        covered = {id(p) for L in self.layers.values() for p in L.params()}
+        owner_of = {}
+        for mname, m in modules.items():
+            for an, p in m._parameters.items():
+                if p is not None:
+                    owner_of.setdefault(id(p), (mname, m))
         self.fallback_params = {}
+        self.report = []
+        for L in self.layers.values():
+            mname = L.name if L.module is not model else ""
+            self.report.append(BlockReport(L.name, "kfac", mname, type(L.module).__name__, L.param_names))
         for pname, p in model.named_parameters():
-            if p.requires_grad and id(p) not in covered:
-                self.fallback_params[pname] = p
+            if not p.requires_grad or id(p) in covered:
+                continue
+            mname, m = owner_of[id(p)]
+            reason = reasons.get(id(p))
+            if reason is None:
+                if id(p) in tied:
+                    reason = "tied: the same Parameter is " + " and ".join(f"'{x}'" for x in tied[id(p)])
+                elif isinstance(m, nn.MultiheadAttention):
+                    reason = ("nn.MultiheadAttention parameter, used directly by "
+                              "F.multi_head_attention_forward (no layer statistics to capture)")
+                else:
+                    reason = f"{type(m).__name__} is not a K-FAC layer (nn.Linear / nn.Conv2d)"
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+                reason += ("; sparse gradient left to your optimizer" if fallback_kind == "untouched"
+                           else "; sparse gradient densified")
+            self.fallback_params[pname] = p
+            block = "" if fallback_kind == "untouched" else pname
+            self.report.append(BlockReport(block, fallback_kind, mname, type(m).__name__, (pname,), reason))
+        self._announce(model, reasons, modules, fallback_kind)
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum,
-                                      weight_decay=weight_decay))
+    def _announce(self, model, reasons, modules, fallback_kind):
+        who = type(self).__name__
+        log.info("natgrad.torch.%s for %s: %d K-FAC blocks, %d fallback parameters\n%s", who,
+                 type(model).__name__, len(self.layers), len(self.fallback_params), self.format_report())
+        # Warn (once, here) about layers a user would expect to be K-FAC.
+        surprising = []
+        for mname, m in modules.items():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m.weight) in reasons:
+                r = reasons[id(m.weight)]
+                if r not in ("in skip_layers", "weight is frozen"):
+                    surprising.append(f"'{mname}' ({r})")
+        if surprising:
+            what = ("are not preconditioned (.grad left as is)" if fallback_kind == "untouched"
+                    else f"use the {fallback_kind} fallback instead of K-FAC")
+            warnings.warn(f"natgrad.torch.{who}: {len(surprising)} layer(s) {what}: "
+                          + "; ".join(surprising), stacklevel=4)
 
-        # Session: created now, or at the first step when a conv layer's
-        # number of output locations T (part of its block config) is unknown.
+    def format_report(self):
+        """The block table as text: block, kind, module type, parameters, reason."""
+        rows = [("block", "kind", "module", "parameters", "reason")]
+        for r in self.report:
+            rows.append((r.block or "-", r.kind, r.module_type, ", ".join(r.params), r.reason))
+        w = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w[i]) if i < 4 else c for i, c in enumerate(row)).rstrip()
+                         for row in rows)
+
+    @property
+    def param_kinds(self):
+        """parameter name -> block kind ("kfac", "adam", "sgd", "untouched")."""
+        return {p: r.kind for r in self.report for p in r.params}
+
+    def _connect(self, target, client, token, tls):
         if client is None:
             if target is None:
-                raise ValueError("natgrad.torch.KFAC: give target='host:port' or client=")
+                raise ValueError(f"natgrad.torch.{type(self).__name__}: give target='host:port' or client=")
             client = natgrad.Client(target, token=token, tls=tls)
         self.client = client
-        self.session = None
-        self._session_args = dict(
-            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
-            damping_mode=damping_mode, ema_decay=ema_decay, inverse_period=inverse_period,
-            stats_period=stats_period, async_inversion=async_inversion, kl_clip=kl_clip,
-            adaptive_damping=adaptive_damping, state_dtype=state_dtype, session_id=session_id,
-            display_name=display_name, fallback=fallback, fallback_lr=fallback_lr,
-            fallback_kwargs=fallback_kwargs)
-        for name, T in (locations or {}).items():
-            self.layers[name].locations = int(T)
-        if session is not None:
-            self.session = client.get_session(session)
-            self._check_session()
-            for L in self.layers.values():
-                if L.conv:
-                    L.locations = self.session.blocks[L.name].kfac_dense.locations
-        elif not any(L.conv and not L.locations for L in self.layers.values()):
-            self._create_session()
-        self.last_result = None
+
+    def _attach_hooks(self):
         self._handles = []
         for L in self.layers.values():
             self._handles.append(L.module.register_forward_hook(self._make_forward_hook(L)))
@@ -201,12 +327,16 @@ class KFAC(torch.optim.Optimizer):
     # -- hooks ----------------------------------------------------------------
     def _make_forward_hook(self, L):
         def hook(module, inputs, output):
-            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
-                return
+            if not (module.training and torch.is_grad_enabled() and torch.is_tensor(output)
+                    and output.requires_grad and inputs and torch.is_tensor(inputs[0])):
+                return  # nothing to record (a step with a gradient then warns and omits it)
             x = inputs[0].detach()
             # n: examples the loss is averaged over. Conv: the batch; Linear on
             # [..., d_in] inputs: every leading position (e.g. tokens).
-            n = x.shape[0] if L.conv else x.numel() // max(1, x.shape[-1])
+            if L.conv:
+                n = x.shape[0] if x.dim() == 4 else 1
+            else:
+                n = x.numel() // max(1, x.shape[-1])
             rec = [x, None, None, n]
             L.records.append(rec)
             if self.fisher == "sampled":
@@ -224,7 +354,7 @@ class KFAC(torch.optim.Optimizer):
         log-likelihood at every hooked layer output. Does not touch .grad; call
         it before ``loss.backward()`` (it keeps the graph)."""
         if self.fisher != "sampled":
-            raise RuntimeError("sample_fisher needs KFAC(..., fisher='sampled')")
+            raise RuntimeError("sample_fisher needs fisher='sampled'")
         with torch.no_grad():
             if likelihood == "categorical":
                 probs = torch.softmax(outputs.detach().float(), dim=-1)
@@ -259,20 +389,39 @@ class KFAC(torch.optim.Optimizer):
         return s
 
     def _layer_input(self, L):
+        """(inputs dict, locations or None) for one layer, or None to leave it
+        out of the step (no gradient, or no complete statistics)."""
+        W, bmod = L.module.weight, L.module.bias
+        gw = W.grad
+        gb = bmod.grad if L.bias else None
+        if gw is None and gb is None:
+            return None  # not used in this step
         recs = [r for r in L.records if r[1] is not None]
         if not recs:
+            nonzero = any(g is not None and bool(torch.any(g != 0)) for g in (gw, gb))
+            if not nonzero:
+                return None
+            if self.fisher == "sampled" and L.records:
+                raise errors.FailedPrecondition(
+                    f"layer '{L.name}': has a gradient but no sampled statistics; call "
+                    "sample_fisher(outputs) after the forward pass", block=L.name)
+            if not L.warned:
+                L.warned = True
+                msg = (f"natgrad.torch: layer '{L.name}' has a gradient but its forward hook did not "
+                       "record statistics (its weights were used without calling its forward, or "
+                       "it ran in eval mode / under no_grad); it is left out of this step (and of "
+                       "later ones like it). Put it in skip_layers to give it a first-order block.")
+                log.warning(msg)
+                warnings.warn(msg, stacklevel=4)
             return None
-        a_rows, g_rows, n_total = [], [], 0
+        a_rows, g_rows, n_total, Ts = [], [], 0, set()
         for x, g, _, n in recs:
             if L.conv:
                 a, T = L.unfold(x)
-                if L.locations and T != L.locations:
-                    raise errors.InvalidArgument(
-                        f"layer '{L.name}': {T} output locations, but the session's block was "
-                        f"created for {L.locations} (input size changed)", block=L.name,
-                        field="locations")
-                L.locations = T
+                if g.dim() == 3:
+                    g = g.unsqueeze(0)
                 gg = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+                Ts.add(T)
             else:
                 a = x.reshape(-1, x.shape[-1])
                 gg = g.reshape(-1, g.shape[-1])
@@ -281,26 +430,30 @@ class KFAC(torch.optim.Optimizer):
             n_total += n
         a = torch.cat(a_rows)
         g = torch.cat(g_rows)
-        W = L.module.weight
-        if W.grad is None:
-            return None
-        grad = W.grad.reshape(L.d_out, -1)
+        if gw is None:
+            gw = torch.zeros_like(W)
+        grad = _dense_grad(L.param_names[0], gw).reshape(L.d_out, -1)
         if L.bias:
-            b = L.module.bias.grad
-            if b is None:
-                b = torch.zeros(L.d_out, dtype=grad.dtype, device=grad.device)
-            grad = torch.cat([grad, b.reshape(-1, 1)], dim=1)
+            if gb is None:
+                gb = torch.zeros(L.d_out, dtype=grad.dtype, device=grad.device)
+            grad = torch.cat([grad, _dense_grad(L.param_names[1], gb).to(grad.dtype).reshape(-1, 1)], dim=1)
         x = {"gradient": _np(grad)}
         if self.weight_decay:
             w = W.detach().reshape(L.d_out, -1)
             if L.bias:
-                w = torch.cat([w, L.module.bias.detach().reshape(-1, 1)], dim=1)
-            x["params"] = _np(w)
+                w = torch.cat([w, bmod.detach().reshape(-1, 1)], dim=1)
+            x["params"] = _np(w.to(grad.dtype))
         rows = a.shape[0]
         din1 = L.d_in + int(L.bias)
         reduced_size = din1 * din1 + L.d_out * L.d_out
         raw_size = rows * (L.d_in + L.d_out)
-        if self.reduce is True or (self.reduce == "auto" and reduced_size < raw_size):
+        # Mixed spatial sizes in one step (a conv run on two input sizes):
+        # raw rows are no longer n*T, so send the factors.
+        mixed = len(Ts) > 1
+        T = next(iter(Ts)) if len(Ts) == 1 else None
+        if T is not None:
+            L.locations = T  # the last step's T (informational)
+        if mixed or self.reduce is True or (self.reduce == "auto" and reduced_size < raw_size):
             a64 = a.double()
             if L.bias:
                 a64 = torch.cat([a64, torch.ones(rows, 1, dtype=a64.dtype, device=a64.device)], 1)
@@ -309,70 +462,58 @@ class KFAC(torch.optim.Optimizer):
             # n examples, G over the n*T rows (T = 1 for dense layers).
             A = a64.T @ a64 / n_total
             G = g64.T @ g64 / rows
-            x["a_factor"] = _np(A).astype(np.float32) if grad.dtype != torch.float64 else _np(A)
-            x["g_factor"] = _np(G).astype(np.float32) if grad.dtype != torch.float64 else _np(G)
+            f = np.float64 if grad.dtype == torch.float64 else np.float32
+            x["a_factor"] = _np(A).astype(f)
+            x["g_factor"] = _np(G).astype(f)
             x["num_examples"] = n_total
-        else:
-            x["activations"] = _np(a)
-            x["output_gradients"] = _np(g)
-        return x
+            return x, None
+        x["activations"] = _np(a.to(grad.dtype))
+        x["output_gradients"] = _np(g.to(grad.dtype))
+        return x, T
+
+    def _collect(self, fallback):
+        """(inputs, locations): block name -> step input dict for every block
+        used in this step, and conv block -> this step's T (raw statistics)."""
+        inputs, locs = {}, {}
+        for L in self.layers.values():
+            r = self._layer_input(L)
+            if r is None:
+                continue
+            inputs[L.name], T = r
+            if T is not None:
+                locs[L.name] = T
+        if fallback:
+            for pname, p in self.fallback_params.items():
+                if p.grad is None:
+                    continue
+                g = _dense_grad(pname, p.grad)
+                inputs[pname] = {"gradient": _np(g).reshape(list(p.shape) or [1])}
+        return inputs, locs
 
     def collect(self):
         """The step's inputs (block name -> dict) from the captured statistics
         and the current .grad values; blocks without a gradient are left out."""
-        inputs = {}
-        for L in self.layers.values():
-            x = self._layer_input(L)
-            if x is None:
-                gw = L.module.weight.grad
-                if gw is not None and bool(torch.any(gw != 0)):
-                    raise errors.FailedPrecondition(
-                        f"layer '{L.name}': has a gradient but no captured statistics; run the "
-                        "forward pass in training mode with grad enabled"
-                        + (" and call sample_fisher()" if self.fisher == "sampled" else ""),
-                        block=L.name)
-                continue
-            inputs[L.name] = x
-        for pname, p in self.fallback_params.items():
-            if p.grad is None:
-                continue
-            g = _np(p.grad).reshape(list(p.shape) or [1])
-            x = {"gradient": g}
-            inputs[pname] = x
-        return inputs
+        return self._collect(fallback=self._mode == "optimizer")[0]
+
+    def _messages(self, inputs, locs, lrs=None):
+        """BlockStep messages: the per-step conv locations and learning rates
+        are set on the messages built (and validated) by the session."""
+        msgs = {}
+        for name, x in inputs.items():
+            bs = self.session._block_step(name, x)
+            if name in locs and bs.kfac.HasField("raw"):
+                bs.kfac.raw.locations = int(locs[name])
+            lr = (lrs or {}).get(name)
+            if lr is not None:
+                bs.learning_rate = lr
+            msgs[name] = bs
+        return msgs
 
     def clear_statistics(self):
         for L in self.layers.values():
             L.records.clear()
 
-    # -- the optimizer interface ---------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None, loss=None):
-        """Sends one step and applies the returned deltas. ``loss`` (a float
-        or a 0-d tensor) drives adaptive damping. Returns the closure's loss."""
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        loss_value = None
-        if loss is not None:
-            loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-        try:
-            inputs = self.collect()
-            if not inputs:
-                raise errors.FailedPrecondition(
-                    "step(): no parameter has a gradient; call loss.backward() first")
-            if self.session is None:
-                self._create_session()
-            result = self.session.step(inputs, loss=loss_value)
-            updates = self._check_updates(result, inputs)
-        finally:
-            self.clear_statistics()
-        for p, d in updates:
-            p.add_(d)
-        self.last_result = result
-        return loss
-
-    def _check_updates(self, result, inputs):
+    def _deltas(self, result, inputs):
         """Turns every delta into (param, tensor) pairs, checking all first."""
         out = []
         for name in inputs:
@@ -404,55 +545,119 @@ class KFAC(torch.optim.Optimizer):
                 out.append((p, torch.as_tensor(d.reshape(p.shape), dtype=p.dtype, device=p.device)))
         return out
 
-    def _create_session(self):
+    # -- session --------------------------------------------------------------
+    def _kfac_block_configs(self, lr, momentum, weight_decay):
         a = self._session_args
-        cfg = []
-        for L in self.layers.values():
-            cfg.append(_blocks.kfac_dense(
-                L.name, L.d_in, L.d_out, bias=L.bias, lr=a["lr"], damping=a["damping"],
-                momentum=a["momentum"], weight_decay=a["weight_decay"] or None,
-                damping_mode=a["damping_mode"], ema_decay=a["ema_decay"],
-                inverse_period=a["inverse_period"], stats_period=a["stats_period"],
-                async_inversion=a["async_inversion"], locations=L.locations or None))
-        fk = dict(a["fallback_kwargs"] or {})
-        for pname, p in self.fallback_params.items():
-            shape = list(p.shape) or [1]
-            make = _blocks.adam if a["fallback"] == "adam" else _blocks.sgd
-            cfg.append(make(pname, shape, lr=a["fallback_lr"], **fk))
-        self.session = self.client.create_session(
-            cfg, session_id=a["session_id"], kl_clip=a["kl_clip"] or None,
-            adaptive_damping=a["adaptive_damping"], state_dtype=a["state_dtype"],
-            display_name=a["display_name"] or f"torch {type(self.model).__name__}")
-        return self.session
+        return [_blocks.kfac_dense(
+            L.name, L.d_in, L.d_out, bias=L.bias, lr=lr, damping=a["damping"],
+            momentum=momentum, weight_decay=weight_decay, damping_mode=a["damping_mode"],
+            ema_decay=a["ema_decay"], inverse_period=a["inverse_period"],
+            stats_period=a["stats_period"], async_inversion=a["async_inversion"],
+            locations=L.locations or None) for L in self.layers.values()]
 
-    def _check_session(self):
-        blocks = self.session.blocks
-        for L in self.layers.values():
-            b = blocks.get(L.name)
-            if b is None or b.WhichOneof("kind") != "kfac_dense" or list(b.shape) != [L.d_out, L.d_in + int(L.bias)]:
-                raise errors.FailedPrecondition(f"session {self.session.name} does not match the model: "
-                                                f"layer '{L.name}'", block=L.name)
-        for pname, p in self.fallback_params.items():
-            if pname not in blocks:
-                raise errors.FailedPrecondition(f"session {self.session.name} has no block for "
-                                                f"parameter '{pname}'", block=pname)
+    def _open_session(self, session):
+        """Attaches to ``session`` (a name) or creates this model's session."""
+        self._owns_session = session is None
+        if session is not None:
+            self.session = self.client.get_session(session)
+            self._check_config(self.session.config, f"session {self.session.name}")
+        else:
+            a = self._session_args
+            self.session = self.client.create_session(
+                self._block_configs(), session_id=a["session_id"], kl_clip=a["kl_clip"] or None,
+                adaptive_damping=a["adaptive_damping"], state_dtype=a["state_dtype"],
+                display_name=a["display_name"] or f"torch {type(self.model).__name__}")
 
-    def state_dict(self):
-        """The session name and next step (the optimizer state is on the server)."""
-        groups = [{**{k: v for k, v in g.items() if k != "params"},
-                   "params": list(range(len(g["params"])))} for g in self.param_groups]
-        return {"state": {}, "param_groups": groups,
-                "natgrad": {"session": self.session and self.session.name,
-                            "next_step": self.session and self.session.next_step,
-                            "target": self.client.target}}
+    def _expected_blocks(self):
+        """block name -> (kind, shape) this model needs."""
+        want = {L.name: ("kfac_dense", [L.d_out, L.d_in + int(L.bias)]) for L in self.layers.values()}
+        if self._mode == "optimizer":
+            for pname, p in self.fallback_params.items():
+                want[pname] = (self._fallback_kind, list(p.shape) or [1])
+        return want
 
-    def load_state_dict(self, state_dict):
-        ng = state_dict.get("natgrad")
-        if ng:
-            if self.session is not None:
-                self.session.close()
-            self.session = self.client.get_session(ng["session"])
-            self._check_session()
+    def _check_config(self, config, what):
+        """Raises FailedPrecondition unless ``config`` has exactly this model's blocks."""
+        have = {b.name: b for b in config.blocks}
+        want = self._expected_blocks()
+        for name, (kind, shape) in want.items():
+            b = have.get(name)
+            if b is None:
+                raise errors.FailedPrecondition(f"{what} does not match the model: no block '{name}'",
+                                                block=name)
+            if self._mode == "optimizer" and kind in ("adam", "sgd"):
+                ok = b.WhichOneof("kind") in ("adam", "sgd") and int(np.prod(b.shape)) == int(np.prod(shape))
+            else:
+                ok = b.WhichOneof("kind") == kind and list(b.shape) == shape
+            if not ok:
+                raise errors.FailedPrecondition(
+                    f"{what} does not match the model: block '{name}' is {b.WhichOneof('kind')} "
+                    f"{list(b.shape)}, the model needs {kind} {shape}", block=name)
+        extra = sorted(set(have) - set(want))
+        if extra:
+            raise errors.FailedPrecondition(f"{what} does not match the model: blocks {extra} "
+                                            "belong to no parameter of it", block=extra[0])
+
+    # -- checkpoints ----------------------------------------------------------
+    def _natgrad_state(self):
+        snap = self.client.export_session(self.session.name)
+        return {"format": _STATE_FORMAT, "mode": self._mode, "session": self.session.name,
+                "step": snap.last_step, "next_step": snap.last_step + 1,
+                "snapshot": snap.SerializeToString(), "target": self.client.target}
+
+    def _load_natgrad_state(self, ng):
+        if not isinstance(ng, dict) or not ng.get("snapshot"):
+            raise errors.InvalidArgument("load_state_dict: no natgrad session snapshot in this "
+                                         "state_dict (it was not saved by natgrad.torch state_dict())",
+                                         field="natgrad.snapshot")
+        if ng.get("format") != _STATE_FORMAT:
+            raise errors.InvalidArgument(f"load_state_dict: natgrad state format {ng.get('format')!r}, "
+                                         f"this client reads {_STATE_FORMAT}", field="natgrad.format")
+        if ng.get("mode") != self._mode:
+            raise errors.FailedPrecondition(f"load_state_dict: the checkpoint is from a {ng.get('mode')} "
+                                            f"({type(self).__name__} is {self._mode} mode)",
+                                            field="natgrad.mode")
+        snap = session_pb2.SessionSnapshot()
+        try:
+            snap.ParseFromString(bytes(ng["snapshot"]))
+        except Exception as e:  # noqa: BLE001
+            raise errors.InvalidArgument(f"load_state_dict: the session snapshot does not parse: {e}",
+                                         field="natgrad.snapshot") from None
+        if snap.last_step != ng.get("step") or snap.name != ng.get("session"):
+            raise errors.InvalidArgument(
+                f"load_state_dict: snapshot of {snap.name} at step {snap.last_step}, but the state_dict "
+                f"says {ng.get('session')} at step {ng.get('step')}", field="natgrad.step")
+        self._check_config(snap.config, f"checkpoint of {snap.name}")
+        try:
+            info = self.client.get_session_info(snap.name)
+        except errors.NotFound:
+            info = None
+        if info is not None:
+            if info.last_step != snap.last_step:
+                raise errors.FailedPrecondition(
+                    f"load_state_dict: {snap.name} on the server is at step {info.last_step}, the "
+                    f"checkpoint at step {snap.last_step}; delete the session (or load into a server "
+                    "without it) to restore the checkpoint", field="natgrad.step")
+            if info.config != snap.config:
+                raise errors.FailedPrecondition(f"load_state_dict: {snap.name} on the server has a "
+                                                "different configuration than the checkpoint")
+            if self.session is not None and self.session.name == snap.name:
+                self.session.next_step = info.last_step + 1
+                return
+            new = natgrad.Session(self.client, info)
+        else:
+            new = self.client.import_session(snap)
+        old, self.session = self.session, new
+        if old is not None:
+            # The session this object created and never stepped is garbage now.
+            if self._owns_session and old.next_step == 1:
+                try:
+                    old.delete()
+                except errors.NatgradError as e:
+                    log.warning("natgrad.torch: could not delete the unused session %s: %s", old.name, e)
+            else:
+                old.close()
+        self._owns_session = False
 
     def close(self, delete=False):
         """Removes hooks and closes the stream (and deletes the session if asked)."""
@@ -467,5 +672,293 @@ class KFAC(torch.optim.Optimizer):
             self.session.close()
 
     def __repr__(self):
-        return (f"natgrad.torch.KFAC(session={self.session.name}, kfac_layers={list(self.layers)}, "
-                f"fallback={list(self.fallback_params)})")
+        return (f"natgrad.torch.{type(self).__name__}(session={self.session and self.session.name}, "
+                f"kfac_layers={list(self.layers)}, fallback={list(self.fallback_params)})")
+
+
+def _check_args(fisher, loss_reduction, reduce):
+    if fisher not in ("empirical", "sampled"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if reduce not in ("auto", True, False):
+        raise ValueError("reduce must be 'auto', True or False")
+
+
+class KFAC(_KfacModel, torch.optim.Optimizer):
+    """K-FAC through natgrad-server for a torch.nn.Module (optimizer mode).
+
+    model: the module; its nn.Linear / nn.Conv2d layers get K-FAC blocks.
+    target / client: where the server is (or a natgrad.Client).
+    session: attach to an existing session (name) instead of creating one.
+    lr, damping, momentum, weight_decay: numbers or natgrad.schedules.
+    damping_mode: "tikhonov" (factored, pi-corrected) or "eigen".
+    ema_decay, inverse_period, stats_period: K-FAC factor updates (None:
+      server defaults, see docs).
+    kl_clip: kappa for KL clipping (None/False: off).
+    adaptive_damping: Levenberg-Marquardt damping (needs step(loss=...)).
+    fisher: "empirical" or "sampled" (see sample_fisher).
+    loss_reduction: "mean" or "sum" (how your loss reduces over the batch).
+    accumulation_steps: micro-batches per step when the loss is divided by it.
+    fallback, fallback_lr, fallback_kwargs: first-order block for other params.
+    skip_layers: module names or class names that must not be K-FAC blocks.
+    reduce: "auto" | True | False: send reduced factors instead of raw rows.
+    state_dtype: server state precision "float32" (default) or "float64".
+    locations: {conv layer: T} for the block config (only a default: every
+      step sends its own T).
+
+    param_groups: [0] the K-FAC layers (lr, damping, momentum, weight_decay),
+    [1] the fallback parameters (lr = fallback_lr) -- either absent when it
+    would be empty. A numeric ``lr`` of each group is sent with every step
+    and replaces the server's schedule for that step, so torch LR schedulers
+    work (a schedule given as a natgrad.schedules message is evaluated on the
+    server instead). damping, momentum and weight_decay are the server's
+    schedules: changing them in param_groups raises at the next step.
+    """
+
+    _mode = "optimizer"
+
+    def __init__(self, model, target=None, *, client=None, session=None, token=None, tls=None,
+                 lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, damping_mode="tikhonov",
+                 ema_decay=None, inverse_period=None, stats_period=None, kl_clip=1e-3,
+                 adaptive_damping=False, fisher="empirical", loss_reduction="mean",
+                 accumulation_steps=1, fallback="adam", fallback_lr=1e-3, fallback_kwargs=None,
+                 skip_layers=(), reduce="auto", state_dtype=None, session_id=None,
+                 display_name=None, async_inversion=False, locations=None):
+        _check_args(fisher, loss_reduction, reduce)
+        if fallback not in ("adam", "sgd"):
+            raise ValueError(f"fallback must be 'adam' or 'sgd', got {fallback!r}")
+        self.model = model
+        self.fisher = fisher
+        self.loss_reduction = loss_reduction
+        self.accumulation_steps = int(accumulation_steps)
+        self.reduce = reduce
+        self.weight_decay = weight_decay
+        self._fallback_kind = fallback
+        self._handles = []
+        self.session = None
+        self._plan(model, skip_layers, fallback)
+        for name, T in (locations or {}).items():
+            self.layers[name].locations = int(T)
+
+        kfac_params = [p for L in self.layers.values() for p in L.params()]
+        groups = []
+        if kfac_params:
+            groups.append({"params": kfac_params, "natgrad_blocks": "kfac"})
+        if self.fallback_params:
+            groups.append({"params": list(self.fallback_params.values()), "lr": fallback_lr,
+                           "natgrad_blocks": "fallback"})
+        if not groups:
+            raise ValueError("natgrad.torch.KFAC: the model has no trainable parameters")
+        super().__init__(groups, dict(lr=lr, damping=damping, momentum=momentum,
+                                      weight_decay=weight_decay))
+        # Values that are the server's schedules; a change in param_groups is
+        # refused (it would silently do nothing).
+        self._fixed = {"damping": damping, "momentum": momentum, "weight_decay": weight_decay}
+
+        self._session_args = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+            damping_mode=damping_mode, ema_decay=ema_decay, inverse_period=inverse_period,
+            stats_period=stats_period, async_inversion=async_inversion, kl_clip=kl_clip,
+            adaptive_damping=adaptive_damping, state_dtype=state_dtype, session_id=session_id,
+            display_name=display_name, fallback_lr=fallback_lr, fallback_kwargs=fallback_kwargs)
+        self._connect(target, client, token, tls)
+        self._open_session(session)
+        self.last_result = None
+        self._attach_hooks()
+
+    def _block_configs(self):
+        a = self._session_args
+        cfg = self._kfac_block_configs(a["lr"], a["momentum"], a["weight_decay"] or None)
+        fk = dict(a["fallback_kwargs"] or {})
+        make = _blocks.adam if self._fallback_kind == "adam" else _blocks.sgd
+        for pname, p in self.fallback_params.items():
+            cfg.append(make(pname, list(p.shape) or [1], lr=a["fallback_lr"], **fk))
+        return cfg
+
+    def _group(self, which):
+        for g in self.param_groups:
+            if g.get("natgrad_blocks") == which:
+                return g
+        return None
+
+    def _step_lrs(self, inputs):
+        """block name -> this step's learning rate from param_groups (numbers only)."""
+        out = {}
+        gk, gf = self._group("kfac"), self._group("fallback")
+        for k, v in self._fixed.items():
+            if gk is not None and gk[k] is not v and gk[k] != v:
+                raise errors.FailedPrecondition(
+                    f"param_groups[0]['{k}'] changed from {v!r} to {gk[k]!r}: natgrad applies the "
+                    f"{k} schedule given at construction on the server (only 'lr' may be changed, "
+                    "e.g. by a torch LR scheduler)", field=k)
+        lk = _number(gk["lr"]) if gk is not None else None
+        lf = _number(gf["lr"]) if gf is not None else None
+        for name in inputs:
+            lr = lk if name in self.layers else lf
+            if lr is not None:
+                if not lr >= 0:
+                    raise errors.InvalidArgument(f"block '{name}': learning rate {lr} from param_groups, "
+                                                 "want >= 0", block=name, field="learning_rate")
+                out[name] = lr
+        return out
+
+    def zero_grad(self, set_to_none=True):
+        """Sets grads to None by default (torch >= 2.0's default), so that a
+        layer unused in the next step is recognised and left out of it."""
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None, loss=None):
+        """Sends one step and applies the returned deltas. ``loss`` (a float
+        or a 0-d tensor) drives adaptive damping. Returns the closure's loss."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        loss_value = None
+        if loss is not None:
+            loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        try:
+            inputs, locs = self._collect(fallback=True)
+            if not inputs:
+                raise errors.FailedPrecondition(
+                    "step(): no parameter has a gradient; call loss.backward() first")
+            msgs = self._messages(inputs, locs, self._step_lrs(inputs))
+            result = self.session.step(msgs, loss=loss_value)
+            updates = self._deltas(result, inputs)
+        finally:
+            self.clear_statistics()
+        for p, d in updates:
+            p.add_(d)
+        self.last_result = result
+        return loss
+
+    def state_dict(self):
+        """A full checkpoint: param_groups (lr, ...) and the exported session
+        (all optimizer state, which lives on the server) with its step."""
+        groups = []
+        i = 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(i, i + n))})
+            i += n
+        return {"state": {}, "param_groups": groups, "natgrad": self._natgrad_state()}
+
+    def load_state_dict(self, state_dict):
+        """Restores a state_dict() checkpoint: imports its session into the
+        server when the server does not have it, else checks the server's
+        session is at the checkpoint's step. Raises a natgrad error (and
+        changes nothing) on any mismatch."""
+        groups = state_dict.get("param_groups") or []
+        if len(groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) or s.get("natgrad_blocks") != g.get("natgrad_blocks")
+                for s, g in zip(groups, self.param_groups)):
+            raise errors.FailedPrecondition("load_state_dict: the checkpoint's param_groups do not "
+                                            "match this model's (K-FAC / fallback parameters)",
+                                            field="param_groups")
+        self._load_natgrad_state(state_dict.get("natgrad"))
+        for s, g in zip(groups, self.param_groups):
+            for k, v in s.items():
+                if k != "params":
+                    g[k] = v
+        gk = self._group("kfac")
+        if gk is not None:
+            self._fixed = {k: gk[k] for k in self._fixed}
+
+
+class KFACPreconditioner(_KfacModel):
+    """K-FAC preconditioning through natgrad-server for your own optimizer.
+
+    ``step()`` replaces each K-FAC layer's ``.grad`` with its preconditioned
+    gradient; every other parameter keeps its ``.grad`` (no server block), so
+    e.g. torch.optim.SGD / AdamW and any LR scheduler do the update. The
+    server blocks run with learning rate 1, momentum 0 and weight decay 0, so
+    the server's delta is exactly -(preconditioned gradient) and ``.grad`` is
+    set to -delta.
+
+    KL clipping (``kl_clip=kappa``, off by default) is computed on the server
+    at learning rate 1: nu = min(1, sqrt(kappa / |sum <V, grad>|)) over all
+    K-FAC blocks. kfac-pytorch's ``kl_clip`` at learning rate eta divides by
+    eta^2 inside the root, so pass kappa / eta^2 to get its clipping (it does
+    not follow a scheduler's changes of eta).
+
+    Arguments as for KFAC (damping, damping_mode, ema_decay, inverse_period,
+    stats_period, fisher, loss_reduction, accumulation_steps, skip_layers,
+    reduce, state_dtype, ...). kfac-pytorch's names are accepted too:
+    factor_update_steps (= stats_period), inv_update_steps (=
+    inverse_period), factor_decay (= ema_decay).
+    """
+
+    _mode = "preconditioner"
+    _fallback_kind = "untouched"
+
+    def __init__(self, model, target=None, *, client=None, session=None, token=None, tls=None,
+                 damping=1e-3, damping_mode="tikhonov", ema_decay=None, inverse_period=None,
+                 stats_period=None, kl_clip=None, adaptive_damping=False, fisher="empirical",
+                 loss_reduction="mean", accumulation_steps=1, skip_layers=(), reduce="auto",
+                 state_dtype=None, session_id=None, display_name=None, async_inversion=False,
+                 locations=None, factor_update_steps=None, inv_update_steps=None, factor_decay=None):
+        _check_args(fisher, loss_reduction, reduce)
+        stats_period = stats_period if factor_update_steps is None else factor_update_steps
+        inverse_period = inverse_period if inv_update_steps is None else inv_update_steps
+        ema_decay = ema_decay if factor_decay is None else factor_decay
+        self.model = model
+        self.fisher = fisher
+        self.loss_reduction = loss_reduction
+        self.accumulation_steps = int(accumulation_steps)
+        self.reduce = reduce
+        self.weight_decay = 0.0
+        self._handles = []
+        self.session = None
+        self._plan(model, skip_layers, "untouched")
+        if not self.layers:
+            raise errors.FailedPrecondition(
+                "natgrad.torch.KFACPreconditioner: no layer of the model can have a K-FAC block\n"
+                + self.format_report())
+        for name, T in (locations or {}).items():
+            self.layers[name].locations = int(T)
+        self._session_args = dict(
+            damping=damping, damping_mode=damping_mode, ema_decay=ema_decay,
+            inverse_period=inverse_period, stats_period=stats_period,
+            async_inversion=async_inversion, kl_clip=kl_clip, adaptive_damping=adaptive_damping,
+            state_dtype=state_dtype, session_id=session_id,
+            display_name=display_name or f"torch {type(model).__name__} preconditioner")
+        self._connect(target, client, token, tls)
+        self._open_session(session)
+        self.last_result = None
+        self._attach_hooks()
+
+    def _block_configs(self):
+        return self._kfac_block_configs(1.0, 0.0, 0.0)
+
+    @torch.no_grad()
+    def step(self, loss=None):
+        """Preconditions the K-FAC layers' .grad in place (other .grad
+        untouched). Returns the StepResult, or None when no K-FAC layer had
+        a gradient (nothing sent). ``loss`` drives adaptive damping."""
+        loss_value = None
+        if loss is not None:
+            loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        try:
+            inputs, locs = self._collect(fallback=False)
+            if not inputs:
+                return None
+            result = self.session.step(self._messages(inputs, locs), loss=loss_value)
+            updates = self._deltas(result, inputs)
+        finally:
+            self.clear_statistics()
+        for p, d in updates:
+            if p.grad is None:
+                p.grad = -d
+            else:
+                p.grad.copy_(-d)
+        self.last_result = result
+        return result
+
+    def state_dict(self):
+        """The exported session (the factors live on the server) and its step."""
+        return {"natgrad": self._natgrad_state()}
+
+    def load_state_dict(self, state_dict):
+        """As KFAC.load_state_dict: imports or verifies the session."""
+        self._load_natgrad_state(state_dict.get("natgrad"))
