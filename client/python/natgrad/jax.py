@@ -139,7 +139,11 @@ class KFAC:
     """K-FAC for a pytree; see the module docstring. Keyword arguments are
     those of natgrad.torch.KFAC (lr, damping, momentum, weight_decay,
     damping_mode, ema_decay, inverse_period, kl_clip, adaptive_damping,
-    fallback, fallback_lr, state_dtype, ...)."""
+    fallback, fallback_lr, state_dtype, ...), plus
+    locations: {conv layer: T output positions per example} (required for
+    every kernel of more than two dimensions);
+    exclude: layer names to put on the fallback optimizer instead;
+    state: a state_dict() to restore instead of creating a session."""
 
     def __init__(self, params, target=None, *, client=None, layers=None, kernel_layout="in_out",
                  token=None, tls=None, lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0,
