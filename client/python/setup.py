@@ -13,7 +13,8 @@ protoc is needed) or, without it, with protoc + grpc_python_plugin on PATH.
 - sdist: the .proto files are copied into the archive as proto/natgrad/v1/,
   so a wheel builds from the sdist alone.
 - editable installs (the dev venv): the stubs are generated into the source
-  tree, checked against this interpreter's protobuf (see _build_proto).
+  tree, checked against this interpreter's protobuf (see _build_proto); an
+  import under an incompatible protobuf regenerates them (natgrad/_pb.py).
 """
 import atexit
 import os
@@ -51,9 +52,6 @@ def _stage():
 
 
 def _install_requires():
-    if _editable():
-        # The dev venv's stubs are made for its own runtime; no new pins.
-        return BASE_REQUIRES + _build_proto.requirements({})
     if _build_proto.find_proto_dir() is None:
         # Metadata-only run from an unpacked wheel-like tree: use its stubs.
         return BASE_REQUIRES + _build_proto.requirements(_build_proto.read_gencode())
