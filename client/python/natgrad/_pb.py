@@ -26,8 +26,10 @@ except Exception as _first:  # ImportError, protobuf's VersionError, grpc's Runt
     if _build_proto.find_proto_dir() is None:
         info = _build_proto.read_gencode()
         why = _build_proto.runtime_problem(info) if info else None
-        raise ImportError(f"natgrad: cannot load the generated stubs: {why or _first} "
-                          f"(needs {', '.join(_build_proto.requirements(info))})") from _first
+        need = " ".join(f"'{r}'" for r in _build_proto.requirements(info))
+        raise ImportError(f"natgrad: cannot load the generated stubs: {why or repr(_first)}. Install "
+                          f"what they need (pip install {need}) or rebuild natgrad in this "
+                          "environment (pip install --force-reinstall <natgrad source>)") from _first
     try:
         # Source tree: stubs missing, stale, or from a generator this
         # interpreter cannot load -> regenerate with one it can.

@@ -15,6 +15,11 @@ NATGRAD_REQUIRE_NETWORK=1 (then it fails).
    that venv, checked against w <- w - lr w.
 3. a built sdist is self-contained: a wheel built from it alone (away from the
    repository's proto/) carries the same generated modules.
+4. a protobuf older than the stubs need (installed over the requirements)
+   makes ``import natgrad`` fail loudly, naming the versions.
+
+The tests without the `install` marker are offline checks of the version
+logic in natgrad/_build_proto.py.
 """
 import json
 import os
@@ -29,8 +34,6 @@ import zipfile
 import pytest
 
 from natgrad import _build_proto
-
-pytestmark = pytest.mark.install
 
 PKG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 STUBS = ["tensor_pb2.py", "schedule_pb2.py", "blocks_pb2.py", "session_pb2.py", "step_pb2.py",
@@ -107,6 +110,37 @@ def venv(network, tmp_path_factory):
     return {"root": root, "python": str(vdir / "bin" / "python"), "env": env}
 
 
+def test_requirements_follow_the_generated_code():
+    assert _build_proto.requirements({"protobuf": "7.35.1", "grpcio": "1.85.1"}) == [
+        "protobuf>=7.35.1,<8", "grpcio>=1.85.1"]
+    # Old protoc writes no runtime check: the package's floor applies.
+    assert _build_proto.requirements({}) == ["protobuf>=3.21", "grpcio>=1.51"]
+
+
+def test_runtime_problem_names_the_versions():
+    import google.protobuf
+    import grpc
+    assert _build_proto.runtime_problem({}) is None
+    assert _build_proto.runtime_problem({"protobuf": google.protobuf.__version__,
+                                         "grpcio": grpc.__version__}) is None
+    why = _build_proto.runtime_problem({"generator": "g", "protobuf": "99.1.0", "grpcio": None})
+    assert "protobuf>=99.1.0,<100" in why and google.protobuf.__version__ in why
+    why = _build_proto.runtime_problem({"generator": "g", "protobuf": None, "grpcio": "99.0.0"})
+    assert "grpcio>=99.0.0" in why and grpc.__version__ in why
+
+
+def test_generate_into_a_folder_this_interpreter_loads(tmp_path):
+    out = str(tmp_path / "_proto")
+    assert _build_proto.generate(force=True, quiet=True, out_dir=out)
+    info = _build_proto.read_gencode(out)
+    assert info["generator"] and _build_proto.runtime_problem(info) is None
+    assert _build_proto.is_current(out_dir=out)
+    assert not _build_proto.generate(quiet=True, out_dir=out)  # up to date: nothing to do
+    for s in STUBS:
+        assert os.path.isfile(os.path.join(out, "natgrad", "v1", s))
+
+
+@pytest.mark.install
 def test_pip_install_without_protoc_runs_a_session(venv, server_binary):
     py, env = venv["python"], venv["env"]
     _run([py, "-m", "pip", "install", "-q", PKG, "numpy", "grpcio", "protobuf"], env, str(venv["root"]))
@@ -130,6 +164,7 @@ def test_pip_install_without_protoc_runs_a_session(venv, server_binary):
     np.testing.assert_allclose(res["ws"], want, rtol=1e-6)
 
 
+@pytest.mark.install
 def test_sdist_is_self_contained(venv):
     py, env, root = venv["python"], venv["env"], venv["root"]
     _run([py, "-m", "pip", "install", "-q", "build"], env, str(root))
@@ -157,3 +192,20 @@ def test_sdist_is_self_contained(venv):
     assert gencode["generator"].startswith("grpc_tools.protoc"), gencode
     assert any(r.startswith("protobuf") and gencode["protobuf"] in r for r in requires), requires
     assert any(r.startswith("grpcio") and gencode["grpcio"] in r for r in requires), requires
+
+
+@pytest.mark.install
+def test_too_old_protobuf_fails_loudly(venv):
+    py, env, root = venv["python"], venv["env"], venv["root"]
+    out = _run([py, "-c", "from natgrad import _build_proto as b; import json; "
+                "print(json.dumps(b.read_gencode()))"], env, str(root))
+    gen = json.loads(out.strip().splitlines()[-1])
+    if not gen.get("protobuf"):
+        pytest.skip(f"stubs from {gen.get('generator')} state no protobuf minimum")
+    major = _build_proto._version_tuple(gen["protobuf"])[0]
+    # Over the wheel's requirement on purpose (pip warns, installs anyway).
+    _run([py, "-m", "pip", "install", "-q", f"protobuf<{major}"], env, str(root))
+    r = subprocess.run([py, "-c", "import natgrad"], env=env, cwd=str(root), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and f"protobuf>={gen['protobuf']}" in r.stderr, r.stderr[-3000:]
