@@ -239,6 +239,41 @@ class Client:
             snapshot=snapshot, session_id=session_id or ""), "ImportSession")
         return Session(self, info)
 
+    def restore_session(self, snapshot):
+        """A Session continuing from `snapshot` (a SessionSnapshot from
+        export_session, or its serialized bytes): imported (keeping its id)
+        when the server does not have the session, e.g. a fresh server with
+        an empty checkpoint directory; attached to when it does, after
+        checking that the server's session is at the snapshot's step with the
+        same config. Raises InvalidArgument for bytes that do not parse and
+        FailedPrecondition for a session at another step or config."""
+        if not isinstance(snapshot, session_pb2.SessionSnapshot):
+            raw = bytes(snapshot)
+            snapshot = session_pb2.SessionSnapshot()
+            try:
+                snapshot.ParseFromString(raw)
+            except Exception as e:  # noqa: BLE001  (protobuf's DecodeError)
+                raise errors.InvalidArgument(f"session snapshot does not parse: {e}",
+                                             field="snapshot") from None
+        name, step = snapshot.name, snapshot.last_step
+        try:
+            info = self.get_session_info(name)
+        except errors.NotFound:
+            session = self.import_session(snapshot)
+            if session.name != name or session.next_step != step + 1:
+                raise errors.Internal(f"ImportSession of {name} at step {step} gave {session.name} "
+                                      f"at step {session.next_step - 1}") from None
+            return session
+        if info.last_step != step:
+            raise errors.FailedPrecondition(
+                f"session {name} on the server is at step {info.last_step}, the checkpoint at step "
+                f"{step}: refusing to continue from a different state (delete the server's session "
+                "to import the checkpoint)")
+        if info.config != snapshot.config:
+            raise errors.FailedPrecondition(f"session {name} on the server has another config "
+                                            "than the checkpoint")
+        return Session(self, info)
+
     def close(self):
         self._channel.close()
 
@@ -348,6 +383,16 @@ class Session:
     # -- lifecycle ------------------------------------------------------------
     def info(self):
         return self.client.get_session_info(self.name)
+
+    def export(self):
+        """The session's SessionSnapshot (ExportSession), checked to be at
+        this client's last applied step; Client.restore_session continues it."""
+        snap = self.client.export_session(self.name)
+        if snap.last_step != self.next_step - 1:
+            raise errors.FailedPrecondition(
+                f"session {self.name}: the server exported step {snap.last_step} but this client "
+                f"has applied step {self.next_step - 1} (another client stepping the same session?)")
+        return snap
 
     def delete(self):
         self.close()

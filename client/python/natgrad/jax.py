@@ -324,12 +324,8 @@ class KFAC:
         "step" (last applied step), "snapshot" (the serialized
         SessionSnapshot as a uint8 array)}; all leaves are str or numpy, so
         pickle, flax.serialization or orbax can store it next to params."""
-        snap = self.client.export_session(self.session.name)
-        step = self.session.next_step - 1
-        if snap.last_step != step:
-            raise errors.FailedPrecondition(
-                f"session {self.session.name}: the server exported step {snap.last_step} but this "
-                f"optimizer has applied step {step} (another client stepping the same session?)")
+        snap = self.session.export()
+        step = snap.last_step
         return {"format": np.asarray(CHECKPOINT_FORMAT, np.int64), "session": self.session.name,
                 "step": np.asarray(step, np.int64),
                 "snapshot": np.frombuffer(snap.SerializeToString(), np.uint8).copy()}
@@ -372,23 +368,7 @@ class KFAC:
                 f"state_dict is inconsistent: session {name} step {step}, snapshot of {snap.name} "
                 f"at step {snap.last_step}", field="snapshot")
         self._check_config(snap.config, f"checkpoint of {name}")
-        try:
-            info = self.client.get_session_info(name)
-        except errors.NotFound:
-            session = self.client.import_session(snap)
-            if session.next_step != step + 1 or session.name != name:
-                raise errors.Internal(f"ImportSession of {name} step {step} gave {session.name} "
-                                      f"at step {session.next_step - 1}")
-        else:
-            if info.last_step != step:
-                raise errors.FailedPrecondition(
-                    f"session {name} on the server is at step {info.last_step}, the checkpoint at step "
-                    f"{step}: refusing to continue from a different state (delete the server's session "
-                    "to import the checkpoint)")
-            if info.config != snap.config:
-                raise errors.FailedPrecondition(f"session {name} on the server has another config "
-                                                "than the checkpoint")
-            session = natgrad.Session(self.client, info)
+        session = self.client.restore_session(snap)
         old, created = self.session, self._created
         self.session, self._created = session, False
         if old is not None and old.name != session.name:

@@ -113,6 +113,11 @@ def test_restore_on_the_same_server_checks_the_step(target):
     again = make(p2, target, state=state)
     assert again.session.name == opt.session.name and again.session.next_step == 3
     again.session.close()
+    # The client-level helper takes the serialized snapshot too.
+    s = opt.client.restore_session(state["snapshot"].tobytes())
+    assert s.name == opt.session.name and s.next_step == 3
+    with pytest.raises(natgrad.InvalidArgument, match="does not parse"):
+        opt.client.restore_session(b"\xff\xff\xff")
     # load_state_dict on an optimizer that made its own session drops that
     # empty session and attaches to the checkpoint's.
     other = make(p0, target)
