@@ -59,6 +59,9 @@ def kfac_dense(name, d_in, d_out, bias=True, *, lr=None, damping=None, momentum=
     """A K-FAC block for a dense layer (or an unfolded convolution, with
     ``locations`` = spatial output positions T per example). The parameter is
     W of shape [d_out, d_in + bias], the bias as the last column.
+    Convolutions send n*T rows of unfolded patches; the server scales the
+    factors as kfac-jax does, A = abar^T abar / n and G = g^T g / (n*T)
+    (reduced statistics must use the same scaling, num_examples = n).
     damping_mode: 'tikhonov' (factored, pi-corrected) or 'eigen' (exact in the
     eigenbasis)."""
     _check_name(name)
@@ -112,12 +115,27 @@ def adamw(name, shape, *, lr=None, weight_decay=1e-2, **kw):
     return adam(name, shape, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True, **kw)
 
 
+def _wire_max_halvings(name, v):
+    # Wire: 0 = server default (8), negative = no halving.
+    if v is None:
+        return 0
+    if int(v) != v or not 0 <= int(v) <= 64:
+        raise ValueError(f"block '{name}': max_halvings must be an integer in [0, 64] or None, got {v!r}")
+    return -1 if int(v) == 0 else int(v)
+
+
 def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None,
              max_halvings=8, return_direction=False):
-    """A variational Gaussian N(m, S) block (DESIGN.md §4.2) of dimension
-    ``dim`` with ``copies`` independent copies. parametrization: 'natural',
-    'expectation', 'mean_covariance' or 'mean_cholesky'. gamma: step size
-    (schedule). max_halvings: bounded step-halving safeguard (0 disables)."""
+    """A variational Gaussian N(m, S) block of dimension ``dim`` (M) with
+    ``copies`` (L) independent copies; its parameters are [L, M] and
+    [L, M, M] (GPflow's q_mu is [M, L]: see natgrad.gaussian). parametrization:
+    'natural', 'expectation', 'mean_covariance' or 'mean_cholesky'. gamma:
+    step size (schedule).
+
+    max_halvings: when a step leaves the positive-definite cone, gamma is
+    halved and the step retried at most this many times (0 to 64). 0 means no
+    halving (the step is rejected at once; sent as -1 on the wire, whose 0
+    means the default), None the server's default (8)."""
     _check_name(name)
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"block '{name}': parametrization must be one of "
@@ -126,7 +144,7 @@ def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None
         raise ValueError(f"block '{name}': dim and copies must be positive")
     c = blocks_pb2.GaussianConfig(dim=int(dim), copies=int(copies),
                                   parametrization=PARAMETRIZATIONS[parametrization],
-                                  max_halvings=-1 if max_halvings is None else int(max_halvings),
+                                  max_halvings=_wire_max_halvings(name, max_halvings),
                                   return_direction=bool(return_direction))
     _set_schedule(c, "gamma", gamma, name)
     return BlockConfig(name=name, shape=[int(copies), int(dim)], gaussian=c)

@@ -67,6 +67,12 @@ class GaussianResult:
     gamma_used: float = 0.0
     halvings: int = 0
 
+    def transposed(self):
+        """The same update with the first parts as [dim, copies] (GPflow's q_mu layout)."""
+        t = lambda a: None if a is None else np.asarray(a).reshape(-1, a.shape[-1]).T  # noqa: E731
+        return dataclasses.replace(self, param1=t(self.param1), delta1=t(self.delta1),
+                                   direction1=t(self.direction1))
+
 
 class StepResult(dict):
     """name -> numpy delta (the client does w += delta), or a GaussianResult
@@ -233,6 +239,41 @@ class Client:
             snapshot=snapshot, session_id=session_id or ""), "ImportSession")
         return Session(self, info)
 
+    def restore_session(self, snapshot):
+        """A Session continuing from `snapshot` (a SessionSnapshot from
+        export_session, or its serialized bytes): imported (keeping its id)
+        when the server does not have the session, e.g. a fresh server with
+        an empty checkpoint directory; attached to when it does, after
+        checking that the server's session is at the snapshot's step with the
+        same config. Raises InvalidArgument for bytes that do not parse and
+        FailedPrecondition for a session at another step or config."""
+        if not isinstance(snapshot, session_pb2.SessionSnapshot):
+            raw = bytes(snapshot)
+            snapshot = session_pb2.SessionSnapshot()
+            try:
+                snapshot.ParseFromString(raw)
+            except Exception as e:  # noqa: BLE001  (protobuf's DecodeError)
+                raise errors.InvalidArgument(f"session snapshot does not parse: {e}",
+                                             field="snapshot") from None
+        name, step = snapshot.name, snapshot.last_step
+        try:
+            info = self.get_session_info(name)
+        except errors.NotFound:
+            session = self.import_session(snapshot)
+            if session.name != name or session.next_step != step + 1:
+                raise errors.Internal(f"ImportSession of {name} at step {step} gave {session.name} "
+                                      f"at step {session.next_step - 1}") from None
+            return session
+        if info.last_step != step:
+            raise errors.FailedPrecondition(
+                f"session {name} on the server is at step {info.last_step}, the checkpoint at step "
+                f"{step}: refusing to continue from a different state (delete the server's session "
+                "to import the checkpoint)")
+        if info.config != snapshot.config:
+            raise errors.FailedPrecondition(f"session {name} on the server has another config "
+                                            "than the checkpoint")
+        return Session(self, info)
+
     def close(self):
         self._channel.close()
 
@@ -274,7 +315,6 @@ class _Stream:
 
 
 _GRADIENT_SPACES = {
-    None: step_pb2.GAUSSIAN_GRADIENT_SPACE_UNSPECIFIED,
     "expectation": step_pb2.EXPECTATION_GRADIENT,
     "parametrization": step_pb2.PARAMETRIZATION_GRADIENT,
 }
@@ -303,10 +343,18 @@ class Session:
       * K-FAC blocks: {"gradient": dL/dW of the mean loss [d_out, d_in(+1)],
         "activations": [rows, d_in], "output_gradients": [rows, d_out]} or
         the reduced form {"a_factor", "g_factor", "num_examples"}; optional
-        "params" (needed for weight decay).
+        "params" (needed for weight decay). Convolutions (block locations
+        T > 1): rows = n*T unfolded patches; reduced A = abar^T abar / n,
+        G = g^T g / (n*T), num_examples = n.
       * SGD/Adam blocks: {"gradient": ..., "params": ...} or just the gradient array.
       * Gaussian blocks: {"param1", "param2", "grad1", "grad2",
-        "gradient_space": "expectation" | "parametrization"}.
+        "gradient_space": "expectation" | "parametrization", "layout"}.
+        gradient_space is required (the server reads an unset field as
+        expectation gradients; natgrad.gaussian.step_input defaults to
+        "parametrization"). Means are [L, M] = [copies, dim]; with
+        layout="gpflow" param1/grad1 are GPflow's q_mu layout [M, L] and the
+        result's param1/delta1/direction1 come back as [M, L] too. When
+        copies == dim > 1 layout must be given (the shapes cannot tell).
       * or a natgrad.v1.BlockStep message, sent as is.
     Arrays may be numpy, torch or jax arrays (float32 or float64).
     Returns a StepResult (name -> delta, or GaussianResult).
@@ -326,6 +374,7 @@ class Session:
         # Test hook: called as hook(event, session, stream, step) at "sent"
         # (the whole step is queued, no response read yet).
         self._test_hook = None
+        self._gpflow_blocks = set()
         self.retries = 0  # reconnects so far (for monitoring/tests)
 
     def __repr__(self):
@@ -334,6 +383,16 @@ class Session:
     # -- lifecycle ------------------------------------------------------------
     def info(self):
         return self.client.get_session_info(self.name)
+
+    def export(self):
+        """The session's SessionSnapshot (ExportSession), checked to be at
+        this client's last applied step; Client.restore_session continues it."""
+        snap = self.client.export_session(self.name)
+        if snap.last_step != self.next_step - 1:
+            raise errors.FailedPrecondition(
+                f"session {self.name}: the server exported step {snap.last_step} but this client "
+                f"has applied step {self.next_step - 1} (another client stepping the same session?)")
+        return snap
 
     def delete(self):
         self.close()
@@ -395,7 +454,8 @@ class Session:
             x = {"gradient": x}
         kind = cfg.WhichOneof("kind")
         known = {"gradient", "params", "activations", "output_gradients", "a_factor", "g_factor",
-                 "num_examples", "param1", "param2", "grad1", "grad2", "gradient_space", "dtype"}
+                 "num_examples", "param1", "param2", "grad1", "grad2", "gradient_space", "layout",
+                 "dtype"}
         extra = set(x) - known
         if extra:
             raise self._err(name, sorted(extra)[0], f"unknown input field(s) {sorted(extra)}")
@@ -403,26 +463,7 @@ class Session:
         shape = list(cfg.shape)
         dtype = x.get("dtype")
         if kind == "gaussian":
-            g = cfg.gaussian
-            copies, dim = max(1, g.copies), g.dim
-            s1, s2 = [copies, dim], [copies, dim, dim]
-            alt1, alt2 = ([dim], [dim, dim]) if copies == 1 else (None, None)
-            for f in ("param1", "param2", "grad1", "grad2"):
-                if x.get(f) is None:
-                    raise self._err(name, f, "missing (Gaussian blocks need param1, param2, grad1, grad2)")
-            gi = bs.gaussian
-            for f, s, alt in (("param1", s1, alt1), ("param2", s2, alt2),
-                              ("grad1", s1, alt1), ("grad2", s2, alt2)):
-                # Always sent as [copies, dim] / [copies, dim, dim].
-                arr = self._array(name, f, x[f], s, alt)
-                if self.validate:
-                    arr = arr.reshape(s)
-                to_tensor(arr, dtype or np.float64, out=getattr(gi, f))
-            sp = x.get("gradient_space")
-            if sp not in _GRADIENT_SPACES:
-                raise self._err(name, "gradient_space", f"must be 'expectation' or 'parametrization', got {sp!r}")
-            gi.gradient_space = _GRADIENT_SPACES[sp]
-            return bs
+            return self._gaussian_step(bs, name, cfg.gaussian, x, dtype)
         if x.get("gradient") is None:
             raise self._err(name, "gradient", "missing")
         grad = self._array(name, "gradient", x["gradient"], shape)
@@ -474,6 +515,56 @@ class Session:
                     raise self._err(name, f, f"not accepted by a {kind} block")
         return bs
 
+    def _gaussian_step(self, bs, name, g, x, dtype):
+        copies, dim = max(1, g.copies), g.dim
+        s1, s2 = [copies, dim], [copies, dim, dim]
+        alt1, alt2 = ([dim], [dim, dim]) if copies == 1 else (None, None)
+        for f in ("param1", "param2", "grad1", "grad2"):
+            if x.get(f) is None:
+                raise self._err(name, f, "missing (Gaussian blocks need param1, param2, grad1, grad2)")
+        # Sent explicitly every time: the server reads an unset gradient_space
+        # as expectation gradients, while natgrad.gaussian.step_input defaults
+        # to the parametrisation; guessing either for a bare dict is how a
+        # silently wrong step happens.
+        sp = x.get("gradient_space")
+        if sp is None:
+            raise self._err(name, "gradient_space", "missing: say 'parametrization' (gradients w.r.t. "
+                            "param1/param2, what natgrad.gaussian.step_input sends by default) or "
+                            "'expectation' (dL/deta; what the server assumes when the field is unset)")
+        if sp not in _GRADIENT_SPACES:
+            raise self._err(name, "gradient_space", f"must be 'expectation' or 'parametrization', got {sp!r}")
+        layout = x.get("layout")
+        if layout not in (None, "natgrad", "gpflow"):
+            raise self._err(name, "layout", f"must be 'natgrad' ([L, M] means) or 'gpflow' "
+                            f"([M, L] q_mu), got {layout!r}")
+        if layout is None and copies == dim and copies > 1:
+            # [L, M] and GPflow's [M, L] have the same shape: refuse to guess.
+            raise self._err(name, "layout", f"copies == dim == {dim}, so a GPflow-layout q_mu "
+                            f"[M, L] cannot be told from natgrad's [L, M]: pass layout='natgrad' "
+                            "or layout='gpflow' (natgrad.gaussian.step_input(..., layout=...))")
+        gi = bs.gaussian
+        for f, s, alt in (("param1", s1, alt1), ("param2", s2, alt2),
+                          ("grad1", s1, alt1), ("grad2", s2, alt2)):
+            v = x[f]
+            if layout == "gpflow" and f in ("param1", "grad1"):
+                v = self._array(name, f, v, [dim, copies], [dim] if copies == 1 else None)
+                v = v.reshape(dim, copies).T
+            elif f in ("param1", "grad1") and layout is None and copies != dim:
+                a = self._array(name, f, v)
+                if list(a.shape) == [dim, copies]:
+                    raise self._err(name, f, f"shape {list(a.shape)} is GPflow's q_mu layout [M, L]; "
+                                    f"natgrad wants [L, M] = {s1}: pass layout='gpflow' "
+                                    "(or natgrad.gaussian.from_gpflow) to have it transposed")
+            # Always sent as [copies, dim] / [copies, dim, dim].
+            arr = self._array(name, f, v, s, alt)
+            if self.validate:
+                arr = arr.reshape(s)
+            to_tensor(arr, dtype or np.float64, out=getattr(gi, f))
+        gi.gradient_space = _GRADIENT_SPACES[sp]
+        if layout == "gpflow":
+            self._gpflow_blocks.add(name)
+        return bs
+
     def build_requests(self, inputs, loss=None, step=None):
         """The StepRequest messages for one step (split at self.split_bytes)."""
         step = self.next_step if step is None else step
@@ -481,6 +572,7 @@ class Session:
             loss = float(loss)
             if self.validate and not np.isfinite(loss):
                 raise errors.InvalidArgument(f"step {step}: loss is {loss}", field="loss")
+        self._gpflow_blocks = set()
         bss = [self._block_step(n, x) for n, x in inputs.items()]
         msgs, cur, cur_bytes = [], [], 0
         for bs in bss:
@@ -515,7 +607,10 @@ class Session:
             step = self.next_step
             resp = self._send_step(reqs, step)
             self.next_step = step + 1
-            return StepResult(resp)
+            result = StepResult(resp)
+            for n in self._gpflow_blocks:  # back to the caller's [M, L] q_mu layout
+                result[n] = result[n].transposed()
+            return result
 
     def _send_step(self, reqs, step):
         pol = self.client.retry

@@ -21,6 +21,24 @@ returns theta' = theta - gamma dL/deta mapped back to the parametrisation.
 or, inside a bigger session, ``step_input(...)`` builds the block's input
 for Session.step and ``result[name].param1/param2`` are the new parameters.
 
+Conventions that differ from GPflow (and how to say which one you mean):
+
+* Layout. natgrad's means are [L, M] = [copies, dim]; GPflow's ``q_mu`` is
+  [M, L] (its ``q_sqrt`` [L, M, M] matches natgrad's second part). Pass
+  ``layout="gpflow"`` to step_input / GaussianOptimizer.step (q_mu and its
+  gradient are transposed on the way out and the new q_mu comes back [M, L]),
+  or convert with ``from_gpflow`` / ``to_gpflow``. A [M, L] array for a block
+  with L != M is rejected with a pointer to layout="gpflow". For L == M the
+  shapes cannot tell, so Session.step then requires an explicit
+  ``layout="natgrad"`` or ``"gpflow"``.
+* Gradient space. The wire's GaussianStepInput.gradient_space, when unset,
+  means expectation gradients dL/deta; step_input defaults to
+  "parametrization" (gradients w.r.t. param1/param2, e.g. dL/dq_mu,
+  dL/dq_sqrt from autodiff). The client always sends the field and refuses a
+  Gaussian input dict without it.
+* max_halvings (natgrad.blocks.gaussian) counts literally: 0 means no
+  halving, None the server's default (8).
+
 The numpy conversions below (to_mean_cov, from_mean_cov, expectation_gradient,
 natural_gradient_step) are a client-side reference of the same maths.
 """
@@ -28,16 +46,63 @@ import numpy as np
 
 from natgrad import blocks as _blocks
 
-__all__ = ["step_input", "GaussianOptimizer", "to_mean_cov", "from_mean_cov",
+__all__ = ["step_input", "GaussianOptimizer", "from_gpflow", "to_gpflow", "to_mean_cov", "from_mean_cov",
            "expectation_gradient", "natural_gradient_step", "PARAMETRIZATIONS"]
 
 PARAMETRIZATIONS = tuple(_blocks.PARAMETRIZATIONS)
 
 
-def step_input(param1, param2, grad1, grad2, gradient_space="parametrization"):
-    """The input of one Gaussian block for Session.step."""
-    return {"param1": param1, "param2": param2, "grad1": grad1, "grad2": grad2,
-            "gradient_space": gradient_space}
+def step_input(param1, param2, grad1, grad2, gradient_space="parametrization", layout=None):
+    """The input of one Gaussian block for Session.step.
+
+    gradient_space: "parametrization" (grad1/grad2 are dL/dparam1,
+    dL/dparam2; the server converts) or "expectation" (dL/deta1, dL/deta2).
+    Always sent explicitly (an unset wire field means "expectation").
+    layout: None/"natgrad" (param1, grad1 are [L, M]) or "gpflow" ([M, L], as
+    GPflow's q_mu; the result's param1/delta1/direction1 then come back
+    [M, L]). Required when L == M > 1, where the shapes cannot tell."""
+    if gradient_space not in ("parametrization", "expectation"):
+        raise ValueError(f"gradient_space must be 'parametrization' or 'expectation', got {gradient_space!r}")
+    x = {"param1": param1, "param2": param2, "grad1": grad1, "grad2": grad2,
+         "gradient_space": gradient_space}
+    if layout is not None:
+        x["layout"] = layout
+    return x
+
+
+def _gpflow_shapes(q_mu, q_sqrt):
+    q_mu, q_sqrt = np.asarray(q_mu), np.asarray(q_sqrt)
+    if q_mu.ndim != 2:
+        raise ValueError(f"q_mu must be [M, L] (GPflow layout), got shape {list(q_mu.shape)}")
+    M, L = q_mu.shape
+    if q_sqrt.shape != (L, M, M):
+        raise ValueError(f"q_sqrt must be [L, M, M] = {[L, M, M]} for q_mu [M, L] = {[M, L]}, "
+                         f"got {list(q_sqrt.shape)}"
+                         + (" (is q_mu transposed? natgrad's means are [L, M])"
+                            if q_sqrt.shape == (M, L, L) and L != M else ""))
+    return q_mu, q_sqrt
+
+
+def from_gpflow(q_mu, q_sqrt):
+    """GPflow's (q_mu [M, L], q_sqrt [L, M, M]) -> natgrad's mean_cholesky
+    (param1 [L, M], param2 [L, M, M]). Also maps their gradients
+    (dL/dq_mu, dL/dq_sqrt) the same way."""
+    q_mu, q_sqrt = _gpflow_shapes(q_mu, q_sqrt)
+    return np.ascontiguousarray(q_mu.T), q_sqrt
+
+
+def to_gpflow(param1, param2):
+    """natgrad's (param1 [L, M], param2 [L, M, M]) -> GPflow's (q_mu [M, L],
+    q_sqrt [L, M, M])."""
+    p1, p2 = np.asarray(param1), np.asarray(param2)
+    if p1.ndim == 1:
+        p1 = p1[None, :]
+    if p2.ndim == 2:
+        p2 = p2[None]
+    L, M = p1.shape
+    if p2.shape != (L, M, M):
+        raise ValueError(f"param2 must be [L, M, M] = {[L, M, M]} for param1 [L, M], got {list(p2.shape)}")
+    return np.ascontiguousarray(p1.T), p2
 
 
 def _sym(X):
@@ -138,9 +203,11 @@ class GaussianOptimizer:
             + list(extra_blocks), session_id=session_id, display_name=f"gaussian {name}")
         self.last_result = None
 
-    def step(self, param1, param2, grad1, grad2, gradient_space="parametrization", extra=None, loss=None):
-        """Returns the new (param1, param2), shaped like the inputs."""
-        inputs = {self.name: step_input(param1, param2, grad1, grad2, gradient_space)}
+    def step(self, param1, param2, grad1, grad2, gradient_space="parametrization", extra=None, loss=None,
+             layout=None):
+        """Returns the new (param1, param2), shaped like the inputs.
+        layout="gpflow": param1/grad1 are [M, L] (GPflow's q_mu); see step_input."""
+        inputs = {self.name: step_input(param1, param2, grad1, grad2, gradient_space, layout)}
         inputs.update(extra or {})
         r = self.session.step(inputs, loss=loss)
         self.last_result = r

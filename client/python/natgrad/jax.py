@@ -12,12 +12,29 @@ statistics functions as usual.
     grads = jax.grad(mean_loss)(params)
     params = opt.step(params, grads, stats={"dense1": (a1, g1), "dense2": (a2, g2)}, loss=l)
 
-Layers: by default every dict with a 2-D "w"/"kernel" leaf (and optionally
-a 1-D "b"/"bias" leaf) is a K-FAC layer named by its path ("dense1",
-"params/Dense_0"). Kernels are [d_in, d_out] as in Flax/Haiku
-(``kernel_layout="in_out"``); use "out_in" for [d_out, d_in] weights.
-Or pass ``layers={"name": ("path/to/w", "path/to/b" or None)}``.
-Every other leaf is on a server-side Adam (or SGD) block named by its path.
+Layers: by default every dict with a "w"/"kernel" leaf of 2 or more
+dimensions (and optionally a 1-D "b"/"bias" leaf) is a K-FAC layer named by
+its path ("dense1", "params/Dense_0"). Kernels are [d_in, d_out] as in
+Flax/Haiku (``kernel_layout="in_out"``); use "out_in" for [d_out, d_in]
+weights. Or pass ``layers={"name": ("path/to/w", "path/to/b" or None)}``.
+Every other leaf (and every layer in ``exclude``) is on a server-side Adam
+(or SGD) block named by its path.
+
+Convolutions: a kernel with more than two dimensions ([*window, c_in, c_out]
+as Flax's HWIO, or [c_out, c_in, *window] with "out_in") is a K-FAC block
+over unfolded patches, d_in = prod(window) * c_in. Give its number of output
+positions per example, ``locations={"conv1": T}`` (a convolution without one
+is refused at construction), and as statistics the patches and the output
+gradients, each [n, ..., d] or [n*T, d]: ``conv_patches`` unfolds an input
+in the kernel's flattening order. As in kfac-jax (and the server), the
+factors are A = abar^T abar / n and G = g^T g / (n*T); reduced statistics
+computed here use that scaling.
+
+Checkpoints: ``state_dict()`` is a pytree (str and numpy leaves) holding the
+exported session (ExportSession) and its step; ``load_state_dict(state)`` or
+``KFAC(params, target=..., state=state)`` imports it into a server that lacks
+the session, or checks the step on one that has it, raising a natgrad error
+on any mismatch.
 """
 import numpy as np
 
@@ -30,8 +47,11 @@ except ImportError as e:  # pragma: no cover - exercised when jax is missing
 import natgrad
 from natgrad import blocks as _blocks
 from natgrad import errors
+from natgrad._pb import session_pb2
 
-__all__ = ["KFAC", "path_str", "find_layers"]
+__all__ = ["KFAC", "path_str", "find_layers", "conv_patches", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1
 
 _W_KEYS = ("w", "kernel", "weight")
 _B_KEYS = ("b", "bias")
@@ -54,9 +74,17 @@ def _flatten(tree):
     return [(path_str(p), v) for p, v in leaves], treedef
 
 
+def _kernel_dims(shape, kernel_layout):
+    """(d_in, d_out) of a kernel of this shape as a K-FAC block."""
+    if kernel_layout == "in_out":
+        return int(np.prod(shape[:-1])), int(shape[-1])
+    return int(np.prod(shape[1:])), int(shape[0])
+
+
 def find_layers(params, kernel_layout="in_out"):
     """{layer name: (weight path, bias path or None)} for every dict holding a
-    2-D w/kernel/weight leaf (and optionally a matching 1-D b/bias)."""
+    w/kernel/weight leaf of 2 or more dimensions (and optionally a matching
+    1-D b/bias). Kernels of more than 2 dimensions are convolutions."""
     flat, _ = _flatten(params)
     by_parent = {}
     for p, v in flat:
@@ -64,28 +92,65 @@ def find_layers(params, kernel_layout="in_out"):
         by_parent.setdefault(parent, {})[leaf] = v
     out = {}
     for parent, leaves in by_parent.items():
-        wk = next((k for k in _W_KEYS if k in leaves and np.ndim(leaves[k]) == 2), None)
+        wk = next((k for k in _W_KEYS if k in leaves and np.ndim(leaves[k]) >= 2), None)
         if wk is None:
             continue
-        d_out = np.shape(leaves[wk])[1 if kernel_layout == "in_out" else 0]
+        d_out = _kernel_dims(np.shape(leaves[wk]), kernel_layout)[1]
         bk = next((k for k in _B_KEYS if k in leaves and np.shape(leaves[k]) == (d_out,)), None)
         name = parent or "layer"
         out[name] = (f"{parent}/{wk}" if parent else wk, (f"{parent}/{bk}" if parent else bk) if bk else None)
     return out
 
 
+_SPATIAL = {1: "H", 2: "HW", 3: "DHW"}
+
+
+def conv_patches(x, window, strides=1, padding="VALID", dilation=1, kernel_layout="in_out"):
+    """Unfolds a channels-last input x [n, *spatial, c_in] into the patches
+    a convolution multiplies with its kernel: [n, T, prod(window) * c_in],
+    T = number of output positions, features in the order of
+    ``kernel.reshape(-1, c_out)`` (in_out, [*window, c_in, c_out]) or of
+    ``kernel.reshape(c_out, -1)`` (out_in, [c_out, c_in, *window]). So
+    ``patches @ kernel.reshape(-1, c_out)`` is the convolution's output
+    (without bias) flattened to [n, T, c_out]. strides/dilation: int or
+    per spatial dim; padding: "VALID", "SAME" or [(lo, hi), ...]."""
+    x = jnp.asarray(x)
+    nd = x.ndim - 2
+    if nd not in _SPATIAL:
+        raise ValueError(f"conv_patches: x must be [n, *spatial, c_in] with 1-3 spatial dims, got {x.shape}")
+    window = (int(window),) * nd if np.ndim(window) == 0 else tuple(int(w) for w in window)
+    strides = (int(strides),) * nd if np.ndim(strides) == 0 else tuple(int(v) for v in strides)
+    dilation = (int(dilation),) * nd if np.ndim(dilation) == 0 else tuple(int(v) for v in dilation)
+    sp = _SPATIAL[nd]
+    dn = ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+    p = jax.lax.conv_general_dilated_patches(x, window, strides, padding, rhs_dilation=dilation,
+                                             dimension_numbers=dn)
+    n, c = x.shape[0], x.shape[-1]
+    k = int(np.prod(window))
+    p = p.reshape(n, -1, c, k)  # features come out channel-major: (c_in, *window)
+    if kernel_layout == "in_out":
+        p = jnp.swapaxes(p, -1, -2)  # -> (*window, c_in), HWIO's flattening
+    elif kernel_layout != "out_in":
+        raise ValueError("kernel_layout must be 'in_out' or 'out_in'")
+    return p.reshape(n, p.shape[1], k * c)
+
+
 class KFAC:
     """K-FAC for a pytree; see the module docstring. Keyword arguments are
     those of natgrad.torch.KFAC (lr, damping, momentum, weight_decay,
     damping_mode, ema_decay, inverse_period, kl_clip, adaptive_damping,
-    fallback, fallback_lr, state_dtype, ...)."""
+    fallback, fallback_lr, state_dtype, ...), plus
+    locations: {conv layer: T output positions per example} (required for
+    every kernel of more than two dimensions);
+    exclude: layer names to put on the fallback optimizer instead;
+    state: a state_dict() to restore instead of creating a session."""
 
     def __init__(self, params, target=None, *, client=None, layers=None, kernel_layout="in_out",
                  token=None, tls=None, lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0,
                  damping_mode="tikhonov", ema_decay=None, inverse_period=None, stats_period=None,
                  kl_clip=1e-3, adaptive_damping=False, fallback="adam", fallback_lr=1e-3,
                  fallback_kwargs=None, reduce="auto", state_dtype=None, session_id=None,
-                 display_name=None):
+                 display_name=None, locations=None, exclude=(), state=None):
         if kernel_layout not in ("in_out", "out_in"):
             raise ValueError("kernel_layout must be 'in_out' or 'out_in'")
         self.kernel_layout = kernel_layout
@@ -95,13 +160,37 @@ class KFAC:
         self.paths = [p for p, _ in flat]
         shapes = {p: tuple(np.shape(v)) for p, v in flat}
         self.layers = dict(layers) if layers is not None else find_layers(params, kernel_layout)
+        for name in exclude:
+            if self.layers.pop(name, None) is None:
+                raise errors.InvalidArgument(f"exclude: no layer '{name}' (layers: {sorted(self.layers)})",
+                                             block=name)
+        locations = dict(locations or {})
+        unknown = set(locations) - set(self.layers)
+        if unknown:
+            raise errors.InvalidArgument(f"locations for unknown layer(s) {sorted(unknown)} "
+                                         f"(layers: {sorted(self.layers)})", block=sorted(unknown)[0],
+                                         field="locations")
         covered = set()
         self.dims = {}
+        self.kernel_shapes = {}
+        self.locations = {}
         for name, (wp, bp) in self.layers.items():
-            if wp not in shapes or len(shapes[wp]) != 2:
-                raise errors.InvalidArgument(f"layer '{name}': '{wp}' is not a 2-D leaf of params",
-                                             block=name, field="w")
-            d_in, d_out = shapes[wp] if kernel_layout == "in_out" else shapes[wp][::-1]
+            if wp not in shapes or len(shapes[wp]) < 2:
+                raise errors.InvalidArgument(f"layer '{name}': '{wp}' is not a leaf of params with "
+                                             "2 or more dimensions", block=name, field="w")
+            d_in, d_out = _kernel_dims(shapes[wp], kernel_layout)
+            T = locations.get(name)
+            if len(shapes[wp]) > 2 and T is None:
+                raise errors.InvalidArgument(
+                    f"layer '{name}': kernel '{wp}' of shape {list(shapes[wp])} is a convolution; give "
+                    f"locations={{'{name}': T}} (output positions per example, e.g. "
+                    f"natgrad.jax.conv_patches(x, ...).shape[1]) or exclude=['{name}'] to put it on "
+                    "the fallback optimizer", block=name, field="locations")
+            if T is not None and int(T) < 1:
+                raise errors.InvalidArgument(f"layer '{name}': locations must be >= 1, got {T}",
+                                             block=name, field="locations")
+            self.locations[name] = int(T or 1)
+            self.kernel_shapes[name] = shapes[wp]
             if bp is not None and shapes.get(bp) != (d_out,):
                 raise errors.InvalidArgument(f"layer '{name}': bias '{bp}' has shape "
                                              f"{shapes.get(bp)}, expected ({d_out},)", block=name, field="b")
@@ -119,18 +208,61 @@ class KFAC:
             cfg.append(_blocks.kfac_dense(
                 name, d_in, d_out, bias=bp is not None, lr=lr, damping=damping, momentum=momentum,
                 weight_decay=weight_decay or None, damping_mode=damping_mode, ema_decay=ema_decay,
-                inverse_period=inverse_period, stats_period=stats_period))
+                inverse_period=inverse_period, stats_period=stats_period,
+                locations=self.locations[name] if self.locations[name] > 1 else None))
         make = _blocks.adam if fallback == "adam" else _blocks.sgd
         for p in self.fallback:
             cfg.append(make(p, list(shapes[p]) or [1], lr=fallback_lr, **dict(fallback_kwargs or {})))
-        self.session = client.create_session(cfg, session_id=session_id, kl_clip=kl_clip or None,
-                                             adaptive_damping=adaptive_damping, state_dtype=state_dtype,
-                                             display_name=display_name or "jax pytree")
+        self._block_configs = cfg
+        self.session = None
+        self._created = False
         self.last_result = None
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.session = client.create_session(cfg, session_id=session_id, kl_clip=kl_clip or None,
+                                                 adaptive_damping=adaptive_damping, state_dtype=state_dtype,
+                                                 display_name=display_name or "jax pytree")
+            self._created = True
 
-    def _w(self, arr):
+    def _w(self, arr, name):
+        """A kernel (or its gradient) as the block's [d_out, d_in] matrix."""
         a = np.asarray(arr)
-        return a.T if self.kernel_layout == "in_out" else a
+        d_in, d_out = self.dims[name]
+        return a.reshape(d_in, d_out).T if self.kernel_layout == "in_out" else a.reshape(d_out, d_in)
+
+    def _unw(self, d, name):
+        """The block's [d_out, d_in] delta in the kernel's shape."""
+        shape = self.kernel_shapes[name]
+        return (d.T if self.kernel_layout == "in_out" else d).reshape(shape)
+
+    def _stats(self, name, s, din1, dt):
+        """Raw rows, or kfac-jax-scaled factors (A over n, G over n*T)."""
+        a, g = (np.asarray(v) for v in s)
+        d_in, d_out = self.dims[name]
+        T = self.locations[name]
+        if a.shape[-1] != d_in:
+            raise errors.InvalidArgument(f"layer '{name}': activations have {a.shape[-1]} features, "
+                                         f"expected {d_in}" + (" (unfolded patches, natgrad.jax.conv_patches)"
+                                                               if T > 1 else ""),
+                                         block=name, field="activations")
+        a = a.reshape(-1, a.shape[-1])
+        g = g.reshape(-1, g.shape[-1])
+        if T > 1 and (a.shape[0] % T or g.shape[0] != a.shape[0]):
+            raise errors.InvalidArgument(
+                f"layer '{name}': {a.shape[0]} patch rows and {g.shape[0]} output-gradient rows; "
+                f"both must be n * locations (locations = {T})", block=name, field="activations")
+        n = a.shape[0] // T
+        if self.reduce is True or (self.reduce == "auto" and g.shape == (a.shape[0], d_out)
+                                  and din1 * din1 + d_out * d_out < a.shape[0] * (d_in + d_out)):
+            a64 = a.astype(np.float64)
+            if din1 > d_in:
+                a64 = np.concatenate([a64, np.ones((a64.shape[0], 1))], axis=1)
+            g64 = g.astype(np.float64)
+            return {"a_factor": (a64.T @ a64 / n).astype(dt),
+                    "g_factor": (g64.T @ g64 / g.shape[0]).astype(dt),
+                    "num_examples": n}
+        return {"activations": a, "output_gradients": g}
 
     def step(self, params, grads, stats, loss=None):
         """One step: ``grads`` has params' structure (mean loss); ``stats``
@@ -154,12 +286,12 @@ class KFAC:
                                          f"(layers: {sorted(self.layers)})", block=sorted(extra)[0])
         inputs = {}
         for name, (wp, bp) in self.layers.items():
-            gw = self._w(G[wp])
+            gw = self._w(G[wp], name)
             if bp is not None:
                 gw = np.concatenate([gw, np.asarray(G[bp]).reshape(-1, 1)], axis=1)
             x = {"gradient": gw}
             if self.weight_decay:
-                w = self._w(P[wp])
+                w = self._w(P[wp], name)
                 if bp is not None:
                     w = np.concatenate([w, np.asarray(P[bp]).reshape(-1, 1)], axis=1)
                 x["params"] = w
@@ -167,23 +299,8 @@ class KFAC:
             if isinstance(s, dict):
                 x.update(s)
             else:
-                a, g = (np.asarray(v) for v in s)
-                a = a.reshape(-1, a.shape[-1])
-                g = g.reshape(-1, g.shape[-1])
-                d_in, d_out = self.dims[name]
-                din1 = d_in + int(bp is not None)
-                if self.reduce is True or (self.reduce == "auto" and a.shape[1] == d_in
-                                          and din1 * din1 + d_out * d_out < a.shape[0] * (d_in + d_out)):
-                    a64 = a.astype(np.float64)
-                    if bp is not None:
-                        a64 = np.concatenate([a64, np.ones((a64.shape[0], 1))], axis=1)
-                    g64 = g.astype(np.float64)
-                    dt = gw.dtype if gw.dtype == np.float64 else np.float32
-                    x["a_factor"] = (a64.T @ a64 / a.shape[0]).astype(dt)
-                    x["g_factor"] = (g64.T @ g64 / g.shape[0]).astype(dt)
-                    x["num_examples"] = a.shape[0]
-                else:
-                    x["activations"], x["output_gradients"] = a, g
+                dt = gw.dtype if gw.dtype == np.float64 else np.float32
+                x.update(self._stats(name, s, self.dims[name][0] + int(bp is not None), dt))
             inputs[name] = x
         for p in self.fallback:
             inputs[p] = {"gradient": np.asarray(G[p]).reshape(list(np.shape(P[p])) or [1])}
@@ -193,13 +310,75 @@ class KFAC:
             d = r[name]
             d_in = self.dims[name][0]
             dw = d[:, :d_in]
-            new[wp] = np.asarray(P[wp]) + (dw.T if self.kernel_layout == "in_out" else dw).astype(np.asarray(P[wp]).dtype)
+            new[wp] = np.asarray(P[wp]) + self._unw(dw, name).astype(np.asarray(P[wp]).dtype)
             if bp is not None:
                 new[bp] = np.asarray(P[bp]) + d[:, d_in].astype(np.asarray(P[bp]).dtype)
         for p in self.fallback:
             new[p] = np.asarray(P[p]) + r[p].reshape(np.shape(P[p])).astype(np.asarray(P[p]).dtype)
         self.last_result = r
         return jax.tree_util.tree_unflatten(self.treedef, [jnp.asarray(new[p]) for p in self.paths])
+
+    # -- checkpoints --------------------------------------------------------
+    def state_dict(self):
+        """A pytree checkpoint of the optimizer: {"format", "session" (name),
+        "step" (last applied step), "snapshot" (the serialized
+        SessionSnapshot as a uint8 array)}; all leaves are str or numpy, so
+        pickle, flax.serialization or orbax can store it next to params."""
+        snap = self.session.export()
+        step = snap.last_step
+        return {"format": np.asarray(CHECKPOINT_FORMAT, np.int64), "session": self.session.name,
+                "step": np.asarray(step, np.int64),
+                "snapshot": np.frombuffer(snap.SerializeToString(), np.uint8).copy()}
+
+    def _check_config(self, config, where):
+        want = [(b.name, b.WhichOneof("kind"), list(b.shape),
+                 b.kfac_dense.locations if b.HasField("kfac_dense") else 0) for b in self._block_configs]
+        have = [(b.name, b.WhichOneof("kind"), list(b.shape),
+                 b.kfac_dense.locations if b.HasField("kfac_dense") else 0) for b in config.blocks]
+        if sorted(want) != sorted(have):
+            diff = sorted(set(map(str, want)) ^ set(map(str, have)))
+            raise errors.InvalidArgument(f"{where}: its blocks do not match this optimizer's layers "
+                                         f"(differing: {diff[:4]})", field="state")
+
+    def load_state_dict(self, state):
+        """Restores a state_dict(): imports the snapshot when the server does
+        not have the session (a fresh server, an empty checkpoint directory),
+        or attaches to the server's session after checking it is at the
+        checkpoint's step. Raises InvalidArgument (malformed state, other
+        layers) or FailedPrecondition (the server's session is at another
+        step or has another config); on error the optimizer is unchanged."""
+        try:
+            fmt = int(np.asarray(state["format"]))
+            name = str(state["session"])
+            step = int(np.asarray(state["step"]))
+            raw = state["snapshot"]
+            raw = raw if isinstance(raw, bytes) else np.asarray(raw, np.uint8).tobytes()
+        except (KeyError, TypeError, ValueError) as e:
+            raise errors.InvalidArgument(f"not a natgrad.jax state_dict: {e!r}", field="state") from None
+        if fmt != CHECKPOINT_FORMAT:
+            raise errors.InvalidArgument(f"state_dict format {fmt}, this natgrad reads {CHECKPOINT_FORMAT}",
+                                         field="format")
+        snap = session_pb2.SessionSnapshot()
+        try:
+            snap.ParseFromString(raw)
+        except Exception as e:  # noqa: BLE001  (protobuf's DecodeError)
+            raise errors.InvalidArgument(f"state_dict snapshot does not parse: {e}", field="snapshot") from None
+        if snap.name != name or snap.last_step != step:
+            raise errors.InvalidArgument(
+                f"state_dict is inconsistent: session {name} step {step}, snapshot of {snap.name} "
+                f"at step {snap.last_step}", field="snapshot")
+        self._check_config(snap.config, f"checkpoint of {name}")
+        session = self.client.restore_session(snap)
+        old, created = self.session, self._created
+        self.session, self._created = session, False
+        if old is not None and old.name != session.name:
+            if created and old.next_step == 1:
+                try:  # the empty session made by __init__, never stepped
+                    old.delete()
+                except errors.NatgradError:
+                    pass
+            else:
+                old.close()
 
     def close(self, delete=False):
         if delete:
