@@ -4,6 +4,7 @@
 
 #include <iostream>
 #include "absl/strings/str_cat.h"
+#include "server/service/rpc_logging.h"
 #include "server/service/service_metrics.h"
 #include "server/service/status_conversion.h"
 
@@ -49,6 +50,8 @@ void StepReactor::OnReadDone(bool ok) {
     absl::Status status = HandleMessage();
     if (!status.ok()) {
       if (deps_.metrics) deps_.metrics->StepFailed(status.code());
+      LogFailedStep(status, session_ ? session_->name() : request_.session(), request_.step(),
+                    context_->peer());
       absl::MutexLock lock(&mu_);
       FinishLocked(ToGrpcStatus(status), actions);
     } else if (!assembler_->complete()) {
@@ -114,6 +117,7 @@ void StepReactor::RunStep(session::StepData data) {
       deps_.metrics->StepFailed(status.code());
     }
   }
+  if (!status.ok()) LogFailedStep(status, session_->name(), data.step, context_->peer());
   Actions actions;
   {
     absl::MutexLock lock(&mu_);

@@ -145,7 +145,7 @@ auto Deleted(const std::string& s) {
 }
 auto StepFailed(const std::string& s) {
   return AllOf(HasSubstr(" warning natgrad-server: step failed: code=INVALID_ARGUMENT session=" + s +
-                         " received_step=2"),
+                         " step=2"),
                HasSubstr("not_a_block"));
 }
 auto UnaryFailed() {
