@@ -3,15 +3,15 @@
 
 #include <cstdio>
 #include <fstream>
-#include <iostream>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
-#include <iostream>
 #include "absl/time/time.h"
+#include "server/common/build_info.h"
+#include "server/common/log.h"
 #include "server/service/natgrad_server.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:50051",
@@ -47,6 +47,8 @@ ABSL_FLAG(int32_t, shutdown_grace_s, 20,
           "After SIGTERM/SIGINT: seconds open streams get to finish");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving (for tests and scripts)");
+ABSL_FLAG(std::string, log_level, "info",
+          "Least severe log line written to stderr: debug, info, warning or error");
 
 int main(int argc, char** argv) {
   // --help lists the flags defined in this file (absl's default looks for a
@@ -60,6 +62,12 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "natural-gradient optimizer service (gRPC natgrad.v1.OptimizerService)");
   absl::ParseCommandLine(argc, argv);
+  auto level = natgrad::log::ParseLevel(absl::GetFlag(FLAGS_log_level));
+  if (!level.ok()) {
+    NATGRAD_LOG(kError, "--log_level: ", level.status().message());
+    return 2;
+  }
+  natgrad::log::SetLevel(*level);
 
   // Block the signals we handle before any thread exists, so every thread
   // inherits the mask and only sigwait below sees them.
@@ -90,26 +98,28 @@ int main(int argc, char** argv) {
   o.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   o.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
   if (o.max_message_bytes <= 0 || o.max_message_bytes > INT32_MAX) {
-    std::cerr << "natgrad-server: --max_message_bytes must be in (0, 2^31)\n";
+    NATGRAD_LOG(kError, "--max_message_bytes must be in (0, 2^31)");
     return 2;
   }
 
+  const natgrad::BuildInfo& build = natgrad::GetBuildInfo();
+  NATGRAD_LOG(kInfo, "version ", build.version, " (commit ", build.git_commit, ", ",
+              build.build_type, ", cuda ", build.cuda ? "on" : "off", ")");
   auto server = natgrad::service::NatgradServer::Start(o);
   if (!server.ok()) {
-    std::cerr << "natgrad-server: " << server.status() << "\n";
+    NATGRAD_LOG(kError, server.status().ToString());
     return 1;
   }
   auto& s = **server;
-  std::cout << "natgrad-server listening on port " << s.port() << " ("
-            << (o.tls_cert_file.empty() ? "insecure" : "TLS") << ")" << std::endl;
-  std::cout << "inversion backend: " << s.backend() << " (" << s.backend_reason() << ")"
-            << std::endl;
+  NATGRAD_LOG(kInfo, "listening on port ", s.port(), " (",
+              o.tls_cert_file.empty() ? "insecure" : "TLS", ")");
+  NATGRAD_LOG(kInfo, "inversion backend: ", s.backend(), " (", s.backend_reason(), ")");
   if (s.metrics_port() != 0) {
-    std::cout << "metrics on port " << s.metrics_port() << " at /metrics" << std::endl;
+    NATGRAD_LOG(kInfo, "metrics on port ", s.metrics_port(), " at /metrics");
   }
   if (!o.checkpoint_dir.empty()) {
-    std::cout << "checkpoints in " << o.checkpoint_dir << ", restored " << s.restored_sessions()
-              << " session(s)" << std::endl;
+    NATGRAD_LOG(kInfo, "checkpoints in ", o.checkpoint_dir, ", restored ",
+                s.restored_sessions(), " session(s)");
   }
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (!port_file.empty()) {
@@ -124,13 +134,18 @@ int main(int argc, char** argv) {
     if (sigwait(&signals, &sig) != 0) continue;
     if (sig == SIGHUP) {
       absl::Status st = s.ReloadTokens();
-      std::cerr << "natgrad-server: info: " << "SIGHUP: tokens reloaded: " << st << std::endl;
+      if (st.ok()) {
+        NATGRAD_LOG(kInfo, "SIGHUP: tokens reloaded");
+      } else {
+        NATGRAD_LOG(kError, "SIGHUP: tokens not reloaded (the previous ones stay): ",
+                    st.ToString());
+      }
       continue;
     }
-    std::cout << "natgrad-server: signal " << sig << ", draining" << std::endl;
+    NATGRAD_LOG(kInfo, "signal ", sig, ", draining");
     s.Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_s)));
     break;
   }
-  std::cout << "natgrad-server: stopped" << std::endl;
+  NATGRAD_LOG(kInfo, "stopped");
   return 0;
 }

@@ -3,11 +3,15 @@
 #include <fstream>
 #include <sstream>
 #include <utility>
+#include <vector>
 
-#include <iostream>
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "natgrad/v1/optimizer_service.grpc.pb.h"
+#include "server/common/build_info.h"
+#include "server/common/log.h"
+#include "server/service/rpc_logging.h"
 #include "server/service/token_authenticator.h"
 
 namespace natgrad::service {
@@ -45,6 +49,8 @@ absl::StatusOr<std::unique_ptr<NatgradServer>> NatgradServer::Start(ServerOption
 absl::Status NatgradServer::Init(ServerOptions options) {
   options_ = std::move(options);
   metrics_ = std::make_shared<ServiceMetrics>(std::make_shared<prometheus::Registry>());
+  const BuildInfo& build = GetBuildInfo();
+  metrics_->SetBuildInfo(build.version, build.git_commit, build.build_type, build.cuda);
   if (!options_.metrics_address.empty()) {
     auto http = MetricsHttpServer::Start(
         options_.metrics_address,
@@ -69,16 +75,19 @@ absl::Status NatgradServer::Init(ServerOptions options) {
     checkpoints_.emplace(*std::move(store));
     session::LoadedCheckpoints loaded = checkpoints_->LoadAll();
     for (const std::string& why : loaded.skipped) {
-      std::cerr << "natgrad-server: warning: " << "skipping checkpoint " << why << std::endl;
+      NATGRAD_LOG(kWarning, "skipping checkpoint ", why);
       metrics_->CheckpointSkipped();
     }
     for (const auto& snap : loaded.snapshots) {
       auto restored = registry_->Import(snap, snap.tenant(), "");
       if (!restored.ok()) {
-        std::cerr << "natgrad-server: warning: " << "skipping checkpoint of " << snap.name() << ": " << restored.status() << std::endl;
+        NATGRAD_LOG(kWarning, "skipping checkpoint of ", snap.name(), ": ",
+                    restored.status().ToString());
         metrics_->CheckpointSkipped();
         continue;
       }
+      NATGRAD_LOG(kDebug, "session ", (*restored)->name(), " restored from checkpoint at step ",
+                  snap.last_step());
       ++restored_;
     }
     metrics_->SetSessions(registry_->size());
@@ -130,10 +139,18 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   builder.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
   builder.RegisterService(service_.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(MakeRpcLoggingInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.address));
   }
+  // grpc.health.v1 answers for "" (the whole server) by default; probes that
+  // name the service (Kubernetes grpc probes with `service:`, Envoy) need
+  // its own entry. Shutdown's SetServingStatus(false) covers both.
+  server_->GetHealthCheckService()->SetServingStatus(
+      natgrad::v1::OptimizerService::service_full_name(), true);
   server_->GetHealthCheckService()->SetServingStatus(true);
 
   if (checkpoints_.has_value() && options_.checkpoint_interval_s > 0) {
@@ -193,9 +210,9 @@ void NatgradServer::Shutdown(absl::Duration grace) {
   server_->GetHealthCheckService()->SetServingStatus(false);
   // Checkpoint first (a step may still land during the drain: its own
   // checkpoint-every-N policy covers it), then again after the drain.
-  if (absl::Status s = CheckpointAll(); !s.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << s << std::endl;
+  if (absl::Status s = CheckpointAll(); !s.ok()) NATGRAD_LOG(kError, "checkpoint: ", s.ToString());
   server_->Shutdown(std::chrono::system_clock::now() + absl::ToChronoSeconds(grace));
-  if (absl::Status s = CheckpointAll(); !s.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << s << std::endl;
+  if (absl::Status s = CheckpointAll(); !s.ok()) NATGRAD_LOG(kError, "checkpoint: ", s.ToString());
   executor_.reset();
   engine_->Shutdown();
   absl::MutexLock lock(&mu_);

@@ -5,6 +5,7 @@
 #include <iostream>
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "server/common/log.h"
 #include "server/service/service_metrics.h"
 #include "server/service/status_conversion.h"
 #include "server/service/step_reactor.h"
@@ -47,6 +48,8 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(
     auto session = deps_.registry->Create(request->config(), tenant, request->session_id());
     if (!session.ok()) return session.status();
     *response = (*session)->Describe();
+    NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created: tenant=",
+                tenant.empty() ? "-" : tenant, " blocks=", request->config().blocks_size());
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
     if (deps_.checkpoints != nullptr) {
       // A new session is durable at once, so a crash before its first
@@ -104,6 +107,8 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
     if (absl::Status s = deps_.registry->Delete(request->name(), tenant); !s.ok()) return s;
+    NATGRAD_LOG(kInfo, "session ", (*session)->name(), " deleted: tenant=",
+                tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
     if (deps_.checkpoints != nullptr) {
       absl::Status removed = deps_.checkpoints->Remove((*session)->id());
       if (!removed.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << removed << std::endl;
@@ -133,6 +138,8 @@ grpc::ServerUnaryReactor* OptimizerService::ImportSession(
         deps_.registry->Import(request->snapshot(), tenant, request->session_id());
     if (!session.ok()) return session.status();
     *response = (*session)->Describe();
+    NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created (imported): tenant=",
+                tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
     if (deps_.checkpoints != nullptr) {
       absl::Status written = deps_.checkpoints->Write((*session)->Snapshot());
       if (!written.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << written << std::endl;

@@ -77,6 +77,10 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
       backend_(BuildGauge().Name("natgrad_inversion_backend_info")
                    .Help("1 for the inversion backend in use.")
                    .Register(*registry_)),
+      build_info_(BuildGauge().Name("natgrad_build_info")
+                      .Help("1, labelled with the version, git commit, build type and "
+                            "CUDA support of the running server.")
+                      .Register(*registry_)),
       step_latency_(BuildHistogram().Name("natgrad_step_latency_seconds")
                         .Help("From a step's last message received to its response queued.")
                         .Register(*registry_)
@@ -140,6 +144,15 @@ void ServiceMetrics::SetSessions(int64_t count) {
 
 void ServiceMetrics::SetBackend(absl::string_view backend) {
   backend_.Add({{"backend", std::string(backend)}}).Set(1);
+}
+
+void ServiceMetrics::SetBuildInfo(absl::string_view version, absl::string_view git_commit,
+                                  absl::string_view build_type, bool cuda) {
+  build_info_.Add({{"version", std::string(version)},
+                   {"git_commit", std::string(git_commit)},
+                   {"build_type", std::string(build_type)},
+                   {"cuda", cuda ? "on" : "off"}})
+      .Set(1);
 }
 
 void ServiceMetrics::InversionBatch(absl::string_view backend, int64_t batch_size,

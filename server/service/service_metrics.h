@@ -37,6 +37,10 @@ class ServiceMetrics {
   void CheckpointSkipped();
   void SetSessions(int64_t count);
   void SetBackend(absl::string_view backend);
+  // natgrad_build_info{version, git_commit, build_type, cuda} = 1: which
+  // build is serving (one series; set once at start-up).
+  void SetBuildInfo(absl::string_view version, absl::string_view git_commit,
+                    absl::string_view build_type, bool cuda);
   // From the inversion engine's observer.
   void InversionBatch(absl::string_view backend, int64_t batch_size,
                       double seconds, int64_t failed_jobs);
@@ -56,6 +60,7 @@ class ServiceMetrics {
   prometheus::Family<prometheus::Histogram>& inversion_seconds_;
   prometheus::Family<prometheus::Histogram>& inversion_batch_size_;
   prometheus::Family<prometheus::Gauge>& backend_;
+  prometheus::Family<prometheus::Gauge>& build_info_;
   prometheus::Histogram& step_latency_;
   prometheus::Histogram& checkpoint_latency_;
   prometheus::Gauge& streams_;

@@ -4,6 +4,7 @@
 
 #include <iostream>
 #include "absl/strings/str_cat.h"
+#include "server/service/rpc_logging.h"
 #include "server/service/service_metrics.h"
 #include "server/service/status_conversion.h"
 #include "server/service/step_reply.h"
@@ -50,6 +51,8 @@ void StepReactor::OnReadDone(bool ok) {
     absl::Status status = HandleMessage();
     if (!status.ok()) {
       if (deps_.metrics) deps_.metrics->StepFailed(status.code());
+      LogFailedStep(status, session_ ? session_->name() : request_.session(), request_.step(),
+                    context_->peer());
       absl::MutexLock lock(&mu_);
       FinishLocked(ToGrpcStatus(status), actions);
     } else if (!assembler_->complete()) {
@@ -124,6 +127,7 @@ void StepReactor::RunStep(AssembledStep step) {
       deps_.metrics->StepFailed(status.code());
     }
   }
+  if (!status.ok()) LogFailedStep(status, session_->name(), data.step, context_->peer());
   Actions actions;
   {
     absl::MutexLock lock(&mu_);

@@ -3,6 +3,7 @@
 #ifndef NATGRAD_TESTS_OPS_SERVER_PROCESS_H_
 #define NATGRAD_TESTS_OPS_SERVER_PROCESS_H_
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -28,8 +29,9 @@ inline std::string MakeTempDir(const std::string& prefix) {
 class ServerProcess {
  public:
   // Starts the server with --address=127.0.0.1:0 and waits (bounded) until
-  // it has written its port file, i.e. it is serving.
-  explicit ServerProcess(std::vector<std::string> flags) {
+  // it has written its port file, i.e. it is serving. A non-empty
+  // stderr_path receives the server's stderr (its log lines).
+  explicit ServerProcess(std::vector<std::string> flags, const std::string& stderr_path = "") {
     const char* bin = std::getenv("NATGRAD_SERVER");
 #ifdef NATGRAD_SERVER_PATH
     binary_ = bin != nullptr ? bin : NATGRAD_SERVER_PATH;
@@ -43,7 +45,15 @@ class ServerProcess {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (posix_spawn(&pid_, binary_.c_str(), nullptr, nullptr, argv.data(), environ) != 0) {
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    if (!stderr_path.empty()) {
+      posix_spawn_file_actions_addopen(&actions, 2, stderr_path.c_str(),
+                                       O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    }
+    const int spawned = posix_spawn(&pid_, binary_.c_str(), &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (spawned != 0) {
       pid_ = -1;
       return;
     }
