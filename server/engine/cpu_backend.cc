@@ -5,6 +5,8 @@
 #include <new>
 #include <utility>
 
+#include "server/linalg/thread_policy.h"
+
 namespace natgrad::engine {
 namespace {
 
@@ -100,13 +102,13 @@ void CpuBackend::RunImpl(DecompositionKind kind, absl::Span<BatchJob<Scalar>> jo
   const bool streaming = threads_ > 1 && now - last_parallel_end_ < kStreamingWindow;
   if (static_cast<int64_t>(jobs.size()) < threads_ && n >= threaded_blas_min_n_ &&
       !streaming) {
-    SetBlasThreads(threads_);
+    linalg::SetBlasThreads(threads_);
     for (BatchJob<Scalar>& job : jobs) RunOne(kind, job);
     return;
   }
   // One matrix per thread; OpenBLAS must not fork inside each call, or the
   // calls contend for its single thread pool.
-  SetBlasThreads(1);
+  linalg::SetBlasThreads(1);
   ParallelFor(jobs.size(), [&](size_t i) { RunOne(kind, jobs[i]); });
   if (jobs.size() > 1) last_parallel_end_ = std::chrono::steady_clock::now();
 }

@@ -9,7 +9,7 @@ target_include_directories(natgrad_engine_cpu PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(natgrad_engine_cpu
   PUBLIC natgrad_engine_api absl::span absl::status absl::statusor absl::strings
          Threads::Threads
-  PRIVATE natgrad_lapack)
+  PRIVATE natgrad_linalg)
 
 # cuSOLVER backend: host-compiled .cc against the CUDA libraries; the CUDA
 # headers stay inside cuda_backend.cc.

@@ -62,7 +62,10 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   backend_reason_ = created->reason;
   metrics_->SetBackend(backend_);
 
-  registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get());
+  // Created once; every session's steps share it (server/linalg/thread_policy.h).
+  compute_pool_ = std::make_unique<linalg::ComputePool>(options_.compute_threads);
+  registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get(),
+                                                         compute_pool_.get());
   if (!options_.checkpoint_dir.empty()) {
     auto store = session::CheckpointStore::Open(options_.checkpoint_dir);
     if (!store.ok()) return store.status();

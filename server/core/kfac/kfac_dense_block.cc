@@ -167,8 +167,8 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate {
     const Matrix g_factor = inv_w * g_sum;
     const Matrix a_factor = inv_w * a_sum;
     const Matrix curvature = kfac::Product<Scalar>(
-        kfac::Product<Scalar>(g_factor, false, delta, false), false, a_factor,
-        false);
+        kfac::Product<Scalar>(g_factor, false, delta, false, pool), false,
+        a_factor, false, pool);
     return Dot(grad, delta) + 0.5 * Dot(delta, curvature) +
            0.5 * damping * delta.template cast<double>().squaredNorm();
   }
@@ -212,6 +212,7 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate {
   bool clear_in_flight = false;
   std::optional<typename Block::Refresh> start_in_flight;
   int64_t inversion_micros = 0;
+  linalg::ComputePool* pool = nullptr;  // context.compute_pool of Propose
 
  private:
   // mu m_old + nu V, independent of the block (valid after Commit too).
@@ -301,6 +302,7 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
   const Eigen::Index ad = a_dim(), gd = g_dim();
   auto pending = std::make_unique<KfacDensePendingUpdate<Scalar>>(this);
   pending->step = t;
+  pending->pool = context.compute_pool;
 
   // Gradient and parameters.
   absl::StatusOr<Matrix> grad =
@@ -354,9 +356,11 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
       if (fold) {
         // KFC scaling (kfac-jax): A over the n examples, G over n*T rows.
         a_batch = kfac::GramFactor<Scalar>(*as, options_.has_bias,
-                                           static_cast<Scalar>(rows / loc));
+                                           static_cast<Scalar>(rows / loc),
+                                           context.compute_pool);
         g_batch = kfac::GramFactor<Scalar>(*gs, false,
-                                           static_cast<Scalar>(rows));
+                                           static_cast<Scalar>(rows),
+                                           context.compute_pool);
         if (!a_batch->allFinite()) {
           return Invalid("kfac.raw.activations", "overflows in a^T a / n");
         }
@@ -496,8 +500,9 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& input,
   if (params && wd != 0) g += static_cast<Scalar>(wd) * *params;
   pending->v = eigen ? kfac::PreconditionEigen<Scalar>(
                            use.g, use.g_values, use.a, use.a_values, g,
-                           static_cast<Scalar>(lambda))
-                     : kfac::PreconditionFactored<Scalar>(use.g, use.a, g);
+                           static_cast<Scalar>(lambda), context.compute_pool)
+                     : kfac::PreconditionFactored<Scalar>(use.g, use.a, g,
+                                                          context.compute_pool);
   if (!pending->v.allFinite()) {
     return Invalid("gradient",
                    "gives a non-finite preconditioned gradient; the damping "
