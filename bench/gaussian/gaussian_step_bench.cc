@@ -3,7 +3,9 @@
 // factorisations. Args: M, L (copies), parametrisation, threading: 0 no
 // compute pool (copies one after another, OpenBLAS at its default thread
 // count), 1 a ComputePool of one thread per core with OpenBLAS pinned to 1
-// (the engine streaming batches; copies side by side). Real time.
+// (copies side by side, each single-threaded), 2 the pool with OpenBLAS at
+// its default (copies side by side, their BLAS calls queueing for OpenBLAS's
+// threads). Real time.
 #include <memory>
 #include <random>
 
@@ -62,8 +64,9 @@ void BM_GaussianStep(benchmark::State& state) {
   }
   const BlockStepInput input = MakeInput(m, copies, p);
   static linalg::ComputePool pool(0);
-  const bool use_pool = state.range(3) != 0;
-  linalg::SetBlasThreads(use_pool ? 1 : linalg::BlasMaxThreads());
+  const int mode = static_cast<int>(state.range(3));
+  const bool use_pool = mode != 0;
+  linalg::SetBlasThreads(mode == 1 ? 1 : linalg::BlasMaxThreads());
   StepContext ctx;
   ctx.step = 1;
   ctx.compute_pool = use_pool ? &pool : nullptr;
@@ -76,7 +79,7 @@ void BM_GaussianStep(benchmark::State& state) {
     benchmark::DoNotOptimize((*pending)->Commit(1.0));
   }
   state.SetLabel(std::string(GaussianParametrizationName(p)) +
-                 (use_pool ? " pool" : " nopool"));
+                 (mode == 0 ? " nopool" : mode == 1 ? " pool" : " pool_blasN"));
   state.counters["copies_per_s"] = benchmark::Counter(
       copies, benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -86,7 +89,7 @@ void Args(benchmark::internal::Benchmark* b) {
                 static_cast<int>(GaussianParametrization::kMeanCholesky)})
     for (int m : {64, 256, 1024})
       for (int copies : {1, 8})
-        for (int pool : {0, 1}) b->Args({m, copies, p, pool});
+        for (int mode : {0, 1, 2}) b->Args({m, copies, p, mode});
 }
 BENCHMARK(BM_GaussianStep)->Apply(Args)->UseRealTime()->Unit(benchmark::kMillisecond);
 

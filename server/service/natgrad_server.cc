@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/linalg/thread_policy.h"
 #include "server/service/token_authenticator.h"
 
 namespace natgrad::service {
@@ -62,8 +63,11 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   backend_reason_ = created->reason;
   metrics_->SetBackend(backend_);
 
-  // Created once; every session's steps share it (server/linalg/thread_policy.h).
+  // Created once; every session's steps share it. OpenBLAS runs
+  // single-threaded from here on except inside the engine's lone large
+  // decompositions (server/linalg/thread_policy.h).
   compute_pool_ = std::make_unique<linalg::ComputePool>(options_.compute_threads);
+  linalg::SetBlasThreads(1);
   registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get(),
                                                          compute_pool_.get());
   if (!options_.checkpoint_dir.empty()) {
