@@ -4,9 +4,12 @@
 // (the engine's two settings). Also the split policy itself.
 #include "server/linalg/products.h"
 
+#include <algorithm>
 #include <memory>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <vector>
 
 #include "Eigen/Core"
 #include "gtest/gtest.h"
@@ -140,6 +143,31 @@ TEST(Products, SplitGivesTheUnsplitResultOnPanelsOfOpenBlas) {
   Gemm<double>(false, false, m, n, k, 1.0, a.data(), m, b.data(), k, 0.0, split.data(), m, &pool);
   Gemm<double>(false, false, m, n, k, 1.0, a.data(), m, b.data(), k, 0.0, whole.data(), m, nullptr);
   EXPECT_LT((split - whole).norm() / whole.norm(), 1e-14);
+}
+
+TEST(Products, ConcurrentCallersShareOnePool) {
+  // Steps of several sessions split their products on the server's one pool
+  // at the same time.
+  ComputePool pool(3);
+  const int m = 200, n = 220, k = 240;
+  ASSERT_GT(PanelCount(int64_t{m} * n * k, n, &pool), 1);
+  const Eigen::MatrixXd a = Eigen::MatrixXd::Random(m, k), b = Eigen::MatrixXd::Random(k, n);
+  const Eigen::MatrixXd want = a * b;
+  constexpr int kCallers = 4, kRounds = 10;
+  std::vector<double> worst(kCallers, 0);
+  std::vector<std::thread> callers;
+  for (int c = 0; c < kCallers; ++c) {
+    callers.emplace_back([&, c] {
+      for (int r = 0; r < kRounds; ++r) {
+        Eigen::MatrixXd got(m, n);
+        Gemm<double>(false, false, m, n, k, 1.0, a.data(), m, b.data(), k, 0.0, got.data(), m,
+                     &pool);
+        worst[c] = std::max(worst[c], (got - want).norm() / want.norm());
+      }
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  for (int c = 0; c < kCallers; ++c) EXPECT_LT(worst[c], 1e-13) << "caller " << c;
 }
 
 }  // namespace
