@@ -26,6 +26,9 @@ ABSL_FLAG(int64_t, max_bytes_per_tenant, 0, "State bytes per tenant; 0: no limit
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
           "gRPC receive/send message size limit (gRPC's default is 4 MiB)");
 ABSL_FLAG(int32_t, worker_threads, 0, "Threads applying steps; 0: one per core");
+ABSL_FLAG(int32_t, compute_threads, 0,
+          "Threads of the pool that splits large products and Gaussian copies, "
+          "shared by all steps (the step's own thread included); 0: one per core");
 ABSL_FLAG(std::string, inversion_backend, "auto",
           "Factor decompositions on 'auto' (CUDA when a GPU is present), 'cpu' or 'cuda'");
 ABSL_FLAG(int64_t, batch_window_us, 200,
@@ -87,6 +90,7 @@ int main(int argc, char** argv) {
   o.limits.max_bytes_per_tenant = absl::GetFlag(FLAGS_max_bytes_per_tenant);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  o.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   o.engine.backend = absl::GetFlag(FLAGS_inversion_backend);
   o.engine.batch_window_us = absl::GetFlag(FLAGS_batch_window_us);
   o.engine.max_batch = absl::GetFlag(FLAGS_max_batch);

@@ -27,7 +27,6 @@
 // n=512 batch 64, n=1024 batch 16/64, nor n=2048 at all). Skipped cases say
 // so in the output. The whole run takes about 80 s on 2 cores.
 #include <cmath>
-#include <complex>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -42,10 +41,8 @@
 #include "server/engine/batching_engine.h"
 #include "server/engine/cpu_backend.h"
 #include "server/engine/lapack_kernels.h"
-
-#define lapack_complex_float std::complex<float>
-#define lapack_complex_double std::complex<double>
-#include <lapacke.h>
+#include "server/linalg/cblas_lapacke.h"
+#include "server/linalg/thread_policy.h"
 
 namespace natgrad::engine {
 namespace {
@@ -127,7 +124,7 @@ void BM_LapackeSeq(benchmark::State& state, DecompositionKind kind) {
   const int n = static_cast<int>(state.range(0));
   const int batch = static_cast<int>(state.range(1));
   if (Skip(state, n, batch, kCapFast)) return;
-  SetBlasThreads(BlasMaxThreads());  // OpenBLAS's default, as a naive user has it
+  linalg::SetBlasThreads(linalg::BlasMaxThreads());  // OpenBLAS's default, as a naive user has it
   const std::vector<Eigen::MatrixXf> inputs = Inputs(n, batch);
   Eigen::VectorXf w(n);
   for (auto _ : state) {
@@ -183,8 +180,8 @@ BENCHMARK_CAPTURE(BM_Eigen, cholinv, DecompositionKind::kCholeskyInverse)->Apply
 
 void BM_BlasThreads(benchmark::State& state, DecompositionKind kind) {
   const int n = static_cast<int>(state.range(0));
-  const int threads = state.range(1) == 0 ? BlasMaxThreads() : 1;
-  SetBlasThreads(threads);
+  const int threads = state.range(1) == 0 ? linalg::BlasMaxThreads() : 1;
+  linalg::SetBlasThreads(threads);
   const Eigen::MatrixXf input = Spd(n, 1);
   Eigen::VectorXf w(n);
   for (auto _ : state) {
@@ -257,7 +254,7 @@ BENCHMARK(BM_Sessions)->Arg(1)->Arg(32)->ArgName("sessions")->UseRealTime()->Uni
 // that variant is not run.
 void BM_SessionsDirect(benchmark::State& state) {
   const int sessions = static_cast<int>(state.range(0));
-  SetBlasThreads(1);
+  linalg::SetBlasThreads(1);
   const Eigen::MatrixXf a = Spd(kSessionN, 1);
   const Eigen::MatrixXf g = Spd(kSessionN, 2);
   double latency_sum = 0;

@@ -1,6 +1,11 @@
 // One GaussianBlock step (Propose + Commit), float64: the client sends (m, S)
 // or (m, L) with the gradient in its parametrisation, the path with the most
-// factorisations. Args: M, L (copies), parametrisation.
+// factorisations. Args: M, L (copies), parametrisation, threading: 0 no
+// compute pool (copies one after another, OpenBLAS at its default thread
+// count), 1 a ComputePool of one thread per core with OpenBLAS pinned to 1
+// (copies side by side, each single-threaded), 2 the pool with OpenBLAS at
+// its default (copies side by side, their BLAS calls queueing for OpenBLAS's
+// threads). Real time.
 #include <memory>
 #include <random>
 
@@ -9,6 +14,8 @@
 #include "benchmark/benchmark.h"
 #include "server/core/gaussian/gaussian_block.h"
 #include "server/core/schedule.h"
+#include "server/linalg/compute_pool.h"
+#include "server/linalg/thread_policy.h"
 
 namespace natgrad::core {
 namespace {
@@ -54,8 +61,13 @@ void BM_GaussianStep(benchmark::State& state) {
     return;
   }
   const GaussianStepInput input = MakeInput(m, copies, p);
+  static linalg::ComputePool pool(0);
+  const int mode = static_cast<int>(state.range(3));
+  const bool use_pool = mode != 0;
+  linalg::SetBlasThreads(mode == 1 ? 1 : linalg::BlasMaxThreads());
   StepContext ctx;
   ctx.step = 1;
+  ctx.compute_pool = use_pool ? &pool : nullptr;
   for (auto _ : state) {
     auto pending = (*block)->Propose(input, ctx);
     if (!pending.ok()) {
@@ -64,7 +76,8 @@ void BM_GaussianStep(benchmark::State& state) {
     }
     benchmark::DoNotOptimize((*pending)->Commit(1.0));
   }
-  state.SetLabel(std::string(GaussianParametrizationName(p)));
+  state.SetLabel(std::string(GaussianParametrizationName(p)) +
+                 (mode == 0 ? " nopool" : mode == 1 ? " pool" : " pool_blasN"));
   state.counters["copies_per_s"] = benchmark::Counter(
       copies, benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -73,9 +86,10 @@ void Args(benchmark::internal::Benchmark* b) {
   for (int p : {static_cast<int>(GaussianParametrization::kMeanCovariance),
                 static_cast<int>(GaussianParametrization::kMeanCholesky)})
     for (int m : {64, 256, 1024})
-      for (int copies : {1, 8}) b->Args({m, copies, p});
+      for (int copies : {1, 8})
+        for (int mode : {0, 1, 2}) b->Args({m, copies, p, mode});
 }
-BENCHMARK(BM_GaussianStep)->Apply(Args)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_GaussianStep)->Apply(Args)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace natgrad::core

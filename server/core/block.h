@@ -24,6 +24,9 @@
 namespace natgrad::engine {
 class InversionEngine;
 }  // namespace natgrad::engine
+namespace natgrad::linalg {
+class ComputePool;
+}  // namespace natgrad::linalg
 
 namespace natgrad::core {
 
@@ -102,6 +105,10 @@ struct StepContext {
   std::optional<double> damping_override;
   // Decompositions go through the server's engine; never null in a session.
   engine::InversionEngine* engine = nullptr;
+  // Threads for the block math's data-parallel parts (large product panels,
+  // per-copy work); nullptr runs them on the calling thread. The server's
+  // one pool in a session (server/linalg/thread_policy.h).
+  linalg::ComputePool* compute_pool = nullptr;
 };
 
 struct BlockStepOutput {

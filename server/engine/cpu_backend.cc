@@ -5,14 +5,10 @@
 #include <new>
 #include <utility>
 
+#include "server/linalg/thread_policy.h"
+
 namespace natgrad::engine {
 namespace {
-
-int ResolveThreads(int requested) {
-  if (requested > 0) return requested;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw > 0 ? static_cast<int>(hw) : 1;
-}
 
 template <typename Scalar>
 void RunOne(DecompositionKind kind, BatchJob<Scalar>& job) {
@@ -28,62 +24,10 @@ void RunOne(DecompositionKind kind, BatchJob<Scalar>& job) {
 }  // namespace
 
 CpuBackend::CpuBackend(CpuBackendOptions options)
-    : threads_(ResolveThreads(options.threads)),
-      threaded_blas_min_n_(options.threaded_blas_min_n) {
-  // The caller of Run is the pool's first thread.
-  workers_.reserve(threads_ - 1);
-  for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
-}
+    : pool_(options.threads),  // <= 0: one per core
+      threaded_blas_min_n_(options.threaded_blas_min_n) {}
 
-CpuBackend::~CpuBackend() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  work_cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
-}
-
-void CpuBackend::WorkerLoop() {
-  uint64_t seen = 0;
-  while (true) {
-    const std::function<void(size_t)>* task;
-    size_t count;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      task = task_;
-      count = count_;
-    }
-    for (size_t i; (i = next_.fetch_add(1)) < count;) (*task)(i);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--active_ == 0) done_cv_.notify_all();
-    }
-  }
-}
-
-void CpuBackend::ParallelFor(size_t count, const std::function<void(size_t)>& fn) {
-  if (workers_.empty() || count <= 1) {
-    for (size_t i = 0; i < count; ++i) fn(i);
-    return;
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    task_ = &fn;
-    count_ = count;
-    next_.store(0);
-    active_ = static_cast<int>(workers_.size());
-    ++generation_;
-  }
-  work_cv_.notify_all();
-  for (size_t i; (i = next_.fetch_add(1)) < count;) fn(i);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [&] { return active_ == 0; });
-  task_ = nullptr;
-}
+CpuBackend::~CpuBackend() = default;
 
 template <typename Scalar>
 void CpuBackend::RunImpl(DecompositionKind kind, absl::Span<BatchJob<Scalar>> jobs) {
@@ -97,17 +41,24 @@ void CpuBackend::RunImpl(DecompositionKind kind, absl::Span<BatchJob<Scalar>> jo
   // workers spin on sched_yield for 2^28 cycles (~0.1 s, OPENBLAS_THREAD_TIMEOUT
   // is read only at load) and would steal a core from the next pool-parallel
   // batch: measured 56 vs 87 matrices/s at n=1024, batch 16.
-  const bool streaming = threads_ > 1 && now - last_parallel_end_ < kStreamingWindow;
-  if (static_cast<int64_t>(jobs.size()) < threads_ && n >= threaded_blas_min_n_ &&
+  const int threads = pool_.parallelism();
+  const bool streaming = threads > 1 && now - last_parallel_end_ < kStreamingWindow;
+  if (static_cast<int64_t>(jobs.size()) < threads && n >= threaded_blas_min_n_ &&
       !streaming) {
-    SetBlasThreads(threads_);
+    linalg::SetBlasThreads(threads);
     for (BatchJob<Scalar>& job : jobs) RunOne(kind, job);
+    // Back to one thread at once: outside these calls OpenBLAS is meant to
+    // run single-threaded, the block math's compute pool providing the
+    // parallelism (server/linalg/thread_policy.h). Left at `threads`, the
+    // pool's panel calls would queue for OpenBLAS's threads (measured 2x
+    // slower for a d=1024 factor update).
+    linalg::SetBlasThreads(1);
     return;
   }
   // One matrix per thread; OpenBLAS must not fork inside each call, or the
   // calls contend for its single thread pool.
-  SetBlasThreads(1);
-  ParallelFor(jobs.size(), [&](size_t i) { RunOne(kind, jobs[i]); });
+  linalg::SetBlasThreads(1);
+  pool_.ParallelFor(jobs.size(), [&](size_t i) { RunOne(kind, jobs[i]); });
   if (jobs.size() > 1) last_parallel_end_ = std::chrono::steady_clock::now();
 }
 

@@ -3,27 +3,25 @@
 // Many independent matrices: one matrix per pool thread with OpenBLAS set to
 // one thread, so each LAPACK call runs on its caller and the calls run side by
 // side. A lone large matrix (fewer jobs than threads and n >=
-// threaded_blas_min_n): OpenBLAS threads = pool size, jobs one after another.
+// threaded_blas_min_n): OpenBLAS threads = pool size, jobs one after another,
+// then OpenBLAS back to one thread.
 //
 // OpenBLAS 0.3.21 (Debian's libopenblas0-pthread) only has a process-global
-// openblas_set_num_threads, so the backend flips that global per batch. It is
-// correct whatever the setting (concurrent callers of a multi-threaded
+// openblas_set_num_threads, so the backend flips that global per batch
+// (linalg::SetBlasThreads; the whole policy is server/linalg/thread_policy.h).
+// It is correct whatever the setting (concurrent callers of a multi-threaded
 // OpenBLAS queue on its internal lock), only the speed differs; another
-// OpenBLAS user in the process sees the last value set here.
+// OpenBLAS user in the process sees the last value set here. The pool is a
+// linalg::ComputePool of the backend's own.
 #ifndef NATGRAD_SERVER_ENGINE_CPU_BACKEND_H_
 #define NATGRAD_SERVER_ENGINE_CPU_BACKEND_H_
 
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <mutex>
-#include <thread>
-#include <vector>
 
 #include "server/engine/backend.h"
+#include "server/linalg/compute_pool.h"
 
 namespace natgrad::engine {
 
@@ -43,35 +41,25 @@ class CpuBackend final : public InversionBackend {
   void Run(DecompositionKind kind, absl::Span<BatchJob<float>> jobs) override;
   void Run(DecompositionKind kind, absl::Span<BatchJob<double>> jobs) override;
 
-  int threads() const { return threads_; }
+  int threads() const { return pool_.parallelism(); }
 
  private:
   template <typename Scalar>
   void RunImpl(DecompositionKind kind, absl::Span<BatchJob<Scalar>> jobs);
-  // fn(i) for i in [0, count) on the pool and the calling thread.
-  void ParallelFor(size_t count, const std::function<void(size_t)>& fn);
-  void WorkerLoop();
 
   // A batch smaller than the pool that starts within this long after a
   // pool-parallel batch ended runs single-threaded too (see RunImpl).
   static constexpr std::chrono::milliseconds kStreamingWindow{200};
 
-  const int threads_;
+  // The backend's own workers (the caller of Run is the first); not the
+  // server's compute pool, so decompositions and step math do not queue
+  // behind each other.
+  linalg::ComputePool pool_;
   const int threaded_blas_min_n_;
   // End of the last batch run one matrix per thread (under run_mu_).
   std::chrono::steady_clock::time_point last_parallel_end_{};
 
   std::mutex run_mu_;  // one batch at a time per backend
-  std::mutex mu_;
-  std::condition_variable work_cv_;
-  std::condition_variable done_cv_;
-  bool stop_ = false;
-  uint64_t generation_ = 0;
-  const std::function<void(size_t)>* task_ = nullptr;
-  size_t count_ = 0;
-  std::atomic<size_t> next_{0};
-  int active_ = 0;
-  std::vector<std::thread> workers_;
 };
 
 }  // namespace natgrad::engine

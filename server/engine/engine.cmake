@@ -7,9 +7,8 @@ add_library(natgrad_engine_cpu STATIC
   batching_engine.cc)
 target_include_directories(natgrad_engine_cpu PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(natgrad_engine_cpu
-  PUBLIC natgrad_engine_api absl::span absl::status absl::statusor absl::strings
-         Threads::Threads
-  PRIVATE natgrad_lapack)
+  PUBLIC natgrad_engine_api natgrad_linalg absl::span absl::status absl::statusor
+         absl::strings Threads::Threads)
 
 # cuSOLVER backend: host-compiled .cc against the CUDA libraries; the CUDA
 # headers stay inside cuda_backend.cc.

@@ -2,27 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <complex>
 #include <limits>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-
-// lapacke.h picks C99 complex types unless told otherwise; we use none of
-// them, but the declarations must parse as C++.
-#define lapack_complex_float std::complex<float>
-#define lapack_complex_double std::complex<double>
-#include <lapacke.h>
-
-// From OpenBLAS's cblas.h, declared here so the TU does not pull cblas.h's
-// macros next to lapacke.h's.
-extern "C" {
-void openblas_set_num_threads(int num_threads);
-int openblas_get_num_threads(void);
-int openblas_get_num_procs(void);
-}
+#include "server/linalg/cblas_lapacke.h"
 
 namespace natgrad::engine {
 namespace {
@@ -337,19 +322,5 @@ template absl::StatusOr<Decomposition<float>> DecomposeLapack<float>(
     MatrixX<float>, DecompositionKind, bool);
 template absl::StatusOr<Decomposition<double>> DecomposeLapack<double>(
     MatrixX<double>, DecompositionKind, bool);
-
-void SetBlasThreads(int threads) {
-  threads = std::max(1, threads);
-  // Serialise toggles; reading the current value first makes repeats free
-  // (openblas_set_num_threads may touch its thread pool).
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  if (openblas_get_num_threads() == threads) return;
-  openblas_set_num_threads(threads);
-}
-
-int BlasThreads() { return openblas_get_num_threads(); }
-
-int BlasMaxThreads() { return std::max(1, openblas_get_num_procs()); }
 
 }  // namespace natgrad::engine

@@ -50,13 +50,6 @@ template <typename Scalar>
 absl::StatusOr<Decomposition<Scalar>> DecomposeLapack(
     MatrixX<Scalar> a, DecompositionKind kind, bool already_prepared = false);
 
-// OpenBLAS's thread count is process-global in Debian's pthread build
-// (0.3.21 has no openblas_set_num_threads_local). SetBlasThreads is a no-op
-// when the value is already current.
-void SetBlasThreads(int threads);
-int BlasThreads();
-int BlasMaxThreads();  // what OpenBLAS would use by default (cores)
-
 }  // namespace natgrad::engine
 
 #endif  // NATGRAD_SERVER_ENGINE_LAPACK_KERNELS_H_

@@ -114,12 +114,5 @@ TYPED_TEST(LapackKernelsTest, ZeroMatrixInverseUsesAbsoluteJitter) {
   EXPECT_TRUE(d->matrix.allFinite());
 }
 
-TEST(LapackKernelsTest, BlasThreadsCanBeToggled) {
-  SetBlasThreads(1);
-  EXPECT_EQ(BlasThreads(), 1);
-  SetBlasThreads(BlasMaxThreads());
-  EXPECT_EQ(BlasThreads(), BlasMaxThreads());
-}
-
 }  // namespace
 }  // namespace natgrad::engine

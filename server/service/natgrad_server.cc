@@ -12,6 +12,7 @@
 #include "server/common/build_info.h"
 #include "server/common/log.h"
 #include "server/service/rpc_logging.h"
+#include "server/linalg/thread_policy.h"
 #include "server/service/token_authenticator.h"
 
 namespace natgrad::service {
@@ -68,7 +69,13 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   backend_reason_ = created->reason;
   metrics_->SetBackend(backend_);
 
-  registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get());
+  // Created once; every session's steps share it. OpenBLAS runs
+  // single-threaded from here on except inside the engine's lone large
+  // decompositions (server/linalg/thread_policy.h).
+  compute_pool_ = std::make_unique<linalg::ComputePool>(options_.compute_threads);
+  linalg::SetBlasThreads(1);
+  registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get(),
+                                                         compute_pool_.get());
   if (!options_.checkpoint_dir.empty()) {
     auto store = session::CheckpointStore::Open(options_.checkpoint_dir);
     if (!store.ok()) return store.status();

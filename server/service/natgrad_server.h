@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "server/engine/engine_factory.h"
+#include "server/linalg/compute_pool.h"
 #include "server/service/authenticator.h"
 #include "server/service/metrics_http_server.h"
 #include "server/service/optimizer_service.h"
@@ -32,6 +33,9 @@ struct ServerOptions {
   session::RegistryLimits limits;
   int64_t max_message_bytes = int64_t{256} << 20;
   int worker_threads = 0;
+  // Threads of the one ComputePool the block math shares (product panels,
+  // Gaussian copies); 0: one per core.
+  int compute_threads = 0;
   engine::EngineOptions engine;
   std::string checkpoint_dir;  // empty: no checkpoints
   int64_t checkpoint_every_steps = 0;
@@ -77,6 +81,8 @@ class NatgradServer {
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<engine::BatchingInversionEngine> engine_;
   std::string backend_, backend_reason_;
+  // Outlives the registry and the executor (declared before them).
+  std::unique_ptr<linalg::ComputePool> compute_pool_;
   std::unique_ptr<session::SessionRegistry> registry_;
   std::optional<session::CheckpointStore> checkpoints_;
   std::unique_ptr<StepExecutor> executor_;

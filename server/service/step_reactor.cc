@@ -127,7 +127,7 @@ void StepReactor::RunStep(AssembledStep step) {
       deps_.metrics->StepFailed(status.code());
     }
   }
-  if (!status.ok()) LogFailedStep(status, session_->name(), data.step, context_->peer());
+  if (!status.ok()) LogFailedStep(status, session_->name(), step.data.step, context_->peer());
   Actions actions;
   {
     absl::MutexLock lock(&mu_);

@@ -65,18 +65,20 @@ absl::Time FromProto(const google::protobuf::Timestamp& t) {
 Session::Session(std::string id, std::string tenant,
                  natgrad::v1::SessionConfig config,
                  std::vector<NamedBlock> blocks,
-                 engine::InversionEngine* engine)
+                 engine::InversionEngine* engine,
+                 linalg::ComputePool* compute_pool)
     : id_(std::move(id)),
       tenant_(std::move(tenant)),
       config_(std::move(config)),
       engine_(engine),
+      compute_pool_(compute_pool),
       blocks_(std::move(blocks)),
       create_time_(absl::Now()),
       update_time_(create_time_) {}
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(
     std::string id, std::string tenant, const natgrad::v1::SessionConfig& config,
-    engine::InversionEngine* engine) {
+    engine::InversionEngine* engine, linalg::ComputePool* compute_pool) {
   if (absl::Status s = blocks::ValidateSessionConfig(config); !s.ok()) return s;
   natgrad::v1::SessionConfig canonical = config;
   std::vector<NamedBlock> blocks;
@@ -95,7 +97,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(
   auto damping = NewAdaptiveDamping(canonical);
   if (!damping.ok()) return damping.status();
   auto session = std::unique_ptr<Session>(new Session(
-      std::move(id), std::move(tenant), std::move(canonical), std::move(blocks), engine));
+      std::move(id), std::move(tenant), std::move(canonical), std::move(blocks), engine,
+      compute_pool));
   absl::MutexLock lock(&session->mu_);
   session->damping_ = *std::move(damping);
   return session;
@@ -103,13 +106,14 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Restore(
     const natgrad::v1::SessionSnapshot& snapshot, std::string id,
-    engine::InversionEngine* engine) {
+    engine::InversionEngine* engine, linalg::ComputePool* compute_pool) {
   if (snapshot.format_version() != kSnapshotFormat) {
     return absl::InvalidArgumentError(absl::StrCat(
         "snapshot.format_version: ", snapshot.format_version(),
         " is not supported (want ", kSnapshotFormat, ")"));
   }
-  auto session = Create(std::move(id), snapshot.tenant(), snapshot.config(), engine);
+  auto session = Create(std::move(id), snapshot.tenant(), snapshot.config(), engine,
+                        compute_pool);
   if (!session.ok()) return session.status();
   Session& s = **session;
   absl::MutexLock lock(&s.mu_);
@@ -214,6 +218,7 @@ absl::StatusOr<StepResult> Session::ApplyLocked(const StepData& data) {
   context.step = data.step;
   context.loss = data.loss;
   context.engine = engine_;
+  context.compute_pool = compute_pool_;
   // Adapted on a copy: a rejected step must not move the damping.
   std::optional<core::LevenbergMarquardtDamping> damping = damping_;
   if (damping.has_value()) context.damping_override = damping->BeginStep(data.step, data.loss);

@@ -20,6 +20,7 @@
 #include "server/core/block.h"
 #include "server/core/curvature/levenberg_marquardt_damping.h"
 #include "server/engine/inversion_engine.h"
+#include "server/linalg/compute_pool.h"
 
 namespace natgrad::session {
 
@@ -85,10 +86,10 @@ class Session {
  public:
   static absl::StatusOr<std::unique_ptr<Session>> Create(
       std::string id, std::string tenant, const natgrad::v1::SessionConfig& config,
-      engine::InversionEngine* engine);
+      engine::InversionEngine* engine, linalg::ComputePool* compute_pool = nullptr);
   static absl::StatusOr<std::unique_ptr<Session>> Restore(
       const natgrad::v1::SessionSnapshot& snapshot, std::string id,
-      engine::InversionEngine* engine);
+      engine::InversionEngine* engine, linalg::ComputePool* compute_pool = nullptr);
 
   const std::string& id() const { return id_; }
   std::string name() const { return "sessions/" + id_; }
@@ -125,7 +126,8 @@ class Session {
   };
 
   Session(std::string id, std::string tenant, natgrad::v1::SessionConfig config,
-          std::vector<NamedBlock> blocks, engine::InversionEngine* engine);
+          std::vector<NamedBlock> blocks, engine::InversionEngine* engine,
+          linalg::ComputePool* compute_pool);
 
   absl::StatusOr<StepResult> ApplyLocked(const StepData& data)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -136,6 +138,8 @@ class Session {
   const std::string tenant_;
   const natgrad::v1::SessionConfig config_;
   engine::InversionEngine* const engine_;
+  // The server's compute pool, handed to every step (StepContext); may be null.
+  linalg::ComputePool* const compute_pool_;
   std::atomic<bool> stream_open_{false};
   std::atomic<bool> deleted_{false};
 

@@ -35,8 +35,9 @@ std::string RandomId() {
 }  // namespace
 
 SessionRegistry::SessionRegistry(RegistryLimits limits,
-                                 engine::InversionEngine* engine)
-    : limits_(limits), engine_(engine) {}
+                                 engine::InversionEngine* engine,
+                                 linalg::ComputePool* compute_pool)
+    : limits_(limits), engine_(engine), compute_pool_(compute_pool) {}
 
 absl::StatusOr<std::string> SessionRegistry::ParseName(absl::string_view name) {
   absl::string_view id = name;
@@ -110,7 +111,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   }
   auto id = PickIdLocked(requested_id);
   if (!id.ok()) return id.status();
-  auto session = Session::Create(*id, std::string(tenant), config, engine_);
+  auto session =
+      Session::Create(*id, std::string(tenant), config, engine_, compute_pool_);
   if (!session.ok()) return session.status();
   std::shared_ptr<Session> shared = *std::move(session);
   sessions_[*id] = shared;
@@ -138,7 +140,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Import(
   }
   auto id = PickIdLocked(wanted);
   if (!id.ok()) return id.status();
-  auto session = Session::Restore(owned, *id, engine_);
+  auto session = Session::Restore(owned, *id, engine_, compute_pool_);
   if (!session.ok()) return session.status();
   std::shared_ptr<Session> shared = *std::move(session);
   sessions_[*id] = shared;

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "natgrad/v1/session.pb.h"
 #include "server/engine/inversion_engine.h"
+#include "server/linalg/compute_pool.h"
 #include "server/session/session.h"
 
 namespace natgrad::session {
@@ -29,7 +30,10 @@ struct RegistryLimits {
 
 class SessionRegistry {
  public:
-  SessionRegistry(RegistryLimits limits, engine::InversionEngine* engine);
+  // Sessions get `engine` and `compute_pool` (may be null: steps run their
+  // math on the calling thread) for their whole life.
+  SessionRegistry(RegistryLimits limits, engine::InversionEngine* engine,
+                  linalg::ComputePool* compute_pool = nullptr);
 
   // requested_id may be empty (a random id is made). RESOURCE_EXHAUSTED when
   // a limit would be exceeded, ALREADY_EXISTS for a taken id.
@@ -62,6 +66,7 @@ class SessionRegistry {
 
   const RegistryLimits limits_;
   engine::InversionEngine* const engine_;
+  linalg::ComputePool* const compute_pool_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
 };

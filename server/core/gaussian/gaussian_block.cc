@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <system_error>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -13,6 +11,7 @@
 #include "server/core/gaussian/gaussian_gradient.h"
 #include "server/core/gaussian/gaussian_linalg.h"
 #include "server/core/gaussian/natural_gradient_direction.h"
+#include "server/linalg/compute_pool.h"
 
 namespace natgrad::core {
 namespace {
@@ -21,45 +20,27 @@ using StepInput = GaussianStepInput;
 
 // Runs fn(i) (returning false on failure) for copies i = 0..n-1 and returns
 // the smallest failing i, or n. Sequential (stopping at the first failure)
-// unless OpenBLAS is single-threaded (the inversion engine's setting, left
-// alone here), n > 1 and there is more than one core; then copies run on up
-// to hardware_concurrency threads, claimed in increasing order, and claiming
-// stops past a failure, so the result is the same as the sequential one.
+// without a compute pool (or one of a single thread) or for one copy; else
+// the copies run on the pool, which hands them out in increasing order, and
+// copies past a failure already seen are skipped, so the result is the same
+// as the sequential one.
 template <typename Fn>
-size_t ForEachCopy(size_t n, const Fn& fn) {
-  static const size_t cores =
-      std::max(1u, std::thread::hardware_concurrency());
-  const size_t workers = std::min(n, cores);
-  if (workers <= 1 || !gaussian_linalg::BlasSingleThreaded()) {
+size_t ForEachCopy(linalg::ComputePool* pool, size_t n, const Fn& fn) {
+  if (n <= 1 || linalg::Parallelism(pool) <= 1) {
     for (size_t i = 0; i < n; ++i) {
       if (!fn(i)) return i;
     }
     return n;
   }
-  std::atomic<size_t> next{0};
   std::atomic<size_t> first_fail{n};
-  const auto work = [&] {
-    for (;;) {
-      const size_t i = next.fetch_add(1);
-      if (i >= n || i > first_fail.load()) return;
-      if (!fn(i)) {
-        size_t cur = first_fail.load();
-        while (i < cur && !first_fail.compare_exchange_weak(cur, i)) {
-        }
+  pool->ParallelFor(n, [&](size_t i) {
+    if (i > first_fail.load()) return;
+    if (!fn(i)) {
+      size_t cur = first_fail.load();
+      while (i < cur && !first_fail.compare_exchange_weak(cur, i)) {
       }
     }
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(workers - 1);
-  for (size_t t = 1; t < workers; ++t) {
-    try {
-      threads.emplace_back(work);
-    } catch (const std::system_error&) {
-      break;  // the calling thread picks up the rest
-    }
-  }
-  work();
-  for (std::thread& t : threads) t.join();
+  });
   return first_fail.load();
 }
 
@@ -100,8 +81,8 @@ class GaussianBlock final : public ParameterBlock {
     }
     absl::StatusOr<BlockStepOutput> out =
         precision_ == Precision::kFloat32
-            ? Step<float>(*input, gamma)
-            : Step<double>(*input, gamma);
+            ? Step<float>(*input, gamma, context.compute_pool)
+            : Step<double>(*input, gamma, context.compute_pool);
     if (!out.ok()) return out.status();
     out->hyperparameters["gamma"] = gamma;
     out->hyperparameters["gamma_used"] =
@@ -212,13 +193,14 @@ class GaussianBlock final : public ParameterBlock {
   }
 
   template <typename T>
-  absl::StatusOr<BlockStepOutput> Step(const StepInput& in, double gamma) {
+  absl::StatusOr<BlockStepOutput> Step(const StepInput& in, double gamma,
+                                       linalg::ComputePool* pool) {
     const GaussianParametrization p = options_.parametrization;
     const size_t copies = in.param1.size();
     std::vector<GaussianForms<T>> q(copies);
     std::vector<ExpectationGradient<T>> v(copies);
     std::vector<absl::Status> errors(copies);
-    const size_t first_bad = ForEachCopy(copies, [&](size_t i) {
+    const size_t first_bad = ForEachCopy(pool, copies, [&](size_t i) {
       // Values that overflow float become inf here; checked below.
       const GVector<T> p1 = in.param1[i].cast<T>();
       const GMatrix<T> p2 = in.param2[i].cast<T>();
@@ -257,7 +239,7 @@ class GaussianBlock final : public ParameterBlock {
     double gamma_used = gamma;
     for (;; ++halvings, gamma_used *= 0.5) {
       const T g = static_cast<T>(gamma_used);
-      const size_t failed_copy = ForEachCopy(copies, [&](size_t i) {
+      const size_t failed_copy = ForEachCopy(pool, copies, [&](size_t i) {
         absl::StatusOr<GaussianForms<T>> qi = GaussianFromNatural<T>(
             q[i].theta1 - g * v[i].g1,
             T(-0.5) * q[i].precision - g * v[i].g2);
@@ -287,7 +269,7 @@ class GaussianBlock final : public ParameterBlock {
       out.direction1.resize(copies);
       out.direction2.resize(copies);
     }
-    ForEachCopy(copies, [&](size_t i) {
+    ForEachCopy(pool, copies, [&](size_t i) {
       GaussianParams<T> np = GaussianToParams<T>(next[i], p);
       out.param1[i] = np.first.template cast<double>();
       out.param2[i] = np.second.template cast<double>();

@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "server/core/gaussian/gaussian_test_util.h"
 #include "server/core/schedule.h"
+#include "server/linalg/compute_pool.h"
 
 namespace natgrad::core {
 namespace {
@@ -402,6 +403,60 @@ TEST(GaussianBlockStateTest, ImportRejectsNonsenseAndKeepsState) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(std::string(status.message()), HasSubstr("block \"q_u\""));
     EXPECT_EQ(block->ExportState().scalars, good.scalars);
+  }
+}
+
+}  // namespace
+}  // namespace natgrad::core
+
+namespace natgrad::core {
+namespace {
+
+using ::natgrad::core::testing::GaussianOf;
+
+// Copies run side by side on a compute pool: each copy's arithmetic is the
+// same as on one thread, so the step is bit-for-bit the sequential one.
+TEST(GaussianBlockPoolTest, PoolGivesTheSequentialStepExactly) {
+  linalg::ComputePool pool(3);
+  constexpr int kCopies = 9;
+  for (P p : AllParametrizations()) {
+    for (Precision precision : {Precision::kFloat64, Precision::kFloat32}) {
+      std::mt19937 rng(11);
+      const GaussianStepInput in = RandomInput(p, kCopies, &rng);
+      auto alone = MakeBlock(Options(p, kCopies), precision);
+      auto pooled = MakeBlock(Options(p, kCopies), precision);
+      StepContext ctx = Ctx(1);
+      auto want = alone->Propose(in, ctx);
+      ctx.compute_pool = &pool;
+      auto got = pooled->Propose(in, ctx);
+      ASSERT_TRUE(want.ok()) << want.status();
+      ASSERT_TRUE(got.ok()) << got.status();
+      const BlockStepOutput w = (*want)->Commit(1), g = (*got)->Commit(1);
+      for (int c = 0; c < kCopies; ++c) {
+        EXPECT_EQ(GaussianOf(g).param1[c], GaussianOf(w).param1[c]) << c;
+        EXPECT_EQ(GaussianOf(g).param2[c], GaussianOf(w).param2[c]) << c;
+      }
+      EXPECT_EQ(g.hyperparameters, w.hyperparameters);
+    }
+  }
+}
+
+// With several bad copies the error names the first, pool or not.
+TEST(GaussianBlockPoolTest, ReportsTheFirstBadCopyOnAPool) {
+  linalg::ComputePool pool(3);
+  constexpr int kCopies = 9;
+  for (int trial = 0; trial < 20; ++trial) {
+    std::mt19937 rng(12 + trial);
+    GaussianStepInput in = RandomInput(P::kMeanCovariance, kCopies, &rng);
+    in.param2[3] = -MatrixXd::Identity(kDim, kDim);
+    in.param2[7] = -MatrixXd::Identity(kDim, kDim);
+    auto block = MakeBlock(Options(P::kMeanCovariance, kCopies));
+    StepContext ctx = Ctx(1);
+    ctx.compute_pool = &pool;
+    auto pending = block->Propose(in, ctx);
+    ASSERT_FALSE(pending.ok());
+    EXPECT_THAT(std::string(pending.status().message()),
+                HasSubstr("gaussian.param2[3] is not positive definite"));
   }
 }
 

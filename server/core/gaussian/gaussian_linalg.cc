@@ -1,51 +1,12 @@
 #include "server/core/gaussian/gaussian_linalg.h"
 
-#include <complex>
-
-#include "Eigen/Cholesky"
 #include <limits>
 
-// lapacke.h picks C99 complex types unless told otherwise; we use none of
-// them, but the declarations must parse as C++.
-#define lapack_complex_float std::complex<float>
-#define lapack_complex_double std::complex<double>
-#include <lapacke.h>
-
-// OpenBLAS's cblas, declared here rather than through <cblas.h> (which of the
-// netlib / OpenBLAS headers that resolves to is a Debian alternative).
-extern "C" {
-void cblas_ssymm(int order, int side, int uplo, int m, int n, float alpha,
-                 const float* a, int lda, const float* b, int ldb, float beta,
-                 float* c, int ldc);
-void cblas_dsymm(int order, int side, int uplo, int m, int n, double alpha,
-                 const double* a, int lda, const double* b, int ldb,
-                 double beta, double* c, int ldc);
-void cblas_strmm(int order, int side, int uplo, int trans, int diag, int m,
-                 int n, float alpha, const float* a, int lda, float* b,
-                 int ldb);
-void cblas_dtrmm(int order, int side, int uplo, int trans, int diag, int m,
-                 int n, double alpha, const double* a, int lda, double* b,
-                 int ldb);
-void cblas_strsm(int order, int side, int uplo, int trans, int diag, int m,
-                 int n, float alpha, const float* a, int lda, float* b,
-                 int ldb);
-void cblas_dtrsm(int order, int side, int uplo, int trans, int diag, int m,
-                 int n, double alpha, const double* a, int lda, double* b,
-                 int ldb);
-int openblas_get_num_threads(void);
-}
+#include "Eigen/Cholesky"
+#include "server/linalg/blas.h"
 
 namespace natgrad::core::gaussian_linalg {
 namespace {
-
-constexpr int kColMajor = 102;
-constexpr int kNoTrans = 111;
-constexpr int kTrans = 112;
-constexpr int kUpper = 121;
-constexpr int kLower = 122;
-constexpr int kNonUnit = 131;
-constexpr int kLeft = 141;
-constexpr int kRight = 142;
 
 // Below this size OpenBLAS's threaded factorisations spend more time syncing
 // threads than computing (when the process runs it multi-threaded); Eigen
@@ -57,7 +18,7 @@ using MapM = Eigen::Map<GMatrix<T>>;
 
 // Lower-triangle-only small kernels (uplo 'L', plus 'U' for Lauum).
 template <typename T>
-lapack_int SmallPotrf(int n, T* a) {
+int SmallPotrf(int n, T* a) {
   MapM<T> m(a, n, n);
   Eigen::LLT<GMatrix<T>, Eigen::Lower> llt(m);
   if (llt.info() != Eigen::Success) return 1;
@@ -65,7 +26,7 @@ lapack_int SmallPotrf(int n, T* a) {
   return 0;
 }
 template <typename T>
-lapack_int SmallTrtri(int n, T* a) {
+int SmallTrtri(int n, T* a) {
   MapM<T> m(a, n, n);
   GMatrix<T> inv = GMatrix<T>::Identity(n, n);
   m.template triangularView<Eigen::Lower>().solveInPlace(inv);
@@ -73,7 +34,7 @@ lapack_int SmallTrtri(int n, T* a) {
   return 0;
 }
 template <typename T>
-lapack_int SmallLauum(char uplo, int n, T* a) {
+int SmallLauum(char uplo, int n, T* a) {
   MapM<T> m(a, n, n);
   if (uplo == 'L') {  // LᵀL
     const GMatrix<T> l = m.template triangularView<Eigen::Lower>();
@@ -89,72 +50,28 @@ lapack_int SmallLauum(char uplo, int n, T* a) {
   return 0;
 }
 
-lapack_int Potrf(char uplo, int n, float* a) {
+template <typename T>
+int Potrf(char uplo, int n, T* a) {
   if (n < kSmall && uplo == 'L') return SmallPotrf(n, a);
-  return LAPACKE_spotrf(LAPACK_COL_MAJOR, uplo, n, a, n);
+  return linalg::blas::Potrf(uplo, n, a, n);
 }
-lapack_int Potrf(char uplo, int n, double* a) {
-  if (n < kSmall && uplo == 'L') return SmallPotrf(n, a);
-  return LAPACKE_dpotrf(LAPACK_COL_MAJOR, uplo, n, a, n);
-}
-lapack_int Trtri(char uplo, int n, float* a) {
+template <typename T>
+int Trtri(char uplo, int n, T* a) {
   if (n < kSmall && uplo == 'L') return SmallTrtri(n, a);
-  return LAPACKE_strtri(LAPACK_COL_MAJOR, uplo, 'N', n, a, n);
+  return linalg::blas::Trtri(uplo, n, a, n);
 }
-lapack_int Trtri(char uplo, int n, double* a) {
-  if (n < kSmall && uplo == 'L') return SmallTrtri(n, a);
-  return LAPACKE_dtrtri(LAPACK_COL_MAJOR, uplo, 'N', n, a, n);
-}
-lapack_int Lauum(char uplo, int n, float* a) {
+template <typename T>
+int Lauum(char uplo, int n, T* a) {
   if (n < kSmall) return SmallLauum(uplo, n, a);
-  return LAPACKE_slauum(LAPACK_COL_MAJOR, uplo, n, a, n);
+  return linalg::blas::Lauum(uplo, n, a, n);
 }
-lapack_int Lauum(char uplo, int n, double* a) {
-  if (n < kSmall) return SmallLauum(uplo, n, a);
-  return LAPACKE_dlauum(LAPACK_COL_MAJOR, uplo, n, a, n);
-}
-lapack_int Potri(char uplo, int n, float* a) {
+template <typename T>
+int Potri(char uplo, int n, T* a) {
   if (n < kSmall && uplo == 'L') {
     SmallTrtri(n, a);
     return SmallLauum('L', n, a);
   }
-  return LAPACKE_spotri(LAPACK_COL_MAJOR, uplo, n, a, n);
-}
-lapack_int Potri(char uplo, int n, double* a) {
-  if (n < kSmall && uplo == 'L') {
-    SmallTrtri(n, a);
-    return SmallLauum('L', n, a);
-  }
-  return LAPACKE_dpotri(LAPACK_COL_MAJOR, uplo, n, a, n);
-}
-void Symm(int side, int m, int n, const float* a, const float* b, float* c) {
-  const int lda = side == kLeft ? m : n;
-  cblas_ssymm(kColMajor, side, kLower, m, n, 1.0f, a, lda, b, m, 0.0f, c, m);
-}
-void Symm(int side, int m, int n, const double* a, const double* b,
-          double* c) {
-  const int lda = side == kLeft ? m : n;
-  cblas_dsymm(kColMajor, side, kLower, m, n, 1.0, a, lda, b, m, 0.0, c, m);
-}
-void Trmm(int side, int trans, int m, int n, const float* a, float* b) {
-  const int lda = side == kLeft ? m : n;
-  cblas_strmm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0f, a, lda, b,
-              m);
-}
-void Trmm(int side, int trans, int m, int n, const double* a, double* b) {
-  const int lda = side == kLeft ? m : n;
-  cblas_dtrmm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0, a, lda, b,
-              m);
-}
-void Trsm(int side, int trans, int m, int n, const float* a, float* b) {
-  const int lda = side == kLeft ? m : n;
-  cblas_strsm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0f, a, lda, b,
-              m);
-}
-void Trsm(int side, int trans, int m, int n, const double* a, double* b) {
-  const int lda = side == kLeft ? m : n;
-  cblas_dtrsm(kColMajor, side, kLower, trans, kNonUnit, m, n, 1.0, a, lda, b,
-              m);
+  return linalg::blas::Potri(uplo, n, a, n);
 }
 
 // Copies the lower triangle onto the upper one.
@@ -256,8 +173,8 @@ GMatrix<T> SymmetricTimes(const GMatrix<T>& a, const GMatrix<T>& b) {
     c.noalias() = a.template selfadjointView<Eigen::Lower>() * b;
     return c;
   }
-  Symm(kLeft, static_cast<int>(b.rows()), static_cast<int>(b.cols()),
-       a.data(), b.data(), c.data());
+  linalg::blas::SymmLower(true, b.rows(), b.cols(), T(1), a.data(), a.rows(),
+                          b.data(), b.rows(), T(0), c.data(), c.rows());
   return c;
 }
 
@@ -269,8 +186,8 @@ GMatrix<T> TimesSymmetric(const GMatrix<T>& b, const GMatrix<T>& a) {
     c.noalias() = b * a.template selfadjointView<Eigen::Lower>();
     return c;
   }
-  Symm(kRight, static_cast<int>(b.rows()), static_cast<int>(b.cols()),
-       a.data(), b.data(), c.data());
+  linalg::blas::SymmLower(false, b.rows(), b.cols(), T(1), a.data(), a.rows(),
+                          b.data(), b.rows(), T(0), c.data(), c.rows());
   return c;
 }
 
@@ -287,9 +204,8 @@ void LowerTriangularMultiply(const GMatrix<T>& l, bool left, bool trans,
     }
     return;
   }
-  Trmm(left ? kLeft : kRight, trans ? kTrans : kNoTrans,
-       static_cast<int>(b->rows()), static_cast<int>(b->cols()), l.data(),
-       b->data());
+  linalg::blas::TrmmLower(left, trans, b->rows(), b->cols(), T(1), l.data(),
+                          l.rows(), b->data(), b->rows());
 }
 
 template <typename T>
@@ -311,12 +227,9 @@ void LowerTriangularSolve(const GMatrix<T>& l, bool left, bool trans,
     }
     return;
   }
-  Trsm(left ? kLeft : kRight, trans ? kTrans : kNoTrans,
-       static_cast<int>(b->rows()), static_cast<int>(b->cols()), l.data(),
-       b->data());
+  linalg::blas::TrsmLower(left, trans, b->rows(), b->cols(), T(1), l.data(),
+                          l.rows(), b->data(), b->rows());
 }
-
-bool BlasSingleThreaded() { return openblas_get_num_threads() <= 1; }
 
 #define NATGRAD_INSTANTIATE(T)                                                \
   template bool LowerCholesky<T>(const GMatrix<T>&, GMatrix<T>*);             \

@@ -1,7 +1,8 @@
-// Dense kernels for the Gaussian block, through OpenBLAS / LAPACKE (internal).
-// Matrices are Eigen column-major with leading dimension rows(). These run on
-// whatever OpenBLAS thread count the process has (the inversion engine owns
-// that setting; nothing here changes it).
+// Dense kernels for the Gaussian block, through OpenBLAS / LAPACKE
+// (server/linalg/blas.h; internal). Matrices are Eigen column-major with
+// leading dimension rows(). Each is one call on the caller's thread, with
+// whatever OpenBLAS thread count the engine last set (nothing here reads or
+// changes it; see server/linalg/thread_policy.h).
 #ifndef NATGRAD_SERVER_CORE_GAUSSIAN_GAUSSIAN_LINALG_H_
 #define NATGRAD_SERVER_CORE_GAUSSIAN_GAUSSIAN_LINALG_H_
 
@@ -67,10 +68,6 @@ void ForUpperTiles(Eigen::Index n, const F& f) {
     }
   }
 }
-
-// Whether OpenBLAS runs single-threaded (then the block may process copies on
-// threads of its own).
-bool BlasSingleThreaded();
 
 }  // namespace natgrad::core::gaussian_linalg
 

@@ -187,7 +187,8 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
                          typename Block::Hyperparameters hyper,
                          typename Block::Factors factors,
                          typename Block::RefreshPlan plan, Matrix grad,
-                         Matrix v, std::optional<Matrix> decayed_momentum)
+                         Matrix v, std::optional<Matrix> decayed_momentum,
+                         linalg::ComputePool* pool)
       : block_(block),
         step_(step),
         hyper_(hyper),
@@ -195,7 +196,8 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
         plan_(std::move(plan)),
         grad_(std::move(grad)),
         v_(std::move(v)),
-        decayed_momentum_(std::move(decayed_momentum)) {}
+        decayed_momentum_(std::move(decayed_momentum)),
+        pool_(pool) {}
 
   const CurvatureModel* curvature() const override { return this; }
   double KlTerm() const override {
@@ -211,8 +213,8 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
     const Matrix g_factor = inv_w * *factors_.g_sum;
     const Matrix a_factor = inv_w * *factors_.a_sum;
     const Matrix curvature = kfac::Product<Scalar>(
-        kfac::Product<Scalar>(g_factor, false, delta, false), false, a_factor,
-        false);
+        kfac::Product<Scalar>(g_factor, false, delta, false, pool_), false,
+        a_factor, false, pool_);
     return Dot(grad_, delta) + 0.5 * Dot(delta, curvature) +
            0.5 * hyper_.damping * delta.template cast<double>().squaredNorm();
   }
@@ -254,6 +256,7 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
   const Matrix grad_;  // the gradient preconditioned: grad + wd W
   const Matrix v_;     // the preconditioned gradient
   const std::optional<Matrix> decayed_momentum_;  // mu m_old, when mu != 0
+  linalg::ComputePool* const pool_;  // Propose's context.compute_pool
 };
 
 template <typename Scalar>
@@ -349,8 +352,8 @@ KfacDenseBlock<Scalar>::ResolveHyperparameters(
 
 template <typename Scalar>
 absl::StatusOr<typename KfacDenseBlock<Scalar>::Factors>
-KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input,
-                                       int64_t t) const {
+KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input, int64_t t,
+                                       const StepContext& context) const {
   const Eigen::Index ad = a_dim(), gd = g_dim();
   // Statistics are validated whenever sent and folded only on statistics
   // steps (and whenever none has been folded yet, so factors always exist).
@@ -396,9 +399,11 @@ KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input,
       if (fold) {
         // KFC scaling (kfac-jax): A over the n examples, G over n*T rows.
         a_batch = kfac::GramFactor<Scalar>(*as, options_.has_bias,
-                                           static_cast<Scalar>(rows / loc));
+                                           static_cast<Scalar>(rows / loc),
+                                           context.compute_pool);
         g_batch = kfac::GramFactor<Scalar>(*gs, false,
-                                           static_cast<Scalar>(rows));
+                                           static_cast<Scalar>(rows),
+                                           context.compute_pool);
         if (!a_batch->allFinite()) {
           return Invalid("kfac.raw.activations", "overflows in a^T a / n");
         }
@@ -514,12 +519,13 @@ KfacDenseBlock<Scalar>::PlanRefresh(int64_t t, double lambda,
 template <typename Scalar>
 absl::StatusOr<typename KfacDenseBlock<Scalar>::Matrix>
 KfacDenseBlock<Scalar>::Precondition(const Decomp& use, const Matrix& g,
-                                     double lambda) const {
+                                     double lambda,
+                                     linalg::ComputePool* pool) const {
   const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
   Matrix v = eigen ? kfac::PreconditionEigen<Scalar>(
                          use.g, use.g_values, use.a, use.a_values, g,
-                         static_cast<Scalar>(lambda))
-                   : kfac::PreconditionFactored<Scalar>(use.g, use.a, g);
+                         static_cast<Scalar>(lambda), pool)
+                   : kfac::PreconditionFactored<Scalar>(use.g, use.a, g, pool);
   if (!v.allFinite()) {
     return Invalid("gradient",
                    "gives a non-finite preconditioned gradient; the damping "
@@ -553,7 +559,7 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
     if (!p.ok()) return p.status();
     params = *std::move(p);
   }
-  absl::StatusOr<Factors> factors = FoldStatistics(input, t);
+  absl::StatusOr<Factors> factors = FoldStatistics(input, t, context);
   if (!factors.ok()) return factors.status();
   absl::StatusOr<Hyperparameters> hyper = ResolveHyperparameters(t, input, context);
   if (!hyper.ok()) return hyper.status();
@@ -565,7 +571,8 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
     g += static_cast<Scalar>(hyper->weight_decay) * *params;
   }
   absl::StatusOr<Matrix> v =
-      Precondition(plan->install ? *plan->install : decomp_, g, hyper->damping);
+      Precondition(plan->install ? *plan->install : decomp_, g, hyper->damping,
+                   context.compute_pool);
   if (!v.ok()) return v.status();
   std::optional<Matrix> decayed;
   if (hyper->momentum != 0) {
@@ -573,7 +580,7 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
   }
   return std::make_unique<KfacDensePendingUpdate<Scalar>>(
       this, t, *hyper, *std::move(factors), *std::move(plan), std::move(g),
-      *std::move(v), std::move(decayed));
+      *std::move(v), std::move(decayed), context.compute_pool);
 }
 
 template <typename Scalar>

@@ -124,8 +124,8 @@ class KfacDenseBlock final : public ParameterBlock {
   // The three parts of a step:
   // 1. fold this step's statistics into new EMA factors (or share the
   //    current ones when the step does not fold);
-  absl::StatusOr<Factors> FoldStatistics(const KfacStepInput& input,
-                                         int64_t t) const;
+  absl::StatusOr<Factors> FoldStatistics(const KfacStepInput& input, int64_t t,
+                                         const StepContext& context) const;
   // 2. plan the decomposition: install a finished async refresh, submit a
   //    due one to the engine and wait for it unless it may run behind;
   absl::StatusOr<RefreshPlan> PlanRefresh(int64_t t, double lambda,
@@ -133,7 +133,7 @@ class KfacDenseBlock final : public ParameterBlock {
                                           const StepContext& context) const;
   // 3. precondition the gradient with the decomposition in use.
   absl::StatusOr<Matrix> Precondition(const Decomp& use, const Matrix& grad,
-                                      double lambda) const;
+                                      double lambda, linalg::ComputePool* pool) const;
 
   absl::StatusOr<Hyperparameters> ResolveHyperparameters(
       int64_t t, const KfacStepInput& input, const StepContext& context) const;

@@ -1,13 +1,16 @@
 // The K-FAC dense block's arithmetic kernels, shared by the block and by
 // bench/kfac. Templates over the state precision; products above a size
-// threshold call OpenBLAS through blas_products.h (link natgrad_core_kfac).
+// threshold call OpenBLAS through server/linalg/products.h, split over the
+// `pool` given (the step's core::StepContext::compute_pool; nullptr: one BLAS
+// call on the caller's thread; see server/linalg/thread_policy.h).
 #ifndef NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_
 #define NATGRAD_SERVER_CORE_KFAC_KFAC_KERNELS_H_
 
 #include <cmath>
 
 #include "Eigen/Core"
-#include "server/core/kfac/blas_products.h"
+#include "server/linalg/compute_pool.h"
+#include "server/linalg/products.h"
 
 namespace natgrad::core::kfac {
 
@@ -17,18 +20,20 @@ template <typename Scalar>
 using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
 // op(a) op(b), op = transpose when the flag says so. Products of at least
-// kBlasMinWork multiply-adds go to OpenBLAS (blas_products.h), smaller ones
-// stay on Eigen.
+// linalg::kBlasMinWork multiply-adds go to OpenBLAS (linalg::Gemm), smaller
+// ones stay on Eigen.
 template <typename Scalar>
 Matrix<Scalar> Product(const Matrix<Scalar>& a, bool trans_a,
-                       const Matrix<Scalar>& b, bool trans_b) {
+                       const Matrix<Scalar>& b, bool trans_b,
+                       linalg::ComputePool* pool = nullptr) {
   const Eigen::Index m = trans_a ? a.cols() : a.rows();
   const Eigen::Index k = trans_a ? a.rows() : a.cols();
   const Eigen::Index n = trans_b ? b.rows() : b.cols();
   Matrix<Scalar> out(m, n);
-  if (UseBlas(m, n, k)) {
-    BlasGemm<Scalar>(trans_a, trans_b, m, n, k, Scalar(1), a.data(), a.rows(),
-                     b.data(), b.rows(), Scalar(0), out.data(), m);
+  if (linalg::UseBlas(m, n, k)) {
+    linalg::Gemm<Scalar>(trans_a, trans_b, m, n, k, Scalar(1), a.data(),
+                         a.rows(), b.data(), b.rows(), Scalar(0), out.data(),
+                         m, pool);
   } else if (trans_a && trans_b) {
     out.noalias() = a.transpose() * b.transpose();
   } else if (trans_a) {
@@ -53,14 +58,14 @@ void CopyLowerToUpper(Matrix<Scalar>& m) {
 // when append_one (bias), without materialising [x, 1]. Exactly symmetric.
 template <typename Scalar>
 Matrix<Scalar> GramFactor(const Matrix<Scalar>& x, bool append_one,
-                          Scalar divisor) {
+                          Scalar divisor, linalg::ComputePool* pool = nullptr) {
   const Eigen::Index d = x.cols();
   const Eigen::Index n = d + (append_one ? 1 : 0);
   Matrix<Scalar> out = Matrix<Scalar>::Zero(n, n);
   // SYRK on the lower triangle: half the flops of x^T x.
-  if (UseBlas(d, d, x.rows())) {
-    BlasGramLower<Scalar>(d, x.rows(), Scalar(1) / divisor, x.data(),
-                          x.rows(), out.data(), n);
+  if (linalg::UseBlas(d, d, x.rows())) {
+    linalg::GramLower<Scalar>(d, x.rows(), Scalar(1) / divisor, x.data(),
+                              x.rows(), out.data(), n, pool);
   } else {
     out.topLeftCorner(d, d).template selfadjointView<Eigen::Lower>().rankUpdate(
         x.transpose(), Scalar(1) / divisor);
@@ -91,14 +96,15 @@ Matrix<Scalar> PreconditionEigen(const Matrix<Scalar>& q_g,
                                  const Vector<Scalar>& s_g,
                                  const Matrix<Scalar>& q_a,
                                  const Vector<Scalar>& s_a,
-                                 const Matrix<Scalar>& grad, Scalar lambda) {
-  Matrix<Scalar> rotated =
-      Product<Scalar>(Product<Scalar>(q_g, true, grad, false), false, q_a, false);
+                                 const Matrix<Scalar>& grad, Scalar lambda,
+                                 linalg::ComputePool* pool = nullptr) {
+  Matrix<Scalar> rotated = Product<Scalar>(
+      Product<Scalar>(q_g, true, grad, false, pool), false, q_a, false, pool);
   const Vector<Scalar> sg = s_g.cwiseMax(Scalar(0));
   const Vector<Scalar> sa = s_a.cwiseMax(Scalar(0));
   rotated.array() /= ((sg * sa.transpose()).array() + lambda);
-  return Product<Scalar>(Product<Scalar>(q_g, false, rotated, false), false,
-                         q_a, true);
+  return Product<Scalar>(Product<Scalar>(q_g, false, rotated, false, pool),
+                         false, q_a, true, pool);
 }
 
 // Factored Tikhonov with the damped inverses precomputed:
@@ -106,9 +112,10 @@ Matrix<Scalar> PreconditionEigen(const Matrix<Scalar>& q_g,
 template <typename Scalar>
 Matrix<Scalar> PreconditionFactored(const Matrix<Scalar>& g_inverse,
                                     const Matrix<Scalar>& a_inverse,
-                                    const Matrix<Scalar>& grad) {
-  return Product<Scalar>(Product<Scalar>(g_inverse, false, grad, false), false,
-                         a_inverse, false);
+                                    const Matrix<Scalar>& grad,
+                                    linalg::ComputePool* pool = nullptr) {
+  return Product<Scalar>(Product<Scalar>(g_inverse, false, grad, false, pool),
+                         false, a_inverse, false, pool);
 }
 
 }  // namespace natgrad::core::kfac
