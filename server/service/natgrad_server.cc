@@ -72,6 +72,14 @@ absl::Status NatgradServer::Init(ServerOptions options) {
       std::cerr << "natgrad-server: warning: " << "skipping checkpoint " << why << std::endl;
       metrics_->CheckpointSkipped();
     }
+    for (const std::string& path : loaded.from_previous) {
+      std::cerr << "natgrad-server: warning: restored " << path
+                << " (the previous copy; the current file was damaged or missing)" << std::endl;
+    }
+    for (const std::string& path : loaded.legacy) {
+      std::cerr << "natgrad-server: warning: " << path
+                << " predates checkpoint checksums and was loaded unverified" << std::endl;
+    }
     for (const auto& snap : loaded.snapshots) {
       auto restored = registry_->Import(snap, snap.tenant(), "");
       if (!restored.ok()) {

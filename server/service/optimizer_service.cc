@@ -105,7 +105,7 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
     if (!session.ok()) return session.status();
     if (absl::Status s = deps_.registry->Delete(request->name(), tenant); !s.ok()) return s;
     if (deps_.checkpoints != nullptr) {
-      absl::Status removed = deps_.checkpoints->Remove((*session)->id());
+      absl::Status removed = deps_.checkpoints->Remove(tenant, (*session)->id());
       if (!removed.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << removed << std::endl;
     }
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
