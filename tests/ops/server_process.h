@@ -3,6 +3,7 @@
 #ifndef NATGRAD_TESTS_OPS_SERVER_PROCESS_H_
 #define NATGRAD_TESTS_OPS_SERVER_PROCESS_H_
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -29,7 +30,9 @@ class ServerProcess {
  public:
   // Starts the server with --address=127.0.0.1:0 and waits (bounded) until
   // it has written its port file, i.e. it is serving.
-  explicit ServerProcess(std::vector<std::string> flags) {
+  // With `log_file`, the server's stdout and stderr go there (tests that
+  // check a log line).
+  explicit ServerProcess(std::vector<std::string> flags, std::string log_file = "") {
     const char* bin = std::getenv("NATGRAD_SERVER");
 #ifdef NATGRAD_SERVER_PATH
     binary_ = bin != nullptr ? bin : NATGRAD_SERVER_PATH;
@@ -43,7 +46,17 @@ class ServerProcess {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (posix_spawn(&pid_, binary_.c_str(), nullptr, nullptr, argv.data(), environ) != 0) {
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    if (!log_file.empty()) {
+      posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(),
+                                       O_WRONLY | O_CREAT | O_APPEND, 0644);
+      posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    }
+    const int spawned =
+        posix_spawn(&pid_, binary_.c_str(), &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (spawned != 0) {
       pid_ = -1;
       return;
     }
