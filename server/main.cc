@@ -48,6 +48,12 @@ ABSL_FLAG(std::string, auth_tokens_file, "",
           "Bearer <token>'. Reloaded on SIGHUP");
 ABSL_FLAG(int32_t, shutdown_grace_s, 20,
           "After SIGTERM/SIGINT: seconds open streams get to finish");
+ABSL_FLAG(std::string, metrics_port_file, "",
+          "Write the bound /metrics port to this file (before --port_file is written)");
+ABSL_FLAG(absl::Duration, metrics_request_timeout, absl::Seconds(5),
+          "A /metrics request head must arrive within this, counted from its first byte");
+ABSL_FLAG(absl::Duration, idle_session_ttl, absl::ZeroDuration(),
+          "Delete sessions (and their checkpoints) with no step or get for this long; 0: off");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving (for tests and scripts)");
 ABSL_FLAG(std::string, log_level, "info",
@@ -101,6 +107,14 @@ int main(int argc, char** argv) {
   o.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   o.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   o.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
+  o.metrics_request_timeout = absl::GetFlag(FLAGS_metrics_request_timeout);
+  o.idle_session_ttl = absl::GetFlag(FLAGS_idle_session_ttl);
+  if (o.metrics_request_timeout <= absl::ZeroDuration() ||
+      o.idle_session_ttl < absl::ZeroDuration()) {
+    std::cerr << "natgrad-server: --metrics_request_timeout must be > 0 and "
+                 "--idle_session_ttl >= 0\n";
+    return 2;
+  }
   if (o.max_message_bytes <= 0 || o.max_message_bytes > INT32_MAX) {
     NATGRAD_LOG(kError, "--max_message_bytes must be in (0, 2^31)");
     return 2;
@@ -125,18 +139,21 @@ int main(int argc, char** argv) {
     NATGRAD_LOG(kInfo, "checkpoints in ", o.checkpoint_dir, ", restored ",
                 s.restored_sessions(), " session(s)");
   }
-  const std::string port_file = absl::GetFlag(FLAGS_port_file);
-  if (!port_file.empty()) {
-    // Write then rename, so a reader never sees a partial number.
-    const std::string tmp = port_file + ".tmp";
-    std::ofstream(tmp) << s.port() << "\n";
-    std::rename(tmp.c_str(), port_file.c_str());
-  }
+  // Write then rename, so a reader never sees a partial number.
+  auto write_port = [](const std::string& path, int port) {
+    if (path.empty()) return;
+    const std::string tmp = path + ".tmp";
+    std::ofstream(tmp) << port << "\n";
+    std::rename(tmp.c_str(), path.c_str());
+  };
+  if (s.metrics_port() != 0) write_port(absl::GetFlag(FLAGS_metrics_port_file), s.metrics_port());
+  write_port(absl::GetFlag(FLAGS_port_file), s.port());
 
   for (;;) {
     int sig = 0;
     if (sigwait(&signals, &sig) != 0) continue;
     if (sig == SIGHUP) {
+      // On error the old tokens stay in force (ReloadTokens counts it).
       absl::Status st = s.ReloadTokens();
       if (st.ok()) {
         NATGRAD_LOG(kInfo, "SIGHUP: tokens reloaded");

@@ -1,5 +1,6 @@
 #include "server/service/natgrad_server.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -13,6 +14,7 @@
 #include "server/common/log.h"
 #include "server/service/rpc_logging.h"
 #include "server/linalg/thread_policy.h"
+#include "prometheus/counter.h"
 #include "server/service/token_authenticator.h"
 
 namespace natgrad::service {
@@ -55,11 +57,25 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   if (!options_.metrics_address.empty()) {
     auto http = MetricsHttpServer::Start(
         options_.metrics_address,
-        std::shared_ptr<prometheus::Registry>(metrics_, &metrics_->registry()));
+        std::shared_ptr<prometheus::Registry>(metrics_, &metrics_->registry()),
+        MetricsHttpOptions{.request_timeout = options_.metrics_request_timeout});
     if (!http.ok()) return http.status();
     metrics_http_ = *std::move(http);
     metrics_port_ = metrics_http_->port();
   }
+
+  sessions_expired_ = &prometheus::BuildCounter()
+                           .Name("natgrad_sessions_expired_total")
+                           .Help("Sessions deleted by --idle_session_ttl")
+                           .Register(metrics_->registry())
+                           .Add({});
+  auto& reloads = prometheus::BuildCounter()
+                      .Name("natgrad_token_reloads_total")
+                      .Help("Reloads of --auth_tokens_file (SIGHUP), by outcome; on error "
+                            "the previous tokens stay in force")
+                      .Register(metrics_->registry());
+  token_reloads_ok_ = &reloads.Add({{"outcome", "ok"}});
+  token_reloads_failed_ = &reloads.Add({{"outcome", "error"}});
 
   options_.engine.observer = std::make_shared<EngineMetricsObserver>(metrics_);
   auto created = engine::CreateInversionEngine(options_.engine);
@@ -84,6 +100,14 @@ absl::Status NatgradServer::Init(ServerOptions options) {
     for (const std::string& why : loaded.skipped) {
       NATGRAD_LOG(kWarning, "skipping checkpoint ", why);
       metrics_->CheckpointSkipped();
+    }
+    for (const std::string& path : loaded.from_previous) {
+      std::cerr << "natgrad-server: warning: restored " << path
+                << " (the previous copy; the current file was damaged or missing)" << std::endl;
+    }
+    for (const std::string& path : loaded.legacy) {
+      std::cerr << "natgrad-server: warning: " << path
+                << " predates checkpoint checksums and was loaded unverified" << std::endl;
     }
     for (const auto& snap : loaded.snapshots) {
       auto restored = registry_->Import(snap, snap.tenant(), "");
@@ -163,7 +187,35 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   if (checkpoints_.has_value() && options_.checkpoint_interval_s > 0) {
     checkpoint_thread_ = std::thread([this] { PeriodicCheckpoints(); });
   }
+  if (options_.idle_session_ttl > absl::ZeroDuration()) {
+    expiry_thread_ = std::thread([this] { ExpireIdleSessions(); });
+  }
   return absl::OkStatus();
+}
+
+void NatgradServer::ExpireIdleSessions() {
+  const absl::Duration ttl = options_.idle_session_ttl;
+  const absl::Duration period =
+      std::clamp(ttl / 4, absl::Milliseconds(50), absl::Seconds(60));
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), period);
+    if (stopping_) break;
+    mu_.Unlock();
+    for (const auto& s : registry_->ExpireIdle(ttl, absl::Now())) {
+      if (checkpoints_.has_value()) {
+        if (absl::Status st = checkpoints_->Remove(s->tenant(), s->id()); !st.ok()) {
+          std::cerr << "natgrad-server: error: expiring " << s->name() << ": " << st
+                    << std::endl;
+        }
+      }
+      sessions_expired_->Increment();
+      std::cerr << "natgrad-server: info: " << s->name() << " expired after "
+                << absl::FormatDuration(ttl) << " without a step or get" << std::endl;
+    }
+    metrics_->SetSessions(registry_->size());
+    mu_.Lock();
+  }
 }
 
 void NatgradServer::PeriodicCheckpoints() {
@@ -204,7 +256,9 @@ absl::Status NatgradServer::CheckpointAll() {
 
 absl::Status NatgradServer::ReloadTokens() {
   if (tokens_ == nullptr) return absl::OkStatus();
-  return tokens_->Reload();
+  absl::Status st = tokens_->Reload();
+  (st.ok() ? token_reloads_ok_ : token_reloads_failed_)->Increment();
+  return st;
 }
 
 void NatgradServer::Shutdown(absl::Duration grace) {
@@ -214,6 +268,7 @@ void NatgradServer::Shutdown(absl::Duration grace) {
     stopping_ = true;
   }
   if (checkpoint_thread_.joinable()) checkpoint_thread_.join();
+  if (expiry_thread_.joinable()) expiry_thread_.join();
   server_->GetHealthCheckService()->SetServingStatus(false);
   // Checkpoint first (a step may still land during the drain: its own
   // checkpoint-every-N policy covers it), then again after the drain.

@@ -14,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
+#include "prometheus/counter.h"
 #include "server/engine/engine_factory.h"
 #include "server/linalg/compute_pool.h"
 #include "server/service/authenticator.h"
@@ -44,6 +45,9 @@ struct ServerOptions {
   std::string tls_key_file;
   std::string tls_client_ca_file;  // set: client certificates required
   std::string auth_tokens_file;    // set: bearer tokens required
+  absl::Duration metrics_request_timeout = absl::Seconds(5);
+  // Sessions with no step or get for this long are deleted; zero: never.
+  absl::Duration idle_session_ttl = absl::ZeroDuration();
 };
 
 class NatgradServer {
@@ -75,6 +79,8 @@ class NatgradServer {
   NatgradServer() = default;
   absl::Status Init(ServerOptions options);
   void PeriodicCheckpoints();
+  // Deletes idle sessions every ttl/4 (within [50 ms, 60 s]).
+  void ExpireIdleSessions();
 
   ServerOptions options_;
   std::shared_ptr<ServiceMetrics> metrics_;
@@ -98,6 +104,10 @@ class NatgradServer {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
   std::thread checkpoint_thread_;
+  std::thread expiry_thread_;
+  prometheus::Counter* sessions_expired_ = nullptr;
+  prometheus::Counter* token_reloads_ok_ = nullptr;
+  prometheus::Counter* token_reloads_failed_ = nullptr;
 };
 
 }  // namespace natgrad::service

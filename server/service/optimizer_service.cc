@@ -110,7 +110,7 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " deleted: tenant=",
                 tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
     if (deps_.checkpoints != nullptr) {
-      absl::Status removed = deps_.checkpoints->Remove((*session)->id());
+      absl::Status removed = deps_.checkpoints->Remove(tenant, (*session)->id());
       if (!removed.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << removed << std::endl;
     }
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());

@@ -1,5 +1,8 @@
 #include "server/service/token_authenticator.h"
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -11,6 +14,16 @@
 #include "absl/strings/strip.h"
 
 namespace natgrad::service {
+namespace {
+
+std::string Sha256(absl::string_view bytes) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(bytes.data(), bytes.size(), md, &len, EVP_sha256(), nullptr);
+  return std::string(reinterpret_cast<const char*>(md), len);
+}
+
+}  // namespace
 
 absl::StatusOr<std::map<std::string, std::string>> ParseTokens(const std::string& text) {
   std::map<std::string, std::string> out;
@@ -48,14 +61,16 @@ absl::Status TokenAuthenticator::Reload() {
   buffer << in.rdbuf();
   auto parsed = ParseTokens(buffer.str());
   if (!parsed.ok()) return parsed.status();
+  std::vector<Entry> entries;
+  for (auto& [token, tenant] : *parsed) entries.push_back({Sha256(token), std::move(tenant)});
   absl::MutexLock lock(&mu_);
-  tenants_ = *std::move(parsed);
+  entries_ = std::move(entries);
   return absl::OkStatus();
 }
 
 size_t TokenAuthenticator::size() const {
   absl::MutexLock lock(&mu_);
-  return tenants_.size();
+  return entries_.size();
 }
 
 absl::StatusOr<std::string> TokenAuthenticator::Authenticate(
@@ -69,10 +84,16 @@ absl::StatusOr<std::string> TokenAuthenticator::Authenticate(
   if (!absl::ConsumePrefix(&value, "Bearer ")) {
     return absl::UnauthenticatedError("authorization metadata must be \"Bearer <token>\"");
   }
+  const std::string digest = Sha256(value);
   absl::MutexLock lock(&mu_);
-  auto found = tenants_.find(std::string(value));
-  if (found == tenants_.end()) return absl::UnauthenticatedError("unknown token");
-  return found->second;
+  const Entry* found = nullptr;
+  for (const Entry& e : entries_) {
+    // Every entry is compared; only the selection depends on the result.
+    const bool match = CRYPTO_memcmp(e.digest.data(), digest.data(), digest.size()) == 0;
+    found = match ? &e : found;
+  }
+  if (found == nullptr) return absl::UnauthenticatedError("unknown token");
+  return found->tenant;
 }
 
 }  // namespace natgrad::service

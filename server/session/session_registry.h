@@ -1,6 +1,7 @@
-// All sessions of a server, by id, each owned by a tenant. Ids are 128 random
-// bits so that a session cannot be guessed; another tenant's session looks
-// exactly like a missing one (NOT_FOUND).
+// All sessions of a server, keyed by (tenant, id): ids are per tenant, so two
+// tenants may each hold "sessions/x" and nothing a tenant does can tell
+// whether an id exists under another (no ALREADY_EXISTS, no NOT_FOUND
+// difference). Random ids are 128 bits so that a session cannot be guessed.
 #ifndef NATGRAD_SERVER_SESSION_SESSION_REGISTRY_H_
 #define NATGRAD_SERVER_SESSION_SESSION_REGISTRY_H_
 
@@ -13,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "natgrad/v1/session.pb.h"
 #include "server/engine/inversion_engine.h"
 #include "server/linalg/compute_pool.h"
@@ -55,20 +57,36 @@ class SessionRegistry {
   std::vector<std::shared_ptr<Session>> All() const;
   int64_t size() const;
 
+  // Removes (and marks deleted) every session with no step and no Get for
+  // longer than `ttl`, and returns them. A step is noticed at the next call,
+  // so the idle time is measured to within the interval between calls.
+  std::vector<std::shared_ptr<Session>> ExpireIdle(absl::Duration ttl, absl::Time now);
+
   static absl::StatusOr<std::string> ParseName(absl::string_view name);
   const RegistryLimits& limits() const { return limits_; }
 
  private:
   absl::Status CheckLimitsLocked(absl::string_view tenant, int64_t bytes) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::string> PickIdLocked(absl::string_view requested) const
+  absl::StatusOr<std::string> PickIdLocked(absl::string_view tenant,
+                                           absl::string_view requested) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void InsertLocked(std::shared_ptr<Session> session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  struct Entry {
+    std::shared_ptr<Session> session;
+    // For ExpireIdle: when a Get or a new step was last seen.
+    absl::Time last_active;
+    int64_t seen_step = 0;
+  };
+  using Key = std::pair<std::string, std::string>;  // (tenant, id)
 
   const RegistryLimits limits_;
   engine::InversionEngine* const engine_;
   linalg::ComputePool* const compute_pool_;
   mutable absl::Mutex mu_;
-  std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  // Mutable: Get records activity.
+  mutable std::map<Key, Entry> sessions_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace natgrad::session

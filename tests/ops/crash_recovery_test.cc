@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/ops/http_get.h"
+#include "tests/ops/ops_util.h"
 #include "tests/ops/server_process.h"
 
 namespace natgrad::testing {
@@ -173,10 +174,11 @@ double Sample(const std::string& text, const std::string& series) {
 TEST(Metrics, CountersMoveDuringARunAndCorruptCheckpointsAreCounted) {
   const std::string dir = MakeTempDir("ngmet");
   std::ofstream(dir + "/deadbeefdeadbeef.ckpt") << "\x01\x02 definitely not a snapshot";
-  const int mport = FreePort();
+  // Port 0 and a port file: no race for a port picked in advance.
   ServerProcess server({"--checkpoint_dir=" + dir, "--checkpoint_every_steps=2",
-                        "--metrics_address=127.0.0.1:" + std::to_string(mport)});
+                        "--metrics_address=127.0.0.1:0", "--metrics_port_file=" + dir + "/mport"});
   ASSERT_TRUE(server.running());
+  const int mport = ReadPort(dir + "/mport");
   auto before = HttpGet(mport, "/metrics");
   ASSERT_TRUE(before.has_value());
   EXPECT_EQ(Sample(*before, "natgrad_checkpoints_skipped_total"), 1);

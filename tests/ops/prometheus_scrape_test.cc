@@ -9,6 +9,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/ops/http_get.h"
+#include "tests/ops/ops_util.h"
 #include "tests/ops/server_process.h"
 
 namespace natgrad::testing {
@@ -17,9 +18,10 @@ namespace {
 TEST(Prometheus, ScrapesNatgradSeries) {
   const char* prom = "/usr/bin/prometheus";
   ASSERT_EQ(access(prom, X_OK), 0) << "Debian package `prometheus` (scripts/setup installs it)";
-  const int mport = FreePort();
-  ServerProcess server({"--metrics_address=127.0.0.1:" + std::to_string(mport)});
+  const std::string mfile = MakeTempDir("ngpromport") + "/mport";
+  ServerProcess server({"--metrics_address=127.0.0.1:0", "--metrics_port_file=" + mfile});
   ASSERT_TRUE(server.running());
+  const int mport = ReadPort(mfile);
   // Some traffic so that step counters exist.
   client::ClientOptions co;
   co.target = server.target();

@@ -29,9 +29,10 @@ inline std::string MakeTempDir(const std::string& prefix) {
 class ServerProcess {
  public:
   // Starts the server with --address=127.0.0.1:0 and waits (bounded) until
-  // it has written its port file, i.e. it is serving. A non-empty
-  // stderr_path receives the server's stderr (its log lines).
-  explicit ServerProcess(std::vector<std::string> flags, const std::string& stderr_path = "") {
+  // it has written its port file, i.e. it is serving.
+  // With `log_file`, the server's stdout and stderr go there (tests that
+  // check a log line).
+  explicit ServerProcess(std::vector<std::string> flags, std::string log_file = "") {
     const char* bin = std::getenv("NATGRAD_SERVER");
 #ifdef NATGRAD_SERVER_PATH
     binary_ = bin != nullptr ? bin : NATGRAD_SERVER_PATH;
@@ -47,11 +48,13 @@ class ServerProcess {
     argv.push_back(nullptr);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    if (!stderr_path.empty()) {
-      posix_spawn_file_actions_addopen(&actions, 2, stderr_path.c_str(),
-                                       O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (!log_file.empty()) {
+      posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(),
+                                       O_WRONLY | O_CREAT | O_APPEND, 0644);
+      posix_spawn_file_actions_adddup2(&actions, 1, 2);
     }
-    const int spawned = posix_spawn(&pid_, binary_.c_str(), &actions, nullptr, argv.data(), environ);
+    const int spawned =
+        posix_spawn(&pid_, binary_.c_str(), &actions, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
     if (spawned != 0) {
       pid_ = -1;
