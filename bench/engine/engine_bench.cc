@@ -1,5 +1,5 @@
 // engine_bench: the inversion engine against the obvious alternatives, in one
-// run so the ratios are comparable (DESIGN.md §5).
+// run so the ratios are comparable (server/engine/README.md).
 //
 //   Engine/<kind>/n/batch       BatchingInversionEngine (CPU backend), batch
 //                               matrices submitted together, wait for all

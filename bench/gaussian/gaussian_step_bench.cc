@@ -12,7 +12,7 @@
 #include "Eigen/Cholesky"
 #include "Eigen/Core"
 #include "benchmark/benchmark.h"
-#include "server/core/gaussian/gaussian_block.h"
+#include "server/blocks/gaussian/math/gaussian_block.h"
 #include "server/core/schedule.h"
 #include "server/linalg/compute_pool.h"
 #include "server/linalg/thread_policy.h"

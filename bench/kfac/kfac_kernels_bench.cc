@@ -26,8 +26,8 @@
 // Real time is the figure to read (the work runs on several threads).
 #include <benchmark/benchmark.h>
 
-#include "server/core/kfac/kfac_kernels.h"
-#include "server/core/kfac/testing/eigen_inversion_engine.h"
+#include "server/blocks/kfac_dense/math/kfac_kernels.h"
+#include "server/engine/testing/eigen_inversion_engine.h"
 #include "server/linalg/compute_pool.h"
 #include "server/linalg/products.h"
 #include "server/linalg/thread_policy.h"

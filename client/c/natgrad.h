@@ -3,14 +3,14 @@
  *
  * Conventions (all functions):
  *   - Every fallible function returns a natgrad_status, whose values are the
- *     gRPC status codes (DESIGN.md §3 lists what the server uses each for).
+ *     gRPC status codes (docs/architecture.md lists what the server uses each for).
  *     Errors detected in this library (NULL pointers, bad shapes, unknown
  *     hyperparameter names) are NATGRAD_INVALID_ARGUMENT.
  *   - natgrad_last_error() is the message of the most recent call made on the
  *     calling thread ("" after a success).
  *   - No C++ exception crosses this interface.
  *   - Tensors are float32 (or float64 with the _f64 functions), dense,
- *     row-major (C order), matching the wire (DESIGN.md §3).
+ *     row-major (C order), matching the wire (docs/architecture.md).
  *   - Output pointers are written only on success.
  *   - A natgrad_client may be used from several threads. A natgrad_session
  *     may too, but its calls are serialised (steps are ordered anyway).

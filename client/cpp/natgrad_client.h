@@ -1,7 +1,7 @@
 // C++ client of natgrad.v1.OptimizerService: session management and a Step
 // stream that survives dropped connections. A retried step carries the same
 // number, so the server replays its cached response instead of applying it
-// twice (DESIGN.md §3): at-least-once sending, exactly-once effect.
+// twice (docs/architecture.md): at-least-once sending, exactly-once effect.
 #ifndef NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 #define NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 

@@ -4,7 +4,7 @@
 #   docker build -f deploy/docker/trainer.Dockerfile -t natgrad-trainer:dev .
 #
 # Debian's Python packages, the same ones the dev/CI machines test the client
-# with (DESIGN.md §7), so no PyPI access is needed to build it.
+# with (scripts/setup), so no PyPI access is needed to build it.
 FROM debian:bookworm-slim
 
 # The example's imports: torch (Debian's CPU build, far smaller than PyPI's

@@ -1,4 +1,4 @@
-// Scalar hyperparameter schedules of the step number t (DESIGN.md §4.4),
+// Scalar hyperparameter schedules of the step number t (docs/math.md),
 // optax-style: small immutable value functions that compose. Steps are
 // numbered from 1; Value(t) is what step t uses.
 #ifndef NATGRAD_SERVER_CORE_SCHEDULE_H_

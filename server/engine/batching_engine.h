@@ -1,4 +1,4 @@
-// BatchingInversionEngine (DESIGN.md §5): the server's one InversionEngine.
+// BatchingInversionEngine (server/engine/README.md): the server's one InversionEngine.
 //
 // Submit() queues a job and returns a future at once. A dispatcher thread
 // groups pending jobs by (n, dtype, kind); a group is dispatched when it holds

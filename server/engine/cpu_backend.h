@@ -1,4 +1,4 @@
-// CPU backend: LAPACKE ?syevd / ?potrf+?potri (DESIGN.md §5).
+// CPU backend: LAPACKE ?syevd / ?potrf+?potri (server/engine/README.md).
 //
 // Many independent matrices: one matrix per pool thread with OpenBLAS set to
 // one thread, so each LAPACK call runs on its caller and the calls run side by

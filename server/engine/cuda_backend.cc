@@ -20,7 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
-// cusolverDnXsyevBatched appeared in CUDA 12.6 (DESIGN.md §5).
+// cusolverDnXsyevBatched appeared in CUDA 12.6 (server/engine/README.md).
 #if !defined(CUSOLVER_VERSION) || CUSOLVER_VERSION < 11700
 #error "the CUDA backend needs cuSOLVER from CUDA >= 12.6 (cusolverDnXsyevBatched)"
 #endif

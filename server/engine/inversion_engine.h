@@ -1,4 +1,4 @@
-// The inversion engine's interface (DESIGN.md §5): blocks of every session
+// The inversion engine's interface (server/engine/README.md): blocks of every session
 // submit symmetric PSD matrices and get futures of their decompositions. It
 // knows only matrices; implementations batch jobs and pick CPU or GPU.
 #ifndef NATGRAD_SERVER_ENGINE_INVERSION_ENGINE_H_

@@ -1,4 +1,4 @@
-// Direct LAPACKE kernels for one symmetric PSD matrix (DESIGN.md §5).
+// Direct LAPACKE kernels for one symmetric PSD matrix (server/engine/README.md).
 // Eigen's LAPACKE hook routes SelfAdjointEigenSolver to ?syev; we call ?syevd
 // (divide and conquer, several times faster with eigenvectors) and
 // ?potrf + ?potri ourselves. These are the CPU backend's per-matrix unit and

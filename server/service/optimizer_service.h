@@ -1,6 +1,6 @@
 // natgrad.v1.OptimizerService on gRPC's callback API. Unary calls are cheap and
 // run on the callback thread; Step streams are reactors that hand the math to
-// the StepExecutor (DESIGN.md §7).
+// the StepExecutor (scripts/setup).
 #ifndef NATGRAD_SERVER_SERVICE_OPTIMIZER_SERVICE_H_
 #define NATGRAD_SERVER_SERVICE_OPTIMIZER_SERVICE_H_
 

@@ -1,5 +1,8 @@
 #include "server/service/service_metrics.h"
 
+#include "absl/container/flat_hash_set.h"
+#include "server/blocks/registry.h"
+
 #include <string>
 
 #include "absl/strings/ascii.h"
@@ -13,19 +16,10 @@ using prometheus::BuildGauge;
 using prometheus::BuildHistogram;
 using prometheus::Histogram;
 
+// The registry's name for the kind: the metrics label.
 std::string KindOf(const natgrad::v1::BlockConfig& b) {
-  switch (b.kind_case()) {
-    case natgrad::v1::BlockConfig::kSgd:
-      return "sgd";
-    case natgrad::v1::BlockConfig::kAdam:
-      return "adam";
-    case natgrad::v1::BlockConfig::kKfacDense:
-      return "kfac_dense";
-    case natgrad::v1::BlockConfig::kGaussian:
-      return "gaussian";
-    default:
-      return "unknown";
-  }
+  auto kind = blocks::KindOf(b, "");
+  return kind.ok() ? std::string((*kind)->name()) : "unknown";
 }
 
 std::string CodeName(int code) {
@@ -119,7 +113,12 @@ void ServiceMetrics::StepSucceeded(const natgrad::v1::SessionConfig& config,
                                    const natgrad::v1::StepResponse& response) {
   steps_.Add({{"outcome", response.replayed() ? "replayed" : "ok"}}).Increment();
   if (response.replayed()) return;
-  for (const auto& b : config.blocks()) block_steps_.Add({{"kind", KindOf(b)}}).Increment();
+  // Blocks left out of the step got no update and are not counted.
+  absl::flat_hash_set<absl::string_view> updated;
+  for (const auto& u : response.updates()) updated.insert(u.name());
+  for (const auto& b : config.blocks()) {
+    if (updated.contains(b.name())) block_steps_.Add({{"kind", KindOf(b)}}).Increment();
+  }
   step_latency_.Observe(response.timing().server_micros() * 1e-6);
 }
 

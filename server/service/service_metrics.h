@@ -1,4 +1,4 @@
-// Prometheus metrics of the service (DESIGN.md §6): natgrad_ prefix, base
+// Prometheus metrics of the service (docs/server-flags.md): natgrad_ prefix, base
 // units, and never a session id as a label (unbounded cardinality).
 #ifndef NATGRAD_SERVER_SERVICE_SERVICE_METRICS_H_
 #define NATGRAD_SERVER_SERVICE_SERVICE_METRICS_H_

@@ -1,4 +1,4 @@
-// absl::Status -> grpc::Status at the edge (DESIGN.md §2: the only place).
+// absl::Status -> grpc::Status at the edge (docs/architecture.md: the only place).
 #ifndef NATGRAD_SERVER_SERVICE_STATUS_CONVERSION_H_
 #define NATGRAD_SERVER_SERVICE_STATUS_CONVERSION_H_
 

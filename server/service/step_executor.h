@@ -1,5 +1,5 @@
 // A fixed pool of threads that apply steps, so block math never runs on
-// gRPC's callback threads (callbacks must not block; DESIGN.md §7).
+// gRPC's callback threads (callbacks must not block; scripts/setup).
 #ifndef NATGRAD_SERVER_SERVICE_STEP_EXECUTOR_H_
 #define NATGRAD_SERVER_SERVICE_STEP_EXECUTOR_H_
 

@@ -109,7 +109,7 @@ class Session {
   // holds it gets NOT_FOUND for any further step.
   void MarkDeleted() { deleted_.store(true); }
 
-  // One Step stream at a time (DESIGN.md §3).
+  // One Step stream at a time (docs/architecture.md).
   bool TryAttachStream();
   void DetachStream();
 
@@ -150,7 +150,7 @@ class Session {
   std::shared_ptr<const CachedReply> last_reply_ ABSL_GUARDED_BY(mu_);
   absl::Time create_time_ ABSL_GUARDED_BY(mu_);
   absl::Time update_time_ ABSL_GUARDED_BY(mu_);
-  // Session-wide Levenberg-Marquardt damping (DESIGN.md §4.4), when enabled:
+  // Session-wide Levenberg-Marquardt damping (docs/math.md), when enabled:
   // it needs the loss reported by the client and every block's predicted
   // change, so it lives here rather than in a block.
   std::optional<core::LevenbergMarquardtDamping> damping_ ABSL_GUARDED_BY(mu_);

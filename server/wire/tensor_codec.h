@@ -1,5 +1,5 @@
 // natgrad.v1.Tensor <-> Eigen. Wire tensors are row-major little-endian
-// (DESIGN.md §3); Eigen matrices are column-major, so every copy transposes
+// (docs/architecture.md); Eigen matrices are column-major, so every copy transposes
 // through a row-major map.
 #ifndef NATGRAD_SERVER_WIRE_TENSOR_CODEC_H_
 #define NATGRAD_SERVER_WIRE_TENSOR_CODEC_H_

@@ -1,4 +1,4 @@
-// Every field a client can send, wrong: the gRPC code of DESIGN.md §3, a
+// Every field a client can send, wrong: the gRPC code of docs/architecture.md, a
 // message naming the field, and the session exactly as it was.
 #include <functional>
 #include <limits>

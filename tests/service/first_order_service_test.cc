@@ -5,8 +5,8 @@
 
 #include "gmock/gmock.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "server/core/first_order/adam_block.h"
-#include "server/core/first_order/sgd_block.h"
+#include "server/blocks/adam/math/adam_block.h"
+#include "server/blocks/sgd/math/sgd_block.h"
 #include "server/core/schedule.h"
 #include "tests/service/server_fixture.h"
 

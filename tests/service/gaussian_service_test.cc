@@ -2,7 +2,7 @@
 // gradients for q(u)) with Adam for hyperparameters, streamed from the C++
 // client, gives the core's results in-process.
 #include "gmock/gmock.h"
-#include "server/core/gaussian/gaussian_block.h"
+#include "server/blocks/gaussian/math/gaussian_block.h"
 #include "tests/service/server_fixture.h"
 
 namespace natgrad::testing {

@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "gmock/gmock.h"
-#include "server/core/kfac/kfac_dense_block.h"
+#include "server/blocks/kfac_dense/math/kfac_dense_block.h"
 #include "server/core/curvature/kl_clipping.h"
 #include "server/core/curvature/levenberg_marquardt_damping.h"
 #include "server/engine/engine_factory.h"

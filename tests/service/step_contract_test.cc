@@ -3,9 +3,9 @@
 // the schedule for one step, and a convolution's location count may change
 // from step to step. Each is checked against the core blocks in-process.
 #include "gmock/gmock.h"
-#include "server/core/first_order/adam_block.h"
-#include "server/core/kfac/kfac_dense_block.h"
-#include "server/core/kfac/testing/eigen_inversion_engine.h"
+#include "server/blocks/adam/math/adam_block.h"
+#include "server/blocks/kfac_dense/math/kfac_dense_block.h"
+#include "server/engine/testing/eigen_inversion_engine.h"
 #include "server/core/schedule.h"
 #include "tests/service/server_fixture.h"
 

@@ -5,7 +5,7 @@ Julia client of natgrad-server: server-side natural-gradient (K-FAC) and
 first-order optimizer state, driven from Julia through the C ABI of
 `libnatgrad_c` (client/c/natgrad.h) with `ccall`.
 
-Layout: Julia arrays are column-major, the wire is row-major (DESIGN.md §3).
+Layout: Julia arrays are column-major, the wire is row-major (docs/architecture.md).
 A block's shape is the Julia `size` of the parameter, and this package
 permutes every array to row-major before sending and back after receiving,
 so `delta` has the parameter's size and element order. A Flux `Dense` weight

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Sparse variational GP regression (SVGP) on scikit-learn's diabetes data,
-optimised through natgrad-server (DESIGN.md §4.2):
+optimised through natgrad-server (docs/math.md):
 
   * q(u) = N(m, L Lᵀ) over M inducing values: a Gaussian block (mean +
     Cholesky parametrisation); the client sends m, L and dL/dm, dL/dL (the

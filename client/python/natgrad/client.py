@@ -1,5 +1,5 @@
 """Client and Session: sessions of server-side optimizer state and the Step
-stream (DESIGN.md §3).
+stream (docs/architecture.md).
 
 A Session keeps the step number, one bidirectional Step stream, and retries:
 when the stream drops (UNAVAILABLE, a reset or cancelled stream, the server

@@ -1,4 +1,4 @@
-"""Variational Gaussian blocks (DESIGN.md §4.2; Salimbeni, Eleftheriadis &
+"""Variational Gaussian blocks (docs/math.md; Salimbeni, Eleftheriadis &
 Hensman 2018) from Python.
 
 A Gaussian block holds q = N(m, S) of dimension M (L independent copies:

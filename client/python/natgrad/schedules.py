@@ -1,4 +1,4 @@
-"""Schedules of the step number t (DESIGN.md §4.4) as natgrad.v1.Schedule
+"""Schedules of the step number t (docs/math.md) as natgrad.v1.Schedule
 messages. Steps are numbered from 1 and step t uses value(t).
 
 Every helper that takes a hyperparameter accepts a plain number (a constant

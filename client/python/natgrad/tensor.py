@@ -1,4 +1,4 @@
-"""natgrad.v1.Tensor <-> numpy (DESIGN.md §3): dtype + row-major shape +
+"""natgrad.v1.Tensor <-> numpy (docs/architecture.md): dtype + row-major shape +
 little-endian bytes."""
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""An independent numpy K-FAC reference (DESIGN.md §4.1) for the tests.
+"""An independent numpy K-FAC reference (docs/math.md) for the tests.
 
 Only what step 1 of a fresh session needs: EMA factors started at zero and
 bias-corrected equal the batch factors at step 1; one decomposition at step

@@ -1,4 +1,4 @@
-"""Offline checks of natgrad.gaussian's reference maths (DESIGN.md §4.2)."""
+"""Offline checks of natgrad.gaussian's reference maths (docs/math.md)."""
 import os
 import sys
 

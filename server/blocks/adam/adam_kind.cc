@@ -1,7 +1,7 @@
 #include "server/blocks/adam/adam_kind.h"
 
 #include "server/blocks/internal/dense_codec.h"
-#include "server/core/first_order/adam_block.h"
+#include "server/blocks/adam/math/adam_block.h"
 
 namespace natgrad::blocks {
 namespace {

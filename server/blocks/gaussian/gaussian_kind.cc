@@ -2,7 +2,7 @@
 
 #include "absl/strings/str_join.h"
 #include "server/blocks/internal/dense_codec.h"
-#include "server/core/gaussian/gaussian_block.h"
+#include "server/blocks/gaussian/math/gaussian_block.h"
 #include "server/wire/tensor_codec.h"
 
 namespace natgrad::blocks {

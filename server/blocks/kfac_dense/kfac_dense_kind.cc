@@ -2,8 +2,8 @@
 
 #include "absl/strings/str_join.h"
 #include "server/blocks/internal/dense_codec.h"
-#include "server/core/kfac/kfac_dense_block.h"
-#include "server/core/kfac/kfac_dense_options.h"
+#include "server/blocks/kfac_dense/math/kfac_dense_block.h"
+#include "server/blocks/kfac_dense/math/kfac_dense_options.h"
 #include "server/wire/tensor_codec.h"
 
 namespace natgrad::blocks {

@@ -1,7 +1,7 @@
 #include "server/blocks/sgd/sgd_kind.h"
 
 #include "server/blocks/internal/dense_codec.h"
-#include "server/core/first_order/sgd_block.h"
+#include "server/blocks/sgd/math/sgd_block.h"
 
 namespace natgrad::blocks {
 namespace {

@@ -1,0 +1,749 @@
+#include "server/blocks/kfac_dense/math/kfac_dense_block.h"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "Eigen/Cholesky"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "server/core/block_error.h"
+#include "server/blocks/kfac_dense/math/kfac_kernels.h"
+
+namespace natgrad::core {
+namespace {
+
+using engine::DecompositionKind;
+
+// Relative tolerance for "symmetric and PSD up to rounding" of factors the
+// client reduced itself (float32 Gram matrices of many rows drift ~1e-6).
+constexpr double kFactorTolerance = 1e-4;
+
+using Clock = std::chrono::steady_clock;
+
+int64_t MicrosSince(Clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() -
+                                                               start)
+      .count();
+}
+
+std::string Shape(Eigen::Index rows, Eigen::Index cols) {
+  return absl::StrCat("[", rows, ", ", cols, "]");
+}
+
+absl::Status InvalidField(absl::string_view block, absl::string_view field,
+                          absl::string_view what) {
+  return InvalidBlockField(block, field, what);
+}
+
+// "" when all finite, else where the first non-finite value is.
+std::string NonFiniteAt(const Eigen::MatrixXd& m) {
+  if (m.allFinite()) return "";
+  for (Eigen::Index j = 0; j < m.cols(); ++j) {
+    for (Eigen::Index i = 0; i < m.rows(); ++i) {
+      if (!std::isfinite(m(i, j))) {
+        return absl::StrCat("has a non-finite value (", m(i, j), ") at [", i,
+                            ", ", j, "]");
+      }
+    }
+  }
+  return "";
+}
+
+// Shape and finiteness of a matrix, then the cast to the state precision
+// (float32 blocks also refuse values beyond float range).
+template <typename Scalar>
+absl::StatusOr<kfac::Matrix<Scalar>> CheckedCast(absl::string_view block,
+                                                 absl::string_view field,
+                                                 const Eigen::MatrixXd& m,
+                                                 Eigen::Index rows,
+                                                 Eigen::Index cols) {
+  if (m.rows() != rows || m.cols() != cols) {
+    return InvalidField(block, field,
+                        absl::StrCat("has shape ", Shape(m.rows(), m.cols()),
+                                     ", want ", Shape(rows, cols)));
+  }
+  if (std::string where = NonFiniteAt(m); !where.empty()) {
+    return InvalidField(block, field, where);
+  }
+  kfac::Matrix<Scalar> out = m.template cast<Scalar>();
+  if (!out.allFinite()) {
+    return InvalidField(block, field, "has values beyond float32 range");
+  }
+  return out;
+}
+
+// The same for a client tensor, read straight into Scalar from its dtype.
+template <typename Scalar>
+absl::StatusOr<kfac::Matrix<Scalar>> CheckedTensor(absl::string_view block,
+                                                   absl::string_view field,
+                                                   const DenseTensor& t,
+                                                   Eigen::Index rows,
+                                                   Eigen::Index cols) {
+  if (t.rows() != rows || t.cols() != cols) {
+    return InvalidField(block, field,
+                        absl::StrCat("has shape ", Shape(t.rows(), t.cols()),
+                                     ", want ", Shape(rows, cols)));
+  }
+  kfac::Matrix<Scalar> out = t.template ToMatrix<Scalar>();
+  if (!out.allFinite()) {
+    if (!t.AllFinite()) {
+      // Locate it for the message (the error path only).
+      return InvalidField(block, field,
+                          NonFiniteAt(t.template ToMatrix<double>()));
+    }
+    return InvalidField(block, field, "has values beyond float32 range");
+  }
+  return out;
+}
+
+// A reduced factor from the client: square, finite, symmetric and PSD up to
+// rounding. The PSD test is a Cholesky of X + delta I in float64 (O(d^3/3),
+// a sixth of the preconditioning GEMMs), delta = tol * max diag.
+template <typename Scalar>
+absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
+                                                   absl::string_view field,
+                                                   const DenseTensor& tensor,
+                                                   Eigen::Index dim) {
+  if (tensor.rows() != dim || tensor.cols() != dim) {
+    return InvalidField(block, field,
+                        absl::StrCat("has shape ",
+                                     Shape(tensor.rows(), tensor.cols()),
+                                     ", want ", Shape(dim, dim)));
+  }
+  const Eigen::MatrixXd x = tensor.template ToMatrix<double>();
+  if (x.rows() != dim || x.cols() != dim) {
+    return InvalidField(block, field,
+                        absl::StrCat("has shape ", Shape(x.rows(), x.cols()),
+                                     ", want ", Shape(dim, dim)));
+  }
+  if (std::string where = NonFiniteAt(x); !where.empty()) {
+    return InvalidField(block, field, where);
+  }
+  const double max_abs = x.cwiseAbs().maxCoeff();
+  const double asym = (x - x.transpose()).cwiseAbs().maxCoeff();
+  if (asym > kFactorTolerance * max_abs) {
+    return InvalidField(block, field,
+                        absl::StrCat("is not symmetric (max |X - X^T| = ",
+                                     asym, ", max |X| = ", max_abs, ")"));
+  }
+  const double max_diag = x.diagonal().cwiseAbs().maxCoeff();
+  const double delta = kFactorTolerance * max_diag +
+                       std::numeric_limits<double>::min() * dim;
+  const Eigen::Index neg = [&] {
+    Eigen::Index i;
+    return x.diagonal().minCoeff(&i) < -delta ? i : Eigen::Index{-1};
+  }();
+  if (neg >= 0) {
+    return InvalidField(block, field,
+                        absl::StrCat("has a negative diagonal entry ",
+                                     x(neg, neg), " at [", neg, ", ", neg,
+                                     "]; a covariance is PSD"));
+  }
+  Eigen::MatrixXd sym = 0.5 * (x + x.transpose());
+  Eigen::MatrixXd shifted = sym;
+  shifted.diagonal().array() += delta;
+  if (Eigen::LLT<Eigen::MatrixXd> llt(shifted); llt.info() != Eigen::Success) {
+    return InvalidField(block, field,
+                        "is not positive semidefinite beyond rounding");
+  }
+  kfac::Matrix<Scalar> out = sym.template cast<Scalar>();
+  if (!out.allFinite()) {
+    return InvalidField(block, field, "has values beyond float32 range");
+  }
+  return out;
+}
+
+template <typename Scalar>
+bool IsReady(const std::shared_future<
+             absl::StatusOr<engine::Decomposition<Scalar>>>& f) {
+  return f.valid() &&
+         f.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+}
+
+template <typename Scalar>
+double Dot(const kfac::Matrix<Scalar>& x, const kfac::Matrix<Scalar>& y) {
+  return (x.template cast<double>().array() * y.template cast<double>().array())
+      .sum();
+}
+
+}  // namespace
+
+// The result of Propose: everything Commit installs, computed up front, so
+// the update never reads the block (kfac-jax's split of a curvature block's
+// step into update-estimate, update-cache and multiply).
+template <typename Scalar>
+class KfacDensePendingUpdate final : public PendingBlockUpdate,
+                                     public CurvatureModel {
+ public:
+  using Block = KfacDenseBlock<Scalar>;
+  using Matrix = typename Block::Matrix;
+
+  KfacDensePendingUpdate(Block* block, int64_t step,
+                         typename Block::Hyperparameters hyper,
+                         typename Block::Factors factors,
+                         typename Block::RefreshPlan plan, Matrix grad,
+                         Matrix v, std::optional<Matrix> decayed_momentum,
+                         linalg::ComputePool* pool)
+      : block_(block),
+        step_(step),
+        hyper_(hyper),
+        factors_(std::move(factors)),
+        plan_(std::move(plan)),
+        grad_(std::move(grad)),
+        v_(std::move(v)),
+        decayed_momentum_(std::move(decayed_momentum)),
+        pool_(pool) {}
+
+  const CurvatureModel* curvature() const override { return this; }
+  double KlTerm() const override {
+    return hyper_.lr * hyper_.lr * Dot(v_, grad_);
+  }
+
+  // The K-FAC quadratic model of the loss change for the committed delta,
+  // with this step's (not the possibly stale decomposed) factors and lambda:
+  // <grad, delta> + 1/2 <delta, G delta A> + 1/2 lambda |delta|^2.
+  double PredictedReduction(double scale) const override {
+    const Matrix delta = static_cast<Scalar>(-hyper_.lr) * Momentum(scale);
+    const Scalar inv_w = static_cast<Scalar>(1.0 / factors_.weight);
+    const Matrix g_factor = inv_w * *factors_.g_sum;
+    const Matrix a_factor = inv_w * *factors_.a_sum;
+    const Matrix curvature = kfac::Product<Scalar>(
+        kfac::Product<Scalar>(g_factor, false, delta, false, pool_), false,
+        a_factor, false, pool_);
+    return Dot(grad_, delta) + 0.5 * Dot(delta, curvature) +
+           0.5 * hyper_.damping * delta.template cast<double>().squaredNorm();
+  }
+
+  BlockStepOutput Commit(double scale) override {
+    Block& b = *block_;
+    b.momentum_ = Momentum(scale);
+    b.factors_ = factors_;  // shared sums: PredictedReduction stays valid
+    if (plan_.clear_in_flight) b.in_flight_.reset();
+    if (plan_.start_in_flight) b.in_flight_ = std::move(*plan_.start_in_flight);
+    if (plan_.install) b.decomp_ = std::move(*plan_.install);
+    b.last_step_ = step_;
+
+    BlockStepOutput out;
+    out.delta =
+        (static_cast<Scalar>(-hyper_.lr) * b.momentum_).template cast<double>();
+    out.hyperparameters = {{"learning_rate", hyper_.lr},
+                           {"damping", hyper_.damping},
+                           {"momentum", hyper_.momentum},
+                           {"weight_decay", hyper_.weight_decay},
+                           {"kl_scale", scale}};
+    out.inversion_micros = plan_.inversion_micros;
+    return out;
+  }
+
+ private:
+  // mu m_old + nu V.
+  Matrix Momentum(double scale) const {
+    Matrix m = static_cast<Scalar>(scale) * v_;
+    if (decayed_momentum_) m += *decayed_momentum_;
+    return m;
+  }
+
+  Block* const block_;
+  const int64_t step_;
+  const typename Block::Hyperparameters hyper_;
+  typename Block::Factors factors_;
+  typename Block::RefreshPlan plan_;
+  const Matrix grad_;  // the gradient preconditioned: grad + wd W
+  const Matrix v_;     // the preconditioned gradient
+  const std::optional<Matrix> decayed_momentum_;  // mu m_old, when mu != 0
+  linalg::ComputePool* const pool_;  // Propose's context.compute_pool
+};
+
+template <typename Scalar>
+KfacDenseBlock<Scalar>::KfacDenseBlock(std::string name,
+                                       KfacDenseOptions options)
+    : ParameterBlock(std::move(name)), options_(std::move(options)) {
+  factors_.a_sum = std::make_shared<const Matrix>(Matrix::Zero(a_dim(), a_dim()));
+  factors_.g_sum = std::make_shared<const Matrix>(Matrix::Zero(g_dim(), g_dim()));
+  momentum_ = Matrix::Zero(g_dim(), a_dim());
+}
+
+template <typename Scalar>
+bool KfacDenseBlock<Scalar>::IsStatsStep(int64_t step) const {
+  return (step - 1) % options_.stats_period == 0;
+}
+
+template <typename Scalar>
+bool KfacDenseBlock<Scalar>::IsInverseStep(int64_t step) const {
+  return (step - 1) % options_.inverse_period == 0;
+}
+
+template <typename Scalar>
+absl::Status KfacDenseBlock<Scalar>::Invalid(absl::string_view field,
+                                             absl::string_view what) const {
+  return InvalidField(name(), field, what);
+}
+
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Decomp>
+KfacDenseBlock<Scalar>::Resolve(const Refresh& refresh) const {
+  const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
+  Decomp d;
+  d.step = refresh.step;
+  d.damping = refresh.damping;
+  for (auto [future, dim, which] :
+       {std::tuple{&refresh.a, a_dim(), 'A'},
+        std::tuple{&refresh.g, g_dim(), 'G'}}) {
+    const absl::StatusOr<engine::Decomposition<Scalar>>& r = future->get();
+    if (!r.ok()) {
+      return BlockError(r.status().code(), name(),
+                        absl::StrCat("factor ", std::string(1, which)),
+                        absl::StrCat("could not be decomposed at step ",
+                                     refresh.step, ": ", r.status().message()));
+    }
+    const bool bad_shape =
+        r->matrix.rows() != dim || r->matrix.cols() != dim ||
+        (eigen && r->eigenvalues.size() != dim);
+    if (bad_shape || !r->matrix.allFinite() ||
+        (eigen && !r->eigenvalues.allFinite())) {
+      return BlockError(absl::StatusCode::kInternal, name(),
+                        absl::StrCat("factor ", std::string(1, which)),
+                        "got a malformed or non-finite decomposition from the engine");
+    }
+    Matrix& m = which == 'A' ? d.a : d.g;
+    m = r->matrix;
+    if (eigen) {
+      (which == 'A' ? d.a_values : d.g_values) =
+          r->eigenvalues.cwiseMax(Scalar(0));
+    }
+  }
+  return d;
+}
+
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Hyperparameters>
+KfacDenseBlock<Scalar>::ResolveHyperparameters(
+    int64_t t, const KfacStepInput& input, const StepContext& context) const {
+  auto value = [&](const SchedulePtr& s) { return s->Value(t); };
+  Hyperparameters h;
+  h.lr = input.learning_rate ? *input.learning_rate
+                             : value(options_.learning_rate);
+  h.momentum = value(options_.momentum);
+  h.weight_decay = value(options_.weight_decay);
+  h.damping = context.damping_override ? *context.damping_override
+                                       : value(options_.damping);
+  if (!std::isfinite(h.lr) || h.lr < 0) {
+    return Invalid("learning_rate",
+                   absl::StrCat("is ", h.lr, " at step ", t, ", want >= 0"));
+  }
+  if (!std::isfinite(h.momentum)) {
+    return Invalid("momentum", absl::StrCat("is ", h.momentum, " at step ", t));
+  }
+  if (!std::isfinite(h.weight_decay)) {
+    return Invalid("weight_decay",
+                   absl::StrCat("is ", h.weight_decay, " at step ", t));
+  }
+  if (!std::isfinite(h.damping) || h.damping <= 0) {
+    return Invalid(context.damping_override ? "damping_override" : "damping",
+                   absl::StrCat("is ", h.damping, " at step ", t, ", want > 0"));
+  }
+  return h;
+}
+
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Factors>
+KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input, int64_t t,
+                                       const StepContext& context) const {
+  const Eigen::Index ad = a_dim(), gd = g_dim();
+  // Statistics are validated whenever sent and folded only on statistics
+  // steps (and whenever none has been folded yet, so factors always exist).
+  const bool fold = IsStatsStep(t) || factors_.updates == 0;
+  std::optional<Matrix> a_batch, g_batch;
+  if (input.kfac) {
+    const KfacStatisticsInput& s = *input.kfac;
+    if (s.form == KfacStatisticsInput::Form::kRaw) {
+      const DenseTensor& a = s.activations;
+      const DenseTensor& g = s.output_gradients;
+      const int64_t rows = a.rows();
+      if (s.locations < 0) {
+        return Invalid("kfac.raw.locations",
+                       absl::StrCat("is ", s.locations, ", want >= 0"));
+      }
+      const int64_t loc = s.locations > 0 ? s.locations : options_.locations;
+      if (a.cols() != options_.d_in) {
+        return Invalid("kfac.raw.activations",
+                       absl::StrCat("has ", a.cols(), " columns, want ",
+                                    options_.d_in));
+      }
+      if (g.cols() != gd) {
+        return Invalid("kfac.raw.output_gradients",
+                       absl::StrCat("has ", g.cols(), " columns, want ", gd));
+      }
+      if (rows == 0) return Invalid("kfac.raw.activations", "has 0 rows");
+      if (g.rows() != rows) {
+        return Invalid("kfac.raw.output_gradients",
+                       absl::StrCat("has ", g.rows(), " rows, want ", rows,
+                                    " (as kfac.raw.activations)"));
+      }
+      if (rows % loc != 0) {
+        return Invalid("kfac.raw.activations",
+                       absl::StrCat("has ", rows, " rows, want a multiple of "
+                                    "locations (", loc, ")"));
+      }
+      absl::StatusOr<Matrix> as = CheckedTensor<Scalar>(
+          name(), "kfac.raw.activations", a, rows, a.cols());
+      if (!as.ok()) return as.status();
+      absl::StatusOr<Matrix> gs = CheckedTensor<Scalar>(
+          name(), "kfac.raw.output_gradients", g, rows, g.cols());
+      if (!gs.ok()) return gs.status();
+      if (fold) {
+        // KFC scaling (kfac-jax): A over the n examples, G over n*T rows.
+        a_batch = kfac::GramFactor<Scalar>(*as, options_.has_bias,
+                                           static_cast<Scalar>(rows / loc),
+                                           context.compute_pool);
+        g_batch = kfac::GramFactor<Scalar>(*gs, false,
+                                           static_cast<Scalar>(rows),
+                                           context.compute_pool);
+        if (!a_batch->allFinite()) {
+          return Invalid("kfac.raw.activations", "overflows in a^T a / n");
+        }
+        if (!g_batch->allFinite()) {
+          return Invalid("kfac.raw.output_gradients",
+                         "overflows in g^T g / (n T)");
+        }
+      }
+    } else {
+      if (s.num_examples <= 0) {
+        return Invalid("kfac.reduced.num_examples",
+                       absl::StrCat("is ", s.num_examples, ", want > 0"));
+      }
+      absl::StatusOr<Matrix> af =
+          CheckedFactor<Scalar>(name(), "kfac.reduced.a_factor", s.a_factor, ad);
+      if (!af.ok()) return af.status();
+      absl::StatusOr<Matrix> gf =
+          CheckedFactor<Scalar>(name(), "kfac.reduced.g_factor", s.g_factor, gd);
+      if (!gf.ok()) return gf.status();
+      if (fold) {
+        a_batch = *std::move(af);
+        g_batch = *std::move(gf);
+      }
+    }
+  } else if (fold) {
+    return Invalid("kfac", absl::StrCat("statistics are missing; step ", t,
+                                        " folds them (stats_period ",
+                                        options_.stats_period, ")"));
+  }
+  if (!fold) return factors_;  // shares the current sums, no copy
+
+  // EMA of the factors from a zero start; factor = sum / weight (kfac-jax's
+  // WeightedMovingAverage, i.e. Adam-style bias correction).
+  const Scalar rho = static_cast<Scalar>(options_.ema_decay);
+  Factors next;
+  next.a_sum = std::make_shared<const Matrix>(rho * *factors_.a_sum +
+                                              (Scalar(1) - rho) * *a_batch);
+  next.g_sum = std::make_shared<const Matrix>(rho * *factors_.g_sum +
+                                              (Scalar(1) - rho) * *g_batch);
+  next.weight = options_.ema_decay * factors_.weight + (1.0 - options_.ema_decay);
+  next.updates = factors_.updates + 1;
+  return next;
+}
+
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::RefreshPlan>
+KfacDenseBlock<Scalar>::PlanRefresh(int64_t t, double lambda,
+                                    const Factors& factors,
+                                    const StepContext& context) const {
+  RefreshPlan plan;
+  const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
+  bool refresh = IsInverseStep(t) || decomp_.step == 0;
+  bool force_wait = (t == 1);
+  // An async refresh in flight is installed once ready, or waited for when
+  // overdue.
+  if (in_flight_) {
+    const bool ready = IsReady(in_flight_->a) && IsReady(in_flight_->g);
+    const bool overdue = refresh || t - in_flight_->step >= options_.max_staleness;
+    if (ready || overdue) {
+      const Clock::time_point start = Clock::now();
+      absl::StatusOr<Decomp> d = Resolve(*in_flight_);
+      plan.inversion_micros += MicrosSince(start);
+      plan.clear_in_flight = true;
+      if (d.ok()) {
+        plan.install = *std::move(d);
+      } else {
+        // Redo it now from the current factors, waiting this time.
+        refresh = true;
+        force_wait = true;
+      }
+    }
+  }
+  if (!refresh) return plan;
+  if (context.engine == nullptr) {
+    return BlockError(absl::StatusCode::kInternal, name(), "",
+                      "has no inversion engine in the step context");
+  }
+  const Scalar inv_w = static_cast<Scalar>(1.0 / factors.weight);
+  Matrix a_factor = inv_w * *factors.a_sum;
+  Matrix g_factor = inv_w * *factors.g_sum;
+  Refresh r;
+  r.step = t;
+  DecompositionKind kind = DecompositionKind::kEigh;
+  if (!eigen) {
+    // Factored Tikhonov (Martens & Grosse §6.3): the damping is split
+    // between the factors by pi and baked into their inverses.
+    r.damping = lambda;
+    const double pi = kfac::PiCorrection(a_factor, g_factor);
+    const double sqrt_lambda = std::sqrt(lambda);
+    a_factor.diagonal().array() += static_cast<Scalar>(pi * sqrt_lambda);
+    g_factor.diagonal().array() += static_cast<Scalar>(sqrt_lambda / pi);
+    kind = DecompositionKind::kCholeskyInverse;
+  }
+  const Clock::time_point start = Clock::now();
+  r.a = context.engine->Submit(std::move(a_factor), kind).share();
+  r.g = context.engine->Submit(std::move(g_factor), kind).share();
+  const bool have_previous = plan.install || decomp_.step > 0;
+  const bool wait = force_wait || !options_.async_inversion || !have_previous ||
+                    options_.max_staleness == 0 ||
+                    (IsReady(r.a) && IsReady(r.g));
+  if (wait) {
+    absl::StatusOr<Decomp> d = Resolve(r);
+    plan.inversion_micros += MicrosSince(start);
+    if (!d.ok()) return d.status();
+    plan.install = *std::move(d);
+  } else {
+    plan.inversion_micros += MicrosSince(start);
+    plan.start_in_flight = std::move(r);
+  }
+  return plan;
+}
+
+template <typename Scalar>
+absl::StatusOr<typename KfacDenseBlock<Scalar>::Matrix>
+KfacDenseBlock<Scalar>::Precondition(const Decomp& use, const Matrix& g,
+                                     double lambda,
+                                     linalg::ComputePool* pool) const {
+  const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
+  Matrix v = eigen ? kfac::PreconditionEigen<Scalar>(
+                         use.g, use.g_values, use.a, use.a_values, g,
+                         static_cast<Scalar>(lambda), pool)
+                   : kfac::PreconditionFactored<Scalar>(use.g, use.a, g, pool);
+  if (!v.allFinite()) {
+    return Invalid("gradient",
+                   "gives a non-finite preconditioned gradient; the damping "
+                   "is too small for the factors' scale");
+  }
+  return v;
+}
+
+template <typename Scalar>
+absl::StatusOr<std::unique_ptr<PendingBlockUpdate>>
+KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
+                                const StepContext& context) {
+  absl::StatusOr<const KfacStepInput*> in = InputOf<KfacStepInput>(step_input);
+  if (!in.ok()) return in.status();
+  const KfacStepInput& input = **in;
+  const int64_t t = context.step;
+  if (t < 1) return Invalid("step", absl::StrCat("is ", t, ", want >= 1"));
+  if (t <= last_step_) {
+    return BlockError(absl::StatusCode::kFailedPrecondition, name(), "step",
+                      absl::StrCat(t, " is not after the block's last step ",
+                                   last_step_));
+  }
+  const Eigen::Index ad = a_dim(), gd = g_dim();
+  absl::StatusOr<Matrix> grad =
+      CheckedTensor<Scalar>(name(), "gradient", input.gradient, gd, ad);
+  if (!grad.ok()) return grad.status();
+  std::optional<Matrix> params;
+  if (input.params) {
+    absl::StatusOr<Matrix> p =
+        CheckedTensor<Scalar>(name(), "params", *input.params, gd, ad);
+    if (!p.ok()) return p.status();
+    params = *std::move(p);
+  }
+  absl::StatusOr<Factors> factors = FoldStatistics(input, t, context);
+  if (!factors.ok()) return factors.status();
+  absl::StatusOr<Hyperparameters> hyper = ResolveHyperparameters(t, input, context);
+  if (!hyper.ok()) return hyper.status();
+  absl::StatusOr<RefreshPlan> plan = PlanRefresh(t, hyper->damping, *factors, context);
+  if (!plan.ok()) return plan.status();
+
+  Matrix g = *std::move(grad);
+  if (params && hyper->weight_decay != 0) {
+    g += static_cast<Scalar>(hyper->weight_decay) * *params;
+  }
+  absl::StatusOr<Matrix> v =
+      Precondition(plan->install ? *plan->install : decomp_, g, hyper->damping,
+                   context.compute_pool);
+  if (!v.ok()) return v.status();
+  std::optional<Matrix> decayed;
+  if (hyper->momentum != 0) {
+    decayed = static_cast<Scalar>(hyper->momentum) * momentum_;
+  }
+  return std::make_unique<KfacDensePendingUpdate<Scalar>>(
+      this, t, *hyper, *std::move(factors), *std::move(plan), std::move(g),
+      *std::move(v), std::move(decayed), context.compute_pool);
+}
+
+template <typename Scalar>
+BlockState KfacDenseBlock<Scalar>::ExportState() const {
+  BlockState s;
+  s.tensors["a_ema"] = factors_.a_sum->template cast<double>();
+  s.tensors["g_ema"] = factors_.g_sum->template cast<double>();
+  s.tensors["momentum"] = momentum_.template cast<double>();
+  s.scalars["ema_weight"] = factors_.weight;
+  s.scalars["stats_updates"] = static_cast<double>(factors_.updates);
+  s.scalars["last_step"] = static_cast<double>(last_step_);
+
+  const Decomp* d = &decomp_;
+  absl::StatusOr<Decomp> resolved;
+  if (in_flight_) {
+    // Waiting makes the export deterministic; a failed refresh is dropped,
+    // the in-place block would redo it at its next step.
+    resolved = Resolve(*in_flight_);
+    if (resolved.ok()) d = &*resolved;
+  }
+  s.scalars["decomposition_step"] = static_cast<double>(d->step);
+  s.scalars["decomposition_damping"] = d->damping;
+  if (d->step > 0) {
+    if (options_.damping_mode == KfacDampingMode::kEigenExact) {
+      s.tensors["a_eigenvectors"] = d->a.template cast<double>();
+      s.tensors["g_eigenvectors"] = d->g.template cast<double>();
+      s.tensors["a_eigenvalues"] = d->a_values.template cast<double>();
+      s.tensors["g_eigenvalues"] = d->g_values.template cast<double>();
+    } else {
+      s.tensors["a_damped_inverse"] = d->a.template cast<double>();
+      s.tensors["g_damped_inverse"] = d->g.template cast<double>();
+    }
+  }
+  return s;
+}
+
+template <typename Scalar>
+absl::Status KfacDenseBlock<Scalar>::ImportState(const BlockState& state) {
+  const Eigen::Index ad = a_dim(), gd = g_dim();
+  auto bad = [&](absl::string_view what) {
+    return InvalidBlockField(name(), "state", what);
+  };
+  auto scalar = [&](const std::string& key, bool integer, double lo,
+                    double hi) -> absl::StatusOr<double> {
+    auto it = state.scalars.find(key);
+    if (it == state.scalars.end()) {
+      return bad(absl::StrCat("scalar \"", key, "\" is missing"));
+    }
+    const double v = it->second;
+    if (!std::isfinite(v) || v < lo || v > hi ||
+        (integer && v != std::floor(v))) {
+      return bad(absl::StrCat("scalar \"", key, "\" is ", v, ", want ",
+                              integer ? "an integer " : "", "in [", lo, ", ",
+                              hi, "]"));
+    }
+    return v;
+  };
+  constexpr double kMaxCount = 9007199254740992.0;  // 2^53
+  absl::StatusOr<double> weight = scalar("ema_weight", false, 0, 1);
+  if (!weight.ok()) return weight.status();
+  absl::StatusOr<double> updates = scalar("stats_updates", true, 0, kMaxCount);
+  if (!updates.ok()) return updates.status();
+  absl::StatusOr<double> last = scalar("last_step", true, 0, kMaxCount);
+  if (!last.ok()) return last.status();
+  absl::StatusOr<double> dstep = scalar("decomposition_step", true, 0, kMaxCount);
+  if (!dstep.ok()) return dstep.status();
+  absl::StatusOr<double> ddamp = scalar("decomposition_damping", false, 0,
+                                        std::numeric_limits<double>::max());
+  if (!ddamp.ok()) return ddamp.status();
+  if ((*updates == 0) != (*weight == 0)) {
+    return bad("ema_weight and stats_updates disagree (one is 0, the other not)");
+  }
+
+  const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
+  std::vector<std::pair<std::string, std::pair<Eigen::Index, Eigen::Index>>>
+      want = {{"a_ema", {ad, ad}}, {"g_ema", {gd, gd}}, {"momentum", {gd, ad}}};
+  if (*dstep > 0) {
+    if (eigen) {
+      want.push_back({"a_eigenvectors", {ad, ad}});
+      want.push_back({"g_eigenvectors", {gd, gd}});
+      want.push_back({"a_eigenvalues", {ad, 1}});
+      want.push_back({"g_eigenvalues", {gd, 1}});
+    } else {
+      want.push_back({"a_damped_inverse", {ad, ad}});
+      want.push_back({"g_damped_inverse", {gd, gd}});
+    }
+  }
+  for (const auto& [key, unused] : state.tensors) {
+    bool known = false;
+    for (const auto& w : want) known = known || w.first == key;
+    if (!known) {
+      return bad(absl::StrCat("tensor \"", key, "\" is not expected (",
+                              kKfacDenseKind, " block, ",
+                              eigen ? "eigen-exact" : "factored-Tikhonov",
+                              " damping, decomposition_step ", *dstep, ")"));
+    }
+  }
+  std::map<std::string, Matrix> cast;
+  for (const auto& [key, shape] : want) {
+    auto it = state.tensors.find(key);
+    if (it == state.tensors.end()) {
+      return bad(absl::StrCat("tensor \"", key, "\" is missing"));
+    }
+    absl::StatusOr<Matrix> m =
+        CheckedCast<Scalar>(name(), absl::StrCat("state tensor \"", key, "\""),
+                            it->second, shape.first, shape.second);
+    if (!m.ok()) return m.status();
+    cast[key] = *std::move(m);
+  }
+
+  factors_.a_sum = std::make_shared<const Matrix>(std::move(cast["a_ema"]));
+  factors_.g_sum = std::make_shared<const Matrix>(std::move(cast["g_ema"]));
+  momentum_ = std::move(cast["momentum"]);
+  factors_.weight = *weight;
+  factors_.updates = static_cast<int64_t>(*updates);
+  last_step_ = static_cast<int64_t>(*last);
+  decomp_ = Decomp{};
+  decomp_.step = static_cast<int64_t>(*dstep);
+  decomp_.damping = *ddamp;
+  if (decomp_.step > 0) {
+    if (eigen) {
+      decomp_.a = std::move(cast["a_eigenvectors"]);
+      decomp_.g = std::move(cast["g_eigenvectors"]);
+      decomp_.a_values = cast["a_eigenvalues"].col(0).cwiseMax(Scalar(0));
+      decomp_.g_values = cast["g_eigenvalues"].col(0).cwiseMax(Scalar(0));
+    } else {
+      decomp_.a = std::move(cast["a_damped_inverse"]);
+      decomp_.g = std::move(cast["g_damped_inverse"]);
+    }
+  }
+  in_flight_.reset();
+  return absl::OkStatus();
+}
+
+template <typename Scalar>
+int64_t KfacDenseBlock<Scalar>::StateBytes() const {
+  int64_t n = factors_.a_sum->size() + factors_.g_sum->size() + momentum_.size() +
+              decomp_.a.size() + decomp_.g.size() + decomp_.a_values.size() +
+              decomp_.g_values.size();
+  if (in_flight_) {
+    // The engine holds the in-flight result for this block.
+    n += a_dim() * a_dim() + g_dim() * g_dim();
+  }
+  return n * static_cast<int64_t>(sizeof(Scalar));
+}
+
+template class KfacDenseBlock<float>;
+template class KfacDenseBlock<double>;
+
+absl::StatusOr<std::unique_ptr<ParameterBlock>> NewKfacDenseBlock(
+    std::string name, const KfacDenseOptions& options, Precision precision) {
+  absl::StatusOr<KfacDenseOptions> normalized =
+      NormalizeKfacDenseOptions(name, options);
+  if (!normalized.ok()) return normalized.status();
+  switch (precision) {
+    case Precision::kFloat32:
+      return std::make_unique<KfacDenseBlock<float>>(std::move(name),
+                                                     *std::move(normalized));
+    case Precision::kFloat64:
+      return std::make_unique<KfacDenseBlock<double>>(std::move(name),
+                                                      *std::move(normalized));
+  }
+  return InvalidBlockField(name, "precision", "is unknown");
+}
+
+}  // namespace natgrad::core

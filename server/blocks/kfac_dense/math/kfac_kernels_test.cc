@@ -1,0 +1,114 @@
+// The OpenBLAS paths of kfac_kernels.h (Product, GramFactor, the two
+// preconditioners) against Eigen in float64, above the BLAS and split
+// thresholds, with OpenBLAS threaded and held at one thread, without a
+// compute pool and with one that splits the products into column panels.
+#include "server/blocks/kfac_dense/math/kfac_kernels.h"
+
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "gtest/gtest.h"
+#include "server/linalg/compute_pool.h"
+#include "server/linalg/thread_policy.h"
+
+namespace natgrad::core::kfac {
+namespace {
+
+// Param: (OpenBLAS threads, compute pool parallelism; 0 = no pool).
+class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
+ protected:
+  void SetUp() override {
+    saved_ = linalg::BlasThreads();
+    linalg::SetBlasThreads(std::get<0>(GetParam()));
+    if (std::get<1>(GetParam()) > 0) {
+      pool_ = std::make_unique<linalg::ComputePool>(std::get<1>(GetParam()));
+    }
+  }
+  void TearDown() override { linalg::SetBlasThreads(saved_); }
+  linalg::ComputePool* pool() { return pool_.get(); }
+
+  template <typename Scalar>
+  void CheckProducts(double tol) {
+    // Odd sizes, above kBlasMinWork and kBlasSplitWork.
+    const int m = 203, k = 311, n = 257;
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        const Matrix<Scalar> a = ta ? Matrix<Scalar>::Random(k, m)
+                                    : Matrix<Scalar>::Random(m, k);
+        const Matrix<Scalar> b = tb ? Matrix<Scalar>::Random(n, k)
+                                    : Matrix<Scalar>::Random(k, n);
+        ASSERT_TRUE(linalg::UseBlas(m, n, k));
+        const Eigen::MatrixXd ad = a.template cast<double>();
+        const Eigen::MatrixXd bd = b.template cast<double>();
+        const Eigen::MatrixXd want = (ta ? Eigen::MatrixXd(ad.transpose()) : ad) *
+                                     (tb ? Eigen::MatrixXd(bd.transpose()) : bd);
+        const Matrix<Scalar> got = Product<Scalar>(a, ta, b, tb, pool());
+        ASSERT_EQ(got.rows(), m);
+        ASSERT_EQ(got.cols(), n);
+        EXPECT_LT(RelError(got, want), tol) << "ta " << ta << " tb " << tb;
+      }
+    }
+  }
+
+  template <typename Scalar>
+  void CheckGram(double tol) {
+    for (bool bias : {false, true}) {
+      const Matrix<Scalar> x = Matrix<Scalar>::Random(517, 301);
+      const Eigen::MatrixXd xd = x.template cast<double>();
+      Eigen::MatrixXd xb(xd.rows(), xd.cols() + (bias ? 1 : 0));
+      xb.leftCols(xd.cols()) = xd;
+      if (bias) xb.col(xd.cols()).setOnes();
+      const Eigen::MatrixXd want = xb.transpose() * xb / 7.0;
+      const Matrix<Scalar> got = GramFactor<Scalar>(x, bias, Scalar(7), pool());
+      EXPECT_LT(RelError(got, want), tol) << "bias " << bias;
+      EXPECT_EQ(got, got.transpose());  // exactly symmetric
+    }
+  }
+
+  template <typename Scalar>
+  static double RelError(const Matrix<Scalar>& got, const Eigen::MatrixXd& want) {
+    return (got.template cast<double>() - want).norm() / want.norm();
+  }
+
+ private:
+  int saved_ = 1;
+  std::unique_ptr<linalg::ComputePool> pool_;
+};
+
+TEST_P(KfacKernels, ProductFloatMatchesFloat64) { CheckProducts<float>(1e-5); }
+TEST_P(KfacKernels, ProductDoubleMatchesFloat64) { CheckProducts<double>(1e-13); }
+TEST_P(KfacKernels, GramFloatMatchesFloat64) { CheckGram<float>(1e-5); }
+TEST_P(KfacKernels, GramDoubleMatchesFloat64) { CheckGram<double>(1e-13); }
+
+TEST_P(KfacKernels, PreconditionersMatchEigen) {
+  const int dg = 150, da = 181;
+  const Eigen::MatrixXd qg = Eigen::MatrixXd::Random(dg, dg);
+  const Eigen::MatrixXd qa = Eigen::MatrixXd::Random(da, da);
+  const Eigen::MatrixXd grad = Eigen::MatrixXd::Random(dg, da);
+  const Eigen::VectorXd sg = Eigen::VectorXd::Random(dg).cwiseAbs();
+  const Eigen::VectorXd sa = Eigen::VectorXd::Random(da).cwiseAbs();
+  Eigen::MatrixXd rotated = qg.transpose() * grad * qa;
+  rotated.array() /= ((sg * sa.transpose()).array() + 0.1);
+  const Eigen::MatrixXd want_eigen = qg * rotated * qa.transpose();
+  EXPECT_LT(RelError<double>(
+                PreconditionEigen<double>(qg, sg, qa, sa, grad, 0.1, pool()),
+                want_eigen),
+            1e-12);
+  const Eigen::MatrixXd want_factored = qg * grad * qa;
+  EXPECT_LT(RelError<double>(PreconditionFactored<double>(qg, qa, grad, pool()),
+                             want_factored),
+            1e-13);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    ThreadsAndPools, KfacKernels,
+    ::testing::Combine(::testing::Values(1, 2), ::testing::Values(0, 3)),
+    [](const auto& info) {
+      const int pool = std::get<1>(info.param);
+      return "openblas_threads_" + std::to_string(std::get<0>(info.param)) +
+             (pool == 0 ? std::string("_nopool") : "_pool" + std::to_string(pool));
+    });
+
+}  // namespace
+}  // namespace natgrad::core::kfac
