@@ -22,6 +22,13 @@ StepAssembler::StepAssembler(const natgrad::v1::SessionConfig& config,
 }
 
 absl::Status StepAssembler::Add(natgrad::v1::StepRequest& request) {
+  const absl::Time start = absl::Now();
+  absl::Status status = AddMessage(request);
+  step_.decode_time += absl::Now() - start;
+  return status;
+}
+
+absl::Status StepAssembler::AddMessage(natgrad::v1::StepRequest& request) {
   bytes_ += static_cast<int64_t>(request.ByteSizeLong());
   if (bytes_ > max_step_bytes_) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -35,7 +42,7 @@ absl::Status StepAssembler::Add(natgrad::v1::StepRequest& request) {
   if (!started_) {
     started_ = true;
     step_.data.step = request.step();
-    step_.first_message = absl::Now();
+    if (step_.first_message == absl::InfinitePast()) step_.first_message = absl::Now();
   } else if (request.step() != step_.data.step) {
     return absl::InvalidArgumentError(absl::StrCat(
         "step: message for step ", request.step(), " arrived before step ",

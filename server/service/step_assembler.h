@@ -27,6 +27,8 @@ struct AssembledStep {
   std::vector<std::optional<blocks::ReplyFormat>> replies;
   // When the step's first message arrived (StepTiming.server_micros).
   absl::Time first_message = absl::InfinitePast();
+  // Time spent decoding its messages (StepTiming.decode_micros).
+  absl::Duration decode_time;
 };
 
 class StepAssembler {
@@ -50,6 +52,7 @@ class StepAssembler {
     const blocks::BlockKind* kind;
   };
 
+  absl::Status AddMessage(natgrad::v1::StepRequest& request);
   absl::Status AddBlock(natgrad::v1::BlockStep& block);
 
   std::map<std::string, Entry> blocks_;

@@ -8,6 +8,7 @@ std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& res
                                                   const AssembledStep& step,
                                                   const natgrad::v1::SessionConfig& config,
                                                   const std::string& session_name) {
+  const absl::Time start = absl::Now();
   auto reply = std::make_shared<ProtoReply>();
   natgrad::v1::StepResponse& r = reply->response;
   r.set_session(session_name);
@@ -26,8 +27,11 @@ std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& res
   natgrad::v1::StepTiming* timing = r.mutable_timing();
   timing->set_compute_micros(result.compute_micros);
   timing->set_inversion_micros(result.inversion_micros);
+  timing->set_decode_micros(absl::ToInt64Microseconds(step.decode_time));
+  const absl::Time now = absl::Now();
+  timing->set_encode_micros(absl::ToInt64Microseconds(now - start));
   if (step.first_message != absl::InfinitePast()) {
-    timing->set_server_micros(absl::ToInt64Microseconds(absl::Now() - step.first_message));
+    timing->set_server_micros(absl::ToInt64Microseconds(now - step.first_message));
   }
   return reply;
 }

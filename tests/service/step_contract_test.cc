@@ -204,3 +204,35 @@ TEST(StepContract, ConvolutionLocationsMayChangeBetweenSteps) {
 
 }  // namespace
 }  // namespace natgrad::testing
+
+namespace natgrad::testing {
+namespace {
+
+// StepTiming's parts are disjoint intervals inside server_micros, which runs
+// from the step's first message to its encoded response.
+TEST(StepContract, TimingCoversDecodeComputeAndEncode) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  auto session = client.CreateSession(ConvConfig());
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto stream = client.OpenStream(session->name());
+  std::mt19937 rng(5);
+  natgrad::v1::BlockStep b;
+  b.set_name("conv");
+  *b.mutable_gradient() = client::MakeTensor(RandomVector(rng, 15), {3, 5});
+  auto* raw = b.mutable_kfac()->mutable_raw();
+  *raw->mutable_activations() = client::MakeTensor(RandomVector(rng, 64 * 4), {64, 4});
+  *raw->mutable_output_gradients() = client::MakeTensor(RandomVector(rng, 64 * 3), {64, 3});
+  auto r = (*stream)->Step({b});
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto& t = r->timing();
+  EXPECT_GT(t.compute_micros(), 0);
+  EXPECT_GE(t.decode_micros(), 0);
+  EXPECT_GE(t.encode_micros(), 0);
+  EXPECT_LE(t.inversion_micros(), t.compute_micros());
+  // 1 ms of slack: compute is timed on the steady clock, the rest on absl::Now.
+  EXPECT_GE(t.server_micros() + 1000, t.decode_micros() + t.compute_micros() + t.encode_micros());
+}
+
+}  // namespace
+}  // namespace natgrad::testing
