@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "server/blocks/adam/adam_kind.h"
 #include "server/blocks/gaussian/gaussian_kind.h"
+#include "server/blocks/gaussian_diag/gaussian_diag_kind.h"
 #include "server/blocks/internal/dense_codec.h"
 #include "server/blocks/kfac_dense/kfac_dense_kind.h"
 #include "server/blocks/sgd/sgd_kind.h"
@@ -21,6 +22,7 @@ const std::vector<const BlockKind*>& AllKinds() {
       &AdamKind(),
       &KfacDenseKind(),
       &GaussianKind(),
+      &GaussianDiagKind(),
   };
   return kinds;
 }

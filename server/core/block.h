@@ -82,8 +82,17 @@ struct GaussianStepInput {
   GradientSpace gradient_space = GradientSpace::kExpectation;
 };
 
+// A diagonal (mean-field) Gaussian block's step input: four [copies, dim]
+// tensors, read elementwise in the block's precision.
+struct GaussianDiagStepInput {
+  DenseTensor param1, param2, grad1, grad2;
+  GaussianStepInput::GradientSpace gradient_space =
+      GaussianStepInput::GradientSpace::kExpectation;
+};
+
 // What one block receives in one step, by kind.
-using BlockStepInput = std::variant<DenseStepInput, KfacStepInput, GaussianStepInput>;
+using BlockStepInput =
+    std::variant<DenseStepInput, KfacStepInput, GaussianStepInput, GaussianDiagStepInput>;
 
 struct GaussianStepOutput {
   std::vector<Eigen::VectorXd> param1;
@@ -92,6 +101,14 @@ struct GaussianStepOutput {
   std::vector<Eigen::MatrixXd> delta2;
   std::vector<Eigen::VectorXd> direction1;  // empty unless requested
   std::vector<Eigen::MatrixXd> direction2;
+  double gamma_used = 0;
+  int halvings = 0;
+};
+
+// The diagonal Gaussian's results, [copies, dim] each in the block's
+// precision (direction tensors empty unless requested).
+struct GaussianDiagStepOutput {
+  DenseTensor param1, param2, delta1, delta2, direction1, direction2;
   double gamma_used = 0;
   int halvings = 0;
 };
@@ -117,7 +134,7 @@ struct BlockStepOutput {
   Eigen::MatrixXd delta;
   std::map<std::string, double> hyperparameters;
   // Kind-specific results beyond the delta.
-  std::variant<std::monostate, GaussianStepOutput> kind_output;
+  std::variant<std::monostate, GaussianStepOutput, GaussianDiagStepOutput> kind_output;
   int64_t inversion_micros = 0;
 };
 

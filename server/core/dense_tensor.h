@@ -43,6 +43,25 @@ class DenseTensor {
     return t;
   }
 
+  // A zero-filled tensor of `shape` whose values the caller writes through
+  // MutableData<Scalar>() (row-major).
+  template <typename Scalar>
+  static DenseTensor Zeros(std::vector<int64_t> shape) {
+    DenseTensor t;
+    t.dtype_ = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
+    t.shape_ = std::move(shape);
+    int64_t n = 1;
+    for (int64_t d : t.shape_) n *= d;
+    t.bytes_.assign(static_cast<size_t>(n) * sizeof(Scalar), '\0');
+    return t;
+  }
+  template <typename Scalar>
+  Scalar* MutableData() {
+    return reinterpret_cast<Scalar*>(bytes_.data());
+  }
+  // The raw little-endian values (the encoder copies them to the wire).
+  const std::string& bytes() const { return bytes_; }
+
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }
   // The block's matrix view: [shape[0], prod(rest)]; a rank-1 tensor of n

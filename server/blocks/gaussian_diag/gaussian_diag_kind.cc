@@ -1,0 +1,201 @@
+#include "server/blocks/gaussian_diag/gaussian_diag_kind.h"
+
+#include <cstring>
+
+#include "absl/strings/str_join.h"
+#include "server/blocks/gaussian_diag/math/gaussian_diag_block.h"
+#include "server/blocks/internal/dense_codec.h"
+#include "server/wire/tensor_codec.h"
+
+namespace natgrad::blocks {
+namespace {
+
+using natgrad::v1::BlockConfig;
+using internal::StepField;
+
+int64_t Copies(const natgrad::v1::GaussianDiagConfig& g) {
+  return g.copies() > 0 ? g.copies() : 1;
+}
+
+// A core tensor on the wire in `dtype` and `shape`: the bytes as they are
+// when the dtypes agree, else one converting pass.
+natgrad::v1::Tensor ToWire(const core::DenseTensor& t, natgrad::v1::DType dtype,
+                           const std::vector<int64_t>& shape) {
+  natgrad::v1::Tensor out;
+  out.set_dtype(dtype);
+  for (int64_t d : shape) out.add_shape(d);
+  const bool same = (dtype == natgrad::v1::FLOAT32) == (t.dtype() == core::DType::kFloat32);
+  if (same) {
+    *out.mutable_data() = t.bytes();
+    return out;
+  }
+  const Eigen::Index n = t.size();
+  std::string* data = out.mutable_data();
+  if (dtype == natgrad::v1::FLOAT32) {
+    data->resize(n * 4);
+    Eigen::Map<Eigen::ArrayXf, Eigen::Unaligned>(reinterpret_cast<float*>(data->data()), n) =
+        Eigen::Map<const Eigen::ArrayXd, Eigen::Unaligned>(
+            reinterpret_cast<const double*>(t.data()), n)
+            .cast<float>();
+  } else {
+    data->resize(n * 8);
+    Eigen::Map<Eigen::ArrayXd, Eigen::Unaligned>(reinterpret_cast<double*>(data->data()), n) =
+        Eigen::Map<const Eigen::ArrayXf, Eigen::Unaligned>(
+            reinterpret_cast<const float*>(t.data()), n)
+            .cast<double>();
+  }
+  return out;
+}
+
+class GaussianDiagBlockKind final : public BlockKind {
+ public:
+  absl::string_view name() const override { return "gaussian_diag"; }
+  BlockConfig::KindCase config_case() const override { return BlockConfig::kGaussianDiag; }
+
+  std::vector<int64_t> CanonicalShape(const BlockConfig& config) const override {
+    if (config.shape_size() > 0) return {config.shape().begin(), config.shape().end()};
+    return {Copies(config.gaussian_diag()), config.gaussian_diag().dim()};
+  }
+
+  absl::Status Validate(const BlockConfig& config, natgrad::v1::DType,
+                        const std::string& field) const override {
+    return Options(config, field).status();
+  }
+
+  int64_t EstimateStateBytes(const BlockConfig& config, natgrad::v1::DType state_dtype) const override {
+    // The step's working set: about 14 arrays of copies x dim.
+    return internal::SaturatingMul(
+        14 * internal::ElementBytes(state_dtype, 8),
+        internal::SaturatingMul(Copies(config.gaussian_diag()),
+                                std::max<int64_t>(config.gaussian_diag().dim(), 0)));
+  }
+
+  absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewBlock(
+      const BlockConfig& config, natgrad::v1::DType state_dtype,
+      const std::string& field) const override {
+    absl::StatusOr<core::GaussianDiagOptions> o = Options(config, field);
+    if (!o.ok()) return o.status();
+    return core::NewGaussianDiagBlock(
+        config.name(), *o, internal::PrecisionOf(state_dtype, core::Precision::kFloat64));
+  }
+
+  absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
+                                                  const BlockConfig& config,
+                                                  ReplyFormat* reply) const override {
+    if (step.has_learning_rate() || step.has_gradient() || step.has_kfac()) {
+      return absl::InvalidArgumentError(StepField(
+          step, "gradient, kfac and learning_rate are not taken by a gaussian_diag block; it "
+                "takes its parameters and gradients in `gaussian`"));
+    }
+    if (!step.has_gaussian()) {
+      return absl::InvalidArgumentError(StepField(step, "gaussian is required"));
+    }
+    natgrad::v1::GaussianStepInput& g = *step.mutable_gaussian();
+    const std::vector<int64_t> want = {Copies(config.gaussian_diag()),
+                                       config.gaussian_diag().dim()};
+    reply->dtype = g.param1().dtype();
+    reply->shapes = {{g.param1().shape().begin(), g.param1().shape().end()}};
+    core::GaussianDiagStepInput in;
+    struct Part {
+      bool present;
+      natgrad::v1::Tensor* tensor;
+      const char* name;
+      core::DenseTensor* out;
+    };
+    for (Part p : {Part{g.has_param1(), g.mutable_param1(), "param1", &in.param1},
+                   Part{g.has_param2(), g.mutable_param2(), "param2", &in.param2},
+                   Part{g.has_grad1(), g.mutable_grad1(), "grad1", &in.grad1},
+                   Part{g.has_grad2(), g.mutable_grad2(), "grad2", &in.grad2}}) {
+      const std::string f = StepField(step, absl::StrCat("gaussian.", p.name));
+      if (!p.present) return absl::InvalidArgumentError(f + " is required");
+      std::vector<int64_t> shape(p.tensor->shape().begin(), p.tensor->shape().end());
+      // A single copy may be sent as [dim].
+      const bool ok = shape == want || (want[0] == 1 && shape == std::vector<int64_t>{want[1]});
+      if (!ok) {
+        return absl::InvalidArgumentError(absl::StrCat(f, " has shape [", absl::StrJoin(shape, ", "),
+                                                       "], want [", absl::StrJoin(want, ", "), "]"));
+      }
+      absl::StatusOr<core::DenseTensor> t = wire::TakeTensor(p.tensor, f);
+      if (!t.ok()) return t.status();
+      *p.out = *std::move(t);
+    }
+    in.gradient_space = g.gradient_space() == natgrad::v1::PARAMETRIZATION_GRADIENT
+                            ? core::GaussianStepInput::GradientSpace::kParametrization
+                            : core::GaussianStepInput::GradientSpace::kExpectation;
+    return core::BlockStepInput(std::move(in));
+  }
+
+  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+                    natgrad::v1::BlockUpdate* update) const override {
+    for (const auto& [k, v] : output.hyperparameters) (*update->mutable_hyperparameters())[k] = v;
+    const auto* g = std::get_if<core::GaussianDiagStepOutput>(&output.kind_output);
+    if (g == nullptr) return;
+    natgrad::v1::GaussianUpdate* out = update->mutable_gaussian();
+    const std::vector<int64_t>& shape = reply.shapes[0];
+    *out->mutable_param1() = ToWire(g->param1, reply.dtype, shape);
+    *out->mutable_param2() = ToWire(g->param2, reply.dtype, shape);
+    *out->mutable_delta1() = ToWire(g->delta1, reply.dtype, shape);
+    *out->mutable_delta2() = ToWire(g->delta2, reply.dtype, shape);
+    if (!g->direction1.empty()) {
+      *out->mutable_direction1() = ToWire(g->direction1, reply.dtype, shape);
+      *out->mutable_direction2() = ToWire(g->direction2, reply.dtype, shape);
+    }
+    out->set_gamma_used(g->gamma_used);
+    out->set_halvings(g->halvings);
+  }
+
+  std::vector<std::string> SnapshotTensorNames() const override { return {}; }
+
+ private:
+  absl::StatusOr<core::GaussianDiagOptions> Options(const BlockConfig& config,
+                                                    const std::string& f) const {
+    const auto& g = config.gaussian_diag();
+    core::GaussianDiagOptions o;
+    o.dim = g.dim();
+    o.copies = Copies(g);
+    if (g.copies() < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(f, ".gaussian_diag.copies: must be >= 0"));
+    }
+    const std::vector<int64_t> shape = CanonicalShape(config);
+    if (shape != std::vector<int64_t>{o.copies, o.dim}) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          f, ".shape: a gaussian_diag block's shape is [copies, dim] = [", o.copies, ", ", o.dim,
+          "], got [", absl::StrJoin(shape, ", "), "]"));
+    }
+    switch (g.parametrization()) {
+      case natgrad::v1::DIAG_NATURAL:
+        o.parametrization = core::GaussianDiagParametrization::kNatural;
+        break;
+      case natgrad::v1::DIAG_EXPECTATION:
+        o.parametrization = core::GaussianDiagParametrization::kExpectation;
+        break;
+      case natgrad::v1::DIAG_MEAN_LOG_STD:
+        o.parametrization = core::GaussianDiagParametrization::kMeanLogStd;
+        break;
+      case natgrad::v1::DIAG_MEAN_VARIANCE:
+      case natgrad::v1::GAUSSIAN_DIAG_PARAMETRIZATION_UNSPECIFIED:
+        o.parametrization = core::GaussianDiagParametrization::kMeanVariance;
+        break;
+      default:
+        return absl::InvalidArgumentError(
+            absl::StrCat(f, ".gaussian_diag.parametrization: unknown value"));
+    }
+    auto gamma = internal::OptionalSchedule(g.gamma(), f + ".gaussian_diag.gamma");
+    if (!gamma.ok()) return gamma.status();
+    o.gamma = *std::move(gamma);
+    if (g.max_halvings() > 0) o.max_halvings = g.max_halvings();
+    if (g.max_halvings() < 0) o.max_halvings = 0;
+    o.return_direction = g.return_direction();
+    if (absl::Status s = core::ValidateGaussianDiagOptions(config.name(), o); !s.ok()) return s;
+    return o;
+  }
+};
+
+}  // namespace
+
+const BlockKind& GaussianDiagKind() {
+  static const GaussianDiagBlockKind kind;
+  return kind;
+}
+
+}  // namespace natgrad::blocks
