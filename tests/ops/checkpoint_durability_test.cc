@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 
 #include <atomic>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -35,22 +36,22 @@ using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
-natgrad::v1::SessionConfig Config() {
+natgrad::v1::SessionConfig Config(int64_t size = 4) {
   natgrad::v1::SessionConfig c;
   c.set_state_dtype(natgrad::v1::FLOAT64);
   auto* b = c.add_blocks();
   b->set_name("w");
-  b->add_shape(4);
+  b->add_shape(size);
   b->mutable_adam()->mutable_learning_rate()->mutable_constant()->set_value(0.05);
   return c;
 }
 
-std::vector<natgrad::v1::BlockStep> Inputs(int t) {
-  std::vector<double> g(4);
-  for (int i = 0; i < 4; ++i) g[i] = 0.1 * t + 0.37 * i - 0.5 * (t % 3);
+std::vector<natgrad::v1::BlockStep> Inputs(int t, int64_t size = 4) {
+  std::vector<double> g(size);
+  for (int i = 0; i < size; ++i) g[i] = 0.1 * t + 0.37 * (i % 7) - 0.5 * (t % 3);
   natgrad::v1::BlockStep s;
   s.set_name("w");
-  *s.mutable_gradient() = client::MakeTensor(g, {4});
+  *s.mutable_gradient() = client::MakeTensor(g, {size});
   return {s};
 }
 
@@ -96,6 +97,40 @@ double Metric(const std::string& mport_file, const std::string& series) {
   auto body = HttpGet(ReadPort(mport_file), "/metrics");
   EXPECT_TRUE(body.has_value());
   return body.has_value() ? MetricSample(*body, series) : -1;
+}
+
+// A K-FAC layer: its step (factor products, a decomposition every other
+// step) and its snapshot (factors and inverses) are slow next to its
+// messages, so a step spends most of its time between the session's deleted
+// check and its checkpoint write: the window in which a delete used to be
+// undone.
+constexpr int64_t kWide = 160, kBatch = 8;
+natgrad::v1::SessionConfig KfacConfig() {
+  natgrad::v1::SessionConfig c;
+  c.set_state_dtype(natgrad::v1::FLOAT64);
+  auto* b = c.add_blocks();
+  b->set_name("fc");
+  auto* k = b->mutable_kfac_dense();
+  k->set_d_in(kWide);
+  k->set_d_out(kWide);
+  k->set_inverse_period(2);
+  return c;
+}
+
+std::vector<natgrad::v1::BlockStep> KfacInputs(int t) {
+  auto values = [t](int64_t n, double scale) {
+    std::vector<double> v(n);
+    for (int64_t i = 0; i < n; ++i) v[i] = scale * std::sin(0.7 * i + 1.3 * t);
+    return v;
+  };
+  natgrad::v1::BlockStep s;
+  s.set_name("fc");
+  *s.mutable_gradient() = client::MakeTensor(values(kWide * kWide, 0.01), {kWide, kWide});
+  *s.mutable_kfac()->mutable_raw()->mutable_activations() =
+      client::MakeTensor(values(kBatch * kWide, 1.0), {kBatch, kWide});
+  *s.mutable_kfac()->mutable_raw()->mutable_output_gradients() =
+      client::MakeTensor(values(kBatch * kWide, 0.1), {kBatch, kWide});
+  return {s};
 }
 
 // The updates of an uninterrupted run without checkpoints.
@@ -237,61 +272,66 @@ TEST(DiskFull, CreateAndImportAreRefusedAndLeaveNothingBehind) {
 }
 
 // 20 sessions step with a checkpoint before every response and the periodic
-// writer running; each is deleted while its steps are in flight. Before the
-// fix about half came back at restart (a step already past the deleted check,
-// or the periodic writer, rewrote the file after DeleteSession removed it).
+// writer running; each is deleted while its steps are in flight (twice over,
+// 40 sessions in all). Before the fix some came back at every restart: a step
+// already past the deleted check, or the periodic writer, rewrote the file
+// after DeleteSession had removed it.
 TEST(DeletedSessions, NeverComeBackAfterARestart) {
-  constexpr int kSessions = 20, kMaxSteps = 5000;
+  constexpr int kSessions = 20, kRounds = 2, kMaxSteps = 5000;
   const std::string dir = MakeTempDir("ngdel");
+  // As many workers as sessions: every session's step is in the server at
+  // once, so a delete is likely to land inside one.
   const std::vector<std::string> flags = {"--checkpoint_dir=" + dir,
                                           "--checkpoint_every_steps=1",
-                                          "--checkpoint_interval_s=1", "--worker_threads=4"};
+                                          "--checkpoint_interval_s=1", "--worker_threads=20"};
   {
     ServerProcess server(flags);
     ASSERT_TRUE(server.running());
     client::Client admin = ClientOf(server);
-    std::vector<std::string> names;
-    for (int i = 0; i < kSessions; ++i) {
-      auto s = admin.CreateSession(Config());
-      ASSERT_TRUE(s.ok()) << s.status();
-      names.push_back(s->name());
-    }
-    std::vector<std::atomic<int>> done(kSessions);
-    std::vector<absl::Status> ended(kSessions);
-    std::vector<std::thread> steppers;
-    for (int i = 0; i < kSessions; ++i) {
-      steppers.emplace_back([&, i] {
-        client::Client client = ClientOf(server);
-        auto stream = client.OpenStream(names[i]);
-        if (!stream.ok()) {
-          ended[i] = stream.status();
-          return;
-        }
-        // Until the delete stops it (bounded, in case it never does).
-        for (int t = 1; t <= kMaxSteps; ++t) {
-          auto r = (*stream)->Step(Inputs(t));
-          if (!r.ok()) {
-            ended[i] = r.status();
+    for (int round = 0; round < kRounds; ++round) {
+      std::vector<std::string> names;
+      for (int i = 0; i < kSessions; ++i) {
+        auto s = admin.CreateSession(KfacConfig());
+        ASSERT_TRUE(s.ok()) << s.status();
+        names.push_back(s->name());
+      }
+      std::vector<std::atomic<int>> done(kSessions);
+      std::vector<absl::Status> ended(kSessions);
+      std::vector<std::thread> steppers;
+      for (int i = 0; i < kSessions; ++i) {
+        steppers.emplace_back([&, i] {
+          client::Client client = ClientOf(server);
+          auto stream = client.OpenStream(names[i]);
+          if (!stream.ok()) {
+            ended[i] = stream.status();
             return;
           }
-          done[i].fetch_add(1);
-        }
-        ended[i] = absl::DeadlineExceededError("never deleted");
-      });
+          // Until the delete stops it (bounded, in case it never does).
+          for (int t = 1; t <= kMaxSteps; ++t) {
+            auto r = (*stream)->Step(KfacInputs(t));
+            if (!r.ok()) {
+              ended[i] = r.status();
+              return;
+            }
+            done[i].fetch_add(1);
+          }
+          ended[i] = absl::DeadlineExceededError("never deleted");
+        });
+      }
+      for (int i = 0; i < kSessions; ++i) {
+        // Its stream is stepping, so the delete lands among in-flight steps.
+        EXPECT_TRUE(PollUntil([&] { return done[i].load() >= 2; }, std::chrono::seconds(60)))
+            << names[i] << " did not step";
+        absl::Status deleted = admin.DeleteSession(names[i]);
+        EXPECT_TRUE(deleted.ok()) << names[i] << ": " << deleted;
+      }
+      for (auto& t : steppers) t.join();
+      for (int i = 0; i < kSessions; ++i) {
+        EXPECT_EQ(ended[i].code(), absl::StatusCode::kNotFound) << names[i] << ": " << ended[i];
+      }
+      // No write may come after a removal, not even the periodic writer's.
+      EXPECT_THAT(Files(dir), IsEmpty()) << "round " << round;
     }
-    for (int i = 0; i < kSessions; ++i) {
-      // Its stream is stepping, so the delete lands among in-flight steps.
-      ASSERT_TRUE(PollUntil([&] { return done[i].load() >= 2; }, std::chrono::seconds(60)))
-          << names[i] << " did not step";
-      absl::Status deleted = admin.DeleteSession(names[i]);
-      EXPECT_TRUE(deleted.ok()) << names[i] << ": " << deleted;
-    }
-    for (auto& t : steppers) t.join();
-    for (int i = 0; i < kSessions; ++i) {
-      EXPECT_EQ(ended[i].code(), absl::StatusCode::kNotFound) << names[i] << ": " << ended[i];
-    }
-    // No writer may have run after a removal.
-    EXPECT_THAT(Files(dir), IsEmpty());
     server.Kill();
   }
   ServerProcess restarted(flags);
