@@ -86,6 +86,9 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A checkpoint write past RLIMIT_FSIZE must fail with EFBIG (the step is
+  // then not acknowledged), not kill the server with its sessions.
+  signal(SIGXFSZ, SIG_IGN);
 
   natgrad::service::ServerOptions o;
   o.address = absl::GetFlag(FLAGS_address);

@@ -138,7 +138,10 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   deps.registry = registry_.get();
   deps.executor = executor_.get();
   deps.authenticator = authenticator_.get();
-  deps.checkpoints = checkpoints_.has_value() ? &*checkpoints_ : nullptr;
+  if (checkpoints_.has_value()) {
+    checkpointer_ = std::make_unique<Checkpointer>(&*checkpoints_, metrics_.get());
+  }
+  deps.checkpoints = checkpointer_.get();
   deps.checkpoint_every_steps = options_.checkpoint_every_steps;
   deps.metrics = metrics_.get();
   service_ = std::make_unique<OptimizerService>(deps);
@@ -183,6 +186,7 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   server_->GetHealthCheckService()->SetServingStatus(
       natgrad::v1::OptimizerService::service_full_name(), true);
   server_->GetHealthCheckService()->SetServingStatus(true);
+  if (checkpointer_ != nullptr) checkpointer_->SetHealthService(server_->GetHealthCheckService());
 
   if (checkpoints_.has_value() && options_.checkpoint_interval_s > 0) {
     checkpoint_thread_ = std::thread([this] { PeriodicCheckpoints(); });
@@ -203,12 +207,9 @@ void NatgradServer::ExpireIdleSessions() {
     if (stopping_) break;
     mu_.Unlock();
     for (const auto& s : registry_->ExpireIdle(ttl, absl::Now())) {
-      if (checkpoints_.has_value()) {
-        if (absl::Status st = checkpoints_->Remove(s->tenant(), s->id()); !st.ok()) {
-          std::cerr << "natgrad-server: error: expiring " << s->name() << ": " << st
-                    << std::endl;
-        }
-      }
+      // ExpireIdle marked it deleted, so no write can follow the removal;
+      // the Checkpointer logs a failure.
+      if (checkpointer_ != nullptr) checkpointer_->Remove(*s).IgnoreError();
       sessions_expired_->Increment();
       std::cerr << "natgrad-server: info: " << s->name() << " expired after "
                 << absl::FormatDuration(ttl) << " without a step or get" << std::endl;
@@ -226,30 +227,20 @@ void NatgradServer::PeriodicCheckpoints() {
     if (stopping_) break;
     mu_.Unlock();
     for (const auto& s : registry_->All()) {
+      // A session deleted since All() is skipped by the write itself.
       if (s->StepsSinceCheckpoint() == 0) continue;
-      const auto start = absl::Now();
-      const auto snap = s->Snapshot();
-      absl::Status st = checkpoints_->Write(snap);
-      metrics_->CheckpointWritten(st.ok(), absl::Now() - start);
-      if (st.ok()) s->MarkCheckpointed(snap.last_step());
+      checkpointer_->Write(*s).IgnoreError();  // counted and logged there
     }
     mu_.Lock();
   }
 }
 
 absl::Status NatgradServer::CheckpointAll() {
-  if (!checkpoints_.has_value()) return absl::OkStatus();
+  if (checkpointer_ == nullptr) return absl::OkStatus();
   absl::Status result;
   for (const auto& s : registry_->All()) {
-    const auto start = absl::Now();
-    const auto snap = s->Snapshot();
-    absl::Status st = checkpoints_->Write(snap);
-    metrics_->CheckpointWritten(st.ok(), absl::Now() - start);
-    if (st.ok()) {
-      s->MarkCheckpointed(snap.last_step());
-    } else {
-      result.Update(st);
-    }
+    absl::Status st = checkpointer_->Write(*s);
+    if (!st.ok() && !absl::IsNotFound(st)) result.Update(st);  // NOT_FOUND: deleted meanwhile
   }
   return result;
 }
@@ -276,6 +267,8 @@ void NatgradServer::Shutdown(absl::Duration grace) {
   server_->Shutdown(std::chrono::system_clock::now() + absl::ToChronoSeconds(grace));
   if (absl::Status s = CheckpointAll(); !s.ok()) NATGRAD_LOG(kError, "checkpoint: ", s.ToString());
   executor_.reset();
+  // No write can come now; the health service goes with server_.
+  if (checkpointer_ != nullptr) checkpointer_->SetHealthService(nullptr);
   engine_->Shutdown();
   absl::MutexLock lock(&mu_);
   stopped_ = true;

@@ -18,6 +18,7 @@
 #include "server/engine/engine_factory.h"
 #include "server/linalg/compute_pool.h"
 #include "server/service/authenticator.h"
+#include "server/service/checkpointer.h"
 #include "server/service/metrics_http_server.h"
 #include "server/service/optimizer_service.h"
 #include "server/service/service_metrics.h"
@@ -91,6 +92,7 @@ class NatgradServer {
   std::unique_ptr<linalg::ComputePool> compute_pool_;
   std::unique_ptr<session::SessionRegistry> registry_;
   std::optional<session::CheckpointStore> checkpoints_;
+  std::unique_ptr<Checkpointer> checkpointer_;  // set with checkpoints_
   std::unique_ptr<StepExecutor> executor_;
   std::unique_ptr<Authenticator> authenticator_;
   TokenAuthenticator* tokens_ = nullptr;  // owned by authenticator_ when set

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include <iostream>
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/log.h"
@@ -36,6 +35,29 @@ grpc::ServerUnaryReactor* Unary(const ServiceDependencies& deps,
   return reactor;
 }
 
+// A new or imported session is acknowledged only once it is durable. When
+// its first write fails it is taken out again (the registry, then the files:
+// a failed rename or directory fsync may have left some), so nothing of it
+// remains and the client gets UNAVAILABLE.
+absl::Status MakeDurableOrDrop(const ServiceDependencies& deps, session::Session& session,
+                               const std::string& tenant) {
+  if (deps.checkpoints == nullptr) return absl::OkStatus();
+  absl::Status written = deps.checkpoints->Write(session);
+  if (written.ok()) return written;
+  if (absl::IsNotFound(written)) return absl::NotFoundError(
+      absl::StrCat("session ", session.name(), " was deleted"));
+  // Unless the client deleted it meanwhile (and its delete removed the files;
+  // another session may hold the id by now).
+  if (auto held = deps.registry->Get(session.name(), tenant);
+      held.ok() && held->get() == &session) {
+    deps.registry->Delete(session.name(), tenant).IgnoreError();  // marks it deleted
+    deps.checkpoints->Remove(session).IgnoreError();
+  }
+  return absl::UnavailableError(absl::StrCat("checkpoint of ", session.name(),
+                                             " failed: ", written.message(),
+                                             "; the session is not created"));
+}
+
 }  // namespace
 
 OptimizerService::OptimizerService(ServiceDependencies deps) : deps_(deps) {}
@@ -47,16 +69,14 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(
   return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
     auto session = deps_.registry->Create(request->config(), tenant, request->session_id());
     if (!session.ok()) return session.status();
+    // Durable at once, so a crash before its first checkpointed step still
+    // leaves it restorable.
+    absl::Status durable = MakeDurableOrDrop(deps_, **session, tenant);
+    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
+    if (!durable.ok()) return durable;
     *response = (*session)->Describe();
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created: tenant=",
                 tenant.empty() ? "-" : tenant, " blocks=", request->config().blocks_size());
-    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
-    if (deps_.checkpoints != nullptr) {
-      // A new session is durable at once, so a crash before its first
-      // checkpointed step still leaves it restorable.
-      absl::Status written = deps_.checkpoints->Write((*session)->Snapshot());
-      if (!written.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << written << std::endl;
-    }
     return absl::OkStatus();
   });
 }
@@ -109,11 +129,19 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
     if (absl::Status s = deps_.registry->Delete(request->name(), tenant); !s.ok()) return s;
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " deleted: tenant=",
                 tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
-    if (deps_.checkpoints != nullptr) {
-      absl::Status removed = deps_.checkpoints->Remove(tenant, (*session)->id());
-      if (!removed.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << removed << std::endl;
-    }
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
+    if (deps_.checkpoints != nullptr) {
+      // After the registry marked it deleted: no write of it can follow the
+      // removal (Checkpointer). A removal that fails is not acknowledged as
+      // a delete: the files would bring the session back at restart.
+      absl::Status removed = deps_.checkpoints->Remove(**session);
+      if (!removed.ok()) {
+        return absl::InternalError(absl::StrCat(
+            "session ", (*session)->name(), " is deleted from memory but its checkpoint "
+            "could not be removed (", removed.message(), "); it may be restored at the next "
+            "start"));
+      }
+    }
     return absl::OkStatus();
   });
 }
@@ -137,14 +165,12 @@ grpc::ServerUnaryReactor* OptimizerService::ImportSession(
     auto session =
         deps_.registry->Import(request->snapshot(), tenant, request->session_id());
     if (!session.ok()) return session.status();
+    absl::Status durable = MakeDurableOrDrop(deps_, **session, tenant);
+    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
+    if (!durable.ok()) return durable;
     *response = (*session)->Describe();
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created (imported): tenant=",
                 tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
-    if (deps_.checkpoints != nullptr) {
-      absl::Status written = deps_.checkpoints->Write((*session)->Snapshot());
-      if (!written.ok()) std::cerr << "natgrad-server: error: " << "checkpoint: " << written << std::endl;
-    }
-    if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
     return absl::OkStatus();
   });
 }

@@ -9,6 +9,7 @@
 
 #include "natgrad/v1/optimizer_service.grpc.pb.h"
 #include "server/service/authenticator.h"
+#include "server/service/checkpointer.h"
 #include "server/service/step_executor.h"
 #include "server/session/checkpoint_store.h"
 #include "server/session/session_registry.h"
@@ -21,8 +22,8 @@ struct ServiceDependencies {
   session::SessionRegistry* registry = nullptr;
   StepExecutor* executor = nullptr;
   const Authenticator* authenticator = nullptr;
-  // Optional: checkpoints after steps and on delete.
-  const session::CheckpointStore* checkpoints = nullptr;
+  // Optional: checkpoints after steps and on create, import and delete.
+  Checkpointer* checkpoints = nullptr;
   int64_t checkpoint_every_steps = 0;
   // Optional.
   ServiceMetrics* metrics = nullptr;

@@ -75,6 +75,11 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
                       .Help("1, labelled with the version, git commit, build type and "
                             "CUDA support of the running server.")
                       .Register(*registry_)),
+      checkpoint_healthy_(BuildGauge().Name("natgrad_checkpoint_healthy")
+                              .Help("0 while checkpoint writes fail (from a failed write until "
+                                    "one succeeds, and while a session's latest write failed), "
+                                    "else 1.")
+                              .Register(*registry_)),
       step_latency_(BuildHistogram().Name("natgrad_step_latency_seconds")
                         .Help("From a step's last message received to its response queued.")
                         .Register(*registry_)
@@ -136,6 +141,10 @@ void ServiceMetrics::CheckpointWritten(bool ok, absl::Duration latency) {
 }
 
 void ServiceMetrics::CheckpointSkipped() { checkpoints_skipped_.Increment(); }
+
+void ServiceMetrics::SetCheckpointHealthy(bool healthy) {
+  checkpoint_healthy_.Add({}).Set(healthy ? 1 : 0);
+}
 
 void ServiceMetrics::SetSessions(int64_t count) {
   sessions_.Set(static_cast<double>(count));

@@ -35,6 +35,9 @@ class ServiceMetrics {
   void RpcError(grpc::StatusCode code);
   void CheckpointWritten(bool ok, absl::Duration latency);
   void CheckpointSkipped();
+  // natgrad_checkpoint_healthy: 1, or 0 while checkpoint writes fail
+  // (service/checkpointer.h). Absent without a checkpoint directory.
+  void SetCheckpointHealthy(bool healthy);
   void SetSessions(int64_t count);
   void SetBackend(absl::string_view backend);
   // natgrad_build_info{version, git_commit, build_type, cuda} = 1: which
@@ -61,6 +64,7 @@ class ServiceMetrics {
   prometheus::Family<prometheus::Histogram>& inversion_batch_size_;
   prometheus::Family<prometheus::Gauge>& backend_;
   prometheus::Family<prometheus::Gauge>& build_info_;
+  prometheus::Family<prometheus::Gauge>& checkpoint_healthy_;
   prometheus::Histogram& step_latency_;
   prometheus::Histogram& checkpoint_latency_;
   prometheus::Gauge& streams_;

@@ -2,7 +2,6 @@
 
 #include <utility>
 
-#include <iostream>
 #include "absl/strings/str_cat.h"
 #include "server/service/rpc_logging.h"
 #include "server/service/service_metrics.h"
@@ -106,18 +105,20 @@ void StepReactor::RunStep(AssembledStep step) {
                          outcome.status());
   absl::Status status = response.status();
   if (status.ok() && deps_.checkpoints != nullptr && deps_.checkpoint_every_steps > 0 &&
-      !(*response)->replayed() &&
       session_->StepsSinceCheckpoint() >= deps_.checkpoint_every_steps) {
     // Durable before the client sees the response: after a crash the server
-    // is never behind what a client was told.
-    const auto start = absl::Now();
-    const natgrad::v1::SessionSnapshot snap = session_->Snapshot();
-    absl::Status written = deps_.checkpoints->Write(snap);
-    if (deps_.metrics) deps_.metrics->CheckpointWritten(written.ok(), absl::Now() - start);
-    if (written.ok()) {
-      session_->MarkCheckpointed(snap.last_step());
-    } else {
-      std::cerr << "natgrad-server: error: " << "checkpoint of " << session_->name() << " failed: " << written << std::endl;
+    // is never behind what a client was told. A replay comes here too when
+    // this step's write failed before, so the client's retry writes it again.
+    absl::Status written = deps_.checkpoints->Write(*session_);
+    if (absl::IsNotFound(written)) {
+      status = absl::NotFoundError(absl::StrCat("session ", name, " was deleted"));
+    } else if (!written.ok()) {
+      // The step stays applied in memory, unacknowledged: a retry of the
+      // same step number replays it and tries the write again.
+      status = absl::UnavailableError(absl::StrCat(
+          "checkpoint of ", name, " at step ", step.data.step, " failed: ", written.message(),
+          "; the step is not acknowledged (retry it once the checkpoint directory is "
+          "writable)"));
     }
   }
   if (deps_.metrics) {

@@ -175,12 +175,21 @@ absl::Status CheckpointStore::SyncDirectory() const {
 }
 
 absl::Status CheckpointStore::Write(const natgrad::v1::SessionSnapshot& snapshot) const {
+  return Write(snapshot, [] { return false; });
+}
+
+absl::Status CheckpointStore::Write(const natgrad::v1::SessionSnapshot& snapshot,
+                                    absl::FunctionRef<bool()> deleted) const {
   const std::string id = BareId(snapshot.name());
   const std::string path = PathFor(snapshot.tenant(), id);
   const std::string prev = PreviousPathFor(snapshot.tenant(), id);
   const std::string tmp = path.substr(0, path.size() - kSuffix.size()) + std::string(kTmpSuffix);
   absl::MutexLock file_lock(
       &shared_->file_mu[std::hash<std::string>{}(path) % shared_->file_mu.size()]);
+  if (deleted()) {
+    return absl::NotFoundError(
+        absl::StrCat("session ", snapshot.name(), " was deleted; its checkpoint is not written"));
+  }
   {
     absl::MutexLock lock(&shared_->steps_mu);
     auto it = shared_->written_step.find(path);

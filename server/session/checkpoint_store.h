@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -65,7 +66,15 @@ class CheckpointStore {
   // one this store last wrote for the same session is not written: the newer
   // state is already durable.
   absl::Status Write(const natgrad::v1::SessionSnapshot& snapshot) const;
-  // Removes the current, previous and temporary files of the session.
+  // The same, but `deleted` is asked under the session's file lock, and
+  // when it holds nothing is written (NOT_FOUND). Remove takes that lock
+  // too, so once a session is marked deleted and Remove has returned, no
+  // write of it can follow: a deleted session never comes back at restart,
+  // whatever step or periodic write was in flight when it was deleted.
+  absl::Status Write(const natgrad::v1::SessionSnapshot& snapshot,
+                     absl::FunctionRef<bool()> deleted) const;
+  // Removes the current, previous and temporary files of the session. Call
+  // it after marking the session deleted (see Write).
   absl::Status Remove(absl::string_view tenant, absl::string_view session_id) const;
   // Reads every session; for each, the current file or else its previous
   // copy. Migrates pre-checksum files.

@@ -1,8 +1,11 @@
 #include "server/session/checkpoint_store.h"
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "gmock/gmock.h"
@@ -236,6 +239,47 @@ TEST(CheckpointStore, PreChecksumFilesAreLoadedAndMigrated) {
 TEST(CheckpointStore, UnwritableDirectoryIsAnError) {
   auto store = CheckpointStore::Open("/proc/definitely/not/writable");
   EXPECT_FALSE(store.ok());
+}
+
+TEST(CheckpointStore, DeletedSessionIsNotWritten) {
+  const std::string dir = TempDir();
+  auto store = CheckpointStore::Open(dir);
+  ASSERT_TRUE(store.ok());
+  absl::Status st = store->Write(Snap("gone", 1), [] { return true; });
+  EXPECT_TRUE(absl::IsNotFound(st)) << st;
+  EXPECT_THAT(st.message(), HasSubstr("sessions/gone was deleted"));
+  EXPECT_TRUE(std::filesystem::is_empty(dir));
+}
+
+// The invariant behind "deletes are durable": writers racing a delete (mark
+// deleted, then Remove) never leave a file behind, whichever interleaving
+// the scheduler picks. Before the deleted check under the file lock, a write
+// that had passed its caller's check could land after Remove.
+TEST(CheckpointStore, NoWriteLandsAfterMarkDeletedAndRemove) {
+  const std::string dir = TempDir();
+  auto store = CheckpointStore::Open(dir);
+  ASSERT_TRUE(store.ok());
+  for (int round = 0; round < 20; ++round) {
+    const std::string id = "race" + std::to_string(round);
+    std::atomic<bool> deleted{false};
+    std::atomic<int> written{0};
+    std::vector<std::thread> writers;
+    for (int w = 0; w < 3; ++w) {
+      writers.emplace_back([&, w] {
+        for (int step = 1; step <= 200; ++step) {
+          absl::Status st = store->Write(Snap(id, 3 * step + w), [&] { return deleted.load(); });
+          if (st.ok()) written.fetch_add(1);
+          if (absl::IsNotFound(st)) return;
+        }
+      });
+    }
+    // Delete once some writes went through, with the writers still going.
+    for (int spin = 0; spin < 1000000 && written.load() < 3; ++spin) std::this_thread::yield();
+    deleted.store(true);
+    ASSERT_TRUE(store->Remove("", "sessions/" + id).ok());
+    for (auto& t : writers) t.join();
+    EXPECT_TRUE(std::filesystem::is_empty(dir)) << "round " << round;
+  }
 }
 
 }  // namespace

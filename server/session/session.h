@@ -108,6 +108,8 @@ class Session {
   // Called by the registry when the session is deleted: a stream that still
   // holds it gets NOT_FOUND for any further step.
   void MarkDeleted() { deleted_.store(true); }
+  // Checkpoint writes ask this under the file lock (CheckpointStore::Write).
+  bool deleted() const { return deleted_.load(); }
 
   // One Step stream at a time (docs/architecture.md).
   bool TryAttachStream();
