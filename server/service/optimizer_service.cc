@@ -36,6 +36,14 @@ grpc::ServerUnaryReactor* Unary(const ServiceDependencies& deps,
   return reactor;
 }
 
+// Session::Describe, with durable_step -1 when nothing is checkpointed
+// (the proto's contract; the session does not know whether a store exists).
+natgrad::v1::Session Describe(const ServiceDependencies& deps, const session::Session& s) {
+  natgrad::v1::Session out = s.Describe();
+  if (deps.checkpoints == nullptr) out.set_durable_step(-1);
+  return out;
+}
+
 }  // namespace
 
 OptimizerService::OptimizerService(ServiceDependencies deps) : deps_(deps) {}
@@ -47,7 +55,7 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(
   return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
     auto session = deps_.registry->Create(request->config(), tenant, request->session_id());
     if (!session.ok()) return session.status();
-    *response = (*session)->Describe();
+    *response = Describe(deps_, **session);
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created: tenant=",
                 tenant.empty() ? "-" : tenant, " blocks=", request->config().blocks_size());
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
@@ -67,7 +75,7 @@ grpc::ServerUnaryReactor* OptimizerService::GetSession(
   return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
-    *response = (*session)->Describe();
+    *response = Describe(deps_, **session);
     return absl::OkStatus();
   });
 }
@@ -94,7 +102,7 @@ grpc::ServerUnaryReactor* OptimizerService::ListSessions(
     auto page = deps_.registry->List(tenant, after, size + 1);
     const bool more = static_cast<int>(page.size()) > size;
     if (more) page.pop_back();
-    for (const auto& s : page) *response->add_sessions() = s->Describe();
+    for (const auto& s : page) *response->add_sessions() = Describe(deps_, *s);
     if (more) response->set_next_page_token(page.back()->id());
     return absl::OkStatus();
   });
@@ -137,7 +145,7 @@ grpc::ServerUnaryReactor* OptimizerService::ImportSession(
     auto session =
         deps_.registry->Import(request->snapshot(), tenant, request->session_id());
     if (!session.ok()) return session.status();
-    *response = (*session)->Describe();
+    *response = Describe(deps_, **session);
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created (imported): tenant=",
                 tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
     if (deps_.checkpoints != nullptr) {

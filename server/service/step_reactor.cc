@@ -96,18 +96,23 @@ absl::Status StepReactor::HandleMessage() {
 void StepReactor::RunStep(AssembledStep step) {
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
+  // Decided before the step, so its reply can say it is durable (-1: no
+  // checkpoint dir, nothing survives a restart; proto StepResponse.durable_step).
+  const bool durable = deps_.checkpoints != nullptr;
+  const int64_t durable_before = durable ? session_->durable_step() : -1;
+  const bool checkpoint_now = durable && deps_.checkpoint_every_steps > 0 &&
+                              step.data.step - durable_before >= deps_.checkpoint_every_steps;
   absl::StatusOr<session::StepOutcome> outcome = session_->Step(
       step.data, [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
-        return EncodeStepReply(result, step, config, name);
+        return EncodeStepReply(result, step, config, name,
+                               checkpoint_now ? result.step : durable_before);
       });
   absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> response =
-      outcome.ok() ? ResponseFor(*outcome)
+      outcome.ok() ? ResponseFor(*outcome, durable ? session_->durable_step() : -1)
                    : absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>>(
                          outcome.status());
   absl::Status status = response.status();
-  if (status.ok() && deps_.checkpoints != nullptr && deps_.checkpoint_every_steps > 0 &&
-      !(*response)->replayed() &&
-      session_->StepsSinceCheckpoint() >= deps_.checkpoint_every_steps) {
+  if (status.ok() && checkpoint_now && !(*response)->replayed()) {
     // Durable before the client sees the response: after a crash the server
     // is never behind what a client was told.
     const auto start = absl::Now();
@@ -118,6 +123,10 @@ void StepReactor::RunStep(AssembledStep step) {
       session_->MarkCheckpointed(snap.last_step());
     } else {
       std::cerr << "natgrad-server: error: " << "checkpoint of " << session_->name() << " failed: " << written << std::endl;
+      // The reply must not claim a durability the write did not give.
+      auto corrected = std::make_shared<natgrad::v1::StepResponse>(**response);
+      corrected->set_durable_step(session_->durable_step());
+      response = std::shared_ptr<const natgrad::v1::StepResponse>(std::move(corrected));
     }
   }
   if (deps_.metrics) {
