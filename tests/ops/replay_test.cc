@@ -6,8 +6,11 @@
 // kills over 60 steps equals the uninterrupted run's bit for bit. A session
 // that is gone, or further behind than the stream kept, is DATA_LOSS and the
 // stream sends nothing.
+#include <signal.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <iostream>
 #include <memory>
 #include <mutex>
@@ -87,9 +90,13 @@ class RestartableServer {
   bool running() const { return server_ != nullptr && server_->running(); }
   std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
   // From the test thread and the killer thread: one at a time.
-  void Crash() {
+  void Crash() { Restart(SIGKILL); }
+  // SIGTERM: the server checkpoints every session on the way out.
+  void Stop() { Restart(SIGTERM); }
+  void Restart(int signal) {
     std::lock_guard<std::mutex> lock(mu_);
-    server_->Kill();
+    server_->Signal(signal);
+    server_->WaitExit(std::chrono::seconds(30));
     std::vector<std::string> flags = flags_;
     flags.push_back("--address=127.0.0.1:" + std::to_string(port_));  // the last one wins
     server_ = std::make_unique<ServerProcess>(flags);
@@ -230,6 +237,41 @@ TEST(Replay, FurtherBehindThanKeptIsDataLossAndSendsNothing) {
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->last_step(), 0);
   EXPECT_EQ(info->durable_step(), 0);
+}
+
+TEST(Replay, AReplayedResponseReportsTheDurableStepOfNowNotOfItsCaching) {
+  const std::string dir = MakeTempDir("ngreplay");
+  RestartableServer server({"--checkpoint_dir=" + dir, "--checkpoint_every_steps=10",
+                            "--shutdown_grace_s=1"});
+  ASSERT_TRUE(server.running());
+  client::Client client(Options(server.target()));
+  auto session = client.CreateSession(Config());
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto stream = *client.OpenStream(session->name());
+  natgrad::v1::StepResponse first;
+  for (int t = 1; t <= 9; ++t) {
+    auto r = stream->Step(StepInputs(t));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->durable_step(), 0);
+    first = *r;
+  }
+  auto again = stream->StepNumbered(9, StepInputs(9));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->replayed());
+  EXPECT_EQ(again->durable_step(), 0);
+  ASSERT_TRUE(stream->Close().ok());
+  server.Stop();  // the shutdown checkpoint makes step 9 durable
+  auto info = client.GetSession(session->name());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->last_step(), 9);
+  EXPECT_EQ(info->durable_step(), 9);
+  // The reply cached with step 9 (restored from the checkpoint) said 0.
+  auto restored = stream->StepNumbered(9, StepInputs(9));
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_TRUE(restored->replayed());
+  EXPECT_EQ(restored->durable_step(), 9);
+  EXPECT_EQ(client::Normalized(*restored), client::Normalized(first));
+  EXPECT_EQ(stream->kept_steps(), 0);  // nothing left to keep
 }
 
 }  // namespace
