@@ -215,7 +215,7 @@ absl::Status SessionStream::Reopen(int64_t step) {
   auto info = client_->GetSession(name_);
   if (!info.ok()) {
     if (info.status().code() != absl::StatusCode::kNotFound) return info.status();
-    return absl::DataLossError(absl::StrCat(
+    return absl::NotFoundError(absl::StrCat(
         "Step ", name_, " step ", step,
         ": the session is gone from the server (restarted without its checkpoint, or deleted) "
         "after this client had step ", acked, " acknowledged; ",

@@ -8,7 +8,8 @@
 // keeps the requests (and the normalized response) of the steps after it,
 // and after a reconnect to a session that is behind it sends them again in
 // order, checking each response is bit-identical to the first. A session
-// that is gone, or behind by more steps than are kept, is DATA_LOSS.
+// that is gone is NOT_FOUND saying so; one behind by more steps than are
+// kept, or answering a replayed step differently, is DATA_LOSS.
 #ifndef NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 #define NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 
@@ -83,8 +84,8 @@ class SessionStream {
   // Sends the next step and returns its response, reconnecting and resending
   // the same step number after a dropped stream (first sending again the
   // acknowledged steps a restarted server lost; DATA_LOSS when it lost more
-  // than are kept, or the session). An error from the server (bad input,
-  // ...) is returned and the step number does not advance.
+  // than are kept, NOT_FOUND when it lost the session). An error from the
+  // server (bad input, ...) is returned and the step number does not advance.
   absl::StatusOr<natgrad::v1::StepResponse> Step(
       const std::vector<natgrad::v1::BlockStep>& blocks,
       std::optional<double> loss = std::nullopt);

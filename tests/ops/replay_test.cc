@@ -4,8 +4,8 @@
 // requests, sends them again after reconnecting (checking each answer is
 // bit-identical) and continues, so every response of a run with 5 seeded
 // kills over 60 steps equals the uninterrupted run's bit for bit. A session
-// that is gone, or further behind than the stream kept, is DATA_LOSS and the
-// stream sends nothing.
+// that is gone is NOT_FOUND saying so, one further behind than the stream
+// kept is DATA_LOSS, and the stream sends nothing.
 #include <signal.h>
 
 #include <algorithm>
@@ -194,7 +194,7 @@ TEST(Replay, SeededSigkillsEveryTenStepCheckpointsLoseNothing) {
   EXPECT_EQ(info->durable_step(), kSteps);
 }
 
-TEST(Replay, WithoutCheckpointDirALostSessionIsDataLoss) {
+TEST(Replay, WithoutCheckpointDirALostSessionIsAClearNotFound) {
   RestartableServer server({});
   ASSERT_TRUE(server.running());
   client::Client client(Options(server.target()));
@@ -206,7 +206,7 @@ TEST(Replay, WithoutCheckpointDirALostSessionIsDataLoss) {
   server.Crash();
   auto r = stream->Step(StepInputs(4));
   ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
   EXPECT_THAT(r.status().message(), HasSubstr("gone from the server"));
   EXPECT_THAT(r.status().message(), HasSubstr("step 3 acknowledged"));
   EXPECT_THAT(r.status().message(), HasSubstr("keeps no checkpoints"));

@@ -22,8 +22,8 @@ behind the last acknowledged step (a SIGKILL between checkpoints with
 --checkpoint_every_steps=N loses up to N-1 steps on the server) it sends the
 kept steps again in order, checks each response is bit-identical to the
 first (timing, ``replayed`` and ``durable_step`` aside), and then continues.
-When the session is gone or further behind than the kept steps reach, it
-raises natgrad.DataLoss instead of attaching.
+When the session is gone it raises natgrad.NotFound, when it is further
+behind than the kept steps reach natgrad.DataLoss, and attaches nothing.
 """
 import collections
 import dataclasses
@@ -403,7 +403,8 @@ class Session:
         self.retries = 0  # reconnects so far (for monitoring/tests)
         # Replay of non-durable steps (module docstring): step -> (requests,
         # response digest) for the steps after the server's durable step.
-        self.max_replay_steps = client.max_replay_steps
+        self.max_replay_steps = getattr(client, "max_replay_steps", DEFAULT_MAX_REPLAY_STEPS)
+        self._acked = info.last_step  # the last step the server confirmed to this object
         self._durable = info.durable_step
         self._kept = collections.OrderedDict()
         self._kept_bytes = 0
@@ -457,6 +458,7 @@ class Session:
         """Continues from the server's `info` (a Session message): the kept
         steps belong to another history and are dropped."""
         self.next_step = info.last_step + 1
+        self._acked = info.last_step
         self._durable = info.durable_step
         self._kept.clear()
         self._kept_bytes = 0
@@ -491,6 +493,7 @@ class Session:
     def _keep(self, step, reqs, resp):
         """Records an acknowledged step; forgets every kept step now durable
         (all of them when the server keeps no checkpoints)."""
+        self._acked = max(self._acked, step)
         self._durable = resp.durable_step
         if self.max_replay_steps > 0 and 0 <= self._durable < step and step not in self._kept:
             n = sum(r.ByteSize() for r in reqs)
@@ -510,7 +513,7 @@ class Session:
     def _reopen(self, step):
         """Opens a stream after a drop: asks where the server's session is and
         sends again the acknowledged steps it lost, checking each answer."""
-        acked = step - 1
+        acked = self._acked
         try:
             info = self.client.stub.GetSession(svc_pb2.GetSessionRequest(name=self.name),
                                                timeout=self.client.timeout,
@@ -520,7 +523,7 @@ class Session:
                 raise  # a drop: the retry loop decides
             durable = ("the server keeps no checkpoints (durable_step -1)" if self._durable < 0
                        else f"its last durable step was {self._durable}")
-            raise errors.DataLoss(
+            raise errors.NotFound(
                 f"Step {self.name} step {step}: the session is gone from the server at "
                 f"{self.client.target} (restarted without its checkpoint, or deleted) after this "
                 f"client had step {acked} acknowledged; {durable}. Nothing was attached: restore "
@@ -763,7 +766,7 @@ class Session:
             attempt += 1
             try:
                 if self._stream is None:
-                    if self._resync and step > 1:
+                    if self._resync and self._acked > 0:
                         self._reopen(step)
                     else:
                         self._stream = _Stream(self.client.stub, self.client._metadata)

@@ -83,10 +83,11 @@ class Aborted(NatgradError):
 
 class DataLoss(NatgradError):
     """Steps this client was told were applied are gone from the server and
-    cannot be sent again: after a restart the session is missing, or it is
-    behind by more steps than the client kept (Session.max_replay_steps), or
-    a step sent again answered differently than the first time. Nothing was
-    attached; restore from your own checkpoint (state_dict / export)."""
+    cannot be sent again: after a restart the session is behind by more
+    steps than the client kept (Session.max_replay_steps), or a step sent
+    again answered differently than the first time. (A session gone
+    altogether is NotFound.) Nothing was attached; restore from your own
+    checkpoint (state_dict / export)."""
     code = grpc.StatusCode.DATA_LOSS
 
 

@@ -2,8 +2,9 @@
 --checkpoint_every_steps=10 a SIGKILL loses up to 9 acknowledged steps on the
 server; the client keeps their requests, sends them again after reconnecting
 and checks the answers are bit-identical, so training continues exactly. A
-session that is gone, or behind by more than the client kept, or that answers
-a replayed step differently, raises natgrad.DataLoss and is left alone.
+session that is gone raises natgrad.NotFound saying so; one behind by more than
+the client kept, or answering a replayed step differently, raises
+natgrad.DataLoss; either is left alone.
 
 Real natgrad-server processes, SIGKILLed and restarted on the same port and
 checkpoint directory."""
@@ -159,7 +160,7 @@ def inputs(t, scale=1.0):
             "b": (scale * r.standard_normal(3)).astype(np.float32)}
 
 
-def test_missing_session_after_restart_is_data_loss(every10):
+def test_missing_session_after_restart_is_a_clear_not_found(every10):
     c = patient_client(every10.target)
     s = c.create_session(ADAM)
     for t in range(1, 4):
@@ -169,7 +170,7 @@ def test_missing_session_after_restart_is_data_loss(every10):
         if os.path.isfile(f):
             os.unlink(f)
     every10.start()
-    with pytest.raises(natgrad.DataLoss, match=r"gone from the server.*step 3 acknowledged"):
+    with pytest.raises(natgrad.NotFound, match=r"gone from the server.*step 3 acknowledged"):
         s.step(inputs(4))
     with pytest.raises(natgrad.NotFound):
         c.get_session_info(s.name)  # nothing was attached or created
