@@ -275,11 +275,12 @@ void SessionStream::Keep(int64_t step, std::vector<natgrad::v1::StepRequest> req
 }
 
 void SessionStream::Trim() {
-  // Durable steps are safe on the server; beyond max_replay_steps the oldest
-  // go (a restart that loses them is then DATA_LOSS).
+  // Durable steps are safe on the server; beyond max_replay_steps or
+  // max_replay_bytes the oldest go (a restart that loses them is DATA_LOSS).
   const int64_t max = client_->options().max_replay_steps;
+  const int64_t max_bytes = client_->options().max_replay_bytes;
   while (!kept_.empty() && (durable_step_ < 0 || kept_.front().step <= durable_step_ ||
-                            static_cast<int64_t>(kept_.size()) > max)) {
+                            static_cast<int64_t>(kept_.size()) > max || kept_bytes_ > max_bytes)) {
     kept_bytes_ -= kept_.front().bytes;
     kept_.pop_front();
   }

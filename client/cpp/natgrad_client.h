@@ -42,8 +42,10 @@ struct ClientOptions {
   int max_blocks_per_message = 64;
   // Most non-durable steps a SessionStream keeps to send again after a
   // server restart (0: none). A server with --checkpoint_every_steps=N needs
-  // N - 1; each kept step costs its requests plus its response's bytes.
+  // N - 1; each kept step costs its requests plus its response's bytes, at
+  // most max_replay_bytes in all.
   int64_t max_replay_steps = 1000;
+  int64_t max_replay_bytes = int64_t{1} << 30;
 };
 
 class SessionStream;

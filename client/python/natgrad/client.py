@@ -16,7 +16,8 @@ Steps that are acknowledged but not yet durable on the server survive a
 server crash too. Every response carries the session's ``durable_step`` (the
 last step whose checkpoint is written; -1 when the server has no
 --checkpoint_dir). The Session keeps the requests of the steps after it, with
-a SHA-256 digest of each response, at most ``max_replay_steps`` of them. After
+a SHA-256 digest of each response, at most ``max_replay_steps`` of them and
+``max_replay_bytes`` of requests (1000 steps, 1 GiB by default). After
 a reconnect it asks the server where the session is (GetSession); if it is
 behind the last acknowledged step (a SIGKILL between checkpoints with
 --checkpoint_every_steps=N loses up to N-1 steps on the server) it sends the
@@ -51,6 +52,7 @@ DEFAULT_SPLIT_BYTES = 32 << 20          # one StepRequest carries at most this m
 # steps needs N - 1; the cap only bites for time-based or shutdown-only
 # checkpoints.
 DEFAULT_MAX_REPLAY_STEPS = 1000
+DEFAULT_MAX_REPLAY_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -160,18 +162,21 @@ class Client:
     target: "host:port". token: bearer token sent as `authorization` metadata.
     tls: None (plaintext), True (system roots), {"ca": path, "cert": path,
     "key": path} (mTLS), or grpc.ChannelCredentials. timeout: seconds for
-    unary calls. retry: RetryPolicy for Step streams. max_replay_steps: the
-    most non-durable steps each Session keeps to send again after a server
-    restart (0: keep none; see Session).
+    unary calls. retry: RetryPolicy for Step streams. max_replay_steps,
+    max_replay_bytes: the most non-durable steps, and serialized request
+    bytes, each Session keeps to send again after a server restart (0: keep
+    none; module docstring).
     """
 
     def __init__(self, target, token=None, tls=None, *, timeout=30.0, retry=None,
                  max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, options=(), server_name=None,
-                 max_replay_steps=DEFAULT_MAX_REPLAY_STEPS):
+                 max_replay_steps=DEFAULT_MAX_REPLAY_STEPS,
+                 max_replay_bytes=DEFAULT_MAX_REPLAY_BYTES):
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_replay_steps = int(max_replay_steps)
+        self.max_replay_bytes = int(max_replay_bytes)
         self.max_message_bytes = int(max_message_bytes)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [("grpc.max_send_message_length", self.max_message_bytes),
@@ -404,6 +409,7 @@ class Session:
         # Replay of non-durable steps (module docstring): step -> (requests,
         # response digest) for the steps after the server's durable step.
         self.max_replay_steps = getattr(client, "max_replay_steps", DEFAULT_MAX_REPLAY_STEPS)
+        self.max_replay_bytes = getattr(client, "max_replay_bytes", DEFAULT_MAX_REPLAY_BYTES)
         self._acked = info.last_step  # the last step the server confirmed to this object
         self._durable = info.durable_step
         self._kept = collections.OrderedDict()
@@ -501,13 +507,16 @@ class Session:
             self._kept_bytes += n
         while self._kept:
             first = next(iter(self._kept))
-            if self._durable >= 0 and first > self._durable and len(self._kept) <= self.max_replay_steps:
+            within = (len(self._kept) <= self.max_replay_steps
+                      and self._kept_bytes <= self.max_replay_bytes)
+            if self._durable >= 0 and first > self._durable and within:
                 break
             if self._durable >= 0 and first > self._durable and not self._warned_cap:
                 self._warned_cap = True
-                log.warning("natgrad: %s: more than max_replay_steps=%d steps are not durable on the "
-                            "server (durable step %d): the oldest can no longer be sent again after a "
-                            "server restart", self.name, self.max_replay_steps, self._durable)
+                log.warning("natgrad: %s: more than max_replay_steps=%d steps or max_replay_bytes=%d "
+                            "bytes are not durable on the server (durable step %d): the oldest can no "
+                            "longer be sent again after a server restart", self.name,
+                            self.max_replay_steps, self.max_replay_bytes, self._durable)
             self._kept_bytes -= self._kept.pop(first)[2]
 
     def _reopen(self, step):

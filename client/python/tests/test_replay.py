@@ -17,6 +17,7 @@ import pytest
 
 import natgrad
 from natgrad import blocks
+from natgrad._pb import session_pb2
 
 torch = pytest.importorskip("torch")
 import torch.nn as nn  # noqa: E402
@@ -177,12 +178,18 @@ def test_missing_session_after_restart_is_a_clear_not_found(every10):
     assert s.next_step == 4
 
 
-def test_further_behind_than_kept_is_data_loss_and_attaches_nothing(every10):
-    c = patient_client(every10.target, max_replay_steps=2)
+@pytest.mark.parametrize("cap", ["steps", "bytes"])
+def test_further_behind_than_kept_is_data_loss_and_attaches_nothing(every10, cap):
+    # Every step's requests have the same size; measured offline.
+    probe = natgrad.Session(natgrad.Client(every10.target), session_pb2.Session(
+        name="sessions/probe", config=blocks.session_config(ADAM)))
+    one = sum(r.ByteSize() for r in probe.build_requests(inputs(1)))
+    kw = {"max_replay_steps": 2} if cap == "steps" else {"max_replay_bytes": 2 * one + one // 2}
+    c = patient_client(every10.target, **kw)
     s = c.create_session(ADAM)
     for t in range(1, 6):
         s.step(inputs(t))
-    assert s.replay_steps == 2 and s.durable_step == 0
+    assert s.replay_steps == 2 and s.durable_step == 0 and s.replay_bytes <= 2 * one + one // 2
     every10.crash()  # back at step 0: steps 1..3 are nowhere
     with pytest.raises(natgrad.DataLoss, match=r"at step 0 .*step 5 acknowledged.*steps 4\.\.5.*lost 5"):
         s.step(inputs(6))
