@@ -98,9 +98,9 @@ void StepReactor::RunStep(AssembledStep step) {
   const natgrad::v1::SessionConfig& config = session_->config();
   // Decided before the step, so its reply can say it is durable (-1: no
   // checkpoint dir, nothing survives a restart; proto StepResponse.durable_step).
-  const bool durable = deps_.checkpoints != nullptr;
-  const int64_t durable_before = durable ? session_->durable_step() : -1;
-  const bool checkpoint_now = durable && deps_.checkpoint_every_steps > 0 &&
+  const bool has_store = deps_.checkpoints != nullptr;
+  const int64_t durable_before = has_store ? session_->durable_step() : -1;
+  const bool checkpoint_now = has_store && deps_.checkpoint_every_steps > 0 &&
                               step.data.step - durable_before >= deps_.checkpoint_every_steps;
   absl::StatusOr<session::StepOutcome> outcome = session_->Step(
       step.data, [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
@@ -108,7 +108,7 @@ void StepReactor::RunStep(AssembledStep step) {
                                checkpoint_now ? result.step : durable_before);
       });
   absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> response =
-      outcome.ok() ? ResponseFor(*outcome, durable ? session_->durable_step() : -1)
+      outcome.ok() ? ResponseFor(*outcome, has_store ? session_->durable_step() : -1)
                    : absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>>(
                          outcome.status());
   absl::Status status = response.status();
