@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <iostream>
 #include <memory>
 #include <mutex>
@@ -156,10 +157,15 @@ TEST(Replay, SeededSigkillsEveryTenStepCheckpointsLoseNothing) {
   EXPECT_EQ(session->durable_step(), 0);
   auto stream = *client.OpenStream(session->name());
 
-  std::atomic<int> acked{0};
+  std::mutex acked_mu;
+  std::condition_variable acked_cv;
+  int acked = 0;
   std::thread killer([&] {
     for (size_t i = 1; i < kills.size(); i += 2) {
-      while (acked.load() < kills[i]) std::this_thread::yield();
+      {
+        std::unique_lock<std::mutex> lock(acked_mu);
+        acked_cv.wait(lock, [&] { return acked >= kills[i]; });
+      }
       server.Crash();
     }
   });
@@ -167,7 +173,11 @@ TEST(Replay, SeededSigkillsEveryTenStepCheckpointsLoseNothing) {
   for (int t = 1; t <= kSteps; ++t) {
     auto r = stream->Step(StepInputs(t));
     ASSERT_TRUE(r.ok()) << "step " << t << ": " << r.status();
-    acked.store(t);
+    {
+      std::lock_guard<std::mutex> lock(acked_mu);
+      acked = t;
+    }
+    acked_cv.notify_all();
     EXPECT_EQ(client::Normalized(*r), reference[t]) << "step " << t;
     EXPECT_EQ(r->durable_step(), t - t % kEvery) << "step " << t;
     EXPECT_EQ(stream->kept_steps(), t % kEvery) << "step " << t;
