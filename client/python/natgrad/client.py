@@ -407,7 +407,8 @@ class Session:
         self._gpflow_blocks = set()
         self.retries = 0  # reconnects so far (for monitoring/tests)
         # Replay of non-durable steps (module docstring): step -> (requests,
-        # response digest) for the steps after the server's durable step.
+        # response digest, request bytes) for the steps after the server's
+        # durable step, oldest first.
         self.max_replay_steps = getattr(client, "max_replay_steps", DEFAULT_MAX_REPLAY_STEPS)
         self.max_replay_bytes = getattr(client, "max_replay_bytes", DEFAULT_MAX_REPLAY_BYTES)
         self._acked = info.last_step  # the last step the server confirmed to this object
@@ -537,22 +538,21 @@ class Session:
                 f"{self.client.target} (restarted without its checkpoint, or deleted) after this "
                 f"client had step {acked} acknowledged; {durable}. Nothing was attached: restore "
                 "from your own checkpoint") from None
-        stream = self._stream = _Stream(self.client.stub, self.client._metadata)
         behind = info.last_step
-        if behind >= acked:
-            return stream
         need = list(range(behind + 1, acked + 1))
         missing = [t for t in need if t not in self._kept]
         if missing:
             held = (f"steps {next(iter(self._kept))}..{next(reversed(self._kept))}" if self._kept
                     else "no steps")
-            self._drop_stream()
             raise errors.DataLoss(
                 f"Step {self.name} step {step}: the server's session is at step {behind} (durable "
                 f"step {info.durable_step}) but this client had step {acked} acknowledged and "
                 f"holds {held} to send again, not step {missing[0]}; the server lost "
                 f"{acked - behind} acknowledged steps. Nothing was attached: restore from your "
                 "own checkpoint (or raise max_replay_steps / checkpoint more often)")
+        stream = self._stream = _Stream(self.client.stub, self.client._metadata)
+        if not need:
+            return stream
         log.warning("natgrad: %s: the server's session is at step %d, this client at %d: sending "
                     "steps %d..%d again", self.name, behind, acked, need[0], need[-1])
         for t in need:
