@@ -182,7 +182,8 @@ int main(int argc, char** argv) {
       const std::string name = (*local)->name();
       auto r = (*local)->Step(step.data, [&](const natgrad::session::StepResult& result)
                                              -> std::shared_ptr<const natgrad::session::CachedReply> {
-        return natgrad::service::EncodeStepReply(result, step, (*local)->config(), name);
+        return natgrad::service::EncodeStepReply(result, step, (*local)->config(), name,
+                                                  /*durable_step=*/-1);
       });
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
       if (!r.ok()) return 1;

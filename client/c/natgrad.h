@@ -185,7 +185,11 @@ NATGRAD_C_API natgrad_status natgrad_session_last_step(natgrad_session* session,
  * adaptive damping). A step the server rejects changes nothing on the
  * server and the step number does not advance; deltas are untouched. A
  * dropped connection is retried with the same step number (max_retries),
- * so a step is applied exactly once. */
+ * so a step is applied exactly once. Steps after the server's last durable
+ * one are kept (at most 1000 steps, 1 GiB) and sent again, checked bit for
+ * bit, after a reconnect to a server that restarted behind them;
+ * NATGRAD_DATA_LOSS when it is further behind than the kept steps,
+ * NATGRAD_NOT_FOUND when the session is gone. */
 NATGRAD_C_API natgrad_status natgrad_session_step(
     natgrad_session* session, size_t n_blocks, const char* const* names, const int32_t* ndims,
     const int64_t* dims, const float* const* gradients, const float* const* params,

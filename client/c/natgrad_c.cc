@@ -117,7 +117,8 @@ natgrad_session* NewSession(const std::shared_ptr<Client>& client,
   session->name = s.name();
   session->blocks = BlocksOf(s.config());
   for (const auto& b : s.config().blocks()) session->block_names.push_back(b.name());
-  session->stream = std::make_unique<SessionStream>(client.get(), s.name(), s.last_step() + 1);
+  session->stream = std::make_unique<SessionStream>(client.get(), s.name(), s.last_step() + 1,
+                                                    s.durable_step());
   return session;
 }
 

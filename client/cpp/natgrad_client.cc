@@ -5,6 +5,8 @@
 #include "absl/random/random.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 
 namespace natgrad::client {
 namespace {
@@ -14,6 +16,21 @@ absl::Status ToAbsl(const grpc::Status& s) {
 }
 
 }  // namespace
+
+std::string Normalized(const natgrad::v1::StepResponse& response) {
+  natgrad::v1::StepResponse r = response;
+  r.clear_timing();
+  r.clear_replayed();
+  r.clear_durable_step();
+  std::string out;
+  {
+    google::protobuf::io::StringOutputStream sink(&out);
+    google::protobuf::io::CodedOutputStream coded(&sink);
+    coded.SetSerializationDeterministic(true);  // map order (hyperparameters)
+    r.SerializeToCodedStream(&coded);
+  }
+  return out;
+}
 
 bool IsRetryable(const absl::Status& status) {
   switch (status.code()) {
@@ -122,11 +139,14 @@ absl::StatusOr<natgrad::v1::Session> Client::ImportSession(
 absl::StatusOr<std::unique_ptr<SessionStream>> Client::OpenStream(const std::string& name) {
   auto session = GetSession(name);
   if (!session.ok()) return session.status();
-  return std::make_unique<SessionStream>(this, session->name(), session->last_step() + 1);
+  return std::make_unique<SessionStream>(this, session->name(), session->last_step() + 1,
+                                         session->durable_step());
 }
 
-SessionStream::SessionStream(Client* client, std::string name, int64_t next_step)
-    : client_(client), name_(std::move(name)), next_step_(next_step) {}
+SessionStream::SessionStream(Client* client, std::string name, int64_t next_step,
+                             int64_t durable_step)
+    : client_(client), name_(std::move(name)), next_step_(next_step),
+      durable_step_(durable_step) {}
 
 SessionStream::~SessionStream() {
   if (stream_ != nullptr) {
@@ -146,32 +166,41 @@ absl::Status SessionStream::EnsureOpen() {
 
 absl::Status SessionStream::FinishStream() {
   if (stream_ == nullptr) return absl::OkStatus();
+  reopen_check_ = true;
   grpc::Status s = stream_->Finish();
   stream_.reset();
   context_.reset();
   return ToAbsl(s);
 }
 
-absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Attempt(
+std::vector<natgrad::v1::StepRequest> SessionStream::Requests(
     int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
-    std::optional<double> loss) {
-  if (absl::Status s = EnsureOpen(); !s.ok()) return s;
+    std::optional<double> loss) const {
   const int per = std::max(1, client_->options().max_blocks_per_message);
   const size_t n = blocks.size();
+  std::vector<natgrad::v1::StepRequest> out;
   for (size_t start = 0; start < n || start == 0; start += per) {
-    natgrad::v1::StepRequest req;
+    natgrad::v1::StepRequest& req = out.emplace_back();
     req.set_session(name_);
     req.set_step(step);
     for (size_t i = start; i < std::min(n, start + per); ++i) *req.add_blocks() = blocks[i];
     const bool last = start + per >= n;
     req.set_last(last);
     if (last && loss.has_value()) req.set_loss(*loss);
+    if (last) break;
+  }
+  return out;
+}
+
+absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Exchange(
+    const std::vector<natgrad::v1::StepRequest>& requests) {
+  if (absl::Status s = EnsureOpen(); !s.ok()) return s;
+  for (const natgrad::v1::StepRequest& req : requests) {
     if (!stream_->Write(req)) {
       // The stream is broken; its status says why.
       absl::Status s = FinishStream();
       return s.ok() ? absl::UnavailableError("Step stream closed") : s;
     }
-    if (last) break;
   }
   natgrad::v1::StepResponse response;
   if (!stream_->Read(&response)) {
@@ -181,14 +210,110 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Attempt(
   return response;
 }
 
+absl::Status SessionStream::Reopen(int64_t step) {
+  const int64_t acked = next_step_ - 1;
+  auto info = client_->GetSession(name_);
+  if (!info.ok()) {
+    if (info.status().code() != absl::StatusCode::kNotFound) return info.status();
+    return absl::NotFoundError(absl::StrCat(
+        "Step ", name_, " step ", step,
+        ": the session is gone from the server (restarted without its checkpoint, or deleted) "
+        "after this client had step ", acked, " acknowledged; ",
+        durable_step_ < 0 ? std::string("the server keeps no checkpoints (durable_step -1)")
+                          : absl::StrCat("its last durable step was ", durable_step_),
+        ". Nothing was attached: restore from your own checkpoint"));
+  }
+  const int64_t at = info->last_step();
+  if (at >= acked) return absl::OkStatus();
+  // kept_ holds consecutive steps; it must cover at+1 .. acked.
+  if (kept_.empty() || kept_.front().step > at + 1 || kept_.back().step < acked) {
+    const std::string held =
+        kept_.empty() ? std::string("no steps")
+                      : absl::StrCat("steps ", kept_.front().step, "..", kept_.back().step);
+    return absl::DataLossError(absl::StrCat(
+        "Step ", name_, " step ", step, ": the server's session is at step ", at,
+        " (durable step ", info->durable_step(), ") but this client had step ", acked,
+        " acknowledged and holds ", held, " to send again; the server lost ", acked - at,
+        " acknowledged steps. Nothing was attached: restore from your own checkpoint (or raise "
+        "max_replay_steps / checkpoint more often)"));
+  }
+  int64_t replayed = 0;
+  for (const KeptStep& k : kept_) {
+    if (k.step <= at) continue;
+    auto response = Exchange(k.requests);
+    if (!response.ok()) return response.status();  // a drop: retried, resumes from the server
+    if (response->step() != k.step || Normalized(*response) != k.response) {
+      DropStream();
+      return absl::DataLossError(absl::StrCat(
+          "Step ", name_, ": step ", k.step, " sent again after a server restart answered "
+          "differently than the first time (response for step ", response->step(),
+          "); the server's state no longer matches this client's: restore from your own "
+          "checkpoint"));
+    }
+    durable_step_ = response->durable_step();
+    ++replayed;
+  }
+  replayed_steps_ += replayed;
+  Trim();
+  return absl::OkStatus();
+}
+
+void SessionStream::Keep(int64_t step, std::vector<natgrad::v1::StepRequest> requests,
+                         const natgrad::v1::StepResponse& response) {
+  durable_step_ = response.durable_step();
+  if (client_->options().max_replay_steps > 0 && durable_step_ >= 0 && step > durable_step_ &&
+      (kept_.empty() || kept_.back().step == step - 1)) {
+    KeptStep& k = kept_.emplace_back();
+    k.step = step;
+    k.response = Normalized(response);
+    k.bytes = static_cast<int64_t>(k.response.size());
+    for (const auto& r : requests) k.bytes += static_cast<int64_t>(r.ByteSizeLong());
+    k.requests = std::move(requests);
+    kept_bytes_ += k.bytes;
+  }
+  Trim();
+}
+
+void SessionStream::Trim() {
+  // Durable steps are safe on the server; beyond max_replay_steps or
+  // max_replay_bytes the oldest go (a restart that loses them is DATA_LOSS).
+  const int64_t max = client_->options().max_replay_steps;
+  const int64_t max_bytes = client_->options().max_replay_bytes;
+  while (!kept_.empty() && (durable_step_ < 0 || kept_.front().step <= durable_step_ ||
+                            static_cast<int64_t>(kept_.size()) > max || kept_bytes_ > max_bytes)) {
+    kept_bytes_ -= kept_.front().bytes;
+    kept_.pop_front();
+  }
+}
+
+absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Attempt(
+    int64_t step, const std::vector<natgrad::v1::StepRequest>& requests) {
+  if (stream_ == nullptr && reopen_check_ && next_step_ > 1) {
+    if (absl::Status s = Reopen(step); !s.ok()) return s;
+  }
+  if (absl::Status s = EnsureOpen(); !s.ok()) return s;
+  reopen_check_ = false;
+  return Exchange(requests);
+}
+
 absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
     int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
     std::optional<double> loss) {
   absl::Duration backoff = client_->options().initial_backoff;
   absl::BitGen gen;
+  // Only the next step in order is kept for replay (explicit numbers are
+  // retries or ordering tests).
+  const bool next = step == next_step_;
+  std::vector<natgrad::v1::StepRequest> requests = Requests(step, blocks, loss);
   for (int attempt = 0;; ++attempt) {
-    auto response = Attempt(step, blocks, loss);
+    auto response = Attempt(step, requests);
     if (response.ok()) {
+      if (next) {
+        Keep(step, std::move(requests), *response);
+      } else {
+        durable_step_ = response->durable_step();
+        Trim();
+      }
       if (step >= next_step_) next_step_ = step + 1;
       return response;
     }

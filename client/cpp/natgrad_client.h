@@ -2,10 +2,19 @@
 // stream that survives dropped connections. A retried step carries the same
 // number, so the server replays its cached response instead of applying it
 // twice (docs/architecture.md): at-least-once sending, exactly-once effect.
+//
+// Steps acknowledged but not yet durable on the server survive a server
+// crash too: each response carries the session's durable_step, the stream
+// keeps the requests (and the normalized response) of the steps after it,
+// and after a reconnect to a session that is behind it sends them again in
+// order, checking each response is bit-identical to the first. A session
+// that is gone is NOT_FOUND saying so; one behind by more steps than are
+// kept, or answering a replayed step differently, is DATA_LOSS.
 #ifndef NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 #define NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -31,6 +40,12 @@ struct ClientOptions {
   absl::Duration initial_backoff = absl::Milliseconds(20);
   // Blocks per stream message when a step is split.
   int max_blocks_per_message = 64;
+  // Most non-durable steps a SessionStream keeps to send again after a
+  // server restart (0: none). A server with --checkpoint_every_steps=N needs
+  // N - 1; each kept step costs its requests plus its response's bytes, at
+  // most max_replay_bytes in all.
+  int64_t max_replay_steps = 1000;
+  int64_t max_replay_bytes = int64_t{1} << 30;
 };
 
 class SessionStream;
@@ -64,12 +79,15 @@ class Client {
 
 class SessionStream {
  public:
-  SessionStream(Client* client, std::string name, int64_t next_step);
+  // `durable_step`: the session's as GetSession reported it (0: unknown).
+  SessionStream(Client* client, std::string name, int64_t next_step, int64_t durable_step = 0);
   ~SessionStream();
 
   // Sends the next step and returns its response, reconnecting and resending
-  // the same step number after a dropped stream. An error from the server
-  // (bad input, ...) is returned and the step number does not advance.
+  // the same step number after a dropped stream (first sending again the
+  // acknowledged steps a restarted server lost; DATA_LOSS when it lost more
+  // than are kept, NOT_FOUND when it lost the session). An error from the
+  // server (bad input, ...) is returned and the step number does not advance.
   absl::StatusOr<natgrad::v1::StepResponse> Step(
       const std::vector<natgrad::v1::BlockStep>& blocks,
       std::optional<double> loss = std::nullopt);
@@ -82,6 +100,13 @@ class SessionStream {
   const std::string& name() const { return name_; }
   // Reconnects made so far (dropped streams recovered).
   int reconnects() const { return reconnects_; }
+  // The last step the server reported durable (-1: it keeps no checkpoints).
+  int64_t durable_step() const { return durable_step_; }
+  // Steps kept for replay, their bytes (requests + responses), and the steps
+  // sent again so far after server restarts.
+  int64_t kept_steps() const { return static_cast<int64_t>(kept_.size()); }
+  int64_t kept_bytes() const { return kept_bytes_; }
+  int64_t replayed_steps() const { return replayed_steps_; }
 
   // Half-closes the stream and waits for the server's status.
   absl::Status Close();
@@ -90,20 +115,48 @@ class SessionStream {
 
  private:
   using Stream = grpc::ClientReaderWriter<natgrad::v1::StepRequest, natgrad::v1::StepResponse>;
+  // An acknowledged step the server has not yet made durable.
+  struct KeptStep {
+    int64_t step = 0;
+    std::vector<natgrad::v1::StepRequest> requests;
+    std::string response;  // Normalized(), for the bit-for-bit check
+    int64_t bytes = 0;
+  };
   absl::Status EnsureOpen();
+  // After a drop: where is the server's session, and send again what it lost.
+  absl::Status Reopen(int64_t step);
+  // Writes `requests` and reads one response on the open stream.
+  absl::StatusOr<natgrad::v1::StepResponse> Exchange(
+      const std::vector<natgrad::v1::StepRequest>& requests);
   // One attempt on the current stream; UNAVAILABLE-like errors are retried.
   absl::StatusOr<natgrad::v1::StepResponse> Attempt(
+      int64_t step, const std::vector<natgrad::v1::StepRequest>& requests);
+  std::vector<natgrad::v1::StepRequest> Requests(
       int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
-      std::optional<double> loss);
+      std::optional<double> loss) const;
+  void Keep(int64_t step, std::vector<natgrad::v1::StepRequest> requests,
+            const natgrad::v1::StepResponse& response);
+  // Drops kept steps that are durable, or beyond max_replay_steps.
+  void Trim();
   absl::Status FinishStream();
 
   Client* const client_;
   const std::string name_;
   int64_t next_step_;
+  int64_t durable_step_;
   int reconnects_ = 0;
+  bool reopen_check_ = false;  // a stream was dropped: check the server on reopening
+  std::deque<KeptStep> kept_;
+  int64_t kept_bytes_ = 0;
+  int64_t replayed_steps_ = 0;
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<Stream> stream_;
 };
+
+// A response without what legitimately differs between the first answer to
+// a step and a replay of it (timing, replayed, durable_step), serialized
+// deterministically: equal bytes mean the same step math.
+std::string Normalized(const natgrad::v1::StepResponse& response);
 
 // Whether a failed step may be resent: the stream broke, or the server has
 // not yet noticed the previous stream of this session is gone.

@@ -58,6 +58,14 @@ absl::Status MakeDurableOrDrop(const ServiceDependencies& deps, session::Session
                                              "; the session is not created"));
 }
 
+// Session::Describe, with durable_step -1 when nothing is checkpointed
+// (the proto's contract; the session does not know whether a store exists).
+natgrad::v1::Session Describe(const ServiceDependencies& deps, const session::Session& s) {
+  natgrad::v1::Session out = s.Describe();
+  if (deps.checkpoints == nullptr) out.set_durable_step(-1);
+  return out;
+}
+
 }  // namespace
 
 OptimizerService::OptimizerService(ServiceDependencies deps) : deps_(deps) {}
@@ -74,7 +82,7 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(
     absl::Status durable = MakeDurableOrDrop(deps_, **session, tenant);
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
     if (!durable.ok()) return durable;
-    *response = (*session)->Describe();
+    *response = Describe(deps_, **session);
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created: tenant=",
                 tenant.empty() ? "-" : tenant, " blocks=", request->config().blocks_size());
     return absl::OkStatus();
@@ -87,7 +95,7 @@ grpc::ServerUnaryReactor* OptimizerService::GetSession(
   return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
-    *response = (*session)->Describe();
+    *response = Describe(deps_, **session);
     return absl::OkStatus();
   });
 }
@@ -114,7 +122,7 @@ grpc::ServerUnaryReactor* OptimizerService::ListSessions(
     auto page = deps_.registry->List(tenant, after, size + 1);
     const bool more = static_cast<int>(page.size()) > size;
     if (more) page.pop_back();
-    for (const auto& s : page) *response->add_sessions() = s->Describe();
+    for (const auto& s : page) *response->add_sessions() = Describe(deps_, *s);
     if (more) response->set_next_page_token(page.back()->id());
     return absl::OkStatus();
   });
@@ -168,7 +176,7 @@ grpc::ServerUnaryReactor* OptimizerService::ImportSession(
     absl::Status durable = MakeDurableOrDrop(deps_, **session, tenant);
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
     if (!durable.ok()) return durable;
-    *response = (*session)->Describe();
+    *response = Describe(deps_, **session);
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " created (imported): tenant=",
                 tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
     return absl::OkStatus();

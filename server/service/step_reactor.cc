@@ -95,16 +95,19 @@ absl::Status StepReactor::HandleMessage() {
 void StepReactor::RunStep(AssembledStep step) {
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
+  // Decided before the step, so its reply can say it is durable (-1: no
+  // checkpoint dir, nothing survives a restart; proto StepResponse.durable_step).
+  const bool has_store = deps_.checkpoints != nullptr;
+  const int64_t durable_before = has_store ? session_->durable_step() : -1;
+  const bool checkpoint_now = has_store && deps_.checkpoint_every_steps > 0 &&
+                              step.data.step - durable_before >= deps_.checkpoint_every_steps;
   absl::StatusOr<session::StepOutcome> outcome = session_->Step(
       step.data, [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
-        return EncodeStepReply(result, step, config, name);
+        return EncodeStepReply(result, step, config, name,
+                               checkpoint_now ? result.step : durable_before);
       });
-  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> response =
-      outcome.ok() ? ResponseFor(*outcome)
-                   : absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>>(
-                         outcome.status());
-  absl::Status status = response.status();
-  if (status.ok() && deps_.checkpoints != nullptr && deps_.checkpoint_every_steps > 0 &&
+  absl::Status status = outcome.status();
+  if (status.ok() && has_store && deps_.checkpoint_every_steps > 0 &&
       session_->StepsSinceCheckpoint() >= deps_.checkpoint_every_steps) {
     // Durable before the client sees the response: after a crash the server
     // is never behind what a client was told. A replay comes here too when
@@ -121,6 +124,12 @@ void StepReactor::RunStep(AssembledStep step) {
           "writable)"));
     }
   }
+  // A new step's reply was encoded with the durable step it gets if its due
+  // write succeeds (a failed one is not sent); a replay reports the current one.
+  absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> response =
+      status.ok() ? ResponseFor(*outcome, has_store ? session_->durable_step() : -1)
+                  : absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>>(status);
+  status = response.status();
   if (deps_.metrics) {
     if (status.ok()) {
       deps_.metrics->StepSucceeded(session_->config(), **response);

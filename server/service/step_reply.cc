@@ -7,12 +7,14 @@ namespace natgrad::service {
 std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& result,
                                                   const AssembledStep& step,
                                                   const natgrad::v1::SessionConfig& config,
-                                                  const std::string& session_name) {
+                                                  const std::string& session_name,
+                                                  int64_t durable_step) {
   const absl::Time start = absl::Now();
   auto reply = std::make_shared<ProtoReply>();
   natgrad::v1::StepResponse& r = reply->response;
   r.set_session(session_name);
   r.set_step(result.step);
+  r.set_durable_step(durable_step);
   r.set_kl_clip_scale(result.kl_clip_scale);
   if (result.damping.has_value()) r.set_damping(*result.damping);
   for (const session::BlockResult& b : result.blocks) {
@@ -37,7 +39,7 @@ std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& res
 }
 
 absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> ResponseFor(
-    const session::StepOutcome& outcome) {
+    const session::StepOutcome& outcome, int64_t durable_step) {
   const auto* proto = dynamic_cast<const ProtoReply*>(outcome.reply.get());
   if (!outcome.replayed && proto != nullptr) {
     // Shares the cached reply: no copy of the deltas.
@@ -50,6 +52,7 @@ absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> ResponseFor(
     return absl::InternalError("the cached reply of the last step does not parse");
   }
   replay->set_replayed(outcome.replayed);
+  replay->set_durable_step(durable_step);
   return replay;
 }
 

@@ -22,16 +22,19 @@ class ProtoReply final : public session::CachedReply {
 };
 
 // Encodes an applied step in the dtypes and shapes its blocks were sent in.
+// `durable_step` is what the reply reports as StepResponse.durable_step.
 std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& result,
                                                   const AssembledStep& step,
                                                   const natgrad::v1::SessionConfig& config,
-                                                  const std::string& session_name);
+                                                  const std::string& session_name,
+                                                  int64_t durable_step);
 
 // The response to send for `reply`: the encoded one itself for a new step; a
 // copy marked replayed for a retried one (parsed from bytes when it came
-// from a snapshot). INTERNAL when cached bytes do not parse.
+// from a snapshot), reporting `durable_step` now rather than the value cached
+// with it. INTERNAL when cached bytes do not parse.
 absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> ResponseFor(
-    const session::StepOutcome& outcome);
+    const session::StepOutcome& outcome, int64_t durable_step);
 
 // Whether bytes from a snapshot are a StepResponse (checked before import).
 bool IsStepResponse(const std::string& bytes);

@@ -268,6 +268,7 @@ natgrad::v1::Session Session::Describe() const {
   s.set_name(name());
   *s.mutable_config() = config_;
   s.set_last_step(last_step_);
+  s.set_durable_step(checkpointed_step_);
   int64_t bytes = 0;
   for (const auto& b : blocks_) bytes += b.block->StateBytes();
   s.set_state_bytes(bytes);
@@ -331,6 +332,11 @@ int64_t Session::StepsSinceCheckpoint() const {
 void Session::MarkCheckpointed(int64_t step) {
   absl::MutexLock lock(&mu_);
   checkpointed_step_ = std::max(checkpointed_step_, step);
+}
+
+int64_t Session::durable_step() const {
+  absl::MutexLock lock(&mu_);
+  return checkpointed_step_;
 }
 
 }  // namespace natgrad::session

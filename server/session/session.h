@@ -120,6 +120,9 @@ class Session {
   // Steps applied since the last MarkCheckpointed (for checkpoint policy).
   int64_t StepsSinceCheckpoint() const;
   void MarkCheckpointed(int64_t step);
+  // The last step MarkCheckpointed recorded (a restored session: its
+  // snapshot's step). Meaningful only when the server writes checkpoints.
+  int64_t durable_step() const;
 
  private:
   struct NamedBlock {

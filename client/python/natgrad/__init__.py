@@ -30,7 +30,7 @@ from natgrad import _pb  # noqa: E402,F401  (generates the stubs on first use in
 from natgrad.errors import (  # noqa: E402
     NatgradError, InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted,
     Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded, Internal,
-    AlreadyExists, Cancelled, Unimplemented, Aborted,
+    AlreadyExists, Cancelled, Unimplemented, Aborted, DataLoss,
 )
 from natgrad.tensor import to_tensor, from_tensor  # noqa: E402
 from natgrad import schedules, blocks, gaussian  # noqa: E402
@@ -42,5 +42,5 @@ __all__ = [
     "LocalServer", "find_server_binary", "schedules", "blocks", "gaussian", "to_tensor", "from_tensor",
     "NatgradError", "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
     "Unauthenticated", "PermissionDenied", "Unavailable", "DeadlineExceeded", "Internal",
-    "AlreadyExists", "Cancelled", "Unimplemented", "Aborted",
+    "AlreadyExists", "Cancelled", "Unimplemented", "Aborted", "DataLoss",
 ]

@@ -11,8 +11,24 @@ old stream is gone) is retried too, for a short time. Everything else
 (INVALID_ARGUMENT, NOT_FOUND, step-order errors, ...) raises the matching
 natgrad.NatgradError subclass at once; the step counter is then unchanged,
 so the step can be corrected and sent again.
+
+Steps that are acknowledged but not yet durable on the server survive a
+server crash too. Every response carries the session's ``durable_step`` (the
+last step whose checkpoint is written; -1 when the server has no
+--checkpoint_dir). The Session keeps the requests of the steps after it, with
+a SHA-256 digest of each response, at most ``max_replay_steps`` of them and
+``max_replay_bytes`` of requests (1000 steps, 1 GiB by default). After
+a reconnect it asks the server where the session is (GetSession); if it is
+behind the last acknowledged step (a SIGKILL between checkpoints with
+--checkpoint_every_steps=N loses up to N-1 steps on the server) it sends the
+kept steps again in order, checks each response is bit-identical to the
+first (timing, ``replayed`` and ``durable_step`` aside), and then continues.
+When the session is gone it raises natgrad.NotFound, when it is further
+behind than the kept steps reach natgrad.DataLoss, and attaches nothing.
 """
+import collections
 import dataclasses
+import hashlib
 import logging
 import queue
 import random
@@ -32,6 +48,11 @@ log = logging.getLogger("natgrad")
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20   # the server's default --max_message_bytes
 DEFAULT_SPLIT_BYTES = 32 << 20          # one StepRequest carries at most this much
+# Non-durable steps a Session keeps for replay. A server checkpointing every N
+# steps needs N - 1; the cap only bites for time-based or shutdown-only
+# checkpoints.
+DEFAULT_MAX_REPLAY_STEPS = 1000
+DEFAULT_MAX_REPLAY_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -77,14 +98,16 @@ class GaussianResult:
 class StepResult(dict):
     """name -> numpy delta (the client does w += delta), or a GaussianResult
     for Gaussian blocks. Attributes: step, replayed, kl_clip_scale, damping,
-    hyperparameters (name -> {hyperparameter: value}), timing, response (the
-    StepResponse message)."""
+    hyperparameters (name -> {hyperparameter: value}), timing, durable_step
+    (the last step that survives a server restart; -1 without server
+    checkpoints), response (the StepResponse message)."""
 
     def __init__(self, response):
         super().__init__()
         self.response = response
         self.step = response.step
         self.replayed = response.replayed
+        self.durable_step = response.durable_step
         self.kl_clip_scale = response.kl_clip_scale
         self.damping = response.damping
         self.timing = response.timing
@@ -139,14 +162,21 @@ class Client:
     target: "host:port". token: bearer token sent as `authorization` metadata.
     tls: None (plaintext), True (system roots), {"ca": path, "cert": path,
     "key": path} (mTLS), or grpc.ChannelCredentials. timeout: seconds for
-    unary calls. retry: RetryPolicy for Step streams.
+    unary calls. retry: RetryPolicy for Step streams. max_replay_steps,
+    max_replay_bytes: the most non-durable steps, and serialized request
+    bytes, each Session keeps to send again after a server restart (0: keep
+    none; module docstring).
     """
 
     def __init__(self, target, token=None, tls=None, *, timeout=30.0, retry=None,
-                 max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, options=(), server_name=None):
+                 max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, options=(), server_name=None,
+                 max_replay_steps=DEFAULT_MAX_REPLAY_STEPS,
+                 max_replay_bytes=DEFAULT_MAX_REPLAY_BYTES):
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.max_replay_steps = int(max_replay_steps)
+        self.max_replay_bytes = int(max_replay_bytes)
         self.max_message_bytes = int(max_message_bytes)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [("grpc.max_send_message_length", self.max_message_bytes),
@@ -376,6 +406,18 @@ class Session:
         self._test_hook = None
         self._gpflow_blocks = set()
         self.retries = 0  # reconnects so far (for monitoring/tests)
+        # Replay of non-durable steps (module docstring): step -> (requests,
+        # response digest, request bytes) for the steps after the server's
+        # durable step, oldest first.
+        self.max_replay_steps = getattr(client, "max_replay_steps", DEFAULT_MAX_REPLAY_STEPS)
+        self.max_replay_bytes = getattr(client, "max_replay_bytes", DEFAULT_MAX_REPLAY_BYTES)
+        self._acked = info.last_step  # the last step the server confirmed to this object
+        self._durable = info.durable_step
+        self._kept = collections.OrderedDict()
+        self._kept_bytes = 0
+        self._warned_cap = False
+        self._resync = False  # set when a stream is dropped: check the server on reopening
+        self.replayed_steps = 0  # steps sent again after a server restart (monitoring/tests)
 
     def __repr__(self):
         return f"<natgrad.Session {self.name} next_step={self.next_step} blocks={list(self.blocks)}>"
@@ -412,10 +454,121 @@ class Session:
     def _drop_stream(self, cancel=True):
         s, self._stream = self._stream, None
         if s is not None:
+            self._resync = True
             if cancel:
                 s.cancel()
             else:
                 s.close()
+
+    # -- replay of non-durable steps --------------------------------------------
+    def _reset(self, info):
+        """Continues from the server's `info` (a Session message): the kept
+        steps belong to another history and are dropped."""
+        self.next_step = info.last_step + 1
+        self._acked = info.last_step
+        self._durable = info.durable_step
+        self._kept.clear()
+        self._kept_bytes = 0
+
+    @property
+    def durable_step(self):
+        """The last step the server reported durable (-1: it keeps no checkpoints)."""
+        return self._durable
+
+    @property
+    def replay_steps(self):
+        """Steps kept for replay (those after durable_step)."""
+        return len(self._kept)
+
+    @property
+    def replay_bytes(self):
+        """Serialized bytes of the kept requests (the buffer's memory, roughly)."""
+        return self._kept_bytes
+
+    @staticmethod
+    def _digest(resp):
+        # Everything the step's math decides; timing, replayed and
+        # durable_step legitimately differ between the first answer and a
+        # replay. Deterministic serialization orders the hyperparameter maps.
+        r = step_pb2.StepResponse()
+        r.CopyFrom(resp)
+        r.ClearField("timing")
+        r.ClearField("replayed")
+        r.ClearField("durable_step")
+        return hashlib.sha256(r.SerializeToString(deterministic=True)).digest()
+
+    def _keep(self, step, reqs, resp):
+        """Records an acknowledged step; forgets every kept step now durable
+        (all of them when the server keeps no checkpoints)."""
+        self._acked = max(self._acked, step)
+        self._durable = resp.durable_step
+        if self.max_replay_steps > 0 and 0 <= self._durable < step and step not in self._kept:
+            n = sum(r.ByteSize() for r in reqs)
+            self._kept[step] = (reqs, self._digest(resp), n)
+            self._kept_bytes += n
+        while self._kept:
+            first = next(iter(self._kept))
+            within = (len(self._kept) <= self.max_replay_steps
+                      and self._kept_bytes <= self.max_replay_bytes)
+            if self._durable >= 0 and first > self._durable and within:
+                break
+            if self._durable >= 0 and first > self._durable and not self._warned_cap:
+                self._warned_cap = True
+                log.warning("natgrad: %s: more than max_replay_steps=%d steps or max_replay_bytes=%d "
+                            "bytes are not durable on the server (durable step %d): the oldest can no "
+                            "longer be sent again after a server restart", self.name,
+                            self.max_replay_steps, self.max_replay_bytes, self._durable)
+            self._kept_bytes -= self._kept.pop(first)[2]
+
+    def _reopen(self, step):
+        """Opens a stream after a drop: asks where the server's session is and
+        sends again the acknowledged steps it lost, checking each answer."""
+        acked = self._acked
+        try:
+            info = self.client.stub.GetSession(svc_pb2.GetSessionRequest(name=self.name),
+                                               timeout=self.client.timeout,
+                                               metadata=self.client._metadata)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise  # a drop: the retry loop decides
+            durable = ("the server keeps no checkpoints (durable_step -1)" if self._durable < 0
+                       else f"its last durable step was {self._durable}")
+            raise errors.NotFound(
+                f"Step {self.name} step {step}: the session is gone from the server at "
+                f"{self.client.target} (restarted without its checkpoint, or deleted) after this "
+                f"client had step {acked} acknowledged; {durable}. Nothing was attached: restore "
+                "from your own checkpoint") from None
+        behind = info.last_step
+        need = list(range(behind + 1, acked + 1))
+        missing = [t for t in need if t not in self._kept]
+        if missing:
+            held = (f"steps {next(iter(self._kept))}..{next(reversed(self._kept))}" if self._kept
+                    else "no steps")
+            raise errors.DataLoss(
+                f"Step {self.name} step {step}: the server's session is at step {behind} (durable "
+                f"step {info.durable_step}) but this client had step {acked} acknowledged and "
+                f"holds {held} to send again, not step {missing[0]}; the server lost "
+                f"{acked - behind} acknowledged steps. Nothing was attached: restore from your "
+                "own checkpoint (or raise max_replay_steps / checkpoint more often)")
+        stream = self._stream = _Stream(self.client.stub, self.client._metadata)
+        if not need:
+            return stream
+        log.warning("natgrad: %s: the server's session is at step %d, this client at %d: sending "
+                    "steps %d..%d again", self.name, behind, acked, need[0], need[-1])
+        for t in need:
+            reqs, digest, _ = self._kept[t]
+            for r in reqs:
+                stream.send(r)
+            resp = stream.recv()  # a drop here: the retry loop reopens and resumes
+            if resp.step != t or self._digest(resp) != digest:
+                self._drop_stream()
+                raise errors.DataLoss(
+                    f"Step {self.name}: step {t} sent again after a server restart answered "
+                    f"differently than the first time (response for step {resp.step}); the "
+                    "server's state no longer matches this client's: restore from your own checkpoint")
+            self._keep(t, reqs, resp)
+            self.replayed_steps += 1
+        return stream
 
     # -- building requests ----------------------------------------------------
     def _err(self, block, field, msg):
@@ -606,6 +759,7 @@ class Session:
             reqs = self.build_requests(inputs, loss)
             step = self.next_step
             resp = self._send_step(reqs, step)
+            self._keep(step, reqs, resp)
             self.next_step = step + 1
             result = StepResult(resp)
             for n in self._gpflow_blocks:  # back to the caller's [M, L] q_mu layout
@@ -621,7 +775,11 @@ class Session:
             attempt += 1
             try:
                 if self._stream is None:
-                    self._stream = _Stream(self.client.stub, self.client._metadata)
+                    if self._resync and self._acked > 0:
+                        self._reopen(step)
+                    else:
+                        self._stream = _Stream(self.client.stub, self.client._metadata)
+                    self._resync = False
                 s = self._stream
                 for r in reqs:
                     s.send(r)

@@ -81,10 +81,20 @@ class Aborted(NatgradError):
     code = grpc.StatusCode.ABORTED
 
 
+class DataLoss(NatgradError):
+    """Steps this client was told were applied are gone from the server and
+    cannot be sent again: after a restart the session is behind by more
+    steps than the client kept (Session.max_replay_steps), or a step sent
+    again answered differently than the first time. (A session gone
+    altogether is NotFound.) Nothing was attached; restore from your own
+    checkpoint (state_dict / export)."""
+    code = grpc.StatusCode.DATA_LOSS
+
+
 _BY_CODE = {c.code: c for c in (
     InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
     Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded, Internal,
-    Cancelled, Unimplemented, Aborted)}
+    Cancelled, Unimplemented, Aborted, DataLoss)}
 
 
 def from_rpc_error(err, context=""):

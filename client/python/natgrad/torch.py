@@ -642,7 +642,7 @@ class _KfacModel:
                 raise errors.FailedPrecondition(f"load_state_dict: {snap.name} on the server has a "
                                                 "different configuration than the checkpoint")
             if self.session is not None and self.session.name == snap.name:
-                self.session.next_step = info.last_step + 1
+                self.session._reset(info)
                 return
             new = natgrad.Session(self.client, info)
         else:
