@@ -46,13 +46,24 @@ struct Spec {
   int64_t rows, cols;
   bool rank1;
   bool adam;
+  // The wire shape when it is not [rows, cols] / [rows].
+  std::vector<int64_t> tensor = {};
+  int64_t view_rows = 0;  // what the kind must derive from `tensor`
 };
+
+std::vector<int64_t> WireShape(const Spec& s) {
+  if (!s.tensor.empty()) return s.tensor;
+  if (s.rank1) return {s.rows};
+  return {s.rows, s.cols};
+}
 
 const std::vector<Spec>& Specs() {
   static const std::vector<Spec> specs = {{"big", kRows, kCols, false, false},
                                           {"small", kSmallRows, kSmallCols, false, false},
                                           {"bias", kBias, 1, true, false},
-                                          {"head", 3, 4, false, true}};
+                                          {"head", 3, 4, false, true},
+                                          // [3, 2, 10] merges to a 6 x 10 view (max 8).
+                                          {"conv", 3, 20, false, false, {3, 2, 10}, 6}};
   return specs;
 }
 
@@ -62,8 +73,7 @@ natgrad::v1::SessionConfig Config(natgrad::v1::DType dtype) {
   for (const Spec& s : Specs()) {
     auto* b = c.add_blocks();
     b->set_name(s.name);
-    b->add_shape(s.rows);
-    if (!s.rank1) b->add_shape(s.cols);
+    for (int64_t d : WireShape(s)) b->add_shape(d);
     if (s.adam) {
       *b->mutable_adam()->mutable_learning_rate() = Constant(0.01);
     } else {
@@ -103,8 +113,7 @@ StepData Inputs(int t, bool float32) {
       for (auto* v : {&g, &p})
         for (double& x : *v) x = static_cast<float>(x);
     }
-    std::vector<int64_t> shape = {s.rows};
-    if (!s.rank1) shape.push_back(s.cols);
+    const std::vector<int64_t> shape = WireShape(s);
     natgrad::v1::BlockStep b;
     b.set_name(s.name);
     *b.mutable_gradient() = client::MakeTensor(g, shape);
@@ -145,6 +154,7 @@ void RunAgainstCore(natgrad::v1::DType dtype) {
     } else {
       core::ShampooOptions o = ShampooCore();
       if (s.name == "small") o.grafting = core::ShampooGrafting::kSgd;
+      o.view_rows = s.view_rows;
       ref.push_back(*core::NewShampooBlock(s.name, {s.rows, s.cols}, o, prec));
     }
   }

@@ -99,6 +99,9 @@ class ShampooBlockKind final : public BlockKind {
     }
     if (c.max_preconditioner_dim() != 0) o.max_preconditioner_dim = c.max_preconditioner_dim();
     o.inverse_root_override = c.inverse_root_override();
+    // Rank > 2: Distributed Shampoo's merge of small dimensions decides the
+    // matrix the factors see, when it leaves two groups.
+    o.view_rows = core::ShampooMergedRows(CanonicalShape(config), o.max_preconditioner_dim);
     switch (c.grafting()) {
       case natgrad::v1::SHAMPOO_GRAFTING_UNSPECIFIED:
       case natgrad::v1::SHAMPOO_GRAFTING_ADAM:

@@ -53,6 +53,44 @@ std::vector<std::pair<int64_t, int64_t>> ShampooBlock<Scalar>::Tiles(int64_t siz
   return out;
 }
 
+MatrixShape ShampooViewShape(MatrixShape shape, const ShampooOptions& o) {
+  if (o.view_rows <= 0 || o.view_rows == shape.rows) return shape;
+  return {o.view_rows, shape.rows * shape.cols / o.view_rows};
+}
+
+int64_t ShampooMergedRows(const std::vector<int64_t>& tensor_shape, int64_t max_dim) {
+  if (tensor_shape.size() <= 2) return 0;
+  std::vector<int64_t> merged;
+  int64_t product = 1;
+  for (int64_t d : tensor_shape) {
+    if (d <= 0) return 0;
+    if (product <= max_dim / d) {  // product * d <= max_dim without overflow
+      product *= d;
+    } else {
+      if (product > 1) merged.push_back(product);
+      product = d;
+    }
+  }
+  if (product > 1) merged.push_back(product);
+  return merged.size() == 2 ? merged[0] : 0;
+}
+
+template <typename Scalar>
+typename ShampooBlock<Scalar>::Matrix ShampooBlock<Scalar>::ToView(const Matrix& x) const {
+  if (view_.rows == shape_.rows) return x;
+  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  RowMajor flat = x;  // the wire's row-major order
+  return Eigen::Map<const RowMajor>(flat.data(), view_.rows, view_.cols);
+}
+
+template <typename Scalar>
+typename ShampooBlock<Scalar>::Matrix ShampooBlock<Scalar>::FromView(const Matrix& x) const {
+  if (view_.rows == shape_.rows) return x;
+  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  RowMajor flat = x;
+  return Eigen::Map<const RowMajor>(flat.data(), shape_.rows, shape_.cols);
+}
+
 template <typename Scalar>
 class ShampooBlock<Scalar>::Update final : public PendingBlockUpdate {
  public:
@@ -100,12 +138,13 @@ ShampooBlock<Scalar>::ShampooBlock(std::string name, MatrixShape shape,
                                    ShampooOptions options)
     : ParameterBlock(std::move(name)),
       shape_(shape),
+      view_(ShampooViewShape(shape, options)),
       options_(std::move(options)),
-      momentum_(Matrix::Zero(shape.rows, shape.cols)) {
-  if (HasSecondMoment()) second_moment_ = Matrix::Zero(shape.rows, shape.cols);
+      momentum_(Matrix::Zero(view_.rows, view_.cols)) {
+  if (HasSecondMoment()) second_moment_ = Matrix::Zero(view_.rows, view_.cols);
   if (diagonal()) return;
-  for (auto [r0, rn] : Tiles(shape.rows, options_.max_preconditioner_dim)) {
-    for (auto [c0, cn] : Tiles(shape.cols, options_.max_preconditioner_dim)) {
+  for (auto [r0, rn] : Tiles(view_.rows, options_.max_preconditioner_dim)) {
+    for (auto [c0, cn] : Tiles(view_.cols, options_.max_preconditioner_dim)) {
       tiles_.push_back({r0, rn, c0, cn});
       left_.push_back(Matrix::Zero(rn, rn));
       right_.push_back(Matrix::Zero(cn, cn));
@@ -115,6 +154,11 @@ ShampooBlock<Scalar>::ShampooBlock(std::string name, MatrixShape shape,
 
 absl::Status ValidateShampooOptions(MatrixShape shape, const ShampooOptions& o) {
   if (absl::Status s = fo::CheckShape("shampoo", shape); !s.ok()) return s;
+  if (o.view_rows < 0 || (o.view_rows > 0 && (shape.rows * shape.cols) % o.view_rows != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shampoo.view_rows must be 0 or divide the parameter's ", shape.rows * shape.cols,
+        " values, got ", o.view_rows));
+  }
   // Written as !(in range) so NaN fails too.
   for (auto [param, value] : {std::pair{"beta1", o.beta1}, std::pair{"beta2", o.beta2},
                               std::pair{"grafting_beta2", o.grafting_beta2}}) {
@@ -152,8 +196,9 @@ absl::Status ValidateShampooOptions(MatrixShape shape, const ShampooOptions& o) 
   return absl::OkStatus();
 }
 
-int64_t EstimateShampooStateBytes(MatrixShape shape, const ShampooOptions& o,
+int64_t EstimateShampooStateBytes(MatrixShape parameter_shape, const ShampooOptions& o,
                                   int64_t element_bytes) {
+  const MatrixShape shape = ShampooViewShape(parameter_shape, o);
   const int64_t elements = SatMul(shape.rows, shape.cols);
   // momentum and second_moment.
   int64_t total = SatMul(2, elements);
@@ -212,7 +257,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
     return o.bias_correction ? 1.0 - std::pow(beta, static_cast<double>(n)) : 1.0;
   };
 
-  const Matrix g = input.gradient.template ToMatrix<Scalar>();
+  const Matrix g = ToView(input.gradient.template ToMatrix<Scalar>());
   Matrix m = Scalar(o.beta1) * momentum_ + Scalar(1 - o.beta1) * g;
   const Matrix m_hat = m / Scalar(correction(o.beta1));
 
@@ -283,7 +328,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
   } else {
     const std::vector<Matrix>& lr_roots = refresh ? left_root : left_root_;
     const std::vector<Matrix>& rr_roots = refresh ? right_root : right_root_;
-    direction.resize(shape_.rows, shape_.cols);
+    direction.resize(view_.rows, view_.cols);
     for (size_t k = 0; k < tiles_.size(); ++k) {
       const Tile& tl = tiles_[k];
       Matrix p = lr_roots[k] * m_hat.block(tl.row0, tl.col0, tl.rows, tl.cols) * rr_roots[k];
@@ -295,7 +340,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
       direction.block(tl.row0, tl.col0, tl.rows, tl.cols) = p;
     }
   }
-  Matrix delta = Scalar(-*lr) * direction;
+  Matrix delta = FromView(Scalar(-*lr) * direction);
   if (*wd > 0) delta -= Scalar(*lr * *wd) * input.params->template ToMatrix<Scalar>();
 
   // Finite inputs can still overflow (G G^T, or a double gradient beyond
@@ -343,8 +388,8 @@ absl::Status ShampooBlock<Scalar>::ImportState(const BlockState& state) {
     return InvalidBlockField(name(), absl::StrCat("state ", field), what);
   };
   // Every name must be one this block exports.
-  std::map<std::string, MatrixShape> want = {{"momentum", shape_}};
-  if (HasSecondMoment()) want["second_moment"] = shape_;
+  std::map<std::string, MatrixShape> want = {{"momentum", view_}};
+  if (HasSecondMoment()) want["second_moment"] = view_;
   for (size_t k = 0; k < tiles_.size(); ++k) {
     want[absl::StrCat("left_factor.", k)] = {tiles_[k].rows, tiles_[k].rows};
     want[absl::StrCat("right_factor.", k)] = {tiles_[k].cols, tiles_[k].cols};

@@ -12,7 +12,9 @@
 //   P_ij = L_ij^-1/r M_ij R_ij^-1/r,  M = m_hat (m / (1 - b1^n) with bias correction)
 //   grafting: P_ij *= ||A_ij|| / ||P_ij||, A = the grafted method's direction
 //   delta = -lr * P - lr * wd * w                (decoupled weight decay)
-// Before start_preconditioning_step the direction is A alone. A parameter
+// Before start_preconditioning_step the direction is A alone. The matrix is
+// the parameter re-read as options.view_rows rows when set (the kind sets it
+// from Distributed Shampoo's merge of small dimensions for rank > 2). A parameter
 // with one row or one column uses the diagonal (AdaGrad-style EMA)
 // preconditioner M (v_hat + eps)^-1/2 instead, v = b2 v + (1 - b2) g^2.
 #ifndef NATGRAD_SERVER_BLOCKS_SHAMPOO_MATH_SHAMPOO_BLOCK_H_
@@ -51,6 +53,10 @@ struct ShampooOptions {
   // r in X^(-1/r); 0 means 2 * order with order 2 (a matrix): r = 4.
   int64_t inverse_root_override = 0;
   ShampooGrafting grafting = ShampooGrafting::kAdam;
+  // The matrix the factors precondition: the parameter's row-major values
+  // re-read as view_rows x (rows * cols / view_rows); 0 keeps rows x cols.
+  // The kind sets it for rank > 2 tensors (ShampooMergedRows).
+  int64_t view_rows = 0;
   // The Adam graft's second moment (bias-corrected with bias_correction).
   double grafting_beta2 = 0.999;
   double grafting_epsilon = 1e-8;
@@ -81,7 +87,7 @@ class ShampooBlock final : public ParameterBlock {
 
   // Tile boundaries along one dimension (tests and the kind's estimate).
   static std::vector<std::pair<int64_t, int64_t>> Tiles(int64_t size, int64_t max_dim);
-  bool diagonal() const { return shape_.rows == 1 || shape_.cols == 1; }
+  bool diagonal() const { return view_.rows == 1 || view_.cols == 1; }
 
  private:
   class Update;
@@ -94,7 +100,12 @@ class ShampooBlock final : public ParameterBlock {
     return diagonal() || options_.grafting == ShampooGrafting::kAdam;
   }
 
-  MatrixShape shape_;
+  // The parameter's view of its values in the row-major order of the wire.
+  Matrix ToView(const Matrix& x) const;
+  Matrix FromView(const Matrix& x) const;
+
+  MatrixShape shape_;  // as the step input comes
+  MatrixShape view_;   // as the factors see it
   ShampooOptions options_;  // schedules are never null
   std::vector<Tile> tiles_;  // empty for a diagonal block
   int64_t step_ = 0;
@@ -108,10 +119,20 @@ class ShampooBlock final : public ParameterBlock {
 extern template class ShampooBlock<float>;
 extern template class ShampooBlock<double>;
 
+// The preconditioned matrix's shape for `shape` and options.view_rows.
+MatrixShape ShampooViewShape(MatrixShape shape, const ShampooOptions& options);
+
+// Distributed Shampoo's merge of small dimensions for a tensor of rank > 2:
+// consecutive dimensions are multiplied together while the product stays at
+// most max_dim (dimensions of 1 dropped). When that leaves exactly two
+// groups, the first group's product (the view's rows); else 0 (the default
+// [shape[0], prod(rest)] view).
+int64_t ShampooMergedRows(const std::vector<int64_t>& tensor_shape, int64_t max_dim);
+
 // Checks shape and options without allocating any state.
 absl::Status ValidateShampooOptions(MatrixShape shape, const ShampooOptions& options);
 
-// Upper bound of the state bytes for `shape` (saturating).
+// Upper bound of the state bytes for a parameter of `shape` (saturating).
 int64_t EstimateShampooStateBytes(MatrixShape shape, const ShampooOptions& options,
                                   int64_t element_bytes);
 

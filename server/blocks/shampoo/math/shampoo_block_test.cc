@@ -180,6 +180,52 @@ TEST(ShampooBlock, DiagonalForVectorsFloat64) {
   CompareWithOracle(Full(), 1, 6, Precision::kFloat64, 1e-10);
 }
 
+// Row-major re-reading of x as rows x cols (the wire's order).
+MatrixXd Reshape(const MatrixXd& x, int64_t rows, int64_t cols) {
+  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> flat = x;
+  return Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+      flat.data(), rows, cols);
+}
+
+TEST(ShampooBlock, MergedViewOfARank3TensorMatchesOracleFloat64) {
+  // A [3, 2, 10] tensor arrives as 3 x 20; max 8 merges it to [6, 10].
+  ShampooOptions o = Full();
+  o.max_preconditioner_dim = 8;
+  o.view_rows = ShampooMergedRows({3, 2, 10}, 8);
+  ASSERT_EQ(o.view_rows, 6);
+  testing::EigenInversionEngine engine;
+  auto block = NewShampooBlock("conv", {3, 20}, o, Precision::kFloat64);
+  ASSERT_TRUE(block.ok()) << block.status();
+  Oracle oracle(o, 6, 10);
+  std::mt19937 rng(9);
+  for (int t = 1; t <= 7; ++t) {
+    DenseStepInput in;
+    const MatrixXd g = Random(rng, 3, 20), w = Random(rng, 3, 20);
+    in.gradient = g;
+    in.params = w;
+    StepContext ctx{.step = t, .engine = &engine};
+    auto p = (*block)->Propose(in, ctx);
+    ASSERT_TRUE(p.ok()) << p.status();
+    const MatrixXd got = (*p)->Commit(1.0).delta;
+    const MatrixXd want = Reshape(
+        oracle.Step(Reshape(g, 6, 10), Reshape(w, 6, 10), o.learning_rate->Value(t), 0.01), 3, 20);
+    EXPECT_LE(RelErr(got, want), 1e-10) << "step " << t;
+  }
+  EXPECT_EQ((*block)->ExportState().tensors.at("momentum").rows(), 6);
+}
+
+TEST(ShampooBlock, MergeOfSmallDimensions) {
+  EXPECT_EQ(ShampooMergedRows({3, 2, 10}, 8), 6);
+  EXPECT_EQ(ShampooMergedRows({64, 3, 3, 3}, 1024), 576);  // [576, 3]
+  EXPECT_EQ(ShampooMergedRows({2, 1, 3, 50}, 8), 6);      // ones dropped
+  EXPECT_EQ(ShampooMergedRows({4, 2, 3, 5}, 8), 0);       // [8, 3, 5]: default view
+  EXPECT_EQ(ShampooMergedRows({16, 3, 3}, 1024), 0);      // one group: default view
+  EXPECT_EQ(ShampooMergedRows({4, 6}, 2), 0);             // rank 2 is kept
+  ShampooOptions o;
+  o.view_rows = 7;
+  EXPECT_THAT(ValidateShampooOptions({3, 20}, o).message(), HasSubstr("view_rows"));
+}
+
 TEST(ShampooBlock, Float32WithinRelativeTolerance) {
   ShampooOptions o = Full();
   o.epsilon = 1e-2;  // keeps the roots well conditioned for float32
