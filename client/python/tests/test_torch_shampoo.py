@@ -69,3 +69,26 @@ def test_shampoo_config_helper_validates():
 def test_server_names_block_and_field_for_a_bad_config(client):
     with pytest.raises(natgrad.errors.InvalidArgument, match=r'block "w".*shampoo.beta2'):
         client.create_session([blocks.shampoo("w", [4, 3], beta2=1.5)])
+
+
+def test_shampoo_trains_a_conv_net_with_rank4_weights(client):
+    # conv.weight [4, 2, 3, 3] merges (max 16) to [8, 9]: two Shampoo factors.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    opt = natgrad.torch.Shampoo(model, client=client, lr=0.05, max_preconditioner_dim=16,
+                                state_dtype="float64")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 2, 6, 6, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    snap = opt.session.export()
+    conv = next(b for b in snap.blocks if b.name == "0.weight")
+    assert list(conv.tensors["left_factor.0"].shape) == [8, 8]
+    opt.close(delete=True)
