@@ -12,6 +12,7 @@
 #include "server/blocks/internal/dense_codec.h"
 #include "server/blocks/kfac_dense/kfac_dense_kind.h"
 #include "server/blocks/sgd/sgd_kind.h"
+#include "server/blocks/shampoo/shampoo_kind.h"
 
 namespace natgrad::blocks {
 
@@ -23,6 +24,7 @@ const std::vector<const BlockKind*>& AllKinds() {
       &KfacDenseKind(),
       &GaussianKind(),
       &GaussianDiagKind(),
+      &ShampooKind(),
   };
   return kinds;
 }

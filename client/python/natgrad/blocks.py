@@ -180,3 +180,44 @@ def session_config(blocks, *, state_dtype=None, kl_clip=None, adaptive_damping=N
     if display_name:
         cfg.display_name = display_name
     return cfg
+
+
+_GRAFTINGS = {
+    None: blocks_pb2.SHAMPOO_GRAFTING_UNSPECIFIED,
+    "adam": blocks_pb2.SHAMPOO_GRAFTING_ADAM,
+    "sgd": blocks_pb2.SHAMPOO_GRAFTING_SGD,
+    "none": blocks_pb2.SHAMPOO_GRAFTING_NONE,
+}
+
+
+def shampoo(name, shape, *, lr=None, weight_decay=None, beta1=None, beta2=None, eps=None,
+            bias_correction=False, precondition_frequency=None, start_preconditioning_step=None,
+            max_preconditioner_dim=None, inverse_root=None, grafting=None, grafting_beta2=None,
+            grafting_eps=None):
+    """A blocked Shampoo block with grafting (docs/math.md, Shampoo). None
+    leaves the server's default: beta1 0.9, beta2 0.999, eps 1e-12,
+    precondition_frequency 1, start_preconditioning_step 1,
+    max_preconditioner_dim 1024, inverse_root 4 (X^-1/4), grafting 'adam'
+    ('adam', 'sgd' or 'none'), grafting_beta2 0.999, grafting_eps 1e-8.
+    weight_decay is decoupled and needs the parameters in each step."""
+    _check_name(name)
+    if grafting not in _GRAFTINGS:
+        raise ValueError(f"block '{name}': grafting must be one of "
+                         f"{sorted(k for k in _GRAFTINGS if k)}, got {grafting!r}")
+    c = blocks_pb2.ShampooConfig(bias_correction=bool(bias_correction),
+                                 grafting=_GRAFTINGS[grafting])
+    _set_schedule(c, "learning_rate", lr, name)
+    _set_schedule(c, "weight_decay", weight_decay, name)
+    for f, v in (("beta1", beta1), ("beta2", beta2), ("epsilon", eps),
+                 ("grafting_beta2", grafting_beta2), ("grafting_epsilon", grafting_eps)):
+        if v is not None:
+            setattr(c, f, float(v))
+    for f, v in (("precondition_frequency", precondition_frequency),
+                 ("start_preconditioning_step", start_preconditioning_step),
+                 ("max_preconditioner_dim", max_preconditioner_dim),
+                 ("inverse_root_override", inverse_root)):
+        if v is not None:
+            if int(v) != v or int(v) < 1:
+                raise ValueError(f"block '{name}': {f} must be a positive integer, got {v!r}")
+            setattr(c, f, int(v))
+    return BlockConfig(name=name, shape=_shape(shape, name), shampoo=c)

@@ -90,7 +90,7 @@ from natgrad import blocks as _blocks
 from natgrad import errors
 from natgrad._pb import session_pb2
 
-__all__ = ["KFAC", "KFACPreconditioner", "BlockReport"]
+__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo"]
 
 log = logging.getLogger("natgrad.torch")
 
@@ -962,3 +962,7 @@ class KFACPreconditioner(_KfacModel):
     def load_state_dict(self, state_dict):
         """As KFAC.load_state_dict: imports or verifies the session."""
         self._load_natgrad_state(state_dict.get("natgrad"))
+
+
+# Re-exported here; the class lives in its own module.
+from natgrad.torch_shampoo import Shampoo  # noqa: E402,F401
