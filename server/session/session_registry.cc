@@ -46,9 +46,24 @@ int64_t SatAdd(int64_t a, int64_t b) {
 
 }  // namespace
 
+int64_t SatMul(int64_t a, int64_t b) {
+  if (a <= 0 || b <= 0) return 0;
+  if (a > std::numeric_limits<int64_t>::max() / b) return std::numeric_limits<int64_t>::max();
+  return a * b;
+}
+
 int64_t AccountedBytes(const natgrad::v1::SessionConfig& config) {
-  return SatAdd(SatAdd(blocks::EstimateStateBytes(config), kSessionOverheadBytes),
-                kBlockOverheadBytes * config.blocks_size());
+  // The session keeps its last reply (for replay): about one float64 delta
+  // per block. (A Gaussian reply also carries its dim x dim parameters; the
+  // kind's state estimate, which counts that working set, covers it.)
+  int64_t reply = 0;
+  for (const auto& b : config.blocks()) {
+    int64_t elements = 1;
+    for (int64_t d : blocks::CanonicalShape(b)) elements = SatMul(elements, d);
+    reply = SatAdd(reply, SatMul(elements, 8));
+  }
+  return SatAdd(SatAdd(SatAdd(blocks::EstimateStateBytes(config), reply), kSessionOverheadBytes),
+                SatMul(kBlockOverheadBytes, config.blocks_size()));
 }
 
 absl::Status SessionRegistry::ReserveInFlight(int64_t bytes) {
@@ -89,8 +104,8 @@ absl::StatusOr<std::string> SessionRegistry::ParseName(absl::string_view name) {
   return std::string(id);
 }
 
-absl::Status SessionRegistry::CheckLimitsLocked(absl::string_view tenant,
-                                                int64_t bytes) const {
+absl::Status SessionRegistry::CheckLimitsLocked(
+    absl::string_view tenant, int64_t bytes, const natgrad::v1::SessionConfig* config) const {
   if (static_cast<int64_t>(sessions_.size()) >= limits_.max_sessions) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the server holds its maximum of ", limits_.max_sessions, " sessions"));
@@ -100,12 +115,14 @@ absl::Status SessionRegistry::CheckLimitsLocked(absl::string_view tenant,
         "config: the session would hold ", bytes,
         " bytes of optimizer state, the limit is ", limits_.max_session_bytes));
   }
-  if (limits_.memory_budget_bytes > 0) {
+  if (limits_.memory_budget_bytes > 0 && config != nullptr) {
     const int64_t charged = SatAdd(state_bytes_, in_flight_bytes_);
-    if (SatAdd(charged, SatAdd(bytes, kSessionOverheadBytes)) > limits_.memory_budget_bytes) {
+    const int64_t adds = AccountedBytes(*config);
+    if (SatAdd(charged, adds) > limits_.memory_budget_bytes) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "server memory budget: the session would add ", bytes, " bytes of state to the ",
-          charged, " held, the budget is ", limits_.memory_budget_bytes));
+          "server memory budget: the session would add ", adds,
+          " bytes (state, its cached reply and bookkeeping) to the ", charged,
+          " held, the budget is ", limits_.memory_budget_bytes));
     }
   }
   if (limits_.max_sessions_per_tenant > 0 || limits_.max_bytes_per_tenant > 0) {
@@ -161,11 +178,11 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   const int64_t bytes = blocks::EstimateStateBytes(config);
   {
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = CheckLimitsLocked(tenant, bytes); !s.ok()) return s;
+    if (absl::Status s = CheckLimitsLocked(tenant, bytes, &config); !s.ok()) return s;
   }
   if (absl::Status s = blocks::ValidateSessionConfig(config); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  if (absl::Status s = CheckLimitsLocked(tenant, bytes); !s.ok()) return s;
+  if (absl::Status s = CheckLimitsLocked(tenant, bytes, &config); !s.ok()) return s;
   auto id = PickIdLocked(tenant, requested_id);
   if (!id.ok()) return id.status();
   auto session =
@@ -191,7 +208,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Import(
   natgrad::v1::SessionSnapshot owned = snapshot;
   owned.set_tenant(std::string(tenant));
   absl::MutexLock lock(&mu_);
-  if (absl::Status s = CheckLimitsLocked(tenant, blocks::EstimateStateBytes(snapshot.config()));
+  if (absl::Status s = CheckLimitsLocked(tenant, blocks::EstimateStateBytes(snapshot.config()),
+                                          &snapshot.config());
       !s.ok()) {
     return s;
   }

@@ -34,8 +34,9 @@ struct RegistryLimits {
   int64_t memory_budget_bytes = 0;
 };
 
-// What a session is charged against the memory budget: its state estimate
-// (saturating) plus the bookkeeping a session and each block carry.
+// What a session is charged against the memory budget: its state estimate,
+// its cached last reply, and the bookkeeping a session and each block carry
+// (saturating).
 int64_t AccountedBytes(const natgrad::v1::SessionConfig& config);
 
 class SessionRegistry {
@@ -82,7 +83,8 @@ class SessionRegistry {
   const RegistryLimits& limits() const { return limits_; }
 
  private:
-  absl::Status CheckLimitsLocked(absl::string_view tenant, int64_t bytes) const
+  absl::Status CheckLimitsLocked(absl::string_view tenant, int64_t bytes,
+                                 const natgrad::v1::SessionConfig* config) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::string> PickIdLocked(absl::string_view tenant,
                                            absl::string_view requested) const

@@ -80,6 +80,7 @@ class ServerProcess {
   }
 
   bool running() const { return pid_ > 0 && port_ > 0; }
+  pid_t pid() const { return pid_; }
   int port() const { return port_; }
   std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
 

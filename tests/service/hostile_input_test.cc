@@ -258,8 +258,9 @@ TEST(HostileBudget, HugeAdamBlockIsResourceExhaustedAtCreate) {
 
 TEST(HostileBudget, StepDataBeyondTheBudgetIsResourceExhaustedAndReleased) {
   service::ServerOptions o;
-  // Room for the session (64 KiB + 2 * 4 KiB overhead + state) and a little.
-  o.limits.memory_budget_bytes = 160 << 10;
+  // Room for the session (40 kB state + 80 kB cached reply + 68 KiB
+  // bookkeeping) and 55 kB more.
+  o.limits.memory_budget_bytes = 240 << 10;
   auto server = StartServer(o);
   client::Client client(ClientFor(*server));
   natgrad::v1::SessionConfig c;
