@@ -57,9 +57,8 @@ void StepReactor::OnReadDone(bool ok) {
       status = grpc::Status(
           grpc::StatusCode::INVALID_ARGUMENT,
           absl::StrCat("step ", partial_step_,
-                       ": the stream ended (or a message could not be decoded) before the "
-                       "message marked last; the step's messages were dropped and nothing "
-                       "was applied"));
+                       ": the stream ended before the message marked last; the step's "
+                       "messages were dropped and nothing was applied"));
     }
     FinishLocked(std::move(status), actions);
   } else {
@@ -75,6 +74,7 @@ void StepReactor::OnReadDone(bool ok) {
     if (deps_.metrics) deps_.metrics->MessageReceived(bytes);
     absl::Status status = deps_.registry->ReserveInFlight(bytes);
     if (status.ok()) {
+      reserved_bytes_ += bytes;  // released with the step, or in OnDone
       request_.Clear();
       grpc::Status decoded =
           grpc::GenericDeserialize<grpc::ProtoBufferReader, natgrad::v1::StepRequest>(
@@ -88,7 +88,6 @@ void StepReactor::OnReadDone(bool ok) {
       }
     }
     if (status.ok()) {
-      reserved_bytes_ += bytes;
       try {
         status = HandleMessage();
       } catch (const std::bad_alloc&) {
