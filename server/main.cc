@@ -23,6 +23,12 @@ ABSL_FLAG(int64_t, max_session_bytes, int64_t{1} << 30,
           "Optimizer state bytes per session (also bounds one step's messages)");
 ABSL_FLAG(int64_t, max_sessions_per_tenant, 0, "Sessions per tenant; 0: no limit");
 ABSL_FLAG(int64_t, max_bytes_per_tenant, 0, "State bytes per tenant; 0: no limit");
+ABSL_FLAG(int64_t, memory_budget_bytes, 0,
+          "Server-wide bound on session state plus step data received but not yet "
+          "applied; RESOURCE_EXHAUSTED beyond it; 0: no bound");
+ABSL_FLAG(absl::Duration, partial_step_timeout, absl::Seconds(60),
+          "A Step stream holding part of a step with no message for this long ends "
+          "with DEADLINE_EXCEEDED; zero: never");
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
           "gRPC receive/send message size limit (gRPC's default is 4 MiB)");
 ABSL_FLAG(int32_t, worker_threads, 0, "Threads applying steps; 0: one per core");
@@ -97,6 +103,8 @@ int main(int argc, char** argv) {
   o.limits.max_session_bytes = absl::GetFlag(FLAGS_max_session_bytes);
   o.limits.max_sessions_per_tenant = absl::GetFlag(FLAGS_max_sessions_per_tenant);
   o.limits.max_bytes_per_tenant = absl::GetFlag(FLAGS_max_bytes_per_tenant);
+  o.limits.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  o.partial_step_timeout = absl::GetFlag(FLAGS_partial_step_timeout);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.compute_threads = absl::GetFlag(FLAGS_compute_threads);

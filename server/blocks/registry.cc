@@ -79,6 +79,16 @@ absl::Status ValidateSessionConfig(const natgrad::v1::SessionConfig& config) {
     any_curvature |= (*kind)->InitialDamping(b).has_value();
   }
   const auto& ad = config.adaptive_damping();
+  // Finite even while disabled: a snapshot carries its config, and enabling
+  // it later must not find a NaN.
+  for (auto [value, name] : {std::pair{ad.decay(), "decay"},
+                             std::pair{ad.min_damping(), "min_damping"},
+                             std::pair{ad.max_damping(), "max_damping"}}) {
+    if (!std::isfinite(value)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.adaptive_damping.", name, ": must be finite, got ", value));
+    }
+  }
   if (ad.enabled()) {
     if (!any_curvature) {
       return absl::InvalidArgumentError(

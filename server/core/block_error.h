@@ -21,6 +21,11 @@ inline std::string QuotedBlockName(absl::string_view block) {
   return absl::StrCat("\"", block.substr(0, kMaxNameInMessage), "...\"");
 }
 
+// Any other client string echoed in a message (session names, ids): the
+// same cap, so an error never carries a client's megabytes back (or into
+// the log).
+inline std::string QuotedClientString(absl::string_view s) { return QuotedBlockName(s); }
+
 inline absl::Status BlockError(absl::StatusCode code, absl::string_view block,
                                absl::string_view field, absl::string_view what) {
   return absl::Status(code, absl::StrCat("block ", QuotedBlockName(block), ": ",

@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "server/core/block.h"
+#include "server/core/block_error.h"
 #include "server/core/schedule.h"
 
 namespace natgrad::core::first_order_internal {
@@ -35,6 +36,25 @@ absl::StatusOr<double> NonNegativeValue(const Schedule& schedule, int64_t t,
 absl::StatusOr<double> LearningRate(const Schedule& schedule, int64_t t,
                                     const std::string& block,
                                     const DenseStepInput& input);
+
+// An update or new state a block may commit: every value finite and, when
+// the client works in float32 (`reply`), within float32's range, so neither
+// the client's parameters nor a checkpoint ever holds Inf or NaN.
+template <typename Derived>
+absl::Status CheckCommittable(const std::string& block, absl::string_view field,
+                              DType reply, const Eigen::MatrixBase<Derived>& m) {
+  if (m.size() == 0) return absl::OkStatus();
+  if (!m.allFinite()) {
+    return InvalidBlockField(block, field,
+                             "would be non-finite (Inf or NaN); step rejected, nothing changed");
+  }
+  if (reply == DType::kFloat32 &&
+      static_cast<double>(m.cwiseAbs().maxCoeff()) > 3.4028234663852886e38) {
+    return InvalidBlockField(block, field,
+                             "would overflow float32; step rejected, nothing changed");
+  }
+  return absl::OkStatus();
+}
 
 // The state tensor `name` must exist with the block's shape and be finite.
 absl::StatusOr<const Eigen::MatrixXd*> StateTensor(const BlockState& state,

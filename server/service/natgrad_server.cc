@@ -144,6 +144,7 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   deps.checkpoints = checkpointer_.get();
   deps.checkpoint_every_steps = options_.checkpoint_every_steps;
   deps.metrics = metrics_.get();
+  deps.partial_step_timeout = options_.partial_step_timeout;
   service_ = std::make_unique<OptimizerService>(deps);
 
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();

@@ -49,6 +49,9 @@ struct ServerOptions {
   absl::Duration metrics_request_timeout = absl::Seconds(5);
   // Sessions with no step or get for this long are deleted; zero: never.
   absl::Duration idle_session_ttl = absl::ZeroDuration();
+  // A Step stream holding part of a step idle this long ends with
+  // DEADLINE_EXCEEDED; zero: never.
+  absl::Duration partial_step_timeout = absl::Seconds(60);
 };
 
 class NatgradServer {

@@ -1,8 +1,11 @@
 #include "server/service/optimizer_service.h"
 
 #include <algorithm>
+#include <new>
 
 #include "absl/strings/numbers.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/log.h"
 #include "server/service/service_metrics.h"
@@ -66,15 +69,52 @@ natgrad::v1::Session Describe(const ServiceDependencies& deps, const session::Se
   return out;
 }
 
+// Unary() over raw bytes: after authentication, the request is decoded
+// (INVALID_ARGUMENT naming the message type when it cannot be), `body` runs
+// on the decoded request, and its response is encoded. A failed allocation
+// anywhere in it is RESOURCE_EXHAUSTED, not a crash.
+template <typename Request, typename Response, typename Body>
+grpc::ServerUnaryReactor* RawUnary(const ServiceDependencies& deps,
+                                   grpc::CallbackServerContext* context,
+                                   const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
+                                   Body body) {
+  return Unary(deps, context, [&](const std::string& tenant) -> absl::Status {
+    try {
+      Request request;
+      Response response;
+      grpc::ByteBuffer copy = *in;  // deserializing consumes the buffer
+      const size_t bytes = copy.Length();
+      if (!grpc::GenericDeserialize<grpc::ProtoBufferReader, Request>(&copy, &request).ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "request: ", bytes, " bytes that are not a decodable ",
+            Request::descriptor()->full_name()));
+      }
+      absl::Status status = body(tenant, &request, &response);
+      if (!status.ok()) return status;
+      bool own = false;
+      grpc::Status encoded =
+          grpc::SerializationTraits<Response>::Serialize(response, out, &own);
+      if (!encoded.ok()) {
+        return absl::InternalError(absl::StrCat("response: ", encoded.error_message()));
+      }
+      return absl::OkStatus();
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(
+          "request: the server could not allocate memory for it");
+    }
+  });
+}
+
 }  // namespace
 
 OptimizerService::OptimizerService(ServiceDependencies deps) : deps_(deps) {}
 
-grpc::ServerUnaryReactor* OptimizerService::CreateSession(
-    grpc::CallbackServerContext* context,
-    const natgrad::v1::CreateSessionRequest* request,
-    natgrad::v1::Session* response) {
-  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+grpc::ServerUnaryReactor* OptimizerService::CreateSession(grpc::CallbackServerContext* context,
+    const Bytes* request_bytes, Bytes* response_bytes) {
+  using Request = natgrad::v1::CreateSessionRequest;
+  using Response = natgrad::v1::Session;
+  return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
+      [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
     auto session = deps_.registry->Create(request->config(), tenant, request->session_id());
     if (!session.ok()) return session.status();
     // Durable at once, so a crash before its first checkpointed step still
@@ -89,10 +129,12 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(
   });
 }
 
-grpc::ServerUnaryReactor* OptimizerService::GetSession(
-    grpc::CallbackServerContext* context, const natgrad::v1::GetSessionRequest* request,
-    natgrad::v1::Session* response) {
-  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+grpc::ServerUnaryReactor* OptimizerService::GetSession(grpc::CallbackServerContext* context,
+    const Bytes* request_bytes, Bytes* response_bytes) {
+  using Request = natgrad::v1::GetSessionRequest;
+  using Response = natgrad::v1::Session;
+  return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
+      [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
     *response = Describe(deps_, **session);
@@ -100,11 +142,12 @@ grpc::ServerUnaryReactor* OptimizerService::GetSession(
   });
 }
 
-grpc::ServerUnaryReactor* OptimizerService::ListSessions(
-    grpc::CallbackServerContext* context,
-    const natgrad::v1::ListSessionsRequest* request,
-    natgrad::v1::ListSessionsResponse* response) {
-  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+grpc::ServerUnaryReactor* OptimizerService::ListSessions(grpc::CallbackServerContext* context,
+    const Bytes* request_bytes, Bytes* response_bytes) {
+  using Request = natgrad::v1::ListSessionsRequest;
+  using Response = natgrad::v1::ListSessionsResponse;
+  return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
+      [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
     if (request->page_size() < 0) {
       return absl::InvalidArgumentError("page_size: must be >= 0");
     }
@@ -128,10 +171,12 @@ grpc::ServerUnaryReactor* OptimizerService::ListSessions(
   });
 }
 
-grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
-    grpc::CallbackServerContext* context, const natgrad::v1::DeleteSessionRequest* request,
-    google::protobuf::Empty*) {
-  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+grpc::ServerUnaryReactor* OptimizerService::DeleteSession(grpc::CallbackServerContext* context,
+    const Bytes* request_bytes, Bytes* response_bytes) {
+  using Request = natgrad::v1::DeleteSessionRequest;
+  using Response = google::protobuf::Empty;
+  return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
+      [&](const std::string& tenant, const Request* request, Response* /*empty*/) -> absl::Status {
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
     if (absl::Status s = deps_.registry->Delete(request->name(), tenant); !s.ok()) return s;
@@ -154,10 +199,12 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(
   });
 }
 
-grpc::ServerUnaryReactor* OptimizerService::ExportSession(
-    grpc::CallbackServerContext* context, const natgrad::v1::ExportSessionRequest* request,
-    natgrad::v1::SessionSnapshot* response) {
-  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+grpc::ServerUnaryReactor* OptimizerService::ExportSession(grpc::CallbackServerContext* context,
+    const Bytes* request_bytes, Bytes* response_bytes) {
+  using Request = natgrad::v1::ExportSessionRequest;
+  using Response = natgrad::v1::SessionSnapshot;
+  return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
+      [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
     *response = (*session)->Snapshot();
@@ -166,10 +213,12 @@ grpc::ServerUnaryReactor* OptimizerService::ExportSession(
   });
 }
 
-grpc::ServerUnaryReactor* OptimizerService::ImportSession(
-    grpc::CallbackServerContext* context, const natgrad::v1::ImportSessionRequest* request,
-    natgrad::v1::Session* response) {
-  return Unary(deps_, context, [&](const std::string& tenant) -> absl::Status {
+grpc::ServerUnaryReactor* OptimizerService::ImportSession(grpc::CallbackServerContext* context,
+    const Bytes* request_bytes, Bytes* response_bytes) {
+  using Request = natgrad::v1::ImportSessionRequest;
+  using Response = natgrad::v1::Session;
+  return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
+      [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
     auto session =
         deps_.registry->Import(request->snapshot(), tenant, request->session_id());
     if (!session.ok()) return session.status();
@@ -183,8 +232,7 @@ grpc::ServerUnaryReactor* OptimizerService::ImportSession(
   });
 }
 
-grpc::ServerBidiReactor<natgrad::v1::StepRequest, natgrad::v1::StepResponse>*
-OptimizerService::Step(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* OptimizerService::Step(grpc::CallbackServerContext* context) {
   return new StepReactor(deps_, context);
 }
 

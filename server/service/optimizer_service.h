@@ -27,37 +27,43 @@ struct ServiceDependencies {
   int64_t checkpoint_every_steps = 0;
   // Optional.
   ServiceMetrics* metrics = nullptr;
+  // A stream holding part of a step with no message for this long ends.
+  absl::Duration partial_step_timeout = absl::Seconds(60);
 };
 
-class OptimizerService final : public natgrad::v1::OptimizerService::CallbackService {
+// The generated service with every method taken raw (bytes in, bytes
+// out): the service decodes each request itself, so an undecodable one gets
+// INVALID_ARGUMENT with a message, where gRPC's typed handlers answer
+// UNIMPLEMENTED with none (unary) or report a half-close (Step).
+namespace generated = natgrad::v1;
+using OptimizerServiceBase = generated::OptimizerService::WithRawCallbackMethod_CreateSession<
+    generated::OptimizerService::WithRawCallbackMethod_GetSession<
+        generated::OptimizerService::WithRawCallbackMethod_ListSessions<
+            generated::OptimizerService::WithRawCallbackMethod_DeleteSession<
+                generated::OptimizerService::WithRawCallbackMethod_Step<
+                    generated::OptimizerService::WithRawCallbackMethod_ExportSession<
+                        generated::OptimizerService::WithRawCallbackMethod_ImportSession<
+                            generated::OptimizerService::Service>>>>>>>;
+
+class OptimizerService final : public OptimizerServiceBase {
  public:
   explicit OptimizerService(ServiceDependencies deps);
 
-  grpc::ServerUnaryReactor* CreateSession(
-      grpc::CallbackServerContext* context,
-      const natgrad::v1::CreateSessionRequest* request,
-      natgrad::v1::Session* response) override;
+  using Bytes = grpc::ByteBuffer;
+  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context,
+                                          const Bytes* request, Bytes* response) override;
   grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context,
-                                       const natgrad::v1::GetSessionRequest* request,
-                                       natgrad::v1::Session* response) override;
-  grpc::ServerUnaryReactor* ListSessions(
-      grpc::CallbackServerContext* context,
-      const natgrad::v1::ListSessionsRequest* request,
-      natgrad::v1::ListSessionsResponse* response) override;
-  grpc::ServerUnaryReactor* DeleteSession(
-      grpc::CallbackServerContext* context,
-      const natgrad::v1::DeleteSessionRequest* request,
-      google::protobuf::Empty* response) override;
-  grpc::ServerBidiReactor<natgrad::v1::StepRequest, natgrad::v1::StepResponse>*
-  Step(grpc::CallbackServerContext* context) override;
-  grpc::ServerUnaryReactor* ExportSession(
-      grpc::CallbackServerContext* context,
-      const natgrad::v1::ExportSessionRequest* request,
-      natgrad::v1::SessionSnapshot* response) override;
-  grpc::ServerUnaryReactor* ImportSession(
-      grpc::CallbackServerContext* context,
-      const natgrad::v1::ImportSessionRequest* request,
-      natgrad::v1::Session* response) override;
+                                       const Bytes* request, Bytes* response) override;
+  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* context,
+                                         const Bytes* request, Bytes* response) override;
+  grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* context,
+                                          const Bytes* request, Bytes* response) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Step(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* ExportSession(grpc::CallbackServerContext* context,
+                                          const Bytes* request, Bytes* response) override;
+  grpc::ServerUnaryReactor* ImportSession(grpc::CallbackServerContext* context,
+                                          const Bytes* request, Bytes* response) override;
 
   const ServiceDependencies& deps() const { return deps_; }
 

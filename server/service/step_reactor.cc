@@ -1,8 +1,13 @@
 #include "server/service/step_reactor.h"
 
+#include <iostream>
+#include <new>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
+#include "grpcpp/support/proto_buffer_reader.h"
+#include "server/core/block_error.h"
 #include "server/service/rpc_logging.h"
 #include "server/service/service_metrics.h"
 #include "server/service/status_conversion.h"
@@ -28,7 +33,7 @@ StepReactor::StepReactor(const ServiceDependencies& deps,
 
 void StepReactor::Apply(const Actions& actions) {
   if (actions.write != nullptr) StartWrite(actions.write);
-  if (actions.read) StartRead(&request_);
+  if (actions.read) StartRead(&read_buffer_);
   if (actions.finish.has_value()) {
     Detach();
     Finish(*actions.finish);
@@ -43,26 +48,84 @@ void StepReactor::OnReadDone(bool ok) {
   Actions actions;
   if (!ok) {
     // The client half-closed (or went away): end once our writes are out.
+    // Inside a step that is an error: the step's messages are dropped, and
+    // OK would tell the client the step was taken.
     absl::MutexLock lock(&mu_);
-    FinishLocked(grpc::Status::OK, actions);
+    ++alarm_generation_;
+    grpc::Status status = grpc::Status::OK;
+    if (partial_) {
+      status = grpc::Status(
+          grpc::StatusCode::INVALID_ARGUMENT,
+          absl::StrCat("step ", partial_step_,
+                       ": the stream ended before the message marked last; the step's "
+                       "messages were dropped and nothing was applied"));
+    }
+    FinishLocked(std::move(status), actions);
   } else {
-    if (deps_.metrics) deps_.metrics->MessageReceived(request_.ByteSizeLong());
-    absl::Status status = HandleMessage();
+    int64_t dropped_step = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      // A timer already ended the stream: this message is not taken.
+      if (finished_) return;
+      if (partial_) dropped_step = partial_step_;
+    }
+    ++messages_read_;
+    const int64_t bytes = static_cast<int64_t>(read_buffer_.Length());
+    if (deps_.metrics) deps_.metrics->MessageReceived(bytes);
+    absl::Status status = deps_.registry->ReserveInFlight(bytes);
+    if (status.ok()) {
+      reserved_bytes_ += bytes;  // released with the step, or in OnDone
+      request_.Clear();
+      grpc::Status decoded =
+          grpc::GenericDeserialize<grpc::ProtoBufferReader, natgrad::v1::StepRequest>(
+              &read_buffer_, &request_);
+      if (!decoded.ok()) {
+        status = absl::InvalidArgumentError(absl::StrCat(
+            "message ", messages_read_, " of the stream (", bytes,
+            " bytes) is not a decodable natgrad.v1.StepRequest",
+            dropped_step > 0 ? absl::StrCat("; step ", dropped_step, " was dropped") : "",
+            ", nothing was applied"));
+      }
+    }
+    if (status.ok()) {
+      try {
+        status = HandleMessage();
+      } catch (const std::bad_alloc&) {
+        status = absl::ResourceExhaustedError(absl::StrCat(
+            "step ", request_.step(), ": the server could not allocate memory for it"));
+      }
+    }
+    if (status.ok() && !assembler_->complete()) {
+      {
+        absl::MutexLock lock(&mu_);
+        partial_ = true;
+        partial_step_ = request_.step();
+      }
+      ArmPartialStepTimer();
+    }
     if (!status.ok()) {
       if (deps_.metrics) deps_.metrics->StepFailed(status.code());
-      LogFailedStep(status, session_ ? session_->name() : request_.session(), request_.step(),
+      LogFailedStep(status, session_ ? session_->name() : core::QuotedClientString(request_.session()), request_.step(),
                     context_->peer());
       absl::MutexLock lock(&mu_);
       FinishLocked(ToGrpcStatus(status), actions);
     } else if (!assembler_->complete()) {
       actions.read = true;
     } else {
+      std::unique_ptr<grpc::Alarm> stale;
       {
         absl::MutexLock lock(&mu_);
         ++busy_;
+        partial_ = false;
+        ++alarm_generation_;
+        stale = std::move(alarm_);
       }
-      deps_.executor->Submit(
-          [this, step = assembler_->Take()]() mutable { RunStep(std::move(step)); });
+      stale.reset();  // cancels; its callback sees a newer generation
+      const int64_t reserved = reserved_bytes_;
+      reserved_bytes_ = 0;
+      deps_.executor->Submit([this, step = assembler_->Take(), reserved]() mutable {
+        RunStep(std::move(step), reserved);
+      });
     }
   }
   Apply(actions);
@@ -86,13 +149,55 @@ absl::Status StepReactor::HandleMessage() {
   } else if (!request_.session().empty() && request_.session() != session_->name() &&
              request_.session() != session_->id()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "session: \"", request_.session(), "\" differs from this stream's ",
+        "session: ", core::QuotedClientString(request_.session()), " differs from this stream's ",
         session_->name()));
   }
   return assembler_->Add(request_);
 }
 
-void StepReactor::RunStep(AssembledStep step) {
+void StepReactor::ArmPartialStepTimer() {
+  if (deps_.partial_step_timeout <= absl::ZeroDuration()) return;
+  auto alarm = std::make_unique<grpc::Alarm>();
+  std::unique_ptr<grpc::Alarm> stale;
+  {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    const uint64_t generation = ++alarm_generation_;
+    ++alarms_pending_;
+    alarm->Set(absl::ToChronoTime(absl::Now() + deps_.partial_step_timeout),
+               [this, generation](bool fired) { OnPartialStepTimer(fired, generation); });
+    stale = std::move(alarm_);
+    alarm_ = std::move(alarm);
+  }
+  // Destroyed outside the lock: cancelling may run its callback.
+}
+
+void StepReactor::OnPartialStepTimer(bool fired, uint64_t generation) {
+  Actions actions;
+  bool last_reference = false;
+  {
+    absl::MutexLock lock(&mu_);
+    --alarms_pending_;
+    if (done_) {
+      last_reference = alarms_pending_ == 0;
+    } else if (fired && generation == alarm_generation_ && partial_ && !finished_) {
+      FinishLocked(
+          grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                       absl::StrCat("step ", partial_step_, ": no message for ",
+                                    absl::FormatDuration(deps_.partial_step_timeout),
+                                    " while the step was incomplete (--partial_step_timeout); "
+                                    "its messages were dropped and nothing was applied")),
+          actions);
+    }
+  }
+  if (last_reference) {
+    delete this;
+    return;
+  }
+  Apply(actions);
+}
+
+void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
   // Decided before the step, so its reply can say it is durable (-1: no
@@ -101,11 +206,23 @@ void StepReactor::RunStep(AssembledStep step) {
   const int64_t durable_before = has_store ? session_->durable_step() : -1;
   const bool checkpoint_now = has_store && deps_.checkpoint_every_steps > 0 &&
                               step.data.step - durable_before >= deps_.checkpoint_every_steps;
-  absl::StatusOr<session::StepOutcome> outcome = session_->Step(
-      step.data, [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
-        return EncodeStepReply(result, step, config, name,
-                               checkpoint_now ? result.step : durable_before);
-      });
+  absl::StatusOr<session::StepOutcome> outcome = absl::InternalError("step not run");
+  try {
+    outcome = session_->Step(
+        step.data,
+        [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
+          return EncodeStepReply(result, step, config, name,
+                                 checkpoint_now ? result.step : durable_before);
+        });
+  } catch (const std::bad_alloc&) {
+    // Block math allocates its working set; running out is the client's
+    // step being too large for this server now, not a server bug.
+    outcome = absl::ResourceExhaustedError(absl::StrCat(
+        "step ", step.data.step, ": the server could not allocate memory for it"));
+  }
+  const int64_t step_number = step.data.step;
+  step = AssembledStep();  // the step's tensors go before the budget is released
+  deps_.registry->ReleaseInFlight(reserved_bytes);
   absl::Status status = outcome.status();
   if (status.ok() && has_store && deps_.checkpoint_every_steps > 0 &&
       session_->StepsSinceCheckpoint() >= deps_.checkpoint_every_steps) {
@@ -119,7 +236,7 @@ void StepReactor::RunStep(AssembledStep step) {
       // The step stays applied in memory, unacknowledged: a retry of the
       // same step number replays it and tries the write again.
       status = absl::UnavailableError(absl::StrCat(
-          "checkpoint of ", name, " at step ", step.data.step, " failed: ", written.message(),
+          "checkpoint of ", name, " at step ", step_number, " failed: ", written.message(),
           "; the step is not acknowledged (retry it once the checkpoint directory is "
           "writable)"));
     }
@@ -137,22 +254,31 @@ void StepReactor::RunStep(AssembledStep step) {
       deps_.metrics->StepFailed(status.code());
     }
   }
-  if (!status.ok()) LogFailedStep(status, session_->name(), step.data.step, context_->peer());
+  if (!status.ok()) LogFailedStep(status, session_->name(), step_number, context_->peer());
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
     if (!status.ok() && !pending_finish_.has_value()) {
       pending_finish_ = ToGrpcStatus(status);
     } else if (status.ok() && !pending_finish_.has_value()) {
-      writes_.push_back(*std::move(response));
+      grpc::ByteBuffer encoded;
+      bool own = false;
+      grpc::SerializationTraits<natgrad::v1::StepResponse>::Serialize(**response, &encoded, &own);
+      writes_.push_back(std::move(encoded));
       MaybeWriteLocked(actions);
-      actions.read = true;
+      // Backpressure: with too many responses unsent the next read waits
+      // for OnWriteDone.
+      if (writes_.size() > kMaxUnsentResponses) {
+        read_deferred_ = true;
+      } else {
+        actions.read = true;
+      }
     }
   }
   // Still busy: a write started here may complete (and want to finish the
   // call) before StartRead below has run.
   if (actions.write != nullptr) StartWrite(actions.write);
-  if (actions.read) StartRead(&request_);
+  if (actions.read) StartRead(&read_buffer_);
   Actions finish;
   {
     absl::MutexLock lock(&mu_);
@@ -165,8 +291,8 @@ void StepReactor::RunStep(AssembledStep step) {
 void StepReactor::MaybeWriteLocked(Actions& actions) {
   if (writing_ || writes_.empty()) return;
   writing_ = true;
-  if (deps_.metrics) deps_.metrics->MessageSent(writes_.front()->ByteSizeLong());
-  actions.write = writes_.front().get();
+  if (deps_.metrics) deps_.metrics->MessageSent(writes_.front().Length());
+  actions.write = &writes_.front();
 }
 
 void StepReactor::OnWriteDone(bool ok) {
@@ -181,6 +307,11 @@ void StepReactor::OnWriteDone(bool ok) {
     } else {
       MaybeWriteLocked(actions);
       if (!writing_ && pending_finish_.has_value()) FinishLocked(*pending_finish_, actions);
+      if (read_deferred_ && !finished_ && !pending_finish_.has_value() &&
+          writes_.size() <= kMaxUnsentResponses) {
+        read_deferred_ = false;
+        actions.read = true;
+      }
     }
   }
   Apply(actions);
@@ -219,7 +350,25 @@ void StepReactor::OnCancel() {
 void StepReactor::OnDone() {
   Detach();
   if (deps_.metrics) deps_.metrics->StreamClosed();
-  delete this;
+  // A partial step's reservation (a completed step releases its own).
+  deps_.registry->ReleaseInFlight(reserved_bytes_);
+  reserved_bytes_ = 0;
+  std::unique_ptr<grpc::Alarm> alarm;
+  bool last_reference;
+  {
+    absl::MutexLock lock(&mu_);
+    done_ = true;
+    last_reference = alarms_pending_ == 0;
+    alarm = std::move(alarm_);
+  }
+  if (last_reference) {
+    alarm.reset();
+    delete this;
+    return;
+  }
+  // The last timer callback deletes the reactor; cancelling makes it come
+  // now. Nothing here may touch `this` any more.
+  alarm.reset();
 }
 
 }  // namespace natgrad::service

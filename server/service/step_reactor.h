@@ -1,7 +1,11 @@
 // The Step stream of one session (gRPC route_guide's callback reactor shape).
 // Reads a step's messages, hands the step to the executor, queues the
 // response, then reads the next step. At most one read and one write are
-// outstanding; responses wait in a queue while a write is in flight.
+// outstanding; responses wait in a queue while a write is in flight, and no
+// read starts while more than kMaxUnsentResponses wait (a client that never
+// reads its responses holds a bounded amount of server memory). A stream
+// that holds part of a step with no message for --partial_step_timeout, or
+// that half-closes inside a step, ends with an error.
 #ifndef NATGRAD_SERVER_SERVICE_STEP_REACTOR_H_
 #define NATGRAD_SERVER_SERVICE_STEP_REACTOR_H_
 
@@ -12,6 +16,7 @@
 #include <string>
 
 #include "absl/synchronization/mutex.h"
+#include "grpcpp/alarm.h"
 #include "grpcpp/grpcpp.h"
 #include "natgrad/v1/step.pb.h"
 #include "server/service/optimizer_service.h"
@@ -19,8 +24,9 @@
 
 namespace natgrad::service {
 
-class StepReactor final
-    : public grpc::ServerBidiReactor<natgrad::v1::StepRequest, natgrad::v1::StepResponse> {
+// Raw messages: the reactor decodes requests and encodes responses itself
+// (see OptimizerServiceBase).
+class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   StepReactor(const ServiceDependencies& deps, grpc::CallbackServerContext* context);
 
@@ -33,13 +39,18 @@ class StepReactor final
   // gRPC operations decided under mu_ and started after releasing it, since
   // gRPC may run a reaction inline on the calling thread.
   struct Actions {
-    const natgrad::v1::StepResponse* write = nullptr;
+    const grpc::ByteBuffer* write = nullptr;
     bool read = false;
     std::optional<grpc::Status> finish;
   };
 
+  static constexpr size_t kMaxUnsentResponses = 4;
+
   absl::Status HandleMessage();
-  void RunStep(AssembledStep step);
+  void RunStep(AssembledStep step, int64_t reserved_bytes);
+  // A fresh idle timer for the partial step, replacing the last one.
+  void ArmPartialStepTimer();
+  void OnPartialStepTimer(bool fired, uint64_t generation);
   // Finishes now if nothing is in flight, else once it completes.
   void FinishLocked(grpc::Status status, Actions& actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -50,12 +61,15 @@ class StepReactor final
   const ServiceDependencies& deps_;
   grpc::CallbackServerContext* const context_;
   std::string tenant_;
+  grpc::ByteBuffer read_buffer_;
   natgrad::v1::StepRequest request_;
+  int64_t messages_read_ = 0;
   std::shared_ptr<session::Session> session_;
   std::optional<StepAssembler> assembler_;
 
   absl::Mutex mu_;
-  std::deque<std::shared_ptr<const natgrad::v1::StepResponse>> writes_ ABSL_GUARDED_BY(mu_);
+  // Encoded responses; the front one is being written while writing_.
+  std::deque<grpc::ByteBuffer> writes_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   // Executor-side work in flight: a step being computed, or its gRPC
   // operations being started. The reactor cannot finish (and be deleted by
@@ -67,6 +81,21 @@ class StepReactor final
   // client that reconnects at once is not refused as a second stream.
   std::atomic<bool> attached_{false};
   std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
+  // A read waits for the unsent responses to drain (backpressure).
+  bool read_deferred_ ABSL_GUARDED_BY(mu_) = false;
+  // The step being assembled: its number, whether a message of it is held,
+  // and the bytes of it reserved against the memory budget (touched by
+  // gRPC reactions only, which gRPC runs one at a time per stream).
+  bool partial_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t partial_step_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reserved_bytes_ = 0;
+  // Idle timers: each message of a partial step replaces the timer and
+  // bumps the generation, so only the newest one can end the stream. The
+  // reactor outlives every timer callback (OnDone waits for them).
+  std::unique_ptr<grpc::Alarm> alarm_ ABSL_GUARDED_BY(mu_);
+  uint64_t alarm_generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int alarms_pending_ ABSL_GUARDED_BY(mu_) = 0;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace natgrad::service

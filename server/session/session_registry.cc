@@ -1,5 +1,6 @@
 #include "server/session/session_registry.h"
 
+#include <limits>
 #include <random>
 
 #include "absl/random/random.h"
@@ -9,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "server/blocks/registry.h"
+#include "server/core/block_error.h"
 
 namespace natgrad::session {
 namespace {
@@ -32,7 +34,60 @@ std::string RandomId() {
                          absl::Uniform<uint64_t>(*gen));
 }
 
+// Session and block bookkeeping (maps, names, config copies, the cached
+// reply) that no state estimate covers; deliberately generous.
+constexpr int64_t kSessionOverheadBytes = 64 << 10;
+constexpr int64_t kBlockOverheadBytes = 4 << 10;
+
+int64_t SatAdd(int64_t a, int64_t b) {
+  if (a > std::numeric_limits<int64_t>::max() - b) return std::numeric_limits<int64_t>::max();
+  return a + b;
+}
+
 }  // namespace
+
+int64_t SatMul(int64_t a, int64_t b) {
+  if (a <= 0 || b <= 0) return 0;
+  if (a > std::numeric_limits<int64_t>::max() / b) return std::numeric_limits<int64_t>::max();
+  return a * b;
+}
+
+int64_t AccountedBytes(const natgrad::v1::SessionConfig& config) {
+  // The session keeps its last reply (for replay): about one float64 delta
+  // per block. (A Gaussian reply also carries its dim x dim parameters; the
+  // kind's state estimate, which counts that working set, covers it.)
+  int64_t reply = 0;
+  for (const auto& b : config.blocks()) {
+    int64_t elements = 1;
+    for (int64_t d : blocks::CanonicalShape(b)) elements = SatMul(elements, d);
+    reply = SatAdd(reply, SatMul(elements, 8));
+  }
+  return SatAdd(SatAdd(SatAdd(blocks::EstimateStateBytes(config), reply), kSessionOverheadBytes),
+                SatMul(kBlockOverheadBytes, config.blocks_size()));
+}
+
+absl::Status SessionRegistry::ReserveInFlight(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  if (limits_.memory_budget_bytes > 0 &&
+      SatAdd(SatAdd(state_bytes_, in_flight_bytes_), bytes) > limits_.memory_budget_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "server memory budget: ", bytes, " more bytes of step data would exceed ",
+        limits_.memory_budget_bytes, " bytes (", state_bytes_, " of session state and ",
+        in_flight_bytes_, " of steps in flight are held); retry later"));
+  }
+  in_flight_bytes_ += bytes;
+  return absl::OkStatus();
+}
+
+void SessionRegistry::ReleaseInFlight(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  in_flight_bytes_ -= bytes;
+}
+
+int64_t SessionRegistry::ChargedBytes() const {
+  absl::MutexLock lock(&mu_);
+  return SatAdd(state_bytes_, in_flight_bytes_);
+}
 
 SessionRegistry::SessionRegistry(RegistryLimits limits,
                                  engine::InversionEngine* engine,
@@ -44,13 +99,13 @@ absl::StatusOr<std::string> SessionRegistry::ParseName(absl::string_view name) {
   if (absl::StartsWith(id, "sessions/")) id.remove_prefix(9);
   if (!ValidId(id)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "name: \"", name, "\" is not a session name (sessions/{id})"));
+        "name: ", core::QuotedClientString(name), " is not a session name (sessions/{id})"));
   }
   return std::string(id);
 }
 
-absl::Status SessionRegistry::CheckLimitsLocked(absl::string_view tenant,
-                                                int64_t bytes) const {
+absl::Status SessionRegistry::CheckLimitsLocked(
+    absl::string_view tenant, int64_t bytes, const natgrad::v1::SessionConfig* config) const {
   if (static_cast<int64_t>(sessions_.size()) >= limits_.max_sessions) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the server holds its maximum of ", limits_.max_sessions, " sessions"));
@@ -59,6 +114,16 @@ absl::Status SessionRegistry::CheckLimitsLocked(absl::string_view tenant,
     return absl::ResourceExhaustedError(absl::StrCat(
         "config: the session would hold ", bytes,
         " bytes of optimizer state, the limit is ", limits_.max_session_bytes));
+  }
+  if (limits_.memory_budget_bytes > 0 && config != nullptr) {
+    const int64_t charged = SatAdd(state_bytes_, in_flight_bytes_);
+    const int64_t adds = AccountedBytes(*config);
+    if (SatAdd(charged, adds) > limits_.memory_budget_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "server memory budget: the session would add ", adds,
+          " bytes (state, its cached reply and bookkeeping) to the ", charged,
+          " held, the budget is ", limits_.memory_budget_bytes));
+    }
   }
   if (limits_.max_sessions_per_tenant > 0 || limits_.max_bytes_per_tenant > 0) {
     int64_t count = 0, total = bytes;
@@ -94,7 +159,7 @@ absl::StatusOr<std::string> SessionRegistry::PickIdLocked(
   }
   if (!ValidId(requested)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "session_id: \"", requested, "\" must match [a-z0-9-]{4,63}"));
+        "session_id: ", core::QuotedClientString(requested), " must match [a-z0-9-]{4,63}"));
   }
   // Only this tenant's ids: another tenant's "sessions/x" is not revealed.
   if (sessions_.contains(Key(tenant, requested))) {
@@ -113,11 +178,11 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   const int64_t bytes = blocks::EstimateStateBytes(config);
   {
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = CheckLimitsLocked(tenant, bytes); !s.ok()) return s;
+    if (absl::Status s = CheckLimitsLocked(tenant, bytes, &config); !s.ok()) return s;
   }
   if (absl::Status s = blocks::ValidateSessionConfig(config); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  if (absl::Status s = CheckLimitsLocked(tenant, bytes); !s.ok()) return s;
+  if (absl::Status s = CheckLimitsLocked(tenant, bytes, &config); !s.ok()) return s;
   auto id = PickIdLocked(tenant, requested_id);
   if (!id.ok()) return id.status();
   auto session =
@@ -143,7 +208,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Import(
   natgrad::v1::SessionSnapshot owned = snapshot;
   owned.set_tenant(std::string(tenant));
   absl::MutexLock lock(&mu_);
-  if (absl::Status s = CheckLimitsLocked(tenant, blocks::EstimateStateBytes(snapshot.config()));
+  if (absl::Status s = CheckLimitsLocked(tenant, blocks::EstimateStateBytes(snapshot.config()),
+                                          &snapshot.config());
       !s.ok()) {
     return s;
   }
@@ -160,6 +226,8 @@ void SessionRegistry::InsertLocked(std::shared_ptr<Session> session) {
   Entry& e = sessions_[Key(session->tenant(), session->id())];
   e.last_active = absl::Now();
   e.seen_step = session->last_step();
+  e.accounted_bytes = AccountedBytes(session->config());
+  state_bytes_ = SatAdd(state_bytes_, e.accounted_bytes);
   e.session = std::move(session);
 }
 
@@ -186,6 +254,7 @@ absl::Status SessionRegistry::Delete(absl::string_view name,
     return absl::NotFoundError(absl::StrCat("session sessions/", *id, " not found"));
   }
   it->second.session->MarkDeleted();
+  state_bytes_ -= it->second.accounted_bytes;
   sessions_.erase(it);
   return absl::OkStatus();
 }
@@ -229,6 +298,7 @@ std::vector<std::shared_ptr<Session>> SessionRegistry::ExpireIdle(absl::Duration
     if (now - e.last_active > ttl) {
       e.session->MarkDeleted();
       out.push_back(std::move(e.session));
+      state_bytes_ -= e.accounted_bytes;
       it = sessions_.erase(it);
     } else {
       ++it;

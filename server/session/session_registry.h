@@ -28,7 +28,16 @@ struct RegistryLimits {
   // Per tenant; 0 means only the global limits apply.
   int64_t max_sessions_per_tenant = 0;
   int64_t max_bytes_per_tenant = 0;
+  // Server-wide bound on the session state held (each session's estimate
+  // plus a fixed overhead per session and per block) together with the
+  // bytes of steps received but not yet applied; 0: no bound.
+  int64_t memory_budget_bytes = 0;
 };
+
+// What a session is charged against the memory budget: its state estimate,
+// its cached last reply, and the bookkeeping a session and each block carry
+// (saturating).
+int64_t AccountedBytes(const natgrad::v1::SessionConfig& config);
 
 class SessionRegistry {
  public:
@@ -62,11 +71,20 @@ class SessionRegistry {
   // so the idle time is measured to within the interval between calls.
   std::vector<std::shared_ptr<Session>> ExpireIdle(absl::Duration ttl, absl::Time now);
 
+  // In-flight step data against the memory budget: RESOURCE_EXHAUSTED
+  // (nothing reserved) when `bytes` more would exceed it. Every reservation
+  // is released once the step is applied or dropped.
+  absl::Status ReserveInFlight(int64_t bytes);
+  void ReleaseInFlight(int64_t bytes);
+  // Bytes charged against the budget now: state (accounted) plus in flight.
+  int64_t ChargedBytes() const;
+
   static absl::StatusOr<std::string> ParseName(absl::string_view name);
   const RegistryLimits& limits() const { return limits_; }
 
  private:
-  absl::Status CheckLimitsLocked(absl::string_view tenant, int64_t bytes) const
+  absl::Status CheckLimitsLocked(absl::string_view tenant, int64_t bytes,
+                                 const natgrad::v1::SessionConfig* config) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::string> PickIdLocked(absl::string_view tenant,
                                            absl::string_view requested) const
@@ -78,6 +96,7 @@ class SessionRegistry {
     // For ExpireIdle: when a Get or a new step was last seen.
     absl::Time last_active;
     int64_t seen_step = 0;
+    int64_t accounted_bytes = 0;  // AccountedBytes(config), kept for erase
   };
   using Key = std::pair<std::string, std::string>;  // (tenant, id)
 
@@ -87,6 +106,8 @@ class SessionRegistry {
   mutable absl::Mutex mu_;
   // Mutable: Get records activity.
   mutable std::map<Key, Entry> sessions_ ABSL_GUARDED_BY(mu_);
+  int64_t state_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t in_flight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace natgrad::session

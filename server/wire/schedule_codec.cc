@@ -6,9 +6,48 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
 
 namespace natgrad::wire {
 namespace {
+
+// Every double of a schedule (at any depth, any kind) must be finite: a NaN
+// start or rate would otherwise reach a block's state at some later step.
+// Walked by reflection so a new schedule kind is covered without a change.
+std::string FirstNonFinite(const google::protobuf::Message& m, const std::string& path) {
+  using FD = google::protobuf::FieldDescriptor;
+  const google::protobuf::Reflection* r = m.GetReflection();
+  std::vector<const FD*> fields;
+  r->ListFields(m, &fields);
+  for (const FD* f : fields) {
+    const std::string here = absl::StrCat(path, ".", f->name());
+    if (f->cpp_type() == FD::CPPTYPE_DOUBLE || f->cpp_type() == FD::CPPTYPE_FLOAT) {
+      const bool dbl = f->cpp_type() == FD::CPPTYPE_DOUBLE;
+      if (f->is_repeated()) {
+        for (int i = 0; i < r->FieldSize(m, f); ++i) {
+          const double v = dbl ? r->GetRepeatedDouble(m, f, i) : r->GetRepeatedFloat(m, f, i);
+          if (!std::isfinite(v)) return absl::StrCat(here, "[", i, "]");
+        }
+      } else {
+        const double v = dbl ? r->GetDouble(m, f) : r->GetFloat(m, f);
+        if (!std::isfinite(v)) return here;
+      }
+    } else if (f->cpp_type() == FD::CPPTYPE_MESSAGE) {
+      if (f->is_repeated()) {
+        for (int i = 0; i < r->FieldSize(m, f); ++i) {
+          std::string bad = FirstNonFinite(r->GetRepeatedMessage(m, f, i),
+                                           absl::StrCat(here, "[", i, "]"));
+          if (!bad.empty()) return bad;
+        }
+      } else {
+        std::string bad = FirstNonFinite(r->GetMessage(m, f), here);
+        if (!bad.empty()) return bad;
+      }
+    }
+  }
+  return "";
+}
 
 absl::StatusOr<core::SchedulePtr> Build(const natgrad::v1::Schedule& s,
                                         double default_value,
@@ -82,6 +121,12 @@ absl::StatusOr<core::SchedulePtr> ScheduleFromProto(
     absl::string_view field) {
   const std::string f(field);
   auto built = Build(schedule, default_value, f, 0);
+  if (built.ok()) {
+    // After Build, which bounds the nesting depth of this walk.
+    if (std::string bad = FirstNonFinite(schedule, f); !bad.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(bad, ": must be finite"));
+    }
+  }
   if (!built.ok() && !absl::StartsWith(built.status().message(), f)) {
     return absl::InvalidArgumentError(
         absl::StrCat(f, ": ", built.status().message()));

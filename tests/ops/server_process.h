@@ -80,9 +80,8 @@ class ServerProcess {
   }
 
   bool running() const { return pid_ > 0 && port_ > 0; }
-  int port() const { return port_; }
-  // For prlimit(2) on the running server (checkpoint_durability_test).
   pid_t pid() const { return pid_; }
+  int port() const { return port_; }
   std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
 
   void Signal(int sig) { kill(pid_, sig); }

@@ -68,7 +68,8 @@ class AdamBlockKind final : public BlockKind {
     for (auto [proto, out, param] :
          {std::tuple{&c.learning_rate(), &o.learning_rate, "learning_rate"},
           std::tuple{&c.weight_decay(), &o.weight_decay, "weight_decay"}}) {
-      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".adam.", param));
+      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".adam.", param),
+                                          internal::kNonNegative);
       if (!s.ok()) return s.status();
       *out = *std::move(s);
     }

@@ -91,7 +91,8 @@ class GaussianBlockKind final : public BlockKind {
         return absl::InvalidArgumentError(
             absl::StrCat(f, ".gaussian.parametrization: unknown value"));
     }
-    auto gamma = internal::OptionalSchedule(g.gamma(), f + ".gaussian.gamma");
+    auto gamma = internal::OptionalSchedule(g.gamma(), f + ".gaussian.gamma",
+                                            internal::kNonNegative);
     if (!gamma.ok()) return gamma.status();
     o.gamma = *std::move(gamma);
     // Wire: 0 (unset) is the default, negative disables the retries.

@@ -52,6 +52,30 @@ absl::StatusOr<core::SchedulePtr> OptionalSchedule(const natgrad::v1::Schedule& 
   return wire::ScheduleFromProto(proto, 0.0, field);
 }
 
+absl::StatusOr<core::SchedulePtr> OptionalSchedule(const natgrad::v1::Schedule& proto,
+                                                   const std::string& field,
+                                                   ValueRange range) {
+  std::vector<double> fixed;
+  std::string where;
+  if (proto.has_constant()) {
+    fixed = {proto.constant().value()};
+    where = ".constant.value";
+  } else if (proto.has_piecewise_constant()) {
+    fixed = {proto.piecewise_constant().values().begin(),
+             proto.piecewise_constant().values().end()};
+    where = ".piecewise_constant.values";
+  }
+  for (double v : fixed) {
+    // Written as !(valid) so NaN fails too.
+    if (!(v >= range.min && v < range.below)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, where, ": is ", v, ", want >= ", range.min,
+          std::isfinite(range.below) ? absl::StrCat(" and < ", range.below) : ""));
+    }
+  }
+  return OptionalSchedule(proto, field);
+}
+
 std::string StepField(const natgrad::v1::BlockStep& step, absl::string_view field) {
   return absl::StrCat("block ", core::QuotedBlockName(step.name()), ": ", field);
 }

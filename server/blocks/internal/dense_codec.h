@@ -54,6 +54,20 @@ absl::StatusOr<core::MatrixShape> MatrixShapeOf(const std::vector<int64_t>& shap
 absl::StatusOr<core::SchedulePtr> OptionalSchedule(const natgrad::v1::Schedule& proto,
                                                    const std::string& field);
 
+// Where a hyperparameter can work: min <= value < below. Checked when the
+// config arrives for the values a schedule fixes (constant, piecewise
+// constant); the blocks check every other schedule's value at each step.
+struct ValueRange {
+  double min = 0;
+  double below = std::numeric_limits<double>::infinity();
+};
+inline constexpr ValueRange kNonNegative{};
+inline constexpr ValueRange kMomentumRange{0, 1};
+
+absl::StatusOr<core::SchedulePtr> OptionalSchedule(const natgrad::v1::Schedule& proto,
+                                                   const std::string& field,
+                                                   ValueRange range);
+
 // The name of a block in a step's error messages: block "NAME": FIELD.
 std::string StepField(const natgrad::v1::BlockStep& step, absl::string_view field);
 

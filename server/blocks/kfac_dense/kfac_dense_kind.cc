@@ -155,12 +155,15 @@ class KfacDenseBlockKind final : public BlockKind {
     o.d_in = k.d_in();
     o.d_out = k.d_out();
     o.has_bias = k.has_bias();
-    for (auto [proto, param, out] :
-         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate},
-          std::tuple{&k.damping(), "damping", &o.damping},
-          std::tuple{&k.momentum(), "momentum", &o.momentum},
-          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay}}) {
-      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".kfac_dense.", param));
+    // Damping must be > 0; the smallest positive double stands for that.
+    constexpr internal::ValueRange kPositive{std::numeric_limits<double>::denorm_min()};
+    for (auto [proto, param, out, range] :
+         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate, internal::kNonNegative},
+          std::tuple{&k.damping(), "damping", &o.damping, kPositive},
+          std::tuple{&k.momentum(), "momentum", &o.momentum, internal::kMomentumRange},
+          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay, internal::kNonNegative}}) {
+      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".kfac_dense.", param),
+                                          range);
       if (!s.ok()) return s.status();
       *out = *std::move(s);
     }

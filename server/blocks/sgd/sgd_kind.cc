@@ -33,11 +33,11 @@ class SgdBlockKind final : public BlockKind {
     if (!shape.ok()) return shape.status();
     const auto& c = config.sgd();
     core::SgdOptions o;
-    for (auto [proto, out, param] :
-         {std::tuple{&c.learning_rate(), &o.learning_rate, "learning_rate"},
-          std::tuple{&c.momentum(), &o.momentum, "momentum"},
-          std::tuple{&c.weight_decay(), &o.weight_decay, "weight_decay"}}) {
-      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".sgd.", param));
+    for (auto [proto, out, param, range] :
+         {std::tuple{&c.learning_rate(), &o.learning_rate, "learning_rate", internal::kNonNegative},
+          std::tuple{&c.momentum(), &o.momentum, "momentum", internal::kMomentumRange},
+          std::tuple{&c.weight_decay(), &o.weight_decay, "weight_decay", internal::kNonNegative}}) {
+      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".sgd.", param), range);
       if (!s.ok()) return s.status();
       *out = *std::move(s);
     }

@@ -134,9 +134,11 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
   }
   // Finite inputs can still overflow (g^2, or a double gradient beyond
   // float's range); refuse rather than poison the state.
-  if (!delta.allFinite() || !m.allFinite() || !v.allFinite()) {
-    return InvalidBlockField(name(), "gradient",
-                             "gives an update that overflows to non-finite values");
+  for (auto [field, matrix, reply] :
+       {std::tuple{"delta", &delta, input.gradient.dtype()},
+        std::tuple{"exp_avg", &m, DType::kFloat64},
+        std::tuple{"exp_avg_sq", &v, DType::kFloat64}}) {
+    if (absl::Status s = fo::CheckCommittable(name(), field, reply, *matrix); !s.ok()) return s;
   }
   std::map<std::string, double> hyper = {{"learning_rate", *lr},
                                          {"beta1", b1},

@@ -282,6 +282,15 @@ class GaussianBlock final : public ParameterBlock {
       }
       return true;
     });
+    // What the client installs must be finite: near double's range the
+    // difference from the old parameters can still overflow.
+    for (size_t i = 0; i < copies; ++i) {
+      if (!out.param1[i].allFinite() || !out.param2[i].allFinite() ||
+          !out.delta1[i].allFinite() || !out.delta2[i].allFinite()) {
+        return Invalid(absl::StrCat("gaussian.param1/param2 of copy ", i,
+                                    " would be non-finite; step rejected, nothing changed"));
+      }
+    }
     BlockStepOutput result;
     result.kind_output = std::move(out);
     return result;

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "server/core/block_error.h"
+#include "server/core/first_order_checks.h"
 #include "server/blocks/kfac_dense/math/kfac_kernels.h"
 
 namespace natgrad::core {
@@ -336,12 +337,14 @@ KfacDenseBlock<Scalar>::ResolveHyperparameters(
     return Invalid("learning_rate",
                    absl::StrCat("is ", h.lr, " at step ", t, ", want >= 0"));
   }
-  if (!std::isfinite(h.momentum)) {
-    return Invalid("momentum", absl::StrCat("is ", h.momentum, " at step ", t));
+  // Momentum >= 1 grows the buffer without bound.
+  if (!(h.momentum >= 0 && h.momentum < 1)) {
+    return Invalid("momentum", absl::StrCat("is ", h.momentum, " at step ", t,
+                                            ", want in [0, 1)"));
   }
-  if (!std::isfinite(h.weight_decay)) {
+  if (!(h.weight_decay >= 0 && std::isfinite(h.weight_decay))) {
     return Invalid("weight_decay",
-                   absl::StrCat("is ", h.weight_decay, " at step ", t));
+                   absl::StrCat("is ", h.weight_decay, " at step ", t, ", want >= 0"));
   }
   if (!std::isfinite(h.damping) || h.damping <= 0) {
     return Invalid(context.damping_override ? "damping_override" : "damping",
@@ -577,6 +580,25 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
   std::optional<Matrix> decayed;
   if (hyper->momentum != 0) {
     decayed = static_cast<Scalar>(hyper->momentum) * momentum_;
+  }
+  {
+    // Commit installs scale * v + decayed and returns -lr times it, for a KL
+    // scale in (0, 1]; |v| + |decayed| bounds both for every such scale, so
+    // checking the bound here keeps Commit from producing Inf.
+    Eigen::MatrixXd bound = v->template cast<double>().cwiseAbs();
+    if (decayed) bound += decayed->template cast<double>().cwiseAbs();
+    const DType kState = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
+    if (absl::Status s = first_order_internal::CheckCommittable(name(), "momentum", kState, bound);
+        !s.ok()) {
+      return s;
+    }
+    bound *= hyper->lr;
+    if (absl::Status s = first_order_internal::CheckCommittable(
+            name(), "delta", input.gradient.dtype() == DType::kFloat32 ? DType::kFloat32 : kState,
+            bound);
+        !s.ok()) {
+      return s;
+    }
   }
   return std::make_unique<KfacDensePendingUpdate<Scalar>>(
       this, t, *hyper, *std::move(factors), *std::move(plan), std::move(g),

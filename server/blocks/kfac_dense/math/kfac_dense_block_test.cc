@@ -596,6 +596,45 @@ TEST(KfacDenseBlock, BadScheduleValuesAndFloatRange) {
   EXPECT_THAT(p.status().message(), HasSubstr("gradient has values beyond float32"));
 }
 
+// Issue 11: a delta or momentum that would overflow is refused in Propose
+// (for every KL scale Commit may apply), and the block is unchanged.
+TEST(KfacDenseBlock, NonFiniteDeltaOrMomentumIsRefusedAndChangesNothing) {
+  for (KfacDampingMode mode : kModes) {
+    KfacDenseOptions o = Options(mode, 0.1);
+    o.learning_rate = C(1e308);
+    Harness h(o);
+    const BlockState before = h.block->ExportState();
+    auto p = h.Propose(1, RawInput(MakeStep(63)));
+    ASSERT_FALSE(p.ok());
+    EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(p.status().message(), HasSubstr("block \"fc1\": delta would be non-finite"));
+    ExpectSameState(before, h.block->ExportState());
+
+    // Momentum at or above 1 from a schedule is refused at that step.
+    KfacDenseOptions m = Options(mode, 0.1);
+    m.momentum = C(1.0);
+    Harness hm(m);
+    p = hm.Propose(1, RawInput(MakeStep(64)));
+    ASSERT_FALSE(p.ok());
+    EXPECT_THAT(p.status().message(), HasSubstr("momentum is 1 at step 1, want in [0, 1)"));
+
+    // A float64 block answering a float32 client: beyond float32's range.
+    KfacDenseOptions f = Options(mode, 0.1);
+    f.learning_rate = C(1e200);
+    Harness hf(f);
+    const StepData step = MakeStep(65);
+    KfacStepInput in = RawInput(step);
+    const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> rm =
+        step.grad.cast<float>();
+    in.gradient = DenseTensor::FromBytes(
+        DType::kFloat32, {rm.rows(), rm.cols()},
+        std::string(reinterpret_cast<const char*>(rm.data()), rm.size() * sizeof(float)));
+    p = hf.Propose(1, in);
+    ASSERT_FALSE(p.ok());
+    EXPECT_THAT(p.status().message(), HasSubstr("delta would overflow float32"));
+  }
+}
+
 TEST(KfacDenseBlock, OptionsAreValidatedAndDefaulted) {
   struct Case {
     std::function<void(KfacDenseOptions&)> mutate;

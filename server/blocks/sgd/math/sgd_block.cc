@@ -86,6 +86,12 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
         fo::NonNegativeValue(*options_.momentum, t, name(), "momentum");
     if (!m.ok()) return m.status();
     mu = *m;
+    // mu >= 1 makes the buffer grow without bound: refused at every step a
+    // schedule reaches it (a constant one is refused by the config).
+    if (mu >= 1) {
+      return InvalidBlockField(name(), "momentum",
+                               absl::StrCat("at step ", t, " must be < 1, schedule gives ", mu));
+    }
   }
   if (*wd > 0 && !input.params.has_value()) {
     return InvalidBlockField(name(), "params",
@@ -106,9 +112,13 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
   }
   // Finite inputs can still overflow (e.g. a double gradient beyond float's
   // range); refuse rather than poison the state.
-  if (!delta.allFinite() || (buffer.has_value() && !buffer->allFinite())) {
-    return InvalidBlockField(name(), "gradient",
-                             "gives an update that overflows to non-finite values");
+  const DType reply = input.gradient.dtype();
+  if (absl::Status s = fo::CheckCommittable(name(), "delta", reply, delta); !s.ok()) return s;
+  if (buffer.has_value()) {
+    if (absl::Status s = fo::CheckCommittable(name(), "momentum_buffer", DType::kFloat64, *buffer);
+        !s.ok()) {
+      return s;
+    }
   }
   std::map<std::string, double> hyper = {
       {"learning_rate", *lr}, {"momentum", mu}, {"weight_decay", *wd}};
