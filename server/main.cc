@@ -122,8 +122,7 @@ int main(int argc, char** argv) {
   o.idle_session_ttl = absl::GetFlag(FLAGS_idle_session_ttl);
   if (o.metrics_request_timeout <= absl::ZeroDuration() ||
       o.idle_session_ttl < absl::ZeroDuration()) {
-    std::cerr << "natgrad-server: --metrics_request_timeout must be > 0 and "
-                 "--idle_session_ttl >= 0\n";
+    NATGRAD_LOG(kError, "--metrics_request_timeout must be > 0 and --idle_session_ttl >= 0");
     return 2;
   }
   if (o.max_message_bytes <= 0 || o.max_message_bytes > INT32_MAX) {

@@ -102,12 +102,11 @@ absl::Status NatgradServer::Init(ServerOptions options) {
       metrics_->CheckpointSkipped();
     }
     for (const std::string& path : loaded.from_previous) {
-      std::cerr << "natgrad-server: warning: restored " << path
-                << " (the previous copy; the current file was damaged or missing)" << std::endl;
+      NATGRAD_LOG(kWarning, "restored ", path,
+                  " (the previous copy; the current file was damaged or missing)");
     }
     for (const std::string& path : loaded.legacy) {
-      std::cerr << "natgrad-server: warning: " << path
-                << " predates checkpoint checksums and was loaded unverified" << std::endl;
+      NATGRAD_LOG(kWarning, path, " predates checkpoint checksums and was loaded unverified");
     }
     for (const auto& snap : loaded.snapshots) {
       auto restored = registry_->Import(snap, snap.tenant(), "");
@@ -212,8 +211,8 @@ void NatgradServer::ExpireIdleSessions() {
       // the Checkpointer logs a failure.
       if (checkpointer_ != nullptr) checkpointer_->Remove(*s).IgnoreError();
       sessions_expired_->Increment();
-      std::cerr << "natgrad-server: info: " << s->name() << " expired after "
-                << absl::FormatDuration(ttl) << " without a step or get" << std::endl;
+      NATGRAD_LOG(kInfo, "session ", s->name(), " expired after ", absl::FormatDuration(ttl),
+                  " without a step or get");
     }
     metrics_->SetSessions(registry_->size());
     mu_.Lock();
