@@ -132,6 +132,16 @@ void StepReactor::OnReadDone(bool ok) {
 }
 
 absl::Status StepReactor::HandleMessage() {
+  if (session_ != nullptr) {
+    // Tokens may have been revoked (SIGHUP reload) while this stream was
+    // open: every message is authorised again, so a removed token's stream
+    // ends at its next message. The lookup is a hash and a constant-time scan.
+    auto tenant = deps_.authenticator->Authenticate(*context_);
+    if (!tenant.ok() || *tenant != tenant_) {
+      return absl::UnauthenticatedError(
+          "the stream's token is no longer valid (the tokens file was reloaded)");
+    }
+  }
   if (session_ == nullptr) {
     if (request_.session().empty()) {
       return absl::InvalidArgumentError("session: required in the first message");

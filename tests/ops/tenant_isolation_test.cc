@@ -141,5 +141,34 @@ TEST(TenantIsolation, BadTokensFileOnSighupKeepsOldTokensWithLogAndMetric) {
   EXPECT_EQ(MetricSample(*m, "natgrad_token_reloads_total{outcome=\"ok\"}"), 1);
 }
 
+// A token removed from the file and reloaded with SIGHUP ends that token's
+// open Step stream at its next message; other tenants' streams go on.
+TEST(TenantIsolation, RevokedTokenEndsItsOpenStream) {
+  const std::string tokens = TokensFile();
+  ServerProcess server({"--auth_tokens_file=" + tokens});
+  ASSERT_TRUE(server.running());
+  client::Client alice = As(server, kAlice), bob = As(server, kBob);
+  auto a = alice.CreateSession(Config());
+  auto b = bob.CreateSession(Config());
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto sa = alice.OpenStream(a->name());
+  auto sb = bob.OpenStream(b->name());
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  natgrad::v1::BlockStep s;
+  s.set_name("w");
+  *s.mutable_gradient() = client::MakeTensor(std::vector<float>{1, 2, 3}, {3});
+  ASSERT_TRUE((*sa)->Step({s}).ok());
+  ASSERT_TRUE((*sb)->Step({s}).ok());
+  std::ofstream(tokens, std::ios::trunc) << kBob << " bob\n";
+  server.Signal(SIGHUP);
+  ASSERT_TRUE(PollUntil([&] {
+    return As(server, kAlice).ListSessions().status().code() == absl::StatusCode::kUnauthenticated;
+  }, std::chrono::seconds(30)));
+  auto refused = (*sa)->Step({s});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE((*sb)->Step({s}).ok());
+}
+
 }  // namespace
 }  // namespace natgrad::testing
