@@ -150,6 +150,36 @@ def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None
     return BlockConfig(name=name, shape=[int(copies), int(dim)], gaussian=c)
 
 
+DIAG_PARAMETRIZATIONS = {
+    "natural": blocks_pb2.DIAG_NATURAL,
+    "expectation": blocks_pb2.DIAG_EXPECTATION,
+    "mean_variance": blocks_pb2.DIAG_MEAN_VARIANCE,
+    "mean_log_std": blocks_pb2.DIAG_MEAN_LOG_STD,
+}
+
+
+def gaussian_diag(name, dim, copies=1, *, parametrization="mean_variance", gamma=None,
+                  max_halvings=8, return_direction=False):
+    """A diagonal (mean-field) Gaussian N(m, diag(s)) block: ``copies`` (L)
+    copies of dimension ``dim`` (M), every part of its step an [L, M] array.
+    parametrization: 'natural' (m/s, -1/(2s)), 'expectation' (m, s + m^2),
+    'mean_variance' (m, s) or 'mean_log_std' (m, rho with s = exp(2 rho)).
+    gamma and max_halvings as for gaussian(). Elementwise on the server, so
+    dim may be in the millions; float32 arrays stay float32 on the wire."""
+    _check_name(name)
+    if parametrization not in DIAG_PARAMETRIZATIONS:
+        raise ValueError(f"block '{name}': parametrization must be one of "
+                         f"{sorted(DIAG_PARAMETRIZATIONS)}, got {parametrization!r}")
+    if int(dim) <= 0 or int(copies) <= 0:
+        raise ValueError(f"block '{name}': dim and copies must be positive")
+    c = blocks_pb2.GaussianDiagConfig(dim=int(dim), copies=int(copies),
+                                      parametrization=DIAG_PARAMETRIZATIONS[parametrization],
+                                      max_halvings=_wire_max_halvings(name, max_halvings),
+                                      return_direction=bool(return_direction))
+    _set_schedule(c, "gamma", gamma, name)
+    return BlockConfig(name=name, shape=[int(copies), int(dim)], gaussian_diag=c)
+
+
 def session_config(blocks, *, state_dtype=None, kl_clip=None, adaptive_damping=None,
                    display_name=None):
     """blocks: BlockConfig messages. kl_clip: None/False (off), True (on,

@@ -617,6 +617,8 @@ class Session:
         dtype = x.get("dtype")
         if kind == "gaussian":
             return self._gaussian_step(bs, name, cfg.gaussian, x, dtype)
+        if kind == "gaussian_diag":
+            return self._gaussian_diag_step(bs, name, cfg.gaussian_diag, x, dtype)
         if x.get("gradient") is None:
             raise self._err(name, "gradient", "missing")
         grad = self._array(name, "gradient", x["gradient"], shape)
@@ -716,6 +718,27 @@ class Session:
         gi.gradient_space = _GRADIENT_SPACES[sp]
         if layout == "gpflow":
             self._gpflow_blocks.add(name)
+        return bs
+
+    def _gaussian_diag_step(self, bs, name, g, x, dtype):
+        """A diagonal Gaussian: four [copies, dim] arrays ([dim] for one copy),
+        sent in their own dtype unless `dtype` says otherwise (float32 stays
+        float32: these blocks can be millions of elements)."""
+        copies, dim = max(1, g.copies), g.dim
+        s, alt = [copies, dim], ([dim] if copies == 1 else None)
+        for f in ("param1", "param2", "grad1", "grad2"):
+            if x.get(f) is None:
+                raise self._err(name, f, "missing (diagonal Gaussian blocks need param1, param2, grad1, grad2)")
+        sp = x.get("gradient_space")
+        if sp not in _GRADIENT_SPACES:
+            raise self._err(name, "gradient_space", "must be 'parametrization' (gradients w.r.t. "
+                            f"param1/param2) or 'expectation' (dL/deta), got {sp!r}")
+        gi = bs.gaussian
+        for f in ("param1", "param2", "grad1", "grad2"):
+            arr = self._array(name, f, x[f], s, alt)
+            dt = dtype or (np.float32 if arr.dtype == np.float32 else np.float64)
+            to_tensor(arr.reshape(s), dt, out=getattr(gi, f))
+        gi.gradient_space = _GRADIENT_SPACES[sp]
         return bs
 
     def build_requests(self, inputs, loss=None, step=None):
