@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/step_size_record.h"
 #include "absl/strings/str_format.h"
 #include "server/blocks/gaussian/math/gaussian_gradient.h"
 #include "server/blocks/gaussian/math/gaussian_linalg.h"
@@ -92,54 +93,19 @@ class GaussianBlock final : public ParameterBlock {
 
   BlockState ExportState() const override {
     BlockState state;
-    state.scalars["steps"] = static_cast<double>(steps_);
-    state.scalars["gamma_used"] = gamma_used_;
-    state.scalars["halvings"] = halvings_;
+    record_.ExportTo(state);
     return state;
   }
 
   absl::Status ImportState(const BlockState& state) override {
-    if (!state.tensors.empty()) {
-      return Invalid(absl::StrCat("state has tensor \"",
-                                  state.tensors.begin()->first,
-                                  "\"; a Gaussian block keeps none"));
-    }
-    double steps = 0, gamma_used = 0, halvings = 0;
-    for (const auto& [key, value] : state.scalars) {
-      if (key == "steps") {
-        steps = value;
-      } else if (key == "gamma_used") {
-        gamma_used = value;
-      } else if (key == "halvings") {
-        halvings = value;
-      } else {
-        return Invalid(absl::StrCat("state has unknown scalar \"", key, "\""));
-      }
-    }
-    const auto is_count = [](double x, double max) {
-      return std::isfinite(x) && x >= 0 && x <= max && x == std::floor(x);
-    };
-    if (!is_count(steps, 9.0e15)) {
-      return Invalid(absl::StrCat("state scalar steps = ", steps,
-                                  " is not a non-negative integer"));
-    }
-    if (!std::isfinite(gamma_used) || gamma_used < 0) {
-      return Invalid(absl::StrCat("state scalar gamma_used = ", gamma_used,
-                                  " is not finite and >= 0"));
-    }
-    if (!is_count(halvings, kMaxMaxHalvings)) {
-      return Invalid(absl::StrCat("state scalar halvings = ", halvings,
-                                  " is not an integer in [0, ",
-                                  kMaxMaxHalvings, "]"));
-    }
-    steps_ = static_cast<int64_t>(steps);
-    gamma_used_ = gamma_used;
-    halvings_ = static_cast<int>(halvings);
+    absl::StatusOr<StepSizeRecord> r = StepSizeRecord::Import(state, name(), kMaxMaxHalvings);
+    if (!r.ok()) return r.status();
+    record_ = *r;
     return absl::OkStatus();
   }
 
   int64_t StateBytes() const override {
-    return sizeof(steps_) + sizeof(gamma_used_) + sizeof(halvings_);
+    return sizeof(record_);
   }
 
  private:
@@ -298,17 +264,15 @@ class GaussianBlock final : public ParameterBlock {
 
   GaussianOptions options_;
   Precision precision_;
-  int64_t steps_ = 0;
-  double gamma_used_ = 0;
-  int halvings_ = 0;
+  StepSizeRecord record_;
 };
 
 BlockStepOutput GaussianPendingUpdate::Commit(double /*kl_scale*/) {
   // Not KL-clipped: γ is the Gaussian step's only scale.
-  ++block_->steps_;
+  ++block_->record_.steps;
   const auto& g = std::get<GaussianStepOutput>(output_.kind_output);
-  block_->gamma_used_ = g.gamma_used;
-  block_->halvings_ = g.halvings;
+  block_->record_.gamma_used = g.gamma_used;
+  block_->record_.halvings = g.halvings;
   return std::move(output_);
 }
 

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/core/block_error.h"
+#include "server/core/step_size_record.h"
 #include "server/linalg/compute_pool.h"
 
 namespace natgrad::core {
@@ -103,43 +104,19 @@ class GaussianDiagBlock final : public ParameterBlock {
   }
 
   BlockState ExportState() const override {
-    BlockState s;
-    s.scalars["steps"] = static_cast<double>(steps_);
-    s.scalars["gamma_used"] = gamma_used_;
-    s.scalars["halvings"] = halvings_;
-    return s;
+    BlockState state;
+    record_.ExportTo(state);
+    return state;
   }
 
   absl::Status ImportState(const BlockState& state) override {
-    if (!state.tensors.empty()) {
-      return InvalidBlockField(name(), "state",
-                               absl::StrCat("has tensor \"", state.tensors.begin()->first,
-                                            "\"; a diagonal Gaussian block keeps none"));
-    }
-    double steps = 0, gamma_used = 0, halvings = 0;
-    for (const auto& [key, value] : state.scalars) {
-      if (key == "steps") {
-        steps = value;
-      } else if (key == "gamma_used") {
-        gamma_used = value;
-      } else if (key == "halvings") {
-        halvings = value;
-      } else {
-        return InvalidBlockField(name(), "state", absl::StrCat("has unknown scalar \"", key, "\""));
-      }
-    }
-    if (!(steps >= 0 && steps == std::floor(steps) && steps < 9007199254740992.0) ||
-        !(std::isfinite(gamma_used) && gamma_used >= 0) ||
-        !(halvings >= 0 && halvings <= kMaxHalvings && halvings == std::floor(halvings))) {
-      return InvalidBlockField(name(), "state", "scalars are out of range");
-    }
-    steps_ = static_cast<int64_t>(steps);
-    gamma_used_ = gamma_used;
-    halvings_ = static_cast<int>(halvings);
+    absl::StatusOr<StepSizeRecord> r = StepSizeRecord::Import(state, name(), kMaxHalvings);
+    if (!r.ok()) return r.status();
+    record_ = *r;
     return absl::OkStatus();
   }
 
-  int64_t StateBytes() const override { return 3 * sizeof(double); }
+  int64_t StateBytes() const override { return sizeof(record_); }
 
  private:
   friend class GaussianDiagPendingUpdate;
@@ -321,16 +298,14 @@ class GaussianDiagBlock final : public ParameterBlock {
 
   GaussianDiagOptions options_;
   Precision precision_;
-  int64_t steps_ = 0;
-  double gamma_used_ = 0;
-  int halvings_ = 0;
+  StepSizeRecord record_;
 };
 
 BlockStepOutput GaussianDiagPendingUpdate::Commit(double) {
   const auto& g = std::get<GaussianDiagStepOutput>(output_.kind_output);
-  ++block_->steps_;
-  block_->gamma_used_ = g.gamma_used;
-  block_->halvings_ = g.halvings;
+  ++block_->record_.steps;
+  block_->record_.gamma_used = g.gamma_used;
+  block_->record_.halvings = g.halvings;
   return std::move(output_);
 }
 
