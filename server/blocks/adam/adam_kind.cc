@@ -1,6 +1,7 @@
 #include "server/blocks/adam/adam_kind.h"
 
 #include "server/blocks/internal/dense_codec.h"
+#include "server/blocks/internal/dense_gradient_kind.h"
 #include "server/blocks/adam/math/adam_block.h"
 
 namespace natgrad::blocks {
@@ -8,7 +9,7 @@ namespace {
 
 using natgrad::v1::BlockConfig;
 
-class AdamBlockKind final : public BlockKind {
+class AdamBlockKind final : public internal::DenseGradientKind {
  public:
   absl::string_view name() const override { return "adam"; }
   BlockConfig::KindCase config_case() const override { return BlockConfig::kAdam; }
@@ -37,20 +38,6 @@ class AdamBlockKind final : public BlockKind {
     if (!o.ok()) return o.status();
     return core::NewAdamBlock(config.name(), *shape, *o,
                               internal::PrecisionOf(state_dtype, core::Precision::kFloat32));
-  }
-
-  absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
-                                                  const BlockConfig&,
-                                                  ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), false); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> in = internal::DecodeDenseStep(step, reply);
-    if (!in.ok()) return in.status();
-    return core::BlockStepInput(*std::move(in));
-  }
-
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
-                    natgrad::v1::BlockUpdate* update) const override {
-    internal::EncodeDelta(output, reply, update);
   }
 
   std::vector<std::string> SnapshotTensorNames() const override {

@@ -1,6 +1,7 @@
 #include "server/blocks/sgd/sgd_kind.h"
 
 #include "server/blocks/internal/dense_codec.h"
+#include "server/blocks/internal/dense_gradient_kind.h"
 #include "server/blocks/sgd/math/sgd_block.h"
 
 namespace natgrad::blocks {
@@ -8,7 +9,7 @@ namespace {
 
 using natgrad::v1::BlockConfig;
 
-class SgdBlockKind final : public BlockKind {
+class SgdBlockKind final : public internal::DenseGradientKind {
  public:
   absl::string_view name() const override { return "sgd"; }
   BlockConfig::KindCase config_case() const override { return BlockConfig::kSgd; }
@@ -44,20 +45,6 @@ class SgdBlockKind final : public BlockKind {
     o.nesterov = c.nesterov();
     return core::NewSgdBlock(config.name(), *shape, o,
                              internal::PrecisionOf(state_dtype, core::Precision::kFloat32));
-  }
-
-  absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
-                                                  const BlockConfig&,
-                                                  ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), false); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> in = internal::DecodeDenseStep(step, reply);
-    if (!in.ok()) return in.status();
-    return core::BlockStepInput(*std::move(in));
-  }
-
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
-                    natgrad::v1::BlockUpdate* update) const override {
-    internal::EncodeDelta(output, reply, update);
   }
 
   std::vector<std::string> SnapshotTensorNames() const override {

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/blocks/internal/dense_codec.h"
+#include "server/blocks/internal/dense_gradient_kind.h"
 #include "server/blocks/shampoo/math/shampoo_block.h"
 
 namespace natgrad::blocks {
@@ -11,7 +12,7 @@ namespace {
 
 using natgrad::v1::BlockConfig;
 
-class ShampooBlockKind final : public BlockKind {
+class ShampooBlockKind final : public internal::DenseGradientKind {
  public:
   absl::string_view name() const override { return "shampoo"; }
   BlockConfig::KindCase config_case() const override { return BlockConfig::kShampoo; }
@@ -42,20 +43,6 @@ class ShampooBlockKind final : public BlockKind {
                                        internal::PrecisionOf(state_dtype, core::Precision::kFloat32));
     if (!block.ok()) return Prefixed(block.status(), config, field);
     return block;
-  }
-
-  absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
-                                                  const BlockConfig&,
-                                                  ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), false); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> in = internal::DecodeDenseStep(step, reply);
-    if (!in.ok()) return in.status();
-    return core::BlockStepInput(*std::move(in));
-  }
-
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
-                    natgrad::v1::BlockUpdate* update) const override {
-    internal::EncodeDelta(output, reply, update);
   }
 
   std::vector<std::string> SnapshotTensorNames() const override {
