@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S_BASE = DEPLOY / "k8s"
 K8S_GPU = DEPLOY / "k8s" / "overlays" / "gpu"
+K8S_ROUTER = DEPLOY / "k8s" / "overlays" / "router"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 TRAINER_DOCKERFILE = DEPLOY / "docker" / "trainer.Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
@@ -189,6 +190,11 @@ def k8s_base():
 @pytest.fixture(scope="session")
 def k8s_gpu():
     return Rendered(_kustomize(K8S_GPU))
+
+
+@pytest.fixture(scope="session")
+def k8s_router():
+    return Rendered(_kustomize(K8S_ROUTER))
 
 
 @pytest.fixture(scope="session", params=["base", "gpu"])
