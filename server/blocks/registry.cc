@@ -94,7 +94,7 @@ absl::Status ValidateSessionConfig(const natgrad::v1::SessionConfig& config) {
   if (ad.enabled()) {
     if (!any_curvature) {
       return absl::InvalidArgumentError(
-          "config.adaptive_damping: needs at least one kfac_dense block");
+          "config.adaptive_damping: needs at least one kfac_dense or ekfac block");
     }
     // Written as !(valid) so NaN fails too.
     const bool valid = ad.interval() >= 0 && ad.decay() >= 0 && ad.decay() < 1 &&
