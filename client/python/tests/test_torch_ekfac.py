@@ -158,3 +158,35 @@ def test_ekfac_config_helper():
     assert c.ekfac.learning_rate.constant.value == pytest.approx(0.1)
     with pytest.raises(ValueError):
         blocks.ekfac("x", 3, 2, ema_decay=1.0)
+
+
+def test_ekfac_state_dict_round_trip_continues_exactly(client):
+    kw = dict(client=client, lr=LR, damping=DAMPING, momentum=MOMENTUM, kl_clip=KAPPA,
+              ema_decay=DECAY, inverse_period=3)
+    model = _mlp()
+    a = natgrad.torch.EKFAC(model, **kw)
+
+    def step(opt, m, t):
+        x, y = _batch(t)
+        opt.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        opt.step()
+
+    for t in range(1, 4):
+        step(a, model, t)
+    sd = a.state_dict()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in range(4, 6):
+        step(a, model, t)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    a.close(delete=True)
+
+    restored = _mlp()
+    restored.load_state_dict(saved)
+    b = natgrad.torch.EKFAC(restored, **kw)
+    b.load_state_dict(sd)  # the session was deleted: imported from the snapshot
+    for t in range(4, 6):
+        step(b, restored, t)
+    for k, v in restored.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    b.close(delete=True)
