@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/blocks/adam/adam_kind.h"
+#include "server/blocks/ekfac/ekfac_kind.h"
 #include "server/blocks/gaussian/gaussian_kind.h"
 #include "server/blocks/gaussian_diag/gaussian_diag_kind.h"
 #include "server/blocks/internal/dense_codec.h"
@@ -25,6 +26,7 @@ const std::vector<const BlockKind*>& AllKinds() {
       &GaussianKind(),
       &GaussianDiagKind(),
       &ShampooKind(),
+      &EkfacKind(),
   };
   return kinds;
 }
@@ -92,7 +94,7 @@ absl::Status ValidateSessionConfig(const natgrad::v1::SessionConfig& config) {
   if (ad.enabled()) {
     if (!any_curvature) {
       return absl::InvalidArgumentError(
-          "config.adaptive_damping: needs at least one kfac_dense block");
+          "config.adaptive_damping: needs at least one kfac_dense or ekfac block");
     }
     // Written as !(valid) so NaN fails too.
     const bool valid = ad.interval() >= 0 && ad.decay() >= 0 && ad.decay() < 1 &&

@@ -90,7 +90,7 @@ from natgrad import blocks as _blocks
 from natgrad import errors
 from natgrad._pb import session_pb2
 
-__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo"]
+__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo", "EKFAC"]
 
 log = logging.getLogger("natgrad.torch")
 
@@ -966,3 +966,12 @@ class KFACPreconditioner(_KfacModel):
 
 # Re-exported here; the class lives in its own module.
 from natgrad.torch_shampoo import Shampoo  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # EKFAC subclasses KFAC in its own module (which imports this one), so it
+    # is loaded on first use rather than here.
+    if name == "EKFAC":
+        from natgrad.torch_ekfac import EKFAC
+        return EKFAC
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
