@@ -120,10 +120,10 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   const int64_t dim = absl::GetFlag(FLAGS_dim), blocks = absl::GetFlag(FLAGS_blocks);
   const int steps = absl::GetFlag(FLAGS_steps);
-  std::printf("soap: %lld blocks of %lld x %lld per session, every step refreshes both bases "
-              "of every block; %u hardware threads\n",
-              (long long)blocks, (long long)dim, (long long)dim,
-              std::thread::hardware_concurrency());
+  std::printf(
+      "soap: %lld blocks of %lld x %lld per session, every step refreshes both bases "
+      "of every block; %u hardware threads\n",
+      (long long)blocks, (long long)dim, (long long)dim, std::thread::hardware_concurrency());
   std::printf("%-9s %-10s %-9s %12s %10s %10s %10s\n", "refresh", "max_batch", "sessions",
               "matrices/s", "steps/s", "p50 ms", "p99 ms");
   for (absl::string_view method : absl::StrSplit(absl::GetFlag(FLAGS_refresh), ',')) {

@@ -48,8 +48,7 @@ class SoapBlockKind final : public internal::DenseGradientKind {
 
   std::vector<std::string> SnapshotTensorNames() const override {
     // Factors and bases only on preconditioned sides; bases from step 1.
-    return {"exp_avg",    "exp_avg_sq", "left_factor",
-            "right_factor", "left_basis", "right_basis"};
+    return {"exp_avg", "exp_avg_sq", "left_factor", "right_factor", "left_basis", "right_basis"};
   }
 
  private:
@@ -58,9 +57,9 @@ class SoapBlockKind final : public internal::DenseGradientKind {
   static absl::Status Prefixed(const absl::Status& s, const BlockConfig& config,
                                const std::string& field) {
     if (s.ok()) return s;
-    return absl::Status(s.code(), absl::StrCat(field, ": block ",
-                                               core::QuotedBlockName(config.name()), ": ",
-                                               s.message()));
+    return absl::Status(
+        s.code(),
+        absl::StrCat(field, ": block ", core::QuotedBlockName(config.name()), ": ", s.message()));
   }
 
   absl::StatusOr<core::SoapOptions> Options(const BlockConfig& config, const std::string& field,

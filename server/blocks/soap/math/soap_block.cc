@@ -84,8 +84,7 @@ typename SoapBlock<Scalar>::Matrix SoapBlock<Scalar>::Project(const Matrix& x, c
 }
 
 template <typename Scalar>
-typename SoapBlock<Scalar>::Matrix SoapBlock<Scalar>::ProjectBack(const Matrix& x,
-                                                                  const Matrix& ql,
+typename SoapBlock<Scalar>::Matrix SoapBlock<Scalar>::ProjectBack(const Matrix& x, const Matrix& ql,
                                                                   const Matrix& qr) const {
   Matrix y = left_on_ ? Matrix(ql * x) : x;
   return right_on_ ? Matrix(y * qr.transpose()) : y;
@@ -144,9 +143,9 @@ SoapBlock<Scalar>::SoapBlock(std::string name, MatrixShape shape, SoapOptions op
 absl::Status ValidateSoapOptions(MatrixShape shape, const SoapOptions& o) {
   if (absl::Status s = fo::CheckShape("soap", shape); !s.ok()) return s;
   if (o.view_rows < 0 || (o.view_rows > 0 && (shape.rows * shape.cols) % o.view_rows != 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "soap.view_rows must be 0 or divide the parameter's ", shape.rows * shape.cols,
-        " values, got ", o.view_rows));
+    return absl::InvalidArgumentError(
+        absl::StrCat("soap.view_rows must be 0 or divide the parameter's ", shape.rows * shape.cols,
+                     " values, got ", o.view_rows));
   }
   // Written as !(in range) so NaN fails too.
   for (auto [param, value] : {std::pair{"beta1", o.beta1}, std::pair{"beta2", o.beta2},
@@ -161,13 +160,12 @@ absl::Status ValidateSoapOptions(MatrixShape shape, const SoapOptions& o) {
         absl::StrCat("soap.epsilon must be positive and finite, got ", o.epsilon));
   }
   if (o.precondition_frequency < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "soap.precondition_frequency must be >= 1, got ", o.precondition_frequency));
+    return absl::InvalidArgumentError(
+        absl::StrCat("soap.precondition_frequency must be >= 1, got ", o.precondition_frequency));
   }
   if (o.max_precond_dim < 1 || o.max_precond_dim > kMaxPrecondDimLimit) {
-    return absl::InvalidArgumentError(absl::StrCat("soap.max_precond_dim must be in [1, ",
-                                                   kMaxPrecondDimLimit, "], got ",
-                                                   o.max_precond_dim));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "soap.max_precond_dim must be in [1, ", kMaxPrecondDimLimit, "], got ", o.max_precond_dim));
   }
   return absl::OkStatus();
 }
@@ -288,8 +286,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     m = m_orig;  // re-projected below, once the new bases are known
   }
   if (use_engine) {
-    if (left_on_) futures.emplace_back(true, context.engine->Submit(left, engine::DecompositionKind::kEigh));
-    if (right_on_) futures.emplace_back(false, context.engine->Submit(right, engine::DecompositionKind::kEigh));
+    if (left_on_)
+      futures.emplace_back(true, context.engine->Submit(left, engine::DecompositionKind::kEigh));
+    if (right_on_)
+      futures.emplace_back(false, context.engine->Submit(right, engine::DecompositionKind::kEigh));
     for (auto& [is_left, future] : futures) {
       absl::StatusOr<engine::Decomposition<Scalar>> d = future.get();
       const int64_t dim = is_left ? view_.rows : view_.cols;
@@ -308,9 +308,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
 
   // Finite inputs can still overflow (G G^T, or a double gradient beyond
   // float's range); refuse rather than poison the state.
-  const bool finite = delta.allFinite() && m.allFinite() && v.allFinite() &&
-                      left.allFinite() && right.allFinite() && ql.allFinite() &&
-                      qr.allFinite();
+  const bool finite = delta.allFinite() && m.allFinite() && v.allFinite() && left.allFinite() &&
+                      right.allFinite() && ql.allFinite() && qr.allFinite();
   if (!finite) {
     return InvalidBlockField(name(), "gradient",
                              "gives an update that overflows to non-finite values");
@@ -323,8 +322,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
                                          {"preconditioned", first ? 0.0 : 1.0},
                                          {"refreshed", (first || refresh) ? 1.0 : 0.0}};
   return std::make_unique<Update>(this, std::move(delta), std::move(m), std::move(v),
-                                  std::move(left), std::move(right), std::move(ql),
-                                  std::move(qr), std::move(hyper));
+                                  std::move(left), std::move(right), std::move(ql), std::move(qr),
+                                  std::move(hyper));
 }
 
 template <typename Scalar>
@@ -404,8 +403,7 @@ int64_t SoapBlock<Scalar>::StateBytes() const {
 template class SoapBlock<float>;
 template class SoapBlock<double>;
 
-absl::StatusOr<std::unique_ptr<ParameterBlock>> NewSoapBlock(std::string name,
-                                                             MatrixShape shape,
+absl::StatusOr<std::unique_ptr<ParameterBlock>> NewSoapBlock(std::string name, MatrixShape shape,
                                                              const SoapOptions& options,
                                                              Precision precision) {
   if (precision == Precision::kFloat64) {

@@ -81,8 +81,8 @@ class SoapBlock final : public ParameterBlock {
   // The pending update refers to this block: commit or drop it before the
   // next Propose/ImportState or the block's destruction. The first step and
   // kEigh refreshes submit both sides to context.engine before waiting.
-  absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
-      const BlockStepInput& input, const StepContext& context) override;
+  absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(const BlockStepInput& input,
+                                                              const StepContext& context) override;
   // Scalar "step" (Propose calls committed, the first included); tensors
   // "exp_avg" and "exp_avg_sq" (both in the eigenbasis), and per
   // preconditioned side "left_factor"/"right_factor" and, once step >= 1,
@@ -104,8 +104,8 @@ class SoapBlock final : public ParameterBlock {
   Matrix Project(const Matrix& x, const Matrix& ql, const Matrix& qr) const;
   Matrix ProjectBack(const Matrix& x, const Matrix& ql, const Matrix& qr) const;
 
-  MatrixShape shape_;  // as the step input comes
-  MatrixShape view_;   // as the factors see it
+  MatrixShape shape_;    // as the step input comes
+  MatrixShape view_;     // as the factors see it
   SoapOptions options_;  // schedules are never null
   bool left_on_, right_on_;
   int64_t step_ = 0;
@@ -126,8 +126,7 @@ absl::Status ValidateSoapOptions(MatrixShape shape, const SoapOptions& options);
 int64_t EstimateSoapStateBytes(MatrixShape shape, const SoapOptions& options,
                                int64_t element_bytes);
 
-absl::StatusOr<std::unique_ptr<ParameterBlock>> NewSoapBlock(std::string name,
-                                                             MatrixShape shape,
+absl::StatusOr<std::unique_ptr<ParameterBlock>> NewSoapBlock(std::string name, MatrixShape shape,
                                                              const SoapOptions& options,
                                                              Precision precision);
 

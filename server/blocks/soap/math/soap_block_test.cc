@@ -18,8 +18,8 @@
 namespace natgrad::core {
 namespace {
 
-using ::testing::HasSubstr;
 using Eigen::MatrixXd;
+using ::testing::HasSubstr;
 
 MatrixXd Random(std::mt19937& rng, int64_t r, int64_t c) {
   std::normal_distribution<double> d;
@@ -63,8 +63,8 @@ double RelErr(const MatrixXd& got, const MatrixXd& want) {
   return (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
 }
 
-void CompareWithOracle(const SoapOptions& o, int64_t rows, int64_t cols, Precision prec,
-                       double tol, int steps = 14) {
+void CompareWithOracle(const SoapOptions& o, int64_t rows, int64_t cols, Precision prec, double tol,
+                       int steps = 14) {
   SCOPED_TRACE(::testing::Message() << rows << "x" << cols);
   testing::EigenInversionEngine engine;
   auto block = NewSoapBlock("w", {rows, cols}, o, prec);
@@ -306,8 +306,7 @@ TEST(SoapBlock, BadInputsAreRefusedAndChangeNothing) {
   {
     DenseStepInput in;
     in.gradient = Random(rng, 4, 3);  // weight decay without params
-    EXPECT_THAT((*block)->Propose(in, ctx).status().message(),
-                HasSubstr("block \"fc1\": params"));
+    EXPECT_THAT((*block)->Propose(in, ctx).status().message(), HasSubstr("block \"fc1\": params"));
   }
   {
     DenseStepInput in;

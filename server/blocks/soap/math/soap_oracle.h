@@ -47,7 +47,8 @@ class SoapOracle {
     const M grad_projected = Project(grad);
     ++step_;
     exp_avg_ = exp_avg_ * o_.beta1 + grad_projected * (1 - o_.beta1);
-    exp_avg_sq_ = exp_avg_sq_ * o_.beta2 + grad_projected.cwiseProduct(grad_projected) * (1 - o_.beta2);
+    exp_avg_sq_ =
+        exp_avg_sq_ * o_.beta2 + grad_projected.cwiseProduct(grad_projected) * (1 - o_.beta2);
     const M denom = (exp_avg_sq_.array().sqrt() + o_.eps).matrix();
     double step_size = lr;
     if (o_.correct_bias) {
@@ -106,8 +107,10 @@ class SoapOracle {
     M sq = exp_avg_sq_;
     for (size_t i = 0; i < sort_idx.size(); ++i) {
       o.col(i) = q_old.col(sort_idx[i]);
-      if (dim == 0) sq.row(i) = exp_avg_sq_.row(sort_idx[i]);
-      else sq.col(i) = exp_avg_sq_.col(sort_idx[i]);
+      if (dim == 0)
+        sq.row(i) = exp_avg_sq_.row(sort_idx[i]);
+      else
+        sq.col(i) = exp_avg_sq_.col(sort_idx[i]);
     }
     exp_avg_sq_ = sq;
     if (o_.eigh_refresh) return EighDescending(gg);
