@@ -54,7 +54,12 @@ void SetSoap(const Spec& s, natgrad::v1::SoapConfig* c) {
   *c->mutable_learning_rate() = Constant(0.02);
   *c->mutable_weight_decay() = Constant(0.05);
   c->set_beta1(0.9);
-  c->set_shampoo_beta(0.8);
+  // The eigh block leaves shampoo_beta unset: it must follow beta2.
+  if (s.kind == Kind::kSoapEigh) {
+    c->set_beta2(0.9);
+  } else {
+    c->set_shampoo_beta(0.8);
+  }
   c->set_precondition_frequency(3);
   if (s.max_precond_dim) c->set_max_precond_dim(s.max_precond_dim);
   if (s.kind == Kind::kSoapEigh) c->set_refresh(natgrad::v1::SOAP_REFRESH_EIGH);
@@ -66,6 +71,7 @@ core::SoapOptions SoapCore(const Spec& s) {
   o.weight_decay = core::ConstantSchedule(0.05);
   o.beta1 = 0.9;
   o.shampoo_beta = 0.8;
+  if (s.kind == Kind::kSoapEigh) o.beta2 = o.shampoo_beta = 0.9;
   o.precondition_frequency = 3;
   if (s.max_precond_dim) o.max_precond_dim = s.max_precond_dim;
   if (s.kind == Kind::kSoapEigh) o.refresh = core::SoapRefresh::kEigh;
