@@ -14,6 +14,7 @@
 #include "server/blocks/kfac_dense/kfac_dense_kind.h"
 #include "server/blocks/sgd/sgd_kind.h"
 #include "server/blocks/shampoo/shampoo_kind.h"
+#include "server/blocks/soap/soap_kind.h"
 
 namespace natgrad::blocks {
 
@@ -27,6 +28,7 @@ const std::vector<const BlockKind*>& AllKinds() {
       &GaussianDiagKind(),
       &ShampooKind(),
       &EkfacKind(),
+      &SoapKind(),
   };
   return kinds;
 }

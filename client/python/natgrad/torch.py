@@ -90,7 +90,7 @@ from natgrad import blocks as _blocks
 from natgrad import errors
 from natgrad._pb import session_pb2
 
-__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo", "EKFAC"]
+__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo", "SOAP", "EKFAC"]
 
 log = logging.getLogger("natgrad.torch")
 
@@ -964,8 +964,9 @@ class KFACPreconditioner(_KfacModel):
         self._load_natgrad_state(state_dict.get("natgrad"))
 
 
-# Re-exported here; the class lives in its own module.
+# Re-exported here; the classes live in their own modules.
 from natgrad.torch_shampoo import Shampoo  # noqa: E402,F401
+from natgrad.torch_soap import SOAP  # noqa: E402,F401
 
 
 def __getattr__(name):
