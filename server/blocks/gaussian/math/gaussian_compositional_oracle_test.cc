@@ -112,7 +112,7 @@ struct Oracle {
     return {mu, s + mu * mu.transpose()};
   }
 
-  static constexpr LD kH = 2e-4L;
+  static constexpr LD kH = 1e-4L;  // worst case about 2% of the 1e-8 tolerance
 
   // Richardson-extrapolated central difference of a vector function.
   template <typename F>
