@@ -584,5 +584,56 @@ TEST(GaussianCompositionalTest, RefusesBadInput) {
             1e-15);
 }
 
+// Float32 blocks compute the compositional step in float: close to the
+// float64 block (a float-rounding tolerance), for every Fisher form.
+TEST(GaussianCompositionalTest, Float32AgreesWithFloat64) {
+  std::mt19937 rng(9);
+  for (Form f : {Form::kFull, Form::kDiagonal, Form::kShared}) {
+    for (P p : kAll) {
+      SCOPED_TRACE(::testing::Message() << GaussianParametrizationName(p) << " form "
+                                        << static_cast<int>(f));
+      const Case c{p, 3, 4, f, Space::kParametrization, 0.1};
+      GaussianOptions opt;
+      opt.dim = c.m;
+      opt.parametrization = p;
+      opt.gamma = ConstantSchedule(0.3);
+      opt.likelihood_damping = ConstantSchedule(c.damping);
+      opt.return_direction = true;
+      GaussianStepInput in;
+      in.gradient_space = c.rest_space;
+      std::normal_distribution<double> n;
+      VectorXd mu(c.m);
+      for (int j = 0; j < c.m; ++j) mu(j) = n(rng);
+      auto [x1, x2] = ParamsOf(p, mu, Spd(c.m, rng, 0.5));
+      in.param1 = {x1};
+      in.param2 = {x2};
+      in.grad1 = {VectorXd::Zero(c.m)};
+      in.grad2 = {MatrixXd::Zero(c.m, c.m)};
+      const CopyData d = RandomCopy(c, rng);
+      GaussianCompositionalInput ci;
+      ci.fisher_form = f;
+      ci.samples = {d.eps};
+      ci.likelihood_gradients = {d.grad};
+      ci.likelihood_fisher = {d.fisher};
+      in.compositional = ci;
+      StepContext ctx;
+      ctx.step = 1;
+      GaussianStepOutput out[2];
+      int k = 0;
+      for (Precision prec : {Precision::kFloat64, Precision::kFloat32}) {
+        auto block = NewGaussianBlock("q", opt, prec);
+        ASSERT_TRUE(block.ok());
+        auto pending = (*block)->Propose(in, ctx);
+        ASSERT_TRUE(pending.ok()) << pending.status();
+        out[k++] = std::get<GaussianStepOutput>((*pending)->Commit(1).kind_output);
+      }
+      const double scale = std::max(1.0, out[0].direction2[0].cwiseAbs().maxCoeff());
+      EXPECT_LT((out[0].direction1[0] - out[1].direction1[0]).cwiseAbs().maxCoeff(), 1e-4 * scale);
+      EXPECT_LT((out[0].direction2[0] - out[1].direction2[0]).cwiseAbs().maxCoeff(), 1e-4 * scale);
+      EXPECT_LT((out[0].param2[0] - out[1].param2[0]).cwiseAbs().maxCoeff(), 1e-4 * scale);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace natgrad::core
