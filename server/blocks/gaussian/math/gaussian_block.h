@@ -35,8 +35,11 @@
 // kSymmetryRelTolerance (relative to max|F_s|; then symmetrised) and
 // F_s + λ_z I positive definite (its Cholesky must succeed); otherwise
 // INVALID_ARGUMENT naming the field, e.g.
-//   block "q_u": gaussian.compositional.likelihood_fisher[0][3] + 0 I is not
-//   positive definite
+//   block "q_u": gaussian.compositional.likelihood_fisher[0][3] +
+//   likelihood_damping I (likelihood_damping = 0) is not positive definite ...
+// grad1/grad2 are still required here (zeros for none; the wire decoder
+// fills them when the client leaves them out). Reports the λ_z used as the
+// hyperparameter "likelihood_damping".
 //
 // State is only a step counter and the last γ used / halvings (the client
 // owns the parameters): scalars "steps", "gamma_used", "halvings".
