@@ -38,12 +38,15 @@ import vi_common as vc  # noqa: E402
 from natgrad import gaussian as ng  # noqa: E402
 
 GRIDS = {
-    "standard NG (server)": [0.01, 0.03, 0.1, 0.3, 1.0],
-    "pushforward NG (numpy)": [0.01, 0.03, 0.1, 0.3, 1.0],
-    "compositional NG": [0.01, 0.03, 0.1, 0.3, 1.0],
-    "Adam (server)": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "standard NG (server)": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "pushforward NG (numpy)": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "compositional NG": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "Adam (server)": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
 }
-SMALL_GRIDS = {k: v[1::2] for k, v in GRIDS.items()}
+SMALL_GRIDS = {k: v[::2] for k, v in GRIDS.items()}
+# The compositional method is tuned over (gamma, lambda_z) pairs: lambda_z
+# changes both its conditioning and (docs/variational_inference.md) its fixed point.
+LIKELIHOOD_DAMPINGS = [1e-3, 1.0]
 
 
 class LinearGaussian:
@@ -87,7 +90,7 @@ def start(d):
     return np.zeros(d), np.eye(d)  # q = prior
 
 
-def make_methods(client, prob, pushforward_damping, likelihood_damping, compositional):
+def make_methods(client, prob, pushforward_damping, compositional):
     d = prob.d
 
     def samples(seed, S, steps):
@@ -131,7 +134,8 @@ def make_methods(client, prob, pushforward_damping, likelihood_damping, composit
             curve.append(prob.gap(m, L))
         return curve
 
-    def compositional_run(gamma, seed, S, steps):
+    def compositional_run(step, seed, S, steps):
+        gamma, likelihood_damping = step
         sess = vc.gaussian_session(client, d, gamma, likelihood_damping=likelihood_damping) \
             if compositional == "server" else vc.gaussian_session(client, d, gamma)
         m, L = start(d)
@@ -168,15 +172,15 @@ def make_methods(client, prob, pushforward_damping, likelihood_damping, composit
 
 
 def run(client, steps=200, seeds=5, samples=(1, 8, 32), n=50, d=20, sigma=0.5, data_seed=0,
-        pushforward_damping=1e-3, likelihood_damping=1e-3, grid="full", compositional=None,
+        pushforward_damping=1e-3, likelihood_dampings=LIKELIHOOD_DAMPINGS, grid="full", compositional=None,
         out=".", verbose=True):
     """Runs the comparison; returns the JSON document (also written to out/)."""
     if compositional is None:
         compositional = "server" if vc.server_has_compositional() else "numpy"
     prob = LinearGaussian(n, d, sigma, data_seed)
-    methods, comp_name = make_methods(client, prob, pushforward_damping, likelihood_damping, compositional)
+    methods, comp_name = make_methods(client, prob, pushforward_damping, compositional)
     grids = dict(GRIDS if grid == "full" else SMALL_GRIDS)
-    grids[comp_name] = grids.pop("compositional NG")
+    grids[comp_name] = [(g, lam) for g in grids.pop("compositional NG") for lam in likelihood_dampings]
     log = print if verbose else None
     if verbose:
         print(f"linear-Gaussian VI: n={n} d={d} sigma={sigma}; -log p(x) = {prob.neg_log_evidence:.4f}; "
@@ -194,7 +198,7 @@ def run(client, steps=200, seeds=5, samples=(1, 8, 32), n=50, d=20, sigma=0.5, d
             f"mean and range over {seeds} seeds", logy=True)
     config = {"example": "linear_gaussian_vi", "steps": steps, "seeds": seeds, "samples": list(samples),
               "n": n, "d": d, "sigma": sigma, "data_seed": data_seed,
-              "pushforward_damping": pushforward_damping, "likelihood_damping": likelihood_damping,
+              "pushforward_damping": pushforward_damping, "likelihood_dampings": list(likelihood_dampings),
               "compositional": compositional, "grids": {k: v for k, v in grids.items()},
               "neg_log_evidence": prob.neg_log_evidence,
               "selection": "per (method, S): lowest seed-mean of the gap averaged over the last quarter of steps"}
@@ -211,7 +215,8 @@ def main(argv=None):
     ap.add_argument("--sigma", type=float, default=0.5)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--pushforward-damping", type=float, default=1e-3)
-    ap.add_argument("--likelihood-damping", type=float, default=1e-3, help="lambda_z of the compositional step")
+    ap.add_argument("--likelihood-damping", type=float, nargs="+", default=LIKELIHOOD_DAMPINGS,
+                    help="lambda_z values of the compositional step's grid")
     ap.add_argument("--grid", choices=["full", "small"], default="full")
     ap.add_argument("--compositional", choices=["server", "numpy"], default=None,
                     help="compositional gradient through the server (default when it supports it) "

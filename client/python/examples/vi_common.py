@@ -5,9 +5,10 @@ the printed table, the plot and the JSON record.
 
 Every method is a function run(step_size, seed, S, steps) -> curve (the
 metric after 0, ..., steps steps, length steps + 1); a run that fails (a
-step the server rejects, a non-finite value) is marked diverged and scores
-+inf. The step size of each (method, S) is the grid value with the lowest
-mean over seeds of the metric averaged over the last quarter of the steps.
+step the server rejects, a non-finite value) is marked diverged. The step
+size of each (method, S) is the grid value with the fewest diverged seeds
+and, among those, the lowest mean over the other seeds of the metric
+averaged over the last quarter of the steps.
 """
 import contextlib
 import json
@@ -180,16 +181,26 @@ def tune(methods, grids, sample_counts, seeds, steps, log=print):
                         c = np.full(steps + 1, np.nan)
                     curves.append(c)
                 curves = np.array(curves)
-                score = math.inf if diverged else float(np.mean(curves[:, -tail:]))
+                ok = curves[~np.isnan(curves).any(1)]
+                score = float(np.mean(ok[:, -tail:])) if len(ok) else math.inf
                 entry["grid"][lr] = {"curves": curves, "score": score, "diverged": diverged}
-            finite = {lr: e["score"] for lr, e in entry["grid"].items() if math.isfinite(e["score"])}
-            entry["best"] = min(finite, key=finite.get) if finite else None
+            # Fewest diverged seeds first, then the lowest score.
+            ranked = sorted((e["diverged"], e["score"], lr) for lr, e in entry["grid"].items()
+                            if math.isfinite(e["score"]))
+            entry["best"] = ranked[0][2] if ranked else None
             out[name][S] = entry
             if log:
                 b = entry["best"]
-                log(f"  {name:<28s} S={S:<3d} best step {b}  score "
+                log(f"  {name:<28s} S={S:<3d} best step {fmt_step(b)}  score "
                     f"{entry['grid'][b]['score'] if b is not None else math.inf:.4g}")
     return out
+
+
+def fmt_step(x):
+    """A grid point: a step size, or (gamma, lambda_z) for the compositional method."""
+    if isinstance(x, tuple):
+        return "/".join(f"{v:g}" for v in x)
+    return "None" if x is None else f"{x:g}"
 
 
 def steps_to(curve, level):
@@ -205,12 +216,14 @@ def summary_rows(results, checkpoints, level=None):
     for name, per_S in results.items():
         for S, e in per_S.items():
             b = e["best"]
-            row = {"method": name, "S": S, "step_size": b}
+            row = {"method": name, "S": S, "step_size": fmt_step(b)}
             if b is None:
                 row.update({"diverged": True})
                 rows.append(row)
                 continue
             c = e["grid"][b]["curves"]
+            row["diverged_seeds"] = e["grid"][b]["diverged"]
+            c = c[~np.isnan(c).any(1)]
             for t in checkpoints:
                 t = min(t, c.shape[1] - 1)
                 row[f"mean@{t}"] = float(np.mean(c[:, t]))
@@ -224,12 +237,12 @@ def summary_rows(results, checkpoints, level=None):
 def print_table(rows, checkpoints, metric, level=None):
     """checkpoints: steps present in every row (summary_rows' checkpoints
     clipped to the run's length)."""
-    head = f"{'method':<28s} {'S':>3s} {'step':>7s}" + "".join(f" {metric + '@' + str(t):>21s}" for t in checkpoints)
+    head = f"{'method':<28s} {'S':>3s} {'step':>9s}" + "".join(f" {metric + '@' + str(t):>21s}" for t in checkpoints)
     if level is not None:
         head += f" {'steps to ' + format(level, 'g'):>13s}"
     print(head)
     for r in rows:
-        line = f"{r['method']:<28s} {r['S']:>3d} {str(r['step_size']):>7s}"
+        line = f"{r['method']:<28s} {r['S']:>3d} {r['step_size']:>9s}"
         if r.get("diverged"):
             print(line + "  diverged at every step size")
             continue
@@ -238,6 +251,8 @@ def print_table(rows, checkpoints, metric, level=None):
         if level is not None:
             s = r.get("steps_to_level")
             line += f" {('>' + str(max(checkpoints))) if s is None else s:>13}"
+        if r.get("diverged_seeds"):
+            line += f"  ({r['diverged_seeds']} seed(s) diverged)"
         print(line)
 
 
@@ -254,9 +269,10 @@ def plot(results, path, ylabel, title, logy=True, shift=0.0):
             e = per_S.get(S)
             if e is None or e["best"] is None:
                 continue
-            c = e["grid"][e["best"]]["curves"] + shift
+            c = e["grid"][e["best"]]["curves"]
+            c = c[~np.isnan(c).any(1)] + shift
             x = np.arange(c.shape[1])
-            line, = ax.plot(x, c.mean(0), label=f"{name} ({e['best']:g})", lw=1.4)
+            line, = ax.plot(x, c.mean(0), label=f"{name} ({fmt_step(e['best'])})", lw=1.4)
             ax.fill_between(x, c.min(0), c.max(0), color=line.get_color(), alpha=0.2, lw=0)
         ax.set_title(f"S = {S}")
         ax.set_xlabel("step")
@@ -273,8 +289,8 @@ def plot(results, path, ylabel, title, logy=True, shift=0.0):
 
 def to_json(results, rows, config, path):
     def enc(e):
-        return {"best_step_size": e["best"],
-                "grid": {str(lr): {"score": g["score"] if math.isfinite(g["score"]) else None,
+        return {"best_step_size": fmt_step(e["best"]),
+                "grid": {fmt_step(lr): {"score": g["score"] if math.isfinite(g["score"]) else None,
                                    "diverged_seeds": g["diverged"],
                                    "mean_curve": [None if not math.isfinite(v) else v
                                                   for v in np.nanmean(g["curves"], 0).tolist()]
