@@ -38,8 +38,8 @@ import vi_common as vc  # noqa: E402
 from natgrad import gaussian as ng  # noqa: E402
 
 GRIDS = {
-    "standard NG (server)": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
-    "pushforward NG (numpy)": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "standard NG (server)": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "pushforward NG (numpy)": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
     "compositional NG": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
     "Adam (server)": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
 }
@@ -77,6 +77,19 @@ class LinearGaussian:
 
     def gap(self, m, L):
         return self.neg_elbo(m, L) - self.neg_log_evidence
+
+    def pushforward_direction(self, S, gm, gS, damping):
+        """(F + damping I)^-1 (gm, gS) for the Fisher F of the marginal
+        predictive N(A m, A S Aᵀ + sigma² I) in (m, S): with
+        B = Aᵀ(A S Aᵀ + sigma² I)^-1 A, F_mm = B, F_mS = 0 and
+        F_SS[dS] = ½ B dS B (from ½ tr(C^-1 dC C^-1 dC), dC = A dS Aᵀ);
+        solved exactly in B's eigenbasis, where F_SS is diagonal."""
+        C = self.A @ S @ self.A.T + self.sigma2 * np.eye(self.n)
+        B = self.A.T @ np.linalg.solve(C, self.A)
+        lam, Q = np.linalg.eigh(0.5 * (B + B.T))
+        dm = Q @ ((Q.T @ gm) / (lam + damping))
+        dS = Q @ ((Q.T @ gS @ Q) / (0.5 * np.outer(lam, lam) + damping)) @ Q.T
+        return dm, dS
 
     def mc_gradients(self, m, L, eps):
         """(m, L) gradient of the MC -ELBO: likelihood by reparameterisation,
@@ -116,12 +129,7 @@ def make_methods(client, prob, pushforward_damping, compositional):
             # (m, S) gradient from the (m, L) one: dL/dS = G, dL/dm unchanged.
             G = ng.expectation_gradient(m, L, gm, gL, "mean_cholesky")[1]
             Sig = L @ L.T
-            C = prob.A @ Sig @ prob.A.T + prob.sigma2 * np.eye(prob.n)
-            B = prob.A.T @ np.linalg.solve(C, prob.A)
-            B = 0.5 * (B + B.T)
-            lam, Q = np.linalg.eigh(B)
-            dm = Q @ ((Q.T @ gm) / (lam + pushforward_damping))
-            dS = Q @ ((Q.T @ G @ Q) / (0.5 * np.outer(lam, lam) + pushforward_damping)) @ Q.T
+            dm, dS = prob.pushforward_direction(Sig, gm, G, pushforward_damping)
             step = lr
             for _ in range(9):  # halve until S stays positive definite, as the server's safeguard
                 S_new = Sig - step * 0.5 * (dS + dS.T)
