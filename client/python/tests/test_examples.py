@@ -217,3 +217,63 @@ def test_vi_example_clis(target, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "steps to" in r.stdout and "Adam (server)" in r.stdout
+
+
+@pytest.mark.parametrize("path", ["numpy", "server"])
+def test_compositional_fixed_point_is_the_predicted_biased_one(target, path):
+    """With exact expectations (whitened samples), F_z = H and lambda_z = 0,
+    the compositional iteration's fixed point is where E[u] + grad KL = 0:
+    m = (2H)^-1 b and S = I/2 — not the posterior (docs/variational_inference.md).
+    The iteration must land there, through the server's compositional input
+    or through the example's numpy reference plus the server's NG step."""
+    import linear_gaussian_vi as lg
+    import vi_common as vc
+    if path == "server" and not vc.server_has_compositional():
+        pytest.skip("this natgrad build has no GaussianStepInput.compositional")
+    d = 5
+    prob = lg.LinearGaussian(25, d, 0.5, 8)
+    eps = _whitened(12, d, 9)
+    c = _vi_client(target)
+    sess = vc.gaussian_session(c, d, 0.5, likelihood_damping=0.0 if path == "server" else None)
+    m, L = lg.start(d)
+    for _ in range(150):
+        g = prob.lik_grads(m + eps @ L.T)
+        _, km, kL = vc.kl_to_isotropic_prior(m, L)
+        if path == "server":
+            m, L = vc.compositional_step(sess, m, L, eps, g, prob.H, "shared", km, kL)
+        else:
+            um, uL = vc.compositional_gradient_numpy(eps, g, prob.H, "shared", 0.0)
+            m, L = vc.ng_step(sess, m, L, um + km, uL + kL)
+    c.close()
+    np.testing.assert_allclose(m, np.linalg.solve(2 * prob.H, prob.b), atol=1e-8)
+    np.testing.assert_allclose(L @ L.T, 0.5 * np.eye(d), atol=1e-8)
+    assert np.linalg.norm(m - prob.post_mean) > 0.1  # and so not the posterior
+
+
+def test_compositional_server_step_matches_numpy_reference(target):
+    """One server compositional step (full, diagonal and shared Fisher forms)
+    equals the numpy reference gradient stepped by the server's plain NG step."""
+    import vi_common as vc
+    if not vc.server_has_compositional():
+        pytest.skip("this natgrad build has no GaussianStepInput.compositional")
+    r = np.random.default_rng(11)
+    d, S, lam = 4, 6, 0.2
+    m = r.standard_normal(d)
+    L = np.tril(0.3 * r.standard_normal((d, d)), -1) + np.diag(r.uniform(0.5, 1.5, d))
+    eps, g = r.standard_normal((S, d)), r.standard_normal((S, d))
+    R = r.standard_normal((S, d, d))
+    fishers = {"full": R @ np.swapaxes(R, -1, -2), "diagonal": r.uniform(0.1, 2.0, (S, d)),
+               "shared": R[0] @ R[0].T}
+    _, km, kL = vc.kl_to_isotropic_prior(m, L)
+    c = _vi_client(target)
+    for form, F in fishers.items():
+        s1 = vc.gaussian_session(c, d, 0.3, likelihood_damping=lam)
+        got = vc.compositional_step(s1, m, L, eps, g, F, form, km, kL)
+        s2 = vc.gaussian_session(c, d, 0.3)
+        um, uL = vc.compositional_gradient_numpy(eps, g, F, form, lam)
+        want = vc.ng_step(s2, m, L, um + km, uL + kL)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=form)
+        vc.close_quietly(s1)
+        vc.close_quietly(s2)
+    c.close()
