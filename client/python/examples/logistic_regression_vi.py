@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vi_common as vc  # noqa: E402
 
 GRIDS = {
-    "standard NG (server)": [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
+    "standard NG (server)": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
     "compositional NG": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
     "Adam (server)": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
 }

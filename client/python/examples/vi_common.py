@@ -285,6 +285,11 @@ def plot(results, path, ylabel, title, logy=True, shift=0.0):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    try:  # a 64-colour palette keeps the committed plots (docs/img) small
+        from PIL import Image
+        Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
+    except ImportError:
+        pass
 
 
 def to_json(results, rows, config, path):
