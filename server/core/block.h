@@ -72,14 +72,29 @@ struct KfacStepInput : DenseStepInput {
   std::optional<KfacStatisticsInput> kfac;
 };
 
+// The likelihood part of a full Gaussian block's gradient from
+// reparameterised samples z_s = m + L eps_s (docs/math.md, "Compositional
+// gradients"): one entry per copy.
+struct GaussianCompositionalInput {
+  enum class FisherForm { kFull, kDiagonal, kShared };
+  FisherForm fisher_form = FisherForm::kFull;
+  std::vector<Eigen::MatrixXd> samples;               // [copies][S x dim], eps_s as rows
+  std::vector<Eigen::MatrixXd> likelihood_gradients;  // [copies][S x dim]
+  // Per copy: kFull (S*dim) x dim, F_s in rows s*dim .. s*dim+dim-1;
+  // kDiagonal S x dim; kShared dim x dim.
+  std::vector<Eigen::MatrixXd> likelihood_fisher;
+};
+
 // A Gaussian block's step input: one entry per copy.
 struct GaussianStepInput {
   enum class GradientSpace { kExpectation, kParametrization };
   std::vector<Eigen::VectorXd> param1;  // [copies][dim]
   std::vector<Eigen::MatrixXd> param2;  // [copies][dim x dim]
+  // With `compositional`, the gradient of the rest of the objective.
   std::vector<Eigen::VectorXd> grad1;
   std::vector<Eigen::MatrixXd> grad2;
   GradientSpace gradient_space = GradientSpace::kExpectation;
+  std::optional<GaussianCompositionalInput> compositional;
 };
 
 // A diagonal (mean-field) Gaussian block's step input: four [copies, dim]

@@ -31,6 +31,112 @@ Eigen::MatrixXd StackBlocks(const std::vector<Eigen::MatrixXd>& v) {
   return m;
 }
 
+// Shape [copies, rest...], or [rest...] accepted when copies = 1; a rest
+// entry of -1 is any size (the sample count S).
+absl::Status WantShape(Tensor& t, const std::string& field, int64_t copies,
+                       const std::vector<int64_t>& rest, absl::string_view note = "") {
+  const std::vector<int64_t> sent(t.shape().begin(), t.shape().end());
+  if (copies == 1 && sent.size() == rest.size()) {
+    t.clear_shape();
+    t.add_shape(1);
+    for (int64_t d : sent) t.add_shape(d);
+  }
+  const std::vector<int64_t> got(t.shape().begin(), t.shape().end());
+  bool ok = got.size() == rest.size() + 1 && got[0] == copies;
+  for (size_t k = 0; ok && k < rest.size(); ++k) ok = rest[k] < 0 || got[k + 1] == rest[k];
+  if (!ok) {
+    std::vector<std::string> want = {absl::StrCat(copies)};
+    for (int64_t d : rest) want.push_back(d < 0 ? "S" : absl::StrCat(d));
+    return absl::InvalidArgumentError(absl::StrCat(field, " has shape [", absl::StrJoin(sent, ", "),
+                                                   "], want [", absl::StrJoin(want, ", "), "]",
+                                                   note));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<core::GaussianCompositionalInput> DecodeCompositional(
+    const natgrad::v1::BlockStep& step, natgrad::v1::CompositionalGradient* c, int64_t copies,
+    int64_t dim) {
+  using Form = core::GaussianCompositionalInput::FisherForm;
+  core::GaussianCompositionalInput out;
+  const std::string base = StepField(step, "gaussian.compositional");
+  switch (c->fisher_form()) {
+    case natgrad::v1::LIKELIHOOD_FISHER_FULL:
+      out.fisher_form = Form::kFull;
+      break;
+    case natgrad::v1::LIKELIHOOD_FISHER_DIAGONAL:
+      out.fisher_form = Form::kDiagonal;
+      break;
+    case natgrad::v1::LIKELIHOOD_FISHER_SHARED:
+      out.fisher_form = Form::kShared;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(base, ".fisher_form must be LIKELIHOOD_FISHER_FULL, _DIAGONAL or _SHARED"));
+  }
+  struct Part {
+    bool present;
+    Tensor* t;
+    const char* name;
+  };
+  for (Part p : {Part{c->has_samples(), c->mutable_samples(), "samples"},
+                 Part{c->has_likelihood_gradients(), c->mutable_likelihood_gradients(),
+                      "likelihood_gradients"},
+                 Part{c->has_likelihood_fisher(), c->mutable_likelihood_fisher(),
+                      "likelihood_fisher"}}) {
+    const std::string pf = absl::StrCat(base, ".", p.name);
+    if (!p.present) return absl::InvalidArgumentError(pf + " is required");
+    if (absl::Status s = wire::ValidateTensor(*p.t, pf); !s.ok()) return s;
+  }
+  const std::string pf = base + ".";
+  if (absl::Status s = WantShape(*c->mutable_samples(), pf + "samples", copies, {-1, dim});
+      !s.ok()) {
+    return s;
+  }
+  const int64_t ns = c->samples().shape(1);
+  if (ns < 1) return absl::InvalidArgumentError(pf + "samples has no samples (S = 0)");
+  if (absl::Status s = WantShape(*c->mutable_likelihood_gradients(), pf + "likelihood_gradients",
+                                 copies, {ns, dim}, " (the samples' shape)");
+      !s.ok()) {
+    return s;
+  }
+  Tensor& f = *c->mutable_likelihood_fisher();
+  absl::Status fs;
+  switch (out.fisher_form) {
+    case Form::kFull:
+      fs = WantShape(f, pf + "likelihood_fisher", copies, {ns, dim, dim},
+                     " (FULL: one M x M per sample)");
+      break;
+    case Form::kDiagonal:
+      fs = WantShape(f, pf + "likelihood_fisher", copies, {ns, dim},
+                     " (DIAGONAL: one diagonal per sample)");
+      break;
+    case Form::kShared:
+      fs = WantShape(f, pf + "likelihood_fisher", copies, {dim, dim},
+                     " (SHARED: one M x M per copy)");
+      break;
+  }
+  if (!fs.ok()) return fs;
+  out.samples = wire::DecodeSlices(c->samples());
+  out.likelihood_gradients = wire::DecodeSlices(c->likelihood_gradients());
+  std::vector<Eigen::MatrixXd> fisher = wire::DecodeSlices(f);
+  if (out.fisher_form == Form::kFull) {
+    // Each copy's slice is S x (M*M), row s the row-major F_s: restack as
+    // (S*M) x M.
+    for (Eigen::MatrixXd& x : fisher) {
+      Eigen::MatrixXd stacked(ns * dim, dim);
+      for (int64_t s = 0; s < ns; ++s) {
+        for (int64_t i = 0; i < dim; ++i) {
+          for (int64_t j = 0; j < dim; ++j) stacked(s * dim + i, j) = x(s, i * dim + j);
+        }
+      }
+      x = std::move(stacked);
+    }
+  }
+  out.likelihood_fisher = std::move(fisher);
+  return out;
+}
+
 class GaussianBlockKind final : public BlockKind {
  public:
   absl::string_view name() const override { return "gaussian"; }
@@ -95,6 +201,22 @@ class GaussianBlockKind final : public BlockKind {
                                             internal::kNonNegative);
     if (!gamma.ok()) return gamma.status();
     o.gamma = *std::move(gamma);
+    auto damping = internal::OptionalSchedule(g.likelihood_damping(),
+                                              f + ".gaussian.likelihood_damping",
+                                              internal::kNonNegative);
+    if (!damping.ok()) return damping.status();
+    o.likelihood_damping = *std::move(damping);
+    switch (g.step_space()) {
+      case natgrad::v1::GAUSSIAN_STEP_SPACE_UNSPECIFIED:
+      case natgrad::v1::STEP_SPACE_THETA:
+        o.step_space = core::GaussianStepSpace::kTheta;
+        break;
+      case natgrad::v1::STEP_SPACE_XI:
+        o.step_space = core::GaussianStepSpace::kXi;
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(f, ".gaussian.step_space: unknown value"));
+    }
     // Wire: 0 (unset) is the default, negative disables the retries.
     if (g.max_halvings() > 0) o.max_halvings = g.max_halvings();
     if (g.max_halvings() < 0) o.max_halvings = 0;
@@ -137,8 +259,15 @@ class GaussianBlockKind final : public BlockKind {
     reply->shapes = {{g.param1().shape().begin(), g.param1().shape().end()},
                      {g.param2().shape().begin(), g.param2().shape().end()}};
     core::GaussianStepInput in;
+    const bool compositional = g.has_compositional();
     for (int i = 0; i < 4; ++i) {
       const std::string pf = StepField(step, absl::StrCat("gaussian.", names[i]));
+      if (!present[i] && compositional && i >= 2) {
+        // The rest of the objective's gradient may be left out: zero.
+        if (i == 2) in.grad1.assign(copies, Eigen::VectorXd::Zero(dim));
+        if (i == 3) in.grad2.assign(copies, Eigen::MatrixXd::Zero(dim, dim));
+        continue;
+      }
       if (!present[i]) return absl::InvalidArgumentError(pf + " is required");
       Tensor& t = *parts[i];
       if (absl::Status s = wire::ValidateTensor(t, pf); !s.ok()) return s;
@@ -169,6 +298,12 @@ class GaussianBlockKind final : public BlockKind {
     in.gradient_space = g.gradient_space() == natgrad::v1::PARAMETRIZATION_GRADIENT
                             ? core::GaussianStepInput::GradientSpace::kParametrization
                             : core::GaussianStepInput::GradientSpace::kExpectation;
+    if (compositional) {
+      absl::StatusOr<core::GaussianCompositionalInput> c =
+          DecodeCompositional(step, g.mutable_compositional(), copies, dim);
+      if (!c.ok()) return c.status();
+      in.compositional = *std::move(c);
+    }
     return core::BlockStepInput(std::move(in));
   }
 

@@ -91,6 +91,10 @@ class GaussianDiagBlockKind final : public BlockKind {
       return absl::InvalidArgumentError(StepField(step, "gaussian is required"));
     }
     natgrad::v1::GaussianStepInput& g = *step.mutable_gaussian();
+    if (g.has_compositional()) {
+      return absl::InvalidArgumentError(StepField(
+          step, "gaussian.compositional is taken by full gaussian blocks only, not gaussian_diag"));
+    }
     const std::vector<int64_t> want = {Copies(config.gaussian_diag()),
                                        config.gaussian_diag().dim()};
     reply->dtype = g.param1().dtype();
@@ -186,6 +190,18 @@ class GaussianDiagBlockKind final : public BlockKind {
     if (g.max_halvings() > 0) o.max_halvings = g.max_halvings();
     if (g.max_halvings() < 0) o.max_halvings = 0;
     o.return_direction = g.return_direction();
+    switch (g.step_space()) {
+      case natgrad::v1::GAUSSIAN_STEP_SPACE_UNSPECIFIED:
+      case natgrad::v1::STEP_SPACE_THETA:
+        o.step_space = core::GaussianDiagStepSpace::kTheta;
+        break;
+      case natgrad::v1::STEP_SPACE_XI:
+        o.step_space = core::GaussianDiagStepSpace::kXi;
+        break;
+      default:
+        return absl::InvalidArgumentError(
+            absl::StrCat(f, ".gaussian_diag.step_space: unknown value"));
+    }
     if (absl::Status s = core::ValidateGaussianDiagOptions(config.name(), o); !s.ok()) return s;
     return o;
   }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/block_error.h"
 #include "server/core/step_size_record.h"
 #include "absl/strings/str_format.h"
 #include "server/blocks/gaussian/math/gaussian_gradient.h"
@@ -18,6 +19,86 @@ namespace natgrad::core {
 namespace {
 
 using StepInput = GaussianStepInput;
+using FisherForm = GaussianCompositionalInput::FisherForm;
+
+// u_s = (F_s + λI)⁻¹ ∇_z ℓ(z_s) for copy i of a validated compositional
+// input, pulled back through z_s = m + Lε_s: ∂/∂m = mean_s u_s and
+// ∂/∂L = tril(mean_s u_s ε_sᵀ). Fails (with the field) when F_s + λI is not
+// positive definite.
+template <typename T>
+absl::Status LikelihoodMeanCholeskyGradient(const GaussianCompositionalInput& c, size_t i,
+                                            double damping, absl::string_view block,
+                                            GVector<T>* um, GMatrix<T>* ul) {
+  const GMatrix<T> eps = c.samples[i].cast<T>();
+  const GMatrix<T> grad = c.likelihood_gradients[i].cast<T>();
+  const GMatrix<T> fisher = c.likelihood_fisher[i].cast<T>();
+  const T lambda = static_cast<T>(damping);
+  const Eigen::Index ns = eps.rows(), m = eps.cols();
+  if (!eps.allFinite() || !grad.allFinite() || !fisher.allFinite()) {
+    return InvalidBlockField(block, absl::StrCat("gaussian.compositional[", i, "]"),
+                             "overflows float32");
+  }
+  const auto not_pd = [&](Eigen::Index s, absl::string_view detail) {
+    const std::string field =
+        c.fisher_form == FisherForm::kShared
+            ? absl::StrCat("gaussian.compositional.likelihood_fisher[", i, "]")
+            : absl::StrCat("gaussian.compositional.likelihood_fisher[", i, "][", s, "]");
+    return InvalidBlockField(
+        block, field,
+        absl::StrCat("+ likelihood_damping I (likelihood_damping = ", damping,
+                     ") is not positive definite", detail,
+                     "; send a positive semi-definite Fisher and a damping that makes it "
+                     "positive definite"));
+  };
+  GMatrix<T> u(ns, m);
+  switch (c.fisher_form) {
+    case FisherForm::kDiagonal: {
+      const GMatrix<T> d = fisher.array() + lambda;
+      for (Eigen::Index s = 0; s < ns; ++s) {
+        for (Eigen::Index j = 0; j < m; ++j) {
+          if (!(d(s, j) > T(0))) {
+            return not_pd(s, absl::StrCat(" (diagonal entry ", j, " is ",
+                                          static_cast<double>(d(s, j)), ")"));
+          }
+        }
+      }
+      u = grad.array() / d.array();
+      break;
+    }
+    case FisherForm::kShared: {
+      GMatrix<T> a = Symmetrize<T>(fisher);
+      a.diagonal().array() += lambda;
+      GMatrix<T> l;
+      if (!gaussian_linalg::LowerCholesky<T>(a, &l)) return not_pd(0, " (Cholesky failed)");
+      GMatrix<T> x = grad.transpose();  // columns ∇_z ℓ(z_s)
+      gaussian_linalg::LowerTriangularSolve<T>(l, /*left=*/true, /*trans=*/false, &x);
+      gaussian_linalg::LowerTriangularSolve<T>(l, true, true, &x);
+      u = x.transpose();
+      break;
+    }
+    case FisherForm::kFull: {
+      for (Eigen::Index s = 0; s < ns; ++s) {
+        GMatrix<T> a = Symmetrize<T>(GMatrix<T>(fisher.middleRows(s * m, m)));
+        a.diagonal().array() += lambda;
+        GMatrix<T> l;
+        if (!gaussian_linalg::LowerCholesky<T>(a, &l)) return not_pd(s, " (Cholesky failed)");
+        GMatrix<T> x = grad.row(s).transpose();
+        gaussian_linalg::LowerTriangularSolve<T>(l, true, false, &x);
+        gaussian_linalg::LowerTriangularSolve<T>(l, true, true, &x);
+        u.row(s) = x.col(0).transpose();
+      }
+      break;
+    }
+  }
+  *um = u.colwise().mean().transpose();
+  *ul = GMatrix<T>((u.transpose() * eps / static_cast<T>(ns)).template triangularView<Eigen::Lower>());
+  if (!um->allFinite() || !ul->allFinite()) {
+    return InvalidBlockField(block, absl::StrCat("gaussian.compositional[", i, "]"),
+                             "gives a non-finite likelihood gradient (F + likelihood_damping I "
+                             "too ill-conditioned)");
+  }
+  return absl::OkStatus();
+}
 
 // Runs fn(i) (returning false on failure) for copies i = 0..n-1 and returns
 // the smallest failing i, or n. Sequential (stopping at the first failure)
@@ -75,17 +156,30 @@ class GaussianBlock final : public ParameterBlock {
           "needs the gaussian step input (param1, param2, grad1, grad2)");
     }
     if (absl::Status s = CheckShapes(*input); !s.ok()) return s;
+    if (input->compositional.has_value()) {
+      if (absl::Status s = CheckCompositional(*input->compositional); !s.ok()) return s;
+    }
     const double gamma = options_.gamma->Value(context.step);
     if (!std::isfinite(gamma) || gamma < 0) {
       return Invalid(absl::StrCat("gamma schedule gave ", gamma, " at step ",
                                   context.step, "; it must be finite and >= 0"));
     }
+    double damping = 0;
+    if (input->compositional.has_value()) {
+      damping = options_.likelihood_damping->Value(context.step);
+      if (!std::isfinite(damping) || damping < 0) {
+        return InvalidBlockField(name(), "likelihood_damping",
+                                 absl::StrCat("is ", damping, " at step ", context.step,
+                                              ", want finite and >= 0"));
+      }
+    }
     absl::StatusOr<BlockStepOutput> out =
         precision_ == Precision::kFloat32
-            ? Step<float>(*input, gamma, context.compute_pool)
-            : Step<double>(*input, gamma, context.compute_pool);
+            ? Step<float>(*input, gamma, damping, context.compute_pool)
+            : Step<double>(*input, gamma, damping, context.compute_pool);
     if (!out.ok()) return out.status();
     out->hyperparameters["gamma"] = gamma;
+    if (input->compositional.has_value()) out->hyperparameters["likelihood_damping"] = damping;
     out->hyperparameters["gamma_used"] =
         std::get<GaussianStepOutput>(out->kind_output).gamma_used;
     return std::make_unique<GaussianPendingUpdate>(this, *std::move(out));
@@ -158,8 +252,86 @@ class GaussianBlock final : public ParameterBlock {
     return absl::OkStatus();
   }
 
+  // Shapes, finiteness and symmetry of a compositional input (in double;
+  // positive definiteness of F + λI is checked by the step's Cholesky).
+  absl::Status CheckCompositional(const GaussianCompositionalInput& c) const {
+    const int64_t m = options_.dim;
+    const auto field = [](absl::string_view f) {
+      return absl::StrCat("gaussian.compositional.", f);
+    };
+    for (const auto& [v, f] : {std::pair{&c.samples, "samples"},
+                               std::pair{&c.likelihood_gradients, "likelihood_gradients"},
+                               std::pair{&c.likelihood_fisher, "likelihood_fisher"}}) {
+      if (static_cast<int64_t>(v->size()) != options_.copies) {
+        return InvalidBlockField(name(), field(f),
+                                 absl::StrCat("has ", v->size(), " copies, want ", options_.copies));
+      }
+    }
+    for (size_t i = 0; i < c.samples.size(); ++i) {
+      const Eigen::MatrixXd& eps = c.samples[i];
+      const int64_t ns = eps.rows();
+      if (ns < 1 || eps.cols() != m) {
+        return InvalidBlockField(name(), absl::StrCat(field("samples"), "[", i, "]"),
+                                 absl::StrCat("is ", ns, "x", eps.cols(),
+                                              ", want S x ", m, " with S >= 1"));
+      }
+      const Eigen::MatrixXd& g = c.likelihood_gradients[i];
+      if (g.rows() != ns || g.cols() != m) {
+        return InvalidBlockField(
+            name(), absl::StrCat(field("likelihood_gradients"), "[", i, "]"),
+            absl::StrCat("is ", g.rows(), "x", g.cols(), ", want ", ns, "x", m,
+                         " (the samples' shape)"));
+      }
+      const Eigen::MatrixXd& fi = c.likelihood_fisher[i];
+      int64_t want_rows = m, want_cols = m;
+      if (c.fisher_form == FisherForm::kFull) want_rows = ns * m;
+      if (c.fisher_form == FisherForm::kDiagonal) want_rows = ns;
+      if (fi.rows() != want_rows || fi.cols() != want_cols) {
+        return InvalidBlockField(
+            name(), absl::StrCat(field("likelihood_fisher"), "[", i, "]"),
+            absl::StrCat("is ", fi.rows(), "x", fi.cols(), ", want ", want_rows, "x",
+                         want_cols, " for ", ns, " samples of dimension ", m));
+      }
+      for (const auto& [x, f] : {std::pair{&eps, "samples"},
+                                 std::pair{&g, "likelihood_gradients"},
+                                 std::pair{&fi, "likelihood_fisher"}}) {
+        if (!x->allFinite()) {
+          return InvalidBlockField(name(), absl::StrCat(field(f), "[", i, "]"),
+                                   "has a non-finite entry");
+        }
+      }
+      const int64_t nf = c.fisher_form == FisherForm::kFull ? ns : 0;
+      for (int64_t s = 0; s < nf; ++s) {
+        if (!IsNearlySymmetric<double>(fi.middleRows(s * m, m))) {
+          return InvalidBlockField(
+              name(), absl::StrCat(field("likelihood_fisher"), "[", i, "][", s, "]"),
+              absl::StrCat("is not symmetric (max |F - F^T| > ", kSymmetryRelTolerance,
+                           " max |F|)"));
+        }
+      }
+      if (c.fisher_form == FisherForm::kShared && !IsNearlySymmetric<double>(fi)) {
+        return InvalidBlockField(
+            name(), absl::StrCat(field("likelihood_fisher"), "[", i, "]"),
+            absl::StrCat("is not symmetric (max |F - F^T| > ", kSymmetryRelTolerance,
+                         " max |F|)"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // ξ from the client's parameters for the ξ-space step: symmetric second
+  // parts symmetrised (as validated), the Cholesky factor as sent.
   template <typename T>
-  absl::StatusOr<BlockStepOutput> Step(const StepInput& in, double gamma,
+  GaussianParams<T> XiOf(const StepInput& in, size_t i) const {
+    GaussianParams<T> x{in.param1[i].cast<T>(), in.param2[i].cast<T>()};
+    if (options_.parametrization != GaussianParametrization::kMeanCholesky) {
+      x.second = Symmetrize<T>(x.second);
+    }
+    return x;
+  }
+
+  template <typename T>
+  absl::StatusOr<BlockStepOutput> Step(const StepInput& in, double gamma, double damping,
                                        linalg::ComputePool* pool) {
     const GaussianParametrization p = options_.parametrization;
     const size_t copies = in.param1.size();
@@ -194,9 +366,34 @@ class GaussianBlock final : public ParameterBlock {
             "] is not finite after conversion to dL/deta"));
         return false;
       }
+      if (in.compositional.has_value()) {
+        // The likelihood's (m, L)-gradient is a mean+chol gradient at the
+        // current q whatever the block's parametrisation (L = chol(S)).
+        GVector<T> um;
+        GMatrix<T> ul;
+        if (absl::Status s = LikelihoodMeanCholeskyGradient<T>(*in.compositional, i, damping,
+                                                               name(), &um, &ul);
+            !s.ok()) {
+          errors[i] = s;
+          return false;
+        }
+        const ExpectationGradient<T> lik = ExpectationGradientFrom<T>(
+            GaussianParametrization::kMeanCholesky, q[i], um, ul);
+        v[i].g1 += lik.g1;
+        v[i].g2 += lik.g2;
+        if (!v[i].g1.allFinite() || !v[i].g2.allFinite()) {
+          errors[i] = InvalidBlockField(
+              name(), absl::StrCat("gaussian.compositional[", i, "]"),
+              "is not finite after conversion to dL/deta");
+          return false;
+        }
+      }
       return true;
     });
     if (first_bad < copies) return errors[first_bad];
+    const bool xi_step = options_.step_space == GaussianStepSpace::kXi &&
+                         p != GaussianParametrization::kNatural;
+    if (xi_step) return XiStep<T>(in, q, v, gamma, pool);
 
     // θ' = θ − γ' v with γ' = γ, γ/2, ...: the first γ' whose new point is a
     // Gaussian for every copy wins.
@@ -262,6 +459,80 @@ class GaussianBlock final : public ParameterBlock {
     return result;
   }
 
+  // ξ' = ξ − γ' d, d the natural-gradient direction in ξ at q, with the
+  // same halving of γ' while some copy's ξ' is not a Gaussian in p.
+  template <typename T>
+  absl::StatusOr<BlockStepOutput> XiStep(const StepInput& in,
+                                         const std::vector<GaussianForms<T>>& q,
+                                         const std::vector<ExpectationGradient<T>>& v,
+                                         double gamma, linalg::ComputePool* pool) {
+    const GaussianParametrization p = options_.parametrization;
+    const size_t copies = q.size();
+    std::vector<GaussianParams<T>> xi(copies), dir(copies), next(copies);
+    ForEachCopy(pool, copies, [&](size_t i) {
+      xi[i] = XiOf<T>(in, i);
+      dir[i] = NaturalGradientDirection<T>(p, q[i], v[i]);
+      return true;
+    });
+    int halvings = 0;
+    double gamma_used = gamma;
+    for (;; ++halvings, gamma_used *= 0.5) {
+      const T g = static_cast<T>(gamma_used);
+      const size_t failed_copy = ForEachCopy(pool, copies, [&](size_t i) {
+        GaussianParams<T> x{xi[i].first - g * dir[i].first, xi[i].second - g * dir[i].second};
+        if (p == GaussianParametrization::kMeanCholesky) {
+          // The direction is lower triangular; keep the zeros exact.
+          x.second = GMatrix<T>(x.second.template triangularView<Eigen::Lower>());
+        } else {
+          x.second = Symmetrize<T>(x.second);  // rounding only
+        }
+        if (!x.first.allFinite() || !x.second.allFinite()) return false;
+        absl::StatusOr<GaussianForms<T>> qi = GaussianFromParams<T>(p, x.first, x.second);
+        if (!qi.ok() || !qi->mean.allFinite()) return false;
+        next[i] = std::move(x);
+        return true;
+      });
+      if (failed_copy >= copies) break;
+      if (halvings >= options_.max_halvings) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "block \"%s\": the xi-space natural-gradient step left the parametrisation's "
+            "domain: param2' of copy %d is not a Gaussian in %s parameters even at gamma = %g "
+            "after %d halvings (scheduled gamma %g); step rejected, nothing changed",
+            name(), failed_copy, std::string(GaussianParametrizationName(p)), gamma_used,
+            halvings, gamma));
+      }
+    }
+    GaussianStepOutput out;
+    out.gamma_used = gamma_used;
+    out.halvings = halvings;
+    out.param1.resize(copies);
+    out.param2.resize(copies);
+    out.delta1.resize(copies);
+    out.delta2.resize(copies);
+    if (options_.return_direction) {
+      out.direction1.resize(copies);
+      out.direction2.resize(copies);
+    }
+    for (size_t i = 0; i < copies; ++i) {
+      out.param1[i] = next[i].first.template cast<double>();
+      out.param2[i] = next[i].second.template cast<double>();
+      out.delta1[i] = out.param1[i] - in.param1[i];
+      out.delta2[i] = out.param2[i] - in.param2[i];
+      if (options_.return_direction) {
+        out.direction1[i] = dir[i].first.template cast<double>();
+        out.direction2[i] = dir[i].second.template cast<double>();
+      }
+      if (!out.param1[i].allFinite() || !out.param2[i].allFinite() ||
+          !out.delta1[i].allFinite() || !out.delta2[i].allFinite()) {
+        return Invalid(absl::StrCat("gaussian.param1/param2 of copy ", i,
+                                    " would be non-finite; step rejected, nothing changed"));
+      }
+    }
+    BlockStepOutput result;
+    result.kind_output = std::move(out);
+    return result;
+  }
+
   GaussianOptions options_;
   Precision precision_;
   StepSizeRecord record_;
@@ -305,6 +576,10 @@ absl::StatusOr<std::unique_ptr<ParameterBlock>> NewGaussianBlock(
       return invalid("unknown gaussian parametrization");
   }
   if (o.gamma == nullptr) o.gamma = ConstantSchedule(1.0);
+  if (o.likelihood_damping == nullptr) o.likelihood_damping = ConstantSchedule(0.0);
+  if (o.step_space != GaussianStepSpace::kTheta && o.step_space != GaussianStepSpace::kXi) {
+    return invalid("unknown gaussian step_space");
+  }
   return std::make_unique<GaussianBlock>(std::move(name), std::move(o),
                                          precision);
 }

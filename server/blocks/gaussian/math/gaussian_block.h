@@ -24,6 +24,20 @@
 // through the inversion engine: they are small, and the step needs them
 // synchronously to run the safeguard.
 //
+// Compositional steps (GaussianStepInput::compositional; docs/math.md): the
+// likelihood part of the gradient comes as samples ε_s (z_s = m + Lε_s with
+// L = chol(S) whatever the parametrisation), ∇_z ℓ(z_s) and the likelihood
+// Fisher F_s (full, diagonal or shared). The block forms
+// u_s = (F_s + λ_z I)⁻¹ ∇_z ℓ(z_s), the (m, L)-gradient
+// (mean_s u_s, tril(mean_s u_s ε_sᵀ)), converts it to ∂L/∂η as a mean+chol
+// gradient at the current q, adds grad1/grad2 (the rest of the objective, in
+// gradient_space) and steps as usual. F_s must be symmetric to
+// kSymmetryRelTolerance (relative to max|F_s|; then symmetrised) and
+// F_s + λ_z I positive definite (its Cholesky must succeed); otherwise
+// INVALID_ARGUMENT naming the field, e.g.
+//   block "q_u": gaussian.compositional.likelihood_fisher[0][3] + 0 I is not
+//   positive definite
+//
 // State is only a step counter and the last γ used / halvings (the client
 // owns the parameters): scalars "steps", "gamma_used", "halvings".
 #ifndef NATGRAD_SERVER_BLOCKS_GAUSSIAN_MATH_GAUSSIAN_BLOCK_H_
@@ -45,6 +59,12 @@ inline constexpr absl::string_view kGaussianBlockKind = "gaussian";
 inline constexpr int kDefaultMaxHalvings = 8;
 inline constexpr int kMaxMaxHalvings = 64;
 
+// Where the step is taken (docs/math.md). kTheta: θ' = θ − γ ∂L/∂η, mapped
+// to the client's ξ (exact). kXi: ξ' = ξ − γ·(natural-gradient direction in
+// ξ), GPflow's NaturalGradient with a non-natural xi_transform; identical to
+// kTheta for natural parameters. Both keep the γ-halving safeguard.
+enum class GaussianStepSpace { kTheta, kXi };
+
 struct GaussianOptions {
   int64_t dim = 0;     // M, required (>= 1)
   int64_t copies = 1;  // L; 0 is read as 1 (the proto's convention)
@@ -56,6 +76,9 @@ struct GaussianOptions {
   // -1 means the default (8); 0 disables the retries; at most 64.
   int max_halvings = kDefaultMaxHalvings;
   bool return_direction = false;
+  GaussianStepSpace step_space = GaussianStepSpace::kTheta;
+  // λ_z(t) >= 0 for compositional steps, u = (F + λ_z I)⁻¹ ∇_z ℓ. Null: 0.
+  SchedulePtr likelihood_damping;
 };
 
 // Float64 by default; kFloat32 computes in float (inputs and outputs stay

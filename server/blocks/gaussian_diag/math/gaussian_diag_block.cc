@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -195,7 +196,47 @@ class GaussianDiagBlock final : public ParameterBlock {
           absl::StrCat("gives no positive variance at [", i / options_.dim, ", ", i % options_.dim,
                        "] (copy, element)"));
     }
-    // Pass 2: θ' = θ − γ v, halving γ while some s' is not positive.
+    // The natural-gradient direction ξ̇ = (∂ξ/∂θ) v of element i.
+    const auto direction = [&](int64_t i, T* r1, T* r2) {
+      const T mi = m[i], si = s[i];
+      const T dm = si * v1[i] + T(2) * mi * si * v2[i];
+      const T ds = T(2) * si * si * v2[i];
+      switch (param) {
+        case P::kNatural:
+          *r1 = v1[i];
+          *r2 = v2[i];
+          break;
+        case P::kExpectation:
+          *r1 = dm;
+          *r2 = ds + T(2) * mi * dm;
+          break;
+        case P::kMeanVariance:
+          *r1 = dm;
+          *r2 = ds;
+          break;
+        case P::kMeanLogStd:
+          *r1 = dm;
+          *r2 = ds / (T(2) * si);
+          break;
+      }
+    };
+    // The variance of the client's (a, c), NaN when it is none.
+    const auto variance = [&](T a, T c) -> T {
+      switch (param) {
+        case P::kNatural:
+          return T(-0.5) / c;
+        case P::kExpectation:
+          return c - a * a;
+        case P::kMeanVariance:
+          return c;
+        case P::kMeanLogStd:
+          return std::exp(T(2) * c);
+      }
+      return std::numeric_limits<T>::quiet_NaN();
+    };
+    const bool xi = options_.step_space == GaussianDiagStepSpace::kXi && param != P::kNatural;
+    // Pass 2: θ' = θ − γ v (or ξ' = ξ − γ ξ̇ into t1, t2), halving γ while
+    // some s' is not positive.
     Array<T> theta1 = m / s, theta2 = T(-0.5) / s;
     int halvings = 0;
     double used = gamma;
@@ -205,11 +246,23 @@ class GaussianDiagBlock final : public ParameterBlock {
       const T gam = static_cast<T>(used);
       ForChunks(pool, n, [&](int64_t b, int64_t e) {
         bool chunk_ok = true;
-        for (int64_t i = b; i < e; ++i) {
-          t1[i] = theta1[i] - gam * v1[i];
-          t2[i] = theta2[i] - gam * v2[i];
-          chunk_ok &= (t2[i] < T(0)) && std::isfinite(t1[i]) &&
-                      std::isfinite(T(-0.5) / t2[i]);
+        if (xi) {
+          for (int64_t i = b; i < e; ++i) {
+            T r1, r2;
+            direction(i, &r1, &r2);
+            t1[i] = p1[i] - gam * r1;
+            t2[i] = p2[i] - gam * r2;
+            const T sn = variance(t1[i], t2[i]);
+            chunk_ok &= std::isfinite(t1[i]) && std::isfinite(t2[i]) && sn > T(0) &&
+                        std::isfinite(sn);
+          }
+        } else {
+          for (int64_t i = b; i < e; ++i) {
+            t1[i] = theta1[i] - gam * v1[i];
+            t2[i] = theta2[i] - gam * v2[i];
+            chunk_ok &= (t2[i] < T(0)) && std::isfinite(t1[i]) &&
+                        std::isfinite(T(-0.5) / t2[i]);
+          }
         }
         if (!chunk_ok) ok.store(false);
       });
@@ -243,8 +296,8 @@ class GaussianDiagBlock final : public ParameterBlock {
       for (int64_t i = b; i < e; ++i) {
         const T sn = T(-0.5) / t2[i];
         const T mn = t1[i] * sn;
-        T a, c;
-        switch (param) {
+        T a = t1[i], c = t2[i];  // the ξ step's result as is
+        if (!xi) switch (param) {
           case P::kNatural:
             a = t1[i];
             c = t2[i];
@@ -266,29 +319,7 @@ class GaussianDiagBlock final : public ParameterBlock {
         q2[i] = c;
         d1[i] = a - p1[i];
         d2[i] = c - p2[i];
-        if (r1 != nullptr) {
-          const T mi = m[i], si = s[i];
-          const T dm = si * v1[i] + T(2) * mi * si * v2[i];
-          const T ds = T(2) * si * si * v2[i];
-          switch (param) {
-            case P::kNatural:
-              r1[i] = v1[i];
-              r2[i] = v2[i];
-              break;
-            case P::kExpectation:
-              r1[i] = dm;
-              r2[i] = ds + T(2) * mi * dm;
-              break;
-            case P::kMeanVariance:
-              r1[i] = dm;
-              r2[i] = ds;
-              break;
-            case P::kMeanLogStd:
-              r1[i] = dm;
-              r2[i] = ds / (T(2) * si);
-              break;
-          }
-        }
+        if (r1 != nullptr) direction(i, &r1[i], &r2[i]);
       }
     });
     BlockStepOutput result;

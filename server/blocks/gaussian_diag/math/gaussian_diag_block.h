@@ -16,6 +16,9 @@
 // The natural-gradient direction in the client's parametrisation (on
 // request) is ξ̇ = (∂ξ/∂θ) ∂L/∂η: ṁ = s v1 + 2ms v2, ṡ = 2s² v2 (mean+var),
 // ρ̇ = ṡ / (2s), (ṁ, ṡ + 2mṁ) (expectation), v itself (natural).
+// step_space kXi instead steps the client's parametrisation along that
+// direction, ξ' = ξ − γ ξ̇ (GPflow's NaturalGradient with a non-natural
+// xi_transform; the same as kTheta for natural parameters).
 // Safeguard: when some element's θ2' is not negative (s' not positive), γ is
 // halved, at most max_halvings times; if every try fails the step is refused.
 //
@@ -38,6 +41,8 @@ namespace natgrad::core {
 inline constexpr absl::string_view kGaussianDiagBlockKind = "gaussian_diag";
 
 enum class GaussianDiagParametrization { kNatural, kExpectation, kMeanVariance, kMeanLogStd };
+// As the full block's GaussianStepSpace.
+enum class GaussianDiagStepSpace { kTheta, kXi };
 
 struct GaussianDiagOptions {
   int64_t dim = 0;
@@ -46,6 +51,7 @@ struct GaussianDiagOptions {
   SchedulePtr gamma;         // null: constant 1
   int max_halvings = 8;      // 0: no retries; at most 64
   bool return_direction = false;
+  GaussianDiagStepSpace step_space = GaussianDiagStepSpace::kTheta;
 };
 
 // Validates (INVALID_ARGUMENT naming block and field) without allocating.
