@@ -124,8 +124,20 @@ def _wire_max_halvings(name, v):
     return -1 if int(v) == 0 else int(v)
 
 
+STEP_SPACES = {
+    "theta": blocks_pb2.STEP_SPACE_THETA,
+    "xi": blocks_pb2.STEP_SPACE_XI,
+}
+
+
+def _step_space(name, v):
+    if v not in STEP_SPACES:
+        raise ValueError(f"block '{name}': step_space must be 'theta' or 'xi', got {v!r}")
+    return STEP_SPACES[v]
+
+
 def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None,
-             max_halvings=8, return_direction=False):
+             max_halvings=8, return_direction=False, likelihood_damping=None, step_space="theta"):
     """A variational Gaussian N(m, S) block of dimension ``dim`` (M) with
     ``copies`` (L) independent copies; its parameters are [L, M] and
     [L, M, M] (GPflow's q_mu is [M, L]: see natgrad.gaussian). parametrization:
@@ -135,7 +147,17 @@ def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None
     max_halvings: when a step leaves the positive-definite cone, gamma is
     halved and the step retried at most this many times (0 to 64). 0 means no
     halving (the step is rejected at once; sent as -1 on the wire, whose 0
-    means the default), None the server's default (8)."""
+    means the default), None the server's default (8).
+
+    likelihood_damping: lambda_z >= 0 (number or schedule) for compositional
+    steps (natgrad.gaussian.compositional_input): each sample's likelihood
+    gradient is preconditioned by (F_s + lambda_z I)^-1. None: the server's
+    default 0, which refuses a singular Fisher.
+
+    step_space: 'theta' (default; theta' = theta - gamma dL/deta, mapped back
+    exactly) or 'xi' (xi' = xi - gamma * the natural-gradient direction in the
+    block's own parametrisation, as GPflow's NaturalGradient with
+    XiSqrtMeanVar for 'mean_cholesky'; the same as 'theta' for 'natural')."""
     _check_name(name)
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"block '{name}': parametrization must be one of "
@@ -145,8 +167,14 @@ def gaussian(name, dim, copies=1, *, parametrization="mean_cholesky", gamma=None
     c = blocks_pb2.GaussianConfig(dim=int(dim), copies=int(copies),
                                   parametrization=PARAMETRIZATIONS[parametrization],
                                   max_halvings=_wire_max_halvings(name, max_halvings),
-                                  return_direction=bool(return_direction))
+                                  return_direction=bool(return_direction),
+                                  step_space=_step_space(name, step_space))
     _set_schedule(c, "gamma", gamma, name)
+    if isinstance(likelihood_damping, (int, float)) and not (
+            math.isfinite(likelihood_damping) and likelihood_damping >= 0):
+        raise ValueError(f"block '{name}': likelihood_damping must be finite and >= 0, "
+                         f"got {likelihood_damping!r}")
+    _set_schedule(c, "likelihood_damping", likelihood_damping, name)
     return BlockConfig(name=name, shape=[int(copies), int(dim)], gaussian=c)
 
 
@@ -159,13 +187,14 @@ DIAG_PARAMETRIZATIONS = {
 
 
 def gaussian_diag(name, dim, copies=1, *, parametrization="mean_variance", gamma=None,
-                  max_halvings=8, return_direction=False):
+                  max_halvings=8, return_direction=False, step_space="theta"):
     """A diagonal (mean-field) Gaussian N(m, diag(s)) block: ``copies`` (L)
     copies of dimension ``dim`` (M), every part of its step an [L, M] array.
     parametrization: 'natural' (m/s, -1/(2s)), 'expectation' (m, s + m^2),
     'mean_variance' (m, s) or 'mean_log_std' (m, rho with s = exp(2 rho)).
-    gamma and max_halvings as for gaussian(). Elementwise on the server, so
-    dim may be in the millions; float32 arrays stay float32 on the wire."""
+    gamma, max_halvings and step_space ('theta' or 'xi') as for gaussian().
+    Elementwise on the server, so dim may be in the millions; float32 arrays
+    stay float32 on the wire. (Compositional inputs are for gaussian() only.)"""
     _check_name(name)
     if parametrization not in DIAG_PARAMETRIZATIONS:
         raise ValueError(f"block '{name}': parametrization must be one of "
@@ -175,9 +204,21 @@ def gaussian_diag(name, dim, copies=1, *, parametrization="mean_variance", gamma
     c = blocks_pb2.GaussianDiagConfig(dim=int(dim), copies=int(copies),
                                       parametrization=DIAG_PARAMETRIZATIONS[parametrization],
                                       max_halvings=_wire_max_halvings(name, max_halvings),
-                                      return_direction=bool(return_direction))
+                                      return_direction=bool(return_direction),
+                                      step_space=_step_space(name, step_space))
     _set_schedule(c, "gamma", gamma, name)
     return BlockConfig(name=name, shape=[int(copies), int(dim)], gaussian_diag=c)
+
+
+def gaussian_compositional_input(param1, param2, samples, likelihood_gradients, likelihood_fisher,
+                                 fisher_form="full", rest_grad1=None, rest_grad2=None,
+                                 gradient_space="parametrization", layout=None):
+    """The same as natgrad.gaussian.compositional_input (see there)."""
+    from natgrad import gaussian as _gaussian
+    return _gaussian.compositional_input(param1, param2, samples, likelihood_gradients,
+                                         likelihood_fisher, fisher_form=fisher_form,
+                                         rest_grad1=rest_grad1, rest_grad2=rest_grad2,
+                                         gradient_space=gradient_space, layout=layout)
 
 
 def session_config(blocks, *, state_dtype=None, kl_clip=None, adaptive_damping=None,

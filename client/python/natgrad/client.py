@@ -349,6 +349,12 @@ _GRADIENT_SPACES = {
     "parametrization": step_pb2.PARAMETRIZATION_GRADIENT,
 }
 
+_FISHER_FORMS = {
+    "full": step_pb2.LIKELIHOOD_FISHER_FULL,
+    "diagonal": step_pb2.LIKELIHOOD_FISHER_DIAGONAL,
+    "shared": step_pb2.LIKELIHOOD_FISHER_SHARED,
+}
+
 
 def _retry_reason(e):
     """Why a failed Step call may be retried with the same step number, or None."""
@@ -608,7 +614,7 @@ class Session:
         kind = cfg.WhichOneof("kind")
         known = {"gradient", "params", "activations", "output_gradients", "a_factor", "g_factor",
                  "num_examples", "param1", "param2", "grad1", "grad2", "gradient_space", "layout",
-                 "dtype"}
+                 "dtype", "compositional"}
         extra = set(x) - known
         if extra:
             raise self._err(name, sorted(extra)[0], f"unknown input field(s) {sorted(extra)}")
@@ -665,7 +671,8 @@ class Session:
                           out=bs.kfac.reduced.g_factor)
                 bs.kfac.reduced.num_examples = n
         else:
-            for f in ("activations", "output_gradients", "a_factor", "g_factor", "param1", "grad1"):
+            for f in ("activations", "output_gradients", "a_factor", "g_factor", "param1", "grad1",
+                      "compositional"):
                 if x.get(f) is not None:
                     raise self._err(name, f, f"not accepted by a {kind} block")
         return bs
@@ -674,9 +681,15 @@ class Session:
         copies, dim = max(1, g.copies), g.dim
         s1, s2 = [copies, dim], [copies, dim, dim]
         alt1, alt2 = ([dim], [dim, dim]) if copies == 1 else (None, None)
-        for f in ("param1", "param2", "grad1", "grad2"):
+        comp = x.get("compositional")
+        needed = ("param1", "param2") if comp is not None else ("param1", "param2", "grad1", "grad2")
+        for f in needed:
             if x.get(f) is None:
-                raise self._err(name, f, "missing (Gaussian blocks need param1, param2, grad1, grad2)")
+                raise self._err(name, f, "missing (Gaussian blocks need param1, param2, grad1, grad2; "
+                                "with a compositional input grad1/grad2 may be left out)")
+        if comp is not None and (x.get("grad1") is None) != (x.get("grad2") is None):
+            raise self._err(name, "grad1" if x.get("grad1") is None else "grad2",
+                            "missing (give both rest gradients or neither)")
         # Sent explicitly every time: the server reads an unset gradient_space
         # as expectation gradients, while natgrad.gaussian.step_input defaults
         # to the parametrisation; guessing either for a bare dict is how a
@@ -700,6 +713,8 @@ class Session:
         gi = bs.gaussian
         for f, s, alt in (("param1", s1, alt1), ("param2", s2, alt2),
                           ("grad1", s1, alt1), ("grad2", s2, alt2)):
+            if x.get(f) is None:
+                continue  # a compositional step's omitted rest gradient: zero
             v = x[f]
             if layout == "gpflow" and f in ("param1", "grad1"):
                 v = self._array(name, f, v, [dim, copies], [dim] if copies == 1 else None)
@@ -716,9 +731,49 @@ class Session:
                 arr = arr.reshape(s)
             to_tensor(arr, dtype or np.float64, out=getattr(gi, f))
         gi.gradient_space = _GRADIENT_SPACES[sp]
+        if comp is not None:
+            self._gaussian_compositional(gi.compositional, name, copies, dim, comp, dtype)
         if layout == "gpflow":
             self._gpflow_blocks.add(name)
         return bs
+
+    def _gaussian_compositional(self, out, name, copies, dim, c, dtype):
+        if not isinstance(c, dict):
+            raise self._err(name, "compositional", "must be a dict (natgrad.gaussian.compositional_input)")
+        extra = set(c) - {"samples", "likelihood_gradients", "likelihood_fisher", "fisher_form"}
+        if extra:
+            raise self._err(name, "compositional", f"unknown field(s) {sorted(extra)}")
+        form = c.get("fisher_form")
+        if form not in _FISHER_FORMS:
+            raise self._err(name, "compositional.fisher_form",
+                            f"must be one of {sorted(_FISHER_FORMS)}, got {form!r}")
+        for f in ("samples", "likelihood_gradients", "likelihood_fisher"):
+            if c.get(f) is None:
+                raise self._err(name, f"compositional.{f}", "missing")
+        one = copies == 1
+        eps = self._array(name, "compositional.samples", c["samples"])
+        if eps.ndim == 2 and one:
+            eps = eps[None]
+        if eps.ndim != 3 or eps.shape[0] != copies or eps.shape[2] != dim or eps.shape[1] < 1:
+            raise self._err(name, "compositional.samples", f"shape {list(np.shape(c['samples']))}, expected "
+                            f"[{copies}, S, {dim}]" + (f" or [S, {dim}]" if one else ""))
+        ns = eps.shape[1]
+        want = {"full": [copies, ns, dim, dim], "diagonal": [copies, ns, dim],
+                "shared": [copies, dim, dim]}[form]
+        grads = self._array(name, "compositional.likelihood_gradients", c["likelihood_gradients"],
+                            [copies, ns, dim], [ns, dim] if one else None)
+        fisher = self._array(name, "compositional.likelihood_fisher", c["likelihood_fisher"],
+                             want, want[1:] if one else None)
+        dt = dtype or np.float64
+        to_tensor(eps, dt, out=out.samples)
+        # (Unvalidated wrong shapes go as they are; the server refuses them.)
+        if grads.size == copies * ns * dim:
+            grads = grads.reshape([copies, ns, dim])
+        if fisher.size == int(np.prod(want)):
+            fisher = fisher.reshape(want)
+        to_tensor(grads, dt, out=out.likelihood_gradients)
+        to_tensor(fisher, dt, out=out.likelihood_fisher)
+        out.fisher_form = _FISHER_FORMS[form]
 
     def _gaussian_diag_step(self, bs, name, g, x, dtype):
         """A diagonal Gaussian: four [copies, dim] arrays ([dim] for one copy),
@@ -726,6 +781,9 @@ class Session:
         float32: these blocks can be millions of elements)."""
         copies, dim = max(1, g.copies), g.dim
         s, alt = [copies, dim], ([dim] if copies == 1 else None)
+        if x.get("compositional") is not None:
+            raise self._err(name, "compositional", "is taken by full gaussian blocks only "
+                            "(blocks.gaussian), not gaussian_diag")
         for f in ("param1", "param2", "grad1", "grad2"):
             if x.get(f) is None:
                 raise self._err(name, f, "missing (diagonal Gaussian blocks need param1, param2, grad1, grad2)")

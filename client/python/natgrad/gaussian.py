@@ -46,7 +46,7 @@ import numpy as np
 
 from natgrad import blocks as _blocks
 
-__all__ = ["step_input", "GaussianOptimizer", "from_gpflow", "to_gpflow", "to_mean_cov", "from_mean_cov",
+__all__ = ["step_input", "compositional_input", "FISHER_FORMS", "GaussianOptimizer", "from_gpflow", "to_gpflow", "to_mean_cov", "from_mean_cov",
            "expectation_gradient", "natural_gradient_step", "PARAMETRIZATIONS"]
 
 PARAMETRIZATIONS = tuple(_blocks.PARAMETRIZATIONS)
@@ -65,6 +65,52 @@ def step_input(param1, param2, grad1, grad2, gradient_space="parametrization", l
         raise ValueError(f"gradient_space must be 'parametrization' or 'expectation', got {gradient_space!r}")
     x = {"param1": param1, "param2": param2, "grad1": grad1, "grad2": grad2,
          "gradient_space": gradient_space}
+    if layout is not None:
+        x["layout"] = layout
+    return x
+
+
+FISHER_FORMS = ("full", "diagonal", "shared")
+
+
+def compositional_input(param1, param2, samples, likelihood_gradients, likelihood_fisher,
+                        fisher_form="full", rest_grad1=None, rest_grad2=None,
+                        gradient_space="parametrization", layout=None):
+    """The input of one full Gaussian block for Session.step when the
+    likelihood part of the gradient comes from reparameterised samples
+    (docs/math.md, "Compositional gradients").
+
+    param1, param2: the block's current parameters, as for step_input.
+    samples: eps_s, [L, S, M] ([S, M] when L = 1), the standard-normal draws
+        with z_s = m + chol(S) eps_s (the lower Cholesky factor of the current
+        covariance, whatever the block's parametrisation).
+    likelihood_gradients: dl/dz at z_s, the same shape (l the loss's
+        likelihood term for that sample, e.g. the negative log-likelihood).
+    likelihood_fisher: the likelihood's Fisher in z, by fisher_form:
+        "full" [L, S, M, M] (one per sample), "diagonal" [L, S, M] (their
+        diagonals) or "shared" [L, M, M] (one for all samples); the leading L
+        may be dropped when L = 1. Symmetric, and F + lambda_z I positive
+        definite (lambda_z: blocks.gaussian(likelihood_damping=...)).
+    rest_grad1, rest_grad2: the gradient of the rest of the objective (e.g.
+        the KL to the prior) in gradient_space ("parametrization": w.r.t.
+        param1/param2; "expectation": dL/deta); None means zero (both None
+        or both given).
+    layout: as for step_input (affects param1 and rest_grad1 only).
+
+    The server computes u_s = (F_s + lambda_z I)^-1 dl/dz(z_s), the (m, L)
+    gradient (mean_s u_s, tril(mean_s u_s eps_s^T)), converts it to dL/deta,
+    adds the rest gradient and takes the block's usual step."""
+    if gradient_space not in ("parametrization", "expectation"):
+        raise ValueError(f"gradient_space must be 'parametrization' or 'expectation', got {gradient_space!r}")
+    if fisher_form not in FISHER_FORMS:
+        raise ValueError(f"fisher_form must be one of {list(FISHER_FORMS)}, got {fisher_form!r}")
+    if (rest_grad1 is None) != (rest_grad2 is None):
+        raise ValueError("rest_grad1 and rest_grad2 must both be given or both be None (zero)")
+    x = {"param1": param1, "param2": param2, "gradient_space": gradient_space,
+         "compositional": {"samples": samples, "likelihood_gradients": likelihood_gradients,
+                           "likelihood_fisher": likelihood_fisher, "fisher_form": fisher_form}}
+    if rest_grad1 is not None:
+        x["grad1"], x["grad2"] = rest_grad1, rest_grad2
     if layout is not None:
         x["layout"] = layout
     return x

@@ -249,9 +249,10 @@ class GaussianBlockKind final : public BlockKind {
       return absl::InvalidArgumentError(StepField(step, "gaussian is required"));
     }
     natgrad::v1::GaussianStepInput& g = *step.mutable_gaussian();
+    // Presence first: mutable_*() would create the fields.
+    const bool present[4] = {g.has_param1(), g.has_param2(), g.has_grad1(), g.has_grad2()};
     Tensor* parts[4] = {g.mutable_param1(), g.mutable_param2(), g.mutable_grad1(),
                         g.mutable_grad2()};
-    const bool present[4] = {g.has_param1(), g.has_param2(), g.has_grad1(), g.has_grad2()};
     const char* names[4] = {"param1", "param2", "grad1", "grad2"};
     const int64_t copies = Copies(config.gaussian());
     const int64_t dim = config.gaussian().dim();
