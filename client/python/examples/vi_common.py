@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import natgrad  # noqa: E402
 from natgrad import blocks  # noqa: E402
+from natgrad import gaussian as ng  # noqa: E402
 
 
 # ---------------------------------------------------------------- q = N(m, LLᵀ)
@@ -99,34 +100,21 @@ def server_has_compositional():
 
 
 def gaussian_session(client, d, gamma, likelihood_damping=None):
-    b = blocks.gaussian("q", d, parametrization="mean_cholesky", gamma=gamma)
-    if likelihood_damping is not None:
-        b.gaussian.likelihood_damping.CopyFrom(natgrad.schedules.as_schedule(likelihood_damping, "q"))
-    return client.create_session([b], state_dtype="float64")
-
-
-_FORMS = {"full": "LIKELIHOOD_FISHER_FULL", "diagonal": "LIKELIHOOD_FISHER_DIAGONAL",
-          "shared": "LIKELIHOOD_FISHER_SHARED"}
+    kw = {} if likelihood_damping is None else {"likelihood_damping": likelihood_damping}
+    return client.create_session([blocks.gaussian("q", d, parametrization="mean_cholesky", gamma=gamma, **kw)],
+                                 state_dtype="float64")
 
 
 def compositional_step(sess, m, L, eps, lik_grads, fisher, form, rest_m, rest_L):
-    """One server step with a compositional gradient: eps [S, M], grad l(z_s)
-    [S, M], the likelihood Fisher in `form`, and the rest of the objective's
-    (m, L) gradient (the KL). Raises Diverged when the server rejects it."""
-    from natgrad._pb import step_pb2
-    from natgrad.tensor import to_tensor
-    bs = step_pb2.BlockStep(name="q")
-    gi = bs.gaussian
-    for f, v in (("param1", m[None]), ("param2", L[None]), ("grad1", rest_m[None]), ("grad2", rest_L[None])):
-        to_tensor(v, np.float64, out=getattr(gi, f))
-    gi.gradient_space = step_pb2.PARAMETRIZATION_GRADIENT
-    c = gi.compositional
-    to_tensor(eps[None], np.float64, out=c.samples)
-    to_tensor(lik_grads[None], np.float64, out=c.likelihood_gradients)
-    to_tensor(fisher[None], np.float64, out=c.likelihood_fisher)
-    c.fisher_form = step_pb2.LikelihoodFisherForm.Value(_FORMS[form])
+    """One server step with a compositional gradient
+    (natgrad.gaussian.compositional_input): eps [S, M], grad l(z_s) [S, M],
+    the likelihood Fisher in `form` ('full', 'diagonal', 'shared'), and the
+    rest of the objective's (m, L) gradient (the KL). Raises Diverged when
+    the server rejects the step."""
+    x = ng.compositional_input(m, L, eps, lik_grads, fisher, fisher_form=form, rest_grad1=rest_m,
+                               rest_grad2=rest_L, gradient_space="parametrization")
     try:
-        u = sess.step({"q": bs})["q"]
+        u = sess.step({"q": x})["q"]
     except natgrad.NatgradError as e:
         raise Diverged(str(e)) from e
     return u.param1.reshape(m.shape), np.tril(u.param2.reshape(L.shape))
