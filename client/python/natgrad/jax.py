@@ -35,6 +35,10 @@ exported session (ExportSession) and its step; ``load_state_dict(state)`` or
 ``KFAC(params, target=..., state=state)`` imports it into a server that lacks
 the session, or checks the step on one that has it, raising a natgrad error
 on any mismatch.
+
+Natural-gradient directions in your own coordinates: ``natural_direction(
+xi_of_theta, theta, dl_deta)`` pushes dL/deta (the natural gradient in
+theta) through xi_of_theta with one jax.jvp; see its docstring.
 """
 import numpy as np
 
@@ -49,7 +53,7 @@ from natgrad import blocks as _blocks
 from natgrad import errors
 from natgrad._pb import session_pb2
 
-__all__ = ["KFAC", "path_str", "find_layers", "conv_patches", "CHECKPOINT_FORMAT"]
+__all__ = ["KFAC", "path_str", "find_layers", "conv_patches", "natural_direction", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -133,6 +137,65 @@ def conv_patches(x, window, strides=1, padding="VALID", dilation=1, kernel_layou
     elif kernel_layout != "out_in":
         raise ValueError("kernel_layout must be 'in_out' or 'out_in'")
     return p.reshape(n, p.shape[1], k * c)
+
+
+def natural_direction(xi_of_theta, theta, dl_deta, *, return_xi=False):
+    """The natural-gradient direction of an exponential family (e.g. a
+    Gaussian) in any representation xi of your choosing, in one forward pass.
+
+    For an exponential family with natural parameters theta and expectation
+    parameters eta, the natural gradient with respect to theta is the plain
+    gradient dL/deta. A step theta' = theta - gamma dL/deta, seen through
+    xi = xi_of_theta(theta), moves xi along
+
+        xi_dot = (d xi / d theta) . dL/deta,
+
+    which is exactly ``jax.jvp(xi_of_theta, (theta,), (dl_deta,))``:
+    the Jacobian is never formed, and the cost is about one evaluation of
+    xi_of_theta. The update to first order is xi' = xi - gamma xi_dot (the
+    sign is that of the server's ``direction1/direction2``, which this
+    reproduces for the Gaussian blocks' parametrisations).
+
+    xi_of_theta: theta -> xi, any JAX-traceable function; theta, dl_deta and
+    xi may be pytrees (dl_deta has theta's structure, one cotangent-shaped
+    leaf per theta leaf; numpy or Python leaves are converted, the tangents
+    to their primal's dtype). Returns the direction, a pytree shaped like
+    xi, or ``(xi, direction)`` with return_xi=True.
+
+    Example, a full Gaussian q = N(m, S) in mean + Cholesky coordinates
+    xi = (m, L), S = L L^T, with theta = (S^-1 m, -1/2 S^-1):
+
+        def xi_of_theta(theta):
+            t1, t2 = theta
+            S = jnp.linalg.inv(-2.0 * t2)
+            return S @ t1, jnp.linalg.cholesky(S)
+
+        theta = (jnp.linalg.solve(S, m), -0.5 * jnp.linalg.inv(S))
+        dm, dL = natgrad.jax.natural_direction(xi_of_theta, theta, (g1, g2))
+        # g1 = dL/deta1 = dL/dm - 2 G m, g2 = dL/deta2 = G = sym(dL/dS):
+        # natgrad.gaussian.expectation_gradient gives them from dL/dm, dL/dL.
+
+    dL is lower triangular (the tangent of a Cholesky factor) and equals
+    L Phi(2 L^T g2 L), Phi = lower triangle with the diagonal halved; dm =
+    S (g1 + 2 g2 m). A symmetric g2 (as the server's) matters here: the jvp
+    of inv(-2 t2) sees the tangent as given.
+    """
+    theta = jax.tree_util.tree_map(jnp.asarray, theta)
+    t_def = jax.tree_util.tree_structure(theta)
+    try:
+        d_leaves = t_def.flatten_up_to(dl_deta)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"natural_direction: dl_deta must have theta's pytree structure {t_def}: {e}") from e
+    p_leaves = jax.tree_util.tree_leaves(theta)
+    tangents = []
+    for i, (p, d) in enumerate(zip(p_leaves, d_leaves)):
+        d = jnp.asarray(d, dtype=p.dtype)
+        if d.shape != p.shape:
+            raise ValueError(f"natural_direction: dl_deta leaf {i} has shape {tuple(d.shape)}, "
+                             f"theta's has {tuple(p.shape)}")
+        tangents.append(d)
+    xi, direction = jax.jvp(xi_of_theta, (theta,), (jax.tree_util.tree_unflatten(t_def, tangents),))
+    return (xi, direction) if return_xi else direction
 
 
 class KFAC:
