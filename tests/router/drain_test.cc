@@ -124,6 +124,25 @@ std::optional<natgrad::v1::SessionMoved> RawRedirect(const Replica& r, const std
   return moved;
 }
 
+// The value of a counter (or a histogram's sample count) in a server's
+// registry, summed over the series whose labels include `label`.
+double Metric(service::NatgradServer& server, const std::string& name,
+              const std::string& label = "") {
+  double total = 0;
+  for (const auto& family : server.metrics().registry().Collect()) {
+    if (family.name != name) continue;
+    for (const auto& m : family.metric) {
+      bool match = label.empty();
+      for (const auto& l : m.label) match = match || l.name + "=" + l.value == label;
+      if (!match) continue;
+      total += family.type == prometheus::MetricType::Histogram
+                   ? static_cast<double>(m.histogram.sample_count)
+                   : m.counter.value;
+    }
+  }
+  return total;
+}
+
 class DrainTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -190,6 +209,10 @@ TEST_F(DrainTest, MovedSessionsRedirectAndKeepTheirTenant) {
   EXPECT_EQ(moved->session(), "sessions/moving-1");
   EXPECT_EQ(moved->replica(), "replica-b");
   EXPECT_EQ(moved->address(), b.address());
+  EXPECT_EQ(Metric(*a.server, "natgrad_sessions_moved_total", "outcome=moved"), 1);
+  EXPECT_EQ(Metric(*a.server, "natgrad_sessions_moved_total", "outcome=failed"), 0);
+  EXPECT_EQ(Metric(*a.server, "natgrad_drain_duration_seconds"), 1);
+  EXPECT_EQ(Metric(*a.server, "natgrad_redirects_total"), 1);
   // Another tenant learns nothing: NOT_FOUND, as for any id it does not hold.
   RawRedirect(a, "sessions/moving-1", &status, "bob-token-0123456789ab");
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
@@ -245,6 +268,7 @@ TEST_F(DrainTest, APeerThatRefusesLeavesTheSessionServedHere) {
   EXPECT_EQ(drained.moved(), 0);
   ASSERT_EQ(drained.failed(), 1);
   EXPECT_THAT(drained.errors(0), HasSubstr("still served here"));
+  EXPECT_EQ(Metric(*a.server, "natgrad_sessions_moved_total", "outcome=failed"), 1);
   // Unfrozen and still here: steps go on.
   auto stream = *ca.OpenStream("sessions/taken-id");
   EXPECT_TRUE(stream->Step(Inputs(1, 1)).ok());
