@@ -1,5 +1,6 @@
 #include "client/cpp/natgrad_client.h"
 
+#include <algorithm>
 #include <thread>
 
 #include "absl/random/random.h"
@@ -110,9 +111,11 @@ std::shared_ptr<grpc::Channel> Client::MakeChannel(const std::string& target) co
   args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
   args.SetServiceConfigJSON(kServiceConfig);
   // Reconnect backoff of a channel whose server went away (restart).
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
-              static_cast<int>(absl::ToInt64Milliseconds(options_.max_backoff)));
+  const int max_ms =
+      static_cast<int>(std::max<int64_t>(1, absl::ToInt64Milliseconds(options_.max_backoff)));
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(100, max_ms));
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, std::min(100, max_ms));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, max_ms);
   auto creds = options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials();
   return grpc::CreateCustomChannel(target, creds, args);
 }

@@ -391,5 +391,74 @@ TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
   }
 }
 
+// The move gate on its own: a frozen session's step waits, then is refused
+// with UNAVAILABLE, or gets the redirect once the move is recorded; a freeze
+// waits for the step in progress.
+TEST(SessionMovesGate, FreezeHoldsStepsThenRedirectsOrRefuses) {
+  auto moves = service::SessionMoves::Open({.freeze_wait = absl::Milliseconds(50)}, nullptr);
+  ASSERT_TRUE(moves.ok());
+  service::SessionMoves& m = **moves;
+  ASSERT_TRUE(m.Enter("t", "gated").ok());  // a step in progress
+  absl::Status frozen = absl::UnknownError("not run");
+  std::thread freezer([&] { frozen = m.Freeze("t", "gated", absl::Seconds(60)); });
+  m.Exit("t", "gated");  // the freeze can only complete after this
+  freezer.join();
+  ASSERT_TRUE(frozen.ok()) << frozen;
+  EXPECT_EQ(m.Freeze("t", "gated", absl::Seconds(1)).code(),
+            absl::StatusCode::kFailedPrecondition);  // already frozen
+  // Frozen, nothing recorded: refused after freeze_wait, nothing applied.
+  EXPECT_EQ(m.Enter("t", "gated").code(), absl::StatusCode::kUnavailable);
+  // Another tenant's session of the same id is not affected.
+  ASSERT_TRUE(m.Enter("u", "gated").ok());
+  m.Exit("u", "gated");
+  // Recorded while (or before) a step waits: the step gets the redirect.
+  absl::Status waited = absl::UnknownError("not run");
+  std::thread stepper([&] { waited = m.Enter("t", "gated"); });
+  natgrad::v1::SessionMoved moved;
+  moved.set_session("sessions/gated");
+  moved.set_replica("replica-z");
+  ASSERT_TRUE(m.Record("t", "gated", moved).ok());
+  stepper.join();
+  EXPECT_EQ(waited.code(), absl::StatusCode::kFailedPrecondition);
+  auto detail = waited.GetPayload(service::kSessionMovedTypeUrl);
+  ASSERT_TRUE(detail.has_value());
+  natgrad::v1::SessionMoved parsed;
+  ASSERT_TRUE(parsed.ParseFromString(std::string(*detail)));
+  EXPECT_EQ(parsed.replica(), "replica-z");
+  // Moved back: served again.
+  m.Forget("t", "gated");
+  EXPECT_TRUE(m.Enter("t", "gated").ok());
+  m.Exit("t", "gated");
+}
+
+// UNAVAILABLE is retried within max_retry_time: a call made while no server
+// listens succeeds once one does, and without one it gives up.
+TEST(ClientRetry, UnavailableIsRetriedUntilAReplicaServes) {
+  auto first = StartServer();
+  const int port = first->port();
+  first->Shutdown(absl::ZeroDuration());
+  first.reset();
+  client::ClientOptions o;
+  o.target = "127.0.0.1:" + std::to_string(port);
+  o.initial_backoff = absl::Milliseconds(5);
+  o.max_backoff = absl::Milliseconds(50);
+  o.max_retry_time = absl::Milliseconds(200);
+  EXPECT_EQ(client::Client(o).CreateSession(Config(), "nobody-home").status().code(),
+            absl::StatusCode::kUnavailable);
+
+  o.max_retry_time = absl::Seconds(60);
+  client::Client c(o);
+  absl::StatusOr<natgrad::v1::Session> created = absl::UnknownError("not run");
+  std::thread call([&] { created = c.CreateSession(Config(), "came-back"); });
+  service::ServerOptions so;
+  so.address = "127.0.0.1:" + std::to_string(port);
+  so.engine.backend = "cpu";
+  auto second = service::NatgradServer::Start(so);
+  ASSERT_TRUE(second.ok()) << second.status();
+  call.join();
+  ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_EQ(created->name(), "sessions/came-back");
+}
+
 }  // namespace
 }  // namespace natgrad::testing
