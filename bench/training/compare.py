@@ -265,9 +265,9 @@ def make_methods():
         "adam": Adam("adam", "torch Adam", [dict(lr=v) for v in lrs]),
         "kfac": KfacLike("kfac", "natgrad K-FAC", kfac_grid, "KFAC", "torch"),
         "ekfac": KfacLike("ekfac", "natgrad EKFAC", kfac_grid, "EKFAC", "torch_ekfac"),
-        "shampoo": DenseRemote("shampoo", "natgrad Shampoo", [dict(lr=v) for v in lrs[:3]],
+        "shampoo": DenseRemote("shampoo", "natgrad Shampoo", [dict(lr=v) for v in lrs[:4]],
                                "Shampoo", "torch_shampoo"),
-        "soap": DenseRemote("soap", "natgrad SOAP", [dict(lr=v) for v in lrs[:3]], "SOAP", "torch_soap"),
+        "soap": DenseRemote("soap", "natgrad SOAP", [dict(lr=v) for v in lrs[:4]], "SOAP", "torch_soap"),
     }
 
 
