@@ -154,8 +154,8 @@ class Task:
 def make_tasks(size):
     full = size == "full"
     return {
-        "mlp": Task("mlp", "digits MLP 64-128-10", digits_data, make_mlp, 400 if full else 30),
-        "cnn": Task("cnn", "digits CNN (2 conv3x3 + linear)", digits_data, make_cnn, 300 if full else 30),
+        "mlp": Task("mlp", "digits MLP 64-128-10", digits_data, make_mlp, 200 if full else 30),
+        "cnn": Task("cnn", "digits CNN (2 conv3x3 + linear)", digits_data, make_cnn, 200 if full else 30),
         "transformer": Task("transformer", f"histogram task, 2-layer encoder d=32 (T={SEQ_LEN}, V={SEQ_VOCAB})",
                             histogram_data, Encoder, 400 if full else 30),
     }
@@ -405,7 +405,7 @@ def table(results):
         lines.append(f"### {tname}: {tr['title']}")
         lines.append("")
         lines.append(f"{tr['steps']} steps, batch {tr['batch_size']}, seeds {tr['seeds']}; target train loss "
-                     f"{tr['target_loss']:.4g} ({tr['target_rule']}). Median over seeds [min, max].")
+                     f"{tr['target_loss']:.3g} ({tr['target_rule']}). Median over seeds [min, max].")
         lines.append("")
         lines.append("| method | config (best of grid on seed 0) | steps to target | time to target (s) "
                      "| final train loss | final held-out loss | held-out acc | ms/step |")
@@ -425,11 +425,11 @@ def table(results):
             if len(reached) < n:
                 st += f" ({len(reached)}/{n} reached)"
             err = [r for r in runs if r["error"]]
-            ftl = _med_range([r["final_train_loss"] for r in runs], "{:.4f}")
+            ftl = _med_range([r["final_train_loss"] for r in runs], "{:.3g}")
             if err:
                 ftl += f" ({len(err)}/{n} failed)"
             lines.append(f"| {m['label']} | {_cfg_str(m['best_config'])} | {st} | {wt} | {ftl} | "
-                         f"{_med_range([r['final_test_loss'] for r in runs], '{:.4f}')} | "
+                         f"{_med_range([r['final_test_loss'] for r in runs], '{:.3g}')} | "
                          f"{_med_range([r['final_test_acc'] for r in runs], '{:.3f}')} | "
                          f"{_med_range([r['ms_per_step'] for r in runs], '{:.1f}')} |")
         lines.append("")
@@ -437,7 +437,7 @@ def table(results):
         if grids:
             lines.append("Grid (seed 0, final train loss): " + "; ".join(
                 f"{label}: " + ", ".join(f"{_cfg_str(g['config'])} → "
-                                         + (f"{g['final_train_loss']:.4f}" if math.isfinite(g["final_train_loss"])
+                                         + (f"{g['final_train_loss']:.3g}" if math.isfinite(g["final_train_loss"])
                                             else "diverged") for g in grid)
                 for label, grid in grids))
             lines.append("")
@@ -531,7 +531,7 @@ def run_all(args, target):
 
 def _log(tname, method, r):
     print(f"[{tname}] {method.label:<16} seed {r['seed']} {_cfg_str(r['config']):<24} "
-          f"final train {r['final_train_loss']:.4f} held-out {r['final_test_loss']:.4f} "
+          f"final train {r['final_train_loss']:.3g} held-out {r['final_test_loss']:.3g} "
           f"{r['wall']:.1f} s ({r['ms_per_step']:.1f} ms/step)" + (f"  {r['error']}" if r["error"] else ""),
           flush=True)
 
