@@ -121,7 +121,8 @@ NATGRAD_C_API natgrad_status natgrad_session_create(natgrad_client* client,
                                                     natgrad_session** out);
 
 /* Creates a session without protobuf: n_blocks blocks, block i named
- * names[i], of kind kinds[i] ("sgd", "adam" or "kfac_dense") and shape
+ * names[i], of kind kinds[i] ("sgd", "adam", "shampoo", "soap" or
+ * "kfac_dense") and shape
  * dims[off_i .. off_i + ndims[i]) where dims holds all shapes one after
  * another (off_i = ndims[0] + ... + ndims[i-1]). kfac_dense blocks are
  * 2-D [d_out, d_in (+1 with has_bias)].
@@ -134,6 +135,12 @@ NATGRAD_C_API natgrad_status natgrad_session_create(natgrad_client* client,
  *   sgd:        learning_rate momentum nesterov weight_decay
  *   adam:       learning_rate beta1 beta2 epsilon weight_decay
  *               decoupled_weight_decay
+ *   shampoo:    learning_rate weight_decay beta1 beta2 epsilon
+ *               bias_correction precondition_frequency
+ *               start_preconditioning_step max_preconditioner_dim
+ *   soap:       learning_rate weight_decay beta1 beta2 shampoo_beta epsilon
+ *               bias_correction precondition_frequency max_precond_dim
+ *               eigh_refresh (1: refresh by eigh, 0: power iteration + QR)
  *   kfac_dense: learning_rate damping momentum weight_decay has_bias
  *               ema_decay inverse_period eigen_exact
  *   session (plain keys only): state_float64 (server state in float64),

@@ -4,6 +4,7 @@
 // thread-local message.
 #include "client/c/natgrad.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -203,6 +204,47 @@ bool ApplyHparam(natgrad::v1::BlockConfig* b, const std::string& key, double v,
     }
     return true;
   }
+  auto need_count = [&]() {
+    if (v != std::floor(v) || v < 1 || v > 1e9) {
+      *error = absl::StrCat("hyperparameter ", key, " must be a whole number >= 1, got ", v);
+    }
+    return static_cast<int64_t>(std::clamp(v, 0.0, 1e9));
+  };
+  if (b->has_shampoo()) {
+    auto* c = b->mutable_shampoo();
+    if (key == "learning_rate") *c->mutable_learning_rate() = Constant(v);
+    else if (key == "weight_decay") *c->mutable_weight_decay() = Constant(v);
+    else if (key == "beta1") c->set_beta1(v);
+    else if (key == "beta2") c->set_beta2(v);
+    else if (key == "epsilon") c->set_epsilon(v);
+    else if (key == "bias_correction") {
+      need_bool();
+      c->set_bias_correction(v != 0);
+    } else if (key == "precondition_frequency") c->set_precondition_frequency(need_count());
+    else if (key == "start_preconditioning_step") c->set_start_preconditioning_step(need_count());
+    else if (key == "max_preconditioner_dim") c->set_max_preconditioner_dim(need_count());
+    else return false;
+    return true;
+  }
+  if (b->has_soap()) {
+    auto* c = b->mutable_soap();
+    if (key == "learning_rate") *c->mutable_learning_rate() = Constant(v);
+    else if (key == "weight_decay") *c->mutable_weight_decay() = Constant(v);
+    else if (key == "beta1") c->set_beta1(v);
+    else if (key == "beta2") c->set_beta2(v);
+    else if (key == "shampoo_beta") c->set_shampoo_beta(v);
+    else if (key == "epsilon") c->set_epsilon(v);
+    else if (key == "bias_correction") {
+      need_bool();
+      c->set_bias_correction(v != 0);
+    } else if (key == "eigh_refresh") {
+      need_bool();
+      c->set_refresh(v != 0 ? natgrad::v1::SOAP_REFRESH_EIGH : natgrad::v1::SOAP_REFRESH_POWER_QR);
+    } else if (key == "precondition_frequency") c->set_precondition_frequency(need_count());
+    else if (key == "max_precond_dim") c->set_max_precond_dim(need_count());
+    else return false;
+    return true;
+  }
   if (b->has_kfac_dense()) {
     auto* c = b->mutable_kfac_dense();
     if (key == "learning_rate") *c->mutable_learning_rate() = Constant(v);
@@ -260,6 +302,10 @@ natgrad_status BuildSimpleConfig(size_t n_blocks, const char* const* names,
       b->mutable_sgd();
     } else if (kind == "adam") {
       b->mutable_adam();
+    } else if (kind == "shampoo") {
+      b->mutable_shampoo();
+    } else if (kind == "soap") {
+      b->mutable_soap();
     } else if (kind == "kfac_dense") {
       if (shapes[i].size() != 2) {
         return Invalid(absl::StrCat("natgrad: kfac_dense block \"", names[i],
@@ -270,7 +316,7 @@ natgrad_status BuildSimpleConfig(size_t n_blocks, const char* const* names,
       k->set_d_in(shapes[i][1]);
     } else {
       return Invalid(absl::StrCat("natgrad: block \"", names[i], "\": unknown kind \"", kind,
-                                  "\" (sgd, adam, kfac_dense)"));
+                                  "\" (sgd, adam, shampoo, soap, kfac_dense)"));
     }
     by_name[names[i]] = b;
   }

@@ -2,6 +2,7 @@
 // updates as the C++ client it wraps, bit for bit; the simple spec builds the
 // SessionConfig it documents; every error path gives the documented code and
 // a message.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -205,21 +206,23 @@ TEST_F(CApiTest, SimpleSpecBuildsTheDocumentedConfig) {
 // The C API and the C++ client, fed the same steps on two identical
 // sessions, return the same deltas bit for bit (f32 and f64 tensors).
 template <typename T>
-void ExpectSameAsCpp(service::NatgradServer& server, natgrad_client* c_client) {
-  const Spec spec = FirstOrderSpec();
+void ExpectSameAsCpp(service::NatgradServer& server, natgrad_client* c_client,
+                     const Spec& spec = FirstOrderSpec(),
+                     const natgrad::v1::SessionConfig& config = FirstOrderConfig()) {
+  const size_t n_blocks = spec.names.size();
   SessionHandle cs;
   ASSERT_EQ(spec.Create(c_client, &cs.p), NATGRAD_OK) << natgrad_last_error();
   client::Client cpp(ClientFor(server));
-  auto session = cpp.CreateSession(FirstOrderConfig());
+  auto session = cpp.CreateSession(config);
   ASSERT_TRUE(session.ok()) << session.status();
   auto stream = cpp.OpenStream(session->name());
   ASSERT_TRUE(stream.ok()) << stream.status();
 
   std::mt19937 rng(7);
   for (int t = 1; t <= 25; ++t) {
-    std::vector<std::vector<T>> g, p, d(2);
+    std::vector<std::vector<T>> g, p, d(n_blocks);
     std::vector<natgrad::v1::BlockStep> blocks;
-    for (size_t i = 0; i < 2; ++i) {
+    for (size_t i = 0; i < n_blocks; ++i) {
       const auto& shape = spec.shapes[i];
       size_t n = 1;
       for (int64_t dim : shape) n *= static_cast<size_t>(dim);
@@ -235,9 +238,11 @@ void ExpectSameAsCpp(service::NatgradServer& server, natgrad_client* c_client) {
     ASSERT_EQ(CStep<T>(cs.p, spec, g, p, d, loss), NATGRAD_OK) << natgrad_last_error();
     auto response = (*stream)->Step(blocks, loss);
     ASSERT_TRUE(response.ok()) << response.status();
-    ASSERT_EQ(response->updates_size(), 2);
+    ASSERT_EQ(response->updates_size(), static_cast<int>(n_blocks));
     for (const auto& u : response->updates()) {
-      const size_t i = u.name() == "w" ? 0 : 1;
+      const size_t i = std::find(spec.names.begin(), spec.names.end(), u.name()) -
+                       spec.names.begin();
+      ASSERT_LT(i, n_blocks);
       const auto want = client::TensorValues(u.delta());
       ASSERT_EQ(want.size(), d[i].size());
       for (size_t j = 0; j < want.size(); ++j) {
@@ -251,6 +256,74 @@ void ExpectSameAsCpp(service::NatgradServer& server, natgrad_client* c_client) {
 }
 
 TEST_F(CApiTest, SameDeltasAsCppClientFloat32) { ExpectSameAsCpp<float>(*server_, client_.p); }
+// soap and shampoo blocks from the simple spec: the documented config, and
+// the same deltas as the C++ client (soap's refresh at step 4 included).
+Spec PreconditionedSpec() {
+  Spec s;
+  s.names = {"w", "v", "b"};
+  s.kinds = {"soap", "shampoo", "soap"};
+  s.shapes = {{4, 3}, {3, 5}, {4}};
+  s.keys = {"learning_rate", "weight_decay", "beta1", "shampoo_beta", "precondition_frequency",
+            "max_precond_dim", "eigh_refresh", "bias_correction", "v:learning_rate",
+            "start_preconditioning_step", "max_preconditioner_dim", "b:eigh_refresh"};
+  s.values = {0.02, 0.01, 0.9, 0.8, 3, 8, 1, 0, 0.05, 2, 4, 0};
+  return s;
+}
+
+natgrad::v1::SessionConfig PreconditionedConfig() {
+  natgrad::v1::SessionConfig c;
+  auto soap = [](natgrad::v1::SoapConfig* s, bool eigh) {
+    *s->mutable_learning_rate() = Constant(0.02);
+    *s->mutable_weight_decay() = Constant(0.01);
+    s->set_beta1(0.9);
+    s->set_shampoo_beta(0.8);
+    s->set_precondition_frequency(3);
+    s->set_max_precond_dim(8);
+    s->set_bias_correction(false);
+    s->set_refresh(eigh ? natgrad::v1::SOAP_REFRESH_EIGH : natgrad::v1::SOAP_REFRESH_POWER_QR);
+  };
+  auto* w = c.add_blocks();
+  w->set_name("w");
+  w->add_shape(4);
+  w->add_shape(3);
+  soap(w->mutable_soap(), true);
+  auto* v = c.add_blocks();
+  v->set_name("v");
+  v->add_shape(3);
+  v->add_shape(5);
+  auto* sh = v->mutable_shampoo();
+  *sh->mutable_learning_rate() = Constant(0.05);
+  *sh->mutable_weight_decay() = Constant(0.01);
+  sh->set_beta1(0.9);
+  sh->set_precondition_frequency(3);
+  sh->set_bias_correction(false);
+  sh->set_start_preconditioning_step(2);
+  sh->set_max_preconditioner_dim(4);
+  auto* b = c.add_blocks();
+  b->set_name("b");
+  b->add_shape(4);
+  soap(b->mutable_soap(), false);
+  return c;
+}
+
+TEST_F(CApiTest, SoapAndShampooSimpleSpecs) {
+  SessionHandle s;
+  ASSERT_EQ(PreconditionedSpec().Create(client_.p, &s.p, "c-api-soap"), NATGRAD_OK)
+      << natgrad_last_error();
+  std::string diff;
+  google::protobuf::util::MessageDifferencer d;
+  d.ReportDifferencesToString(&diff);
+  EXPECT_TRUE(d.Compare(PreconditionedConfig(), Get("sessions/c-api-soap").config())) << diff;
+  ExpectSameAsCpp<float>(*server_, client_.p, PreconditionedSpec(), PreconditionedConfig());
+
+  Spec bad = PreconditionedSpec();
+  bad.keys.push_back("w:precondition_frequency");
+  bad.values.push_back(2.5);
+  SessionHandle s2;
+  EXPECT_EQ(bad.Create(client_.p, &s2.p), NATGRAD_INVALID_ARGUMENT);
+  EXPECT_THAT(natgrad_last_error(), ::testing::HasSubstr("precondition_frequency"));
+}
+
 TEST_F(CApiTest, SameDeltasAsCppClientFloat64) { ExpectSameAsCpp<double>(*server_, client_.p); }
 
 TEST_F(CApiTest, SerializedConfigAndOpen) {

@@ -13,6 +13,7 @@
 #include "server/blocks/kfac_dense/kfac_dense_kind.h"
 #include "server/blocks/sgd/sgd_kind.h"
 #include "server/blocks/shampoo/shampoo_kind.h"
+#include "server/blocks/soap/soap_kind.h"
 
 namespace natgrad::blocks {
 
@@ -25,6 +26,7 @@ const std::vector<const BlockKind*>& AllKinds() {
       &GaussianKind(),
       &GaussianDiagKind(),
       &ShampooKind(),
+      &SoapKind(),
   };
   return kinds;
 }

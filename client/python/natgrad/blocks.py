@@ -251,3 +251,42 @@ def shampoo(name, shape, *, lr=None, weight_decay=None, beta1=None, beta2=None, 
                 raise ValueError(f"block '{name}': {f} must be a positive integer, got {v!r}")
             setattr(c, f, int(v))
     return BlockConfig(name=name, shape=_shape(shape, name), shampoo=c)
+
+
+_SOAP_REFRESHES = {
+    None: blocks_pb2.SOAP_REFRESH_UNSPECIFIED,
+    "power_qr": blocks_pb2.SOAP_REFRESH_POWER_QR,
+    "eigh": blocks_pb2.SOAP_REFRESH_EIGH,
+}
+
+
+def soap(name, shape, *, lr=None, weight_decay=None, beta1=None, beta2=None, shampoo_beta=None,
+         eps=None, precondition_frequency=None, max_precond_dim=None, refresh=None,
+         bias_correction=None):
+    """A SOAP block: Adam in the eigenbasis of Shampoo's factors (docs/math.md,
+    SOAP). None leaves the server's default, the authors' reference: lr 3e-3,
+    weight_decay 0.01 (decoupled; needs the parameters in each step; give 0
+    to turn it off), beta1 = beta2 = 0.95, shampoo_beta = beta2, eps 1e-8,
+    precondition_frequency 10, max_precond_dim 10000, refresh 'power_qr'
+    ('power_qr' or 'eigh'), bias_correction True. The first step only builds
+    the eigenbases: its update is zero."""
+    _check_name(name)
+    if refresh not in _SOAP_REFRESHES:
+        raise ValueError(f"block '{name}': refresh must be one of "
+                         f"{sorted(k for k in _SOAP_REFRESHES if k)}, got {refresh!r}")
+    c = blocks_pb2.SoapConfig(refresh=_SOAP_REFRESHES[refresh])
+    _set_schedule(c, "learning_rate", lr, name)
+    _set_schedule(c, "weight_decay", weight_decay, name)
+    for f, v in (("beta1", beta1), ("beta2", beta2), ("shampoo_beta", shampoo_beta),
+                 ("epsilon", eps)):
+        if v is not None:
+            setattr(c, f, float(v))
+    if bias_correction is not None:
+        c.bias_correction = bool(bias_correction)
+    for f, v in (("precondition_frequency", precondition_frequency),
+                 ("max_precond_dim", max_precond_dim)):
+        if v is not None:
+            if int(v) != v or int(v) < 1:
+                raise ValueError(f"block '{name}': {f} must be a positive integer, got {v!r}")
+            setattr(c, f, int(v))
+    return BlockConfig(name=name, shape=_shape(shape, name), soap=c)

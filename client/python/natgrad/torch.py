@@ -966,3 +966,4 @@ class KFACPreconditioner(_KfacModel):
 
 # Re-exported here; the class lives in its own module.
 from natgrad.torch_shampoo import Shampoo  # noqa: E402,F401
+from natgrad.torch_soap import SOAP; __all__ += ["SOAP"]  # noqa: E402,E702,F401
