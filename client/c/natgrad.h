@@ -121,11 +121,11 @@ NATGRAD_C_API natgrad_status natgrad_session_create(natgrad_client* client,
                                                     natgrad_session** out);
 
 /* Creates a session without protobuf: n_blocks blocks, block i named
- * names[i], of kind kinds[i] ("sgd", "adam", "shampoo", "soap" or
- * "kfac_dense") and shape
+ * names[i], of kind kinds[i] ("sgd", "adam", "shampoo", "soap",
+ * "kfac_dense" or "ekfac") and shape
  * dims[off_i .. off_i + ndims[i]) where dims holds all shapes one after
- * another (off_i = ndims[0] + ... + ndims[i-1]). kfac_dense blocks are
- * 2-D [d_out, d_in (+1 with has_bias)].
+ * another (off_i = ndims[0] + ... + ndims[i-1]). kfac_dense and ekfac
+ * blocks are 2-D [d_out, d_in (+1 with has_bias)].
  *
  * Hyperparameters are n_hparams (key, value) pairs. A plain key applies to
  * every block whose kind has it and must apply to at least one; a key
@@ -143,6 +143,8 @@ NATGRAD_C_API natgrad_status natgrad_session_create(natgrad_client* client,
  *               eigh_refresh (1: refresh by eigh, 0: power iteration + QR)
  *   kfac_dense: learning_rate damping momentum weight_decay has_bias
  *               ema_decay inverse_period eigen_exact
+ *   ekfac:      learning_rate damping momentum weight_decay has_bias
+ *               ema_decay inverse_period (raw statistics with every step)
  *   session (plain keys only): state_float64 (server state in float64),
  *               kl_clip (kappa; > 0 enables KL clipping of K-FAC blocks)
  * Anything else (schedules, Gaussian blocks, ...) needs

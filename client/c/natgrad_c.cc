@@ -86,6 +86,10 @@ std::map<std::string, BlockInfo> BlocksOf(const natgrad::v1::SessionConfig& conf
       info.kfac = true;
       info.d_in = b.kfac_dense().d_in();
       info.d_out = b.kfac_dense().d_out();
+    } else if (b.has_ekfac()) {
+      info.kfac = true;
+      info.d_in = b.ekfac().d_in();
+      info.d_out = b.ekfac().d_out();
     }
     out[b.name()] = info;
   }
@@ -270,6 +274,27 @@ bool ApplyHparam(natgrad::v1::BlockConfig* b, const std::string& key, double v,
     }
     return true;
   }
+  if (b->has_ekfac()) {
+    auto* c = b->mutable_ekfac();
+    if (key == "learning_rate") *c->mutable_learning_rate() = Constant(v);
+    else if (key == "damping") *c->mutable_damping() = Constant(v);
+    else if (key == "momentum") *c->mutable_momentum() = Constant(v);
+    else if (key == "weight_decay") *c->mutable_weight_decay() = Constant(v);
+    else if (key == "ema_decay") c->set_ema_decay(v);
+    else if (key == "has_bias") {
+      need_bool();
+      c->set_has_bias(v != 0);
+      c->set_d_in(b->shape(1) - (v != 0 ? 1 : 0));
+    } else if (key == "inverse_period") {
+      if (v != std::floor(v) || v < 0 || v > 1e9) {
+        *error = absl::StrCat("hyperparameter inverse_period must be a whole number, got ", v);
+      }
+      c->set_inverse_period(static_cast<int64_t>(v));
+    } else {
+      return false;
+    }
+    return true;
+  }
   return false;
 }
 
@@ -314,9 +339,17 @@ natgrad_status BuildSimpleConfig(size_t n_blocks, const char* const* names,
       auto* k = b->mutable_kfac_dense();
       k->set_d_out(shapes[i][0]);
       k->set_d_in(shapes[i][1]);
+    } else if (kind == "ekfac") {
+      if (shapes[i].size() != 2) {
+        return Invalid(absl::StrCat("natgrad: ekfac block \"", names[i],
+                                    "\" must be 2-D [d_out, d_in (+1)]"));
+      }
+      auto* k = b->mutable_ekfac();
+      k->set_d_out(shapes[i][0]);
+      k->set_d_in(shapes[i][1]);
     } else {
       return Invalid(absl::StrCat("natgrad: block \"", names[i], "\": unknown kind \"", kind,
-                                  "\" (sgd, adam, shampoo, soap, kfac_dense)"));
+                                  "\" (sgd, adam, shampoo, soap, kfac_dense, ekfac)"));
     }
     by_name[names[i]] = b;
   }
@@ -452,7 +485,7 @@ natgrad_status Step(natgrad_session* session, size_t n, const char* const* names
       if (it == session->blocks.end() || !it->second.kfac) {
         return Invalid(absl::StrCat("natgrad: block \"", name,
                                     "\": K-FAC statistics given for a block that is not "
-                                    "kfac_dense in session ", session->name));
+                                    "kfac_dense or ekfac in session ", session->name));
       }
       if (activations == nullptr || output_gradients == nullptr ||
           activations[i] == nullptr || output_gradients[i] == nullptr) {

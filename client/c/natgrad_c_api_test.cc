@@ -670,20 +670,22 @@ TEST(CApiAuth, BearerToken) {
   std::remove(path.c_str());
 }
 
-// K-FAC through the C API, raw statistics, against the C++ client. Runs
-// where the server has kfac_dense built in (NATGRAD_CORE_KINDS).
-TEST_F(CApiTest, KfacDenseSameAsCppClient) {
+// K-FAC (and EKFAC, which takes the same raw statistics) through the C API
+// against the C++ client. Runs where the server has the kind built in
+// (NATGRAD_CORE_KINDS).
+void ExpectRawStatisticsSameAsCpp(service::NatgradServer& server, natgrad_client* c_client,
+                                  const std::string& kind) {
   constexpr int64_t kOut = 3, kIn = 4, kRows = 8;
   Spec spec;
   spec.names = {"dense"};
-  spec.kinds = {"kfac_dense"};
+  spec.kinds = {kind};
   spec.shapes = {{kOut, kIn + 1}};
   spec.keys = {"has_bias", "learning_rate", "damping", "momentum", "inverse_period"};
   spec.values = {1, 0.05, 0.01, 0.5, 2};
   SessionHandle cs;
-  const natgrad_status created = spec.Create(client_.p, &cs.p);
+  const natgrad_status created = spec.Create(c_client, &cs.p);
   if (created == NATGRAD_UNIMPLEMENTED) {
-    GTEST_SKIP() << "server built without kfac_dense: " << natgrad_last_error();
+    GTEST_SKIP() << "server built without " << kind << ": " << natgrad_last_error();
   }
   ASSERT_EQ(created, NATGRAD_OK) << natgrad_last_error();
 
@@ -692,20 +694,28 @@ TEST_F(CApiTest, KfacDenseSameAsCppClient) {
   b->set_name("dense");
   b->add_shape(kOut);
   b->add_shape(kIn + 1);
-  auto* k = b->mutable_kfac_dense();
-  k->set_d_in(kIn);
-  k->set_d_out(kOut);
-  k->set_has_bias(true);
-  *k->mutable_learning_rate() = Constant(0.05);
-  *k->mutable_damping() = Constant(0.01);
-  *k->mutable_momentum() = Constant(0.5);
-  k->set_inverse_period(2);
+  auto fill = [&](auto* k) {
+    k->set_d_in(kIn);
+    k->set_d_out(kOut);
+    k->set_has_bias(true);
+    *k->mutable_learning_rate() = Constant(0.05);
+    *k->mutable_damping() = Constant(0.01);
+    *k->mutable_momentum() = Constant(0.5);
+    k->set_inverse_period(2);
+  };
+  if (kind == "ekfac") {
+    fill(b->mutable_ekfac());
+  } else {
+    fill(b->mutable_kfac_dense());
+  }
+  client::Client cpp(ClientFor(server));
+  auto made = cpp.GetSession(natgrad_session_name(cs.p));
+  ASSERT_TRUE(made.ok()) << made.status();
   std::string diff;
   google::protobuf::util::MessageDifferencer d;
   d.ReportDifferencesToString(&diff);
-  EXPECT_TRUE(d.Compare(config, Get(natgrad_session_name(cs.p)).config())) << diff;
+  EXPECT_TRUE(d.Compare(config, made->config())) << diff;
 
-  client::Client cpp(ClientFor(*server_));
   auto session = cpp.CreateSession(config);
   ASSERT_TRUE(session.ok()) << session.status();
   auto stream = cpp.OpenStream(session->name());
@@ -742,6 +752,14 @@ TEST_F(CApiTest, KfacDenseSameAsCppClient) {
       ASSERT_EQ(static_cast<float>(want[j]), delta[j]) << "step " << t << " entry " << j;
     }
   }
+}
+
+TEST_F(CApiTest, KfacDenseSameAsCppClient) {
+  ExpectRawStatisticsSameAsCpp(*server_, client_.p, "kfac_dense");
+}
+
+TEST_F(CApiTest, EkfacSameAsCppClient) {
+  ExpectRawStatisticsSameAsCpp(*server_, client_.p, "ekfac");
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/blocks/adam/adam_kind.h"
+#include "server/blocks/ekfac/ekfac_kind.h"
 #include "server/blocks/gaussian/gaussian_kind.h"
 #include "server/blocks/gaussian_diag/gaussian_diag_kind.h"
 #include "server/blocks/internal/dense_codec.h"
@@ -27,6 +28,7 @@ const std::vector<const BlockKind*>& AllKinds() {
       &GaussianDiagKind(),
       &ShampooKind(),
       &SoapKind(),
+      &EkfacKind(),
   };
   return kinds;
 }

@@ -89,6 +89,35 @@ def kfac_dense(name, d_in, d_out, bias=True, *, lr=None, damping=None, momentum=
     return BlockConfig(name=name, shape=[int(d_out), int(d_in) + int(bool(bias))], kfac_dense=c)
 
 
+def ekfac(name, d_in, d_out, bias=True, *, lr=None, damping=None, momentum=None,
+          weight_decay=None, ema_decay=None, inverse_period=None, locations=None):
+    """An EKFAC block (George et al. 2018) for a dense layer or an unfolded
+    convolution: K-FAC's eigenbasis, refreshed every ``inverse_period`` steps,
+    with the diagonal scaling re-estimated every step from the per-example
+    gradients. Its steps need raw statistics (activations and per-example
+    output gradients, as kfac_dense's raw form) every time; reduced factors
+    are refused. The parameter is W [d_out, d_in + bias], the bias last;
+    ``lr``, ``damping``, ``momentum``, ``weight_decay``, ``ema_decay`` and
+    ``locations`` mean what they mean for kfac_dense (docs/math.md)."""
+    _check_name(name)
+    if int(d_in) <= 0 or int(d_out) <= 0:
+        raise ValueError(f"block '{name}': d_in and d_out must be positive")
+    c = blocks_pb2.EkfacConfig(d_in=int(d_in), d_out=int(d_out), has_bias=bool(bias))
+    for f, v in (("learning_rate", lr), ("damping", damping), ("momentum", momentum),
+                 ("weight_decay", weight_decay)):
+        _set_schedule(c, f, v, name)
+    if ema_decay is not None:
+        if not 0 < ema_decay < 1:
+            raise ValueError(f"block '{name}': ema_decay must be in (0, 1)")
+        c.ema_decay = float(ema_decay)
+    for f, v in (("inverse_period", inverse_period), ("locations", locations)):
+        if v is not None:
+            if int(v) < 0:
+                raise ValueError(f"block '{name}': {f} must be >= 0")
+            setattr(c, f, int(v))
+    return BlockConfig(name=name, shape=[int(d_out), int(d_in) + int(bool(bias))], ekfac=c)
+
+
 def sgd(name, shape, *, lr=None, momentum=None, nesterov=False, weight_decay=None):
     _check_name(name)
     c = blocks_pb2.SgdConfig(nesterov=bool(nesterov))

@@ -627,8 +627,8 @@ class Session:
         to_tensor(grad, dtype, out=bs.gradient)
         if x.get("params") is not None:
             to_tensor(self._array(name, "params", x["params"], shape), dtype, out=bs.params)
-        if kind == "kfac_dense":
-            k = cfg.kfac_dense
+        if kind in ("kfac_dense", "ekfac"):  # the same statistics (ekfac: raw only, server-checked)
+            k = getattr(cfg, kind)
             din, dout, b = k.d_in, k.d_out, int(k.has_bias)
             has_raw = x.get("activations") is not None or x.get("output_gradients") is not None
             has_red = x.get("a_factor") is not None or x.get("g_factor") is not None

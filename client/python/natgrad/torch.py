@@ -90,7 +90,7 @@ from natgrad import blocks as _blocks
 from natgrad import errors
 from natgrad._pb import session_pb2
 
-__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo"]
+__all__ = ["KFAC", "KFACPreconditioner", "BlockReport", "Shampoo", "EKFAC"]
 
 log = logging.getLogger("natgrad.torch")
 
@@ -967,3 +967,12 @@ class KFACPreconditioner(_KfacModel):
 # Re-exported here; the class lives in its own module.
 from natgrad.torch_shampoo import Shampoo  # noqa: E402,F401
 from natgrad.torch_soap import SOAP; __all__ += ["SOAP"]  # noqa: E402,E702,F401
+
+
+def __getattr__(name):
+    # EKFAC subclasses KFAC in its own module (which imports this one), so it
+    # is loaded on first use rather than here.
+    if name == "EKFAC":
+        from natgrad.torch_ekfac import EKFAC
+        return EKFAC
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,178 @@
+#include "server/blocks/ekfac/ekfac_kind.h"
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/blocks/ekfac/math/ekfac_block.h"
+#include "server/blocks/ekfac/math/ekfac_options.h"
+#include "server/blocks/internal/dense_codec.h"
+#include "server/wire/tensor_codec.h"
+
+namespace natgrad::blocks {
+namespace {
+
+using natgrad::v1::BlockConfig;
+using internal::StepField;
+
+// A required rank-2 statistics tensor, moved out of the message.
+absl::StatusOr<core::DenseTensor> TakeStatistic(bool present, natgrad::v1::Tensor* t,
+                                                const std::string& field) {
+  if (!present) return absl::InvalidArgumentError(field + " is required");
+  if (t->shape_size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " must be a rank-2 tensor, got shape [", absl::StrJoin(t->shape(), ", "), "]"));
+  }
+  return wire::TakeTensor(t, field);
+}
+
+class EkfacBlockKind final : public BlockKind {
+ public:
+  absl::string_view name() const override { return "ekfac"; }
+  BlockConfig::KindCase config_case() const override { return BlockConfig::kEkfac; }
+
+  std::vector<int64_t> CanonicalShape(const BlockConfig& config) const override {
+    if (config.shape_size() > 0) return {config.shape().begin(), config.shape().end()};
+    const auto& k = config.ekfac();
+    return {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+  }
+
+  absl::Status Validate(const BlockConfig& config, natgrad::v1::DType,
+                        const std::string& field) const override {
+    absl::StatusOr<core::EkfacOptions> o = Options(config, field);
+    if (!o.ok()) return o.status();
+    return Prefixed(core::NormalizeEkfacOptions(config.name(), *o).status(), field);
+  }
+
+  int64_t EstimateStateBytes(const BlockConfig& config,
+                             natgrad::v1::DType state_dtype) const override {
+    const auto& k = config.ekfac();
+    core::EkfacOptions o;
+    o.d_in = k.d_in();
+    o.d_out = k.d_out();
+    o.has_bias = k.has_bias();
+    // Float32 unless the session asks for float64, as the block itself.
+    return core::EkfacStateBytes(
+        o, internal::PrecisionOf(state_dtype, core::Precision::kFloat32));
+  }
+
+  absl::StatusOr<std::unique_ptr<core::ParameterBlock>> NewBlock(
+      const BlockConfig& config, natgrad::v1::DType state_dtype,
+      const std::string& field) const override {
+    absl::StatusOr<core::EkfacOptions> o = Options(config, field);
+    if (!o.ok()) return o.status();
+    auto block = core::NewEkfacBlock(
+        config.name(), *o, internal::PrecisionOf(state_dtype, core::Precision::kFloat32));
+    if (!block.ok()) return Prefixed(block.status(), field);
+    return block;
+  }
+
+  // EKFAC has a quadratic model (diag(s) + lambda in the eigenbasis), so
+  // session-wide Levenberg-Marquardt damping can drive its lambda.
+  std::optional<double> InitialDamping(const BlockConfig& config) const override {
+    auto s = internal::OptionalSchedule(config.ekfac().damping(), "");
+    if (!s.ok() || *s == nullptr) return core::kEkfacDefaultDamping;
+    return (*s)->Value(1);
+  }
+
+  absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
+                                                  const BlockConfig&,
+                                                  ReplyFormat* reply) const override {
+    if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
+    absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
+    if (!dense.ok()) return dense.status();
+    core::KfacStepInput in;
+    static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+    // Missing statistics are the block's error (it names the step).
+    if (!step.has_kfac()) return core::BlockStepInput(std::move(in));
+    natgrad::v1::KfacStatistics& wire = *step.mutable_kfac();
+    if (wire.has_reduced()) {
+      return absl::InvalidArgumentError(StepField(
+          step, "kfac.reduced: ekfac needs raw statistics (kfac.raw: per-example activations "
+                "and output gradients); its scaling is estimated from per-example gradients, "
+                "which reduced factors no longer hold"));
+    }
+    if (!wire.has_raw()) {
+      return absl::InvalidArgumentError(
+          StepField(step, "kfac must set raw statistics (ekfac needs raw statistics)"));
+    }
+    auto& raw = *wire.mutable_raw();
+    core::KfacStatisticsInput k;
+    k.form = core::KfacStatisticsInput::Form::kRaw;
+    auto a = TakeStatistic(raw.has_activations(), raw.mutable_activations(),
+                           StepField(step, "kfac.raw.activations"));
+    if (!a.ok()) return a.status();
+    auto g = TakeStatistic(raw.has_output_gradients(), raw.mutable_output_gradients(),
+                           StepField(step, "kfac.raw.output_gradients"));
+    if (!g.ok()) return g.status();
+    k.activations = *std::move(a);
+    k.output_gradients = *std::move(g);
+    k.num_examples = k.activations.rows();
+    k.locations = raw.locations();
+    in.kfac = std::move(k);
+    return core::BlockStepInput(std::move(in));
+  }
+
+  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+                    natgrad::v1::BlockUpdate* update) const override {
+    internal::EncodeDelta(output, reply, update);
+  }
+
+  std::vector<std::string> SnapshotTensorNames() const override {
+    return {"a_ema",    "g_ema",          "scaling_ema",
+            "momentum", "a_eigenvectors", "g_eigenvectors"};
+  }
+
+ private:
+  static absl::Status Prefixed(const absl::Status& s, const std::string& field) {
+    if (s.ok()) return s;
+    return absl::Status(s.code(), absl::StrCat(field, ".ekfac: ", s.message()));
+  }
+
+  // Unset schedules stay null: the block applies its documented defaults.
+  absl::StatusOr<core::EkfacOptions> Options(const BlockConfig& config,
+                                             const std::string& field) const {
+    const auto& k = config.ekfac();
+    const std::vector<int64_t> shape = CanonicalShape(config);
+    const std::vector<int64_t> want = {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    if (shape != want) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".shape: block ", core::QuotedBlockName(config.name()),
+          ": an ekfac block's shape is [d_out, d_in + has_bias] = [",
+          absl::StrJoin(want, ", "), "], got [", absl::StrJoin(shape, ", "), "]"));
+    }
+    core::EkfacOptions o;
+    o.d_in = k.d_in();
+    o.d_out = k.d_out();
+    o.has_bias = k.has_bias();
+    // Damping must be > 0; the smallest positive double stands for that.
+    constexpr internal::ValueRange kPositive{std::numeric_limits<double>::denorm_min()};
+    for (auto [proto, param, out, range] :
+         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate, internal::kNonNegative},
+          std::tuple{&k.damping(), "damping", &o.damping, kPositive},
+          std::tuple{&k.momentum(), "momentum", &o.momentum, internal::kMomentumRange},
+          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay, internal::kNonNegative}}) {
+      auto s = internal::OptionalSchedule(
+          *proto, absl::StrCat(field, ": block ", core::QuotedBlockName(config.name()),
+                               ": ekfac.", param),
+          range);
+      if (!s.ok()) return s.status();
+      *out = *std::move(s);
+    }
+    o.ema_decay = k.ema_decay();
+    o.inverse_period = k.inverse_period();
+    o.locations = k.locations();
+    return o;
+  }
+};
+
+}  // namespace
+
+const BlockKind& EkfacKind() {
+  static const EkfacBlockKind kind;
+  return kind;
+}
+
+}  // namespace natgrad::blocks
