@@ -412,6 +412,19 @@ def _med_range(vals, fmt):
     return f"{fmt.format(med)} [{fmt.format(min(vals))}, {fmt.format(max(vals))}]"
 
 
+def _to_target(vals, fmt):
+    """Median [min, max] of steps/time to target; a run that never reached it
+    counts as +inf (shown as "-" when it is the max or the median)."""
+    n, hit = len(vals), [v for v in vals if v is not None]
+    if not hit:
+        return f"not reached (0/{n})"
+    full = sorted(hit) + [math.inf] * (n - len(hit))
+    show = lambda v: fmt.format(v) if math.isfinite(v) else "-"  # noqa: E731
+    med = float(np.median(full))
+    txt = show(med) if n == 1 else f"{show(med)} [{show(full[0])}, {show(full[-1])}]"
+    return txt + (f" ({len(hit)}/{n} reached)" if len(hit) < n else "")
+
+
 def _cfg_str(cfg):
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items())
 
@@ -433,14 +446,8 @@ def table(results):
                 continue
             runs = m["runs"]
             n = len(runs)
-            reached = [r for r in runs if r["steps_to_target"] is not None]
-            inf = math.inf
-            steps = [r["steps_to_target"] if r["steps_to_target"] is not None else inf for r in runs]
-            walls = [r["wall_to_target"] if r["wall_to_target"] is not None else inf for r in runs]
-            st = _med_range(steps, "{:.0f}").replace("diverged", "not reached")
-            wt = _med_range(walls, "{:.2f}").replace("diverged", "not reached")
-            if len(reached) < n:
-                st += f" ({len(reached)}/{n} reached)"
+            st = _to_target([r["steps_to_target"] for r in runs], "{:.0f}")
+            wt = _to_target([r["wall_to_target"] for r in runs], "{:.2f}")
             err = [r for r in runs if r["error"]]
             ftl = _med_range([r["final_train_loss"] for r in runs], "{:.3g}")
             if err:
@@ -490,6 +497,13 @@ def plot(results, path, dpi=80):
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    try:  # a 64-colour palette keeps the PNG small (line plots lose nothing visible)
+        from PIL import Image
+        with Image.open(path) as im:
+            small = im.convert("RGB").quantize(colors=64)
+        small.save(path, optimize=True)
+    except ImportError:
+        pass
 
 
 # --------------------------------------------------------------------------- driver
@@ -588,6 +602,17 @@ def _finite_or_str(x):
     return x
 
 
+def _from_json(x):
+    """Inverse of _finite_or_str for the numbers (no config or message is "inf"/"nan")."""
+    if isinstance(x, str) and x in ("inf", "-inf", "nan"):
+        return float(x)
+    if isinstance(x, dict):
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
+
+
 def main(argv=None):
     tasks, methods = list(make_tasks("small")), list(make_methods())
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -604,6 +629,8 @@ def main(argv=None):
     ap.add_argument("--server", help="natgrad-server binary")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--plot-dpi", type=int, default=80)
+    ap.add_argument("--replot", metavar="RESULTS_JSON",
+                    help="only rewrite the table and the plot in --out from an earlier results.json")
     args = ap.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -613,6 +640,12 @@ def main(argv=None):
     for m in args.methods:
         if m not in methods:
             ap.error(f"unknown method {m!r} (have {methods})")
+    if args.replot:
+        with open(args.replot) as f:
+            results = _from_json(json.load(f))
+        os.makedirs(args.out, exist_ok=True)
+        _write(results, args)
+        return 0
     if args.seeds is None:
         args.seeds = 3 if args.size == "full" else 1
     if args.eval_every is None:
@@ -634,18 +667,22 @@ def main(argv=None):
                 raise
             results["meta"]["server"] = srv.binary
     results["meta"]["total_s"] = time.perf_counter() - t0
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(_finite_or_str(results), f, indent=1, default=_json_default)
+    _write(results, args)
+    return 0
+
+
+def _write(results, args):
     txt = table(results)
     print()
     print(txt)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(txt + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(_finite_or_str(results), f, indent=1, default=_json_default)
     png = os.path.join(args.out, "training_comparison.png")
     plot(results, png, dpi=args.plot_dpi)
-    print(f"wrote {args.out}/results.json, table.md, training_comparison.png "
-          f"({results['meta']['total_s']:.0f} s in all)")
-    return 0
+    print(f"wrote {args.out}: results.json, table.md, training_comparison.png "
+          f"({results['meta']['total_s']:.0f} s of runs)")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,14 @@ def test_small_comparison_through_the_server(tmp_path):
                 f"{tname}/{mname}: train loss {h['train_loss'][0]:.4f} -> {h['train_loss'][-1]:.4f}")
             assert r["wall"] > 0 and r["ms_per_step"] > 0
 
+    # --replot rebuilds the same table from the JSON alone.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "compare.py"), "--replot",
+                           str(out / "results.json"), "--out", str(again)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (again / "table.md").read_text() == (out / "table.md").read_text()
+
 
 @pytest.mark.parametrize("bad", [["--tasks", "nope"], ["--methods", "adam,lbfgs"]])
 def test_rejects_unknown_names(bad, tmp_path):
