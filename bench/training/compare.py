@@ -270,7 +270,7 @@ def make_methods():
     # (so ~sqrt(damping) times the other factor's scale to the product): the
     # same number is far less damping in EKFAC, and 1e-3 diverged on the CNN.
     ekfac_grid = [dict(lr=0.1, damping=1e-1), dict(lr=0.3, damping=1e-1), dict(lr=0.1, damping=1e-2),
-                  dict(lr=0.03, damping=1e-2)]
+                  dict(lr=0.03, damping=1e-2), dict(lr=0.1, damping=3e-1)]
     return {
         "adam": Adam("adam", "torch Adam", [dict(lr=v) for v in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)]),
         "kfac": KfacLike("kfac", "natgrad K-FAC", kfac_grid, "KFAC", "torch"),
