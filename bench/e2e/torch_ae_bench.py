@@ -13,7 +13,11 @@ Each configuration runs --reps times (fresh model, optimizer and session;
 --warmup untimed steps, then --steps timed steps, a multiple of the inverse
 period so every rep has the same share of decomposition steps); a rep's
 figure is its mean step time, and the table shows the median over reps.
-Server figures are the means of each timed step's StepTiming.
+Server figures are the means of each timed step's StepTiming. Besides wall
+time, the CPU time of the client process and of the server process per
+step is reported (client + server for K-FAC): on a machine shared with other
+work, wall times stretch with the load while CPU time stays close to the
+work done.
 
 The images are synthetic (no dataset download here): MNIST-shaped, about
 19% of pixels on (MNIST's share), values in [0, 1]; the cost of a step does
@@ -22,6 +26,8 @@ not depend on the pixel values.
   .venv/bin/python bench/e2e/torch_ae_bench.py [--server build/server/natgrad-server]
 """
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -52,19 +58,30 @@ def images(n, seed):
     return torch.where(on, torch.rand(n, 784, generator=g), torch.zeros(()))
 
 
-def run(kind, args, target, seed):
+def server_cpu_s(pid):
+    """User + system CPU seconds of process pid so far (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(kind, args, client, seed, server_pid):
     model = autoencoder(seed)
     data = [images(args.batch, 1000 + i) for i in range(4)]
     if kind == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         reduce = {"kfac_raw": False, "kfac_reduced": True, "kfac_auto": "auto"}[kind]
-        opt = natgrad.torch.KFAC(model, target=target, lr=0.1, damping=args.damping, momentum=0.9,
+        opt = natgrad.torch.KFAC(model, client=client, lr=0.1, damping=args.damping, momentum=0.9,
                                  inverse_period=args.inverse_period, reduce=reduce,
                                  kl_clip=1e-3)
     step_s, in_opt_s, timings = [], [], []
     for i in range(args.warmup + args.steps):
         x = data[i % len(data)]
+        if i == args.warmup:
+            cpu0, srv0 = time.process_time(), server_cpu_s(server_pid)
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = F.binary_cross_entropy_with_logits(model(x), x)
@@ -78,7 +95,8 @@ def run(kind, args, target, seed):
             if kind != "adam":
                 timings.append(opt.last_result.timing)
     out = {"step": statistics.fmean(step_s), "opt": statistics.fmean(in_opt_s),
-           "loss": float(loss)}
+           "client_cpu": (time.process_time() - cpu0) / args.steps,
+           "server_cpu": (server_cpu_s(server_pid) - srv0) / args.steps, "loss": float(loss)}
     if kind != "adam":
         for f in ("server_micros", "decode_micros", "compute_micros", "inversion_micros",
                   "encode_micros"):
@@ -101,36 +119,49 @@ def main():
     p.add_argument("--inverse_period", type=int, default=5)
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="also write the per-rep figures to this file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    srv = None
+    srv = server_pid = None
     target = args.target
     if target is None:
         srv = natgrad.LocalServer(args.server or natgrad.find_server_binary())
         srv.start()
         target = srv.target
+        server_pid = srv.proc.pid
+    # A generous retry deadline: the bench shares the machine with builds.
+    client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0))
     try:
-        rows = {}
+        rows, all_reps = {}, {}
         for kind in args.kinds.split(","):
-            reps = [run(kind, args, target, seed) for seed in range(args.reps)]
+            reps = all_reps[kind] = [run(kind, args, client, seed, server_pid) for seed in range(args.reps)]
             rows[kind] = {k: (statistics.median(r[k] for r in reps) if k != "choice"
                               else ",".join(r[k] for r in reps)) for k in reps[0]}
         adam = rows.get("adam", {}).get("step")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
               f"median of {args.reps} reps x {args.steps} steps (inverse_period "
               f"{args.inverse_period})")
-        print(f"{'kind':<13} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} | {'server':>7} "
-              f"{'decode':>7} {'compute':>8} {'invert':>7} {'encode':>7} | choice")
+        adam_cpu = rows.get("adam", {}).get("client_cpu")
+        print(f"{'kind':<13} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
+              f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'compute':>8} {'invert':>7} "
+              f"{'encode':>7} | choice")
         for kind, r in rows.items():
             ratio = f"{r['step'] / adam:7.2f}" if adam else "      -"
+            cpu = r["client_cpu"] + r["server_cpu"]
+            cpu_cols = f"{1e3 * cpu:7.1f} " + (f"{cpu / adam_cpu:7.2f}" if adam_cpu else "      -")
             srv_cols = (f"{r['server_micros']:7.1f} {r['decode_micros']:7.1f} "
                         f"{r['compute_micros']:8.1f} {r['inversion_micros']:7.1f} "
                         f"{r['encode_micros']:7.1f}" if "server_micros" in r else " " * 41)
-            print(f"{kind:<13} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} | {srv_cols} | "
+            print(f"{kind:<13} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
                   f"{r.get('choice', '')}")
-        print("server columns: ms per step, means of StepTiming (compute includes invert)")
+        print("cpu: client + server process CPU time per step (robust to a shared machine); "
+              "server columns: ms per step, means of StepTiming (compute includes invert)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": torch.get_num_threads(), "reps": all_reps}, f, indent=1)
     finally:
+        client.close()
         if srv is not None:
             srv.stop()
             srv.cleanup()
