@@ -372,13 +372,25 @@ def _retry_reason(e):
     return None
 
 
+_TRIU = {}
+
+
+def _triu_indices(d):
+    """Row-major upper-triangle indices of a d x d matrix (the packed order)."""
+    if d not in _TRIU:
+        _TRIU[d] = np.triu_indices(d)
+    return _TRIU[d]
+
+
 class Session:
     """A session on the server: steps, info, delete.
 
     Use ``step(inputs, loss=None)``: inputs maps block name ->
       * K-FAC blocks: {"gradient": dL/dW of the mean loss [d_out, d_in(+1)],
         "activations": [rows, d_in], "output_gradients": [rows, d_out]} or
-        the reduced form {"a_factor", "g_factor", "num_examples"}; optional
+        the reduced form {"a_factor", "g_factor", "num_examples"} (square,
+        sent as packed upper triangles unless "packed": False, or already
+        packed: 1-D, d(d+1)/2 values, the upper triangle row by row); optional
         "params" (needed for weight decay). Convolutions (block locations
         T > 1): rows = n*T unfolded patches; reduced A = abar^T abar / n,
         G = g^T g / (n*T), num_examples = n.
@@ -613,8 +625,8 @@ class Session:
             x = {"gradient": x}
         kind = cfg.WhichOneof("kind")
         known = {"gradient", "params", "activations", "output_gradients", "a_factor", "g_factor",
-                 "num_examples", "param1", "param2", "grad1", "grad2", "gradient_space", "layout",
-                 "dtype", "compositional"}
+                 "num_examples", "packed", "param1", "param2", "grad1", "grad2", "gradient_space",
+                 "layout", "dtype", "compositional"}
         extra = set(x) - known
         if extra:
             raise self._err(name, sorted(extra)[0], f"unknown input field(s) {sorted(extra)}")
@@ -665,10 +677,25 @@ class Session:
                 n = int(x.get("num_examples") or 0)
                 if n <= 0:
                     raise self._err(name, "num_examples", "must be a positive integer with reduced statistics")
-                to_tensor(self._array(name, "a_factor", x["a_factor"], [din + b, din + b]), dtype,
-                          out=bs.kfac.reduced.a_factor)
-                to_tensor(self._array(name, "g_factor", x["g_factor"], [dout, dout]), dtype,
-                          out=bs.kfac.reduced.g_factor)
+                # Symmetric: sent as packed upper triangles (step.proto's
+                # ReducedKfacStatistics.packed) unless "packed": False; a 1-D
+                # factor of d(d+1)/2 values is taken as packed already.
+                pack = x.get("packed", True)
+                arrs = {}
+                for f, d in (("a_factor", din + b), ("g_factor", dout)):
+                    arr = self._array(name, f, x[f], [d, d], [d * (d + 1) // 2])
+                    if arr.ndim == 1:
+                        if arr.shape[0] != d * (d + 1) // 2:
+                            raise self._err(name, f, f"packed with {arr.shape[0]} values, expected "
+                                            f"d(d+1)/2 = {d * (d + 1) // 2}")
+                    elif pack:
+                        arr = arr[_triu_indices(d)]
+                    arrs[f] = arr
+                if len({a.ndim for a in arrs.values()}) != 1:
+                    raise self._err(name, "g_factor", "give both factors packed (1-D) or both square")
+                to_tensor(arrs["a_factor"], dtype, out=bs.kfac.reduced.a_factor)
+                to_tensor(arrs["g_factor"], dtype, out=bs.kfac.reduced.g_factor)
+                bs.kfac.reduced.packed = arrs["a_factor"].ndim == 1
                 bs.kfac.reduced.num_examples = n
         else:
             for f in ("activations", "output_gradients", "a_factor", "g_factor", "param1", "grad1",

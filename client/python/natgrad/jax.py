@@ -48,6 +48,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised when jax is missing
     raise ImportError("natgrad.jax needs jax (scripts/setup-python installs jax[cpu])") from e
 
+import functools
+
 import natgrad
 from natgrad import blocks as _blocks
 from natgrad import errors
@@ -198,6 +200,20 @@ def natural_direction(xi_of_theta, theta, dl_deta, *, return_xi=False):
     return (xi, direction) if return_xi else direction
 
 
+@functools.partial(jax.jit, static_argnames=("bias",))
+def _reduced_factors(a, g, n, bias):
+    """A = abar^T abar / n and G = g^T g / rows as packed upper triangles
+    (row by row), in the rows' dtype; HIGHEST keeps float32 matmuls float32
+    on accelerators (no TF32/bfloat16 passes)."""
+    if bias:
+        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+    hi = jax.lax.Precision.HIGHEST
+    A = jnp.matmul(a.T, a, precision=hi) / jnp.asarray(n, a.dtype)
+    G = jnp.matmul(g.T, g, precision=hi) / jnp.asarray(g.shape[0], g.dtype)
+    ia = jnp.triu_indices(A.shape[0])
+    ig = jnp.triu_indices(G.shape[0])
+    return A[ia], G[ig]
+
 class KFAC:
     """K-FAC for a pytree; see the module docstring. Keyword arguments are
     those of natgrad.torch.KFAC (lr, damping, momentum, weight_decay,
@@ -301,7 +317,7 @@ class KFAC:
 
     def _stats(self, name, s, din1, dt):
         """Raw rows, or kfac-jax-scaled factors (A over n, G over n*T)."""
-        a, g = (np.asarray(v) for v in s)
+        a, g = (v if isinstance(v, jax.Array) else np.asarray(v) for v in s)
         d_in, d_out = self.dims[name]
         T = self.locations[name]
         if a.shape[-1] != d_in:
@@ -316,16 +332,16 @@ class KFAC:
                 f"layer '{name}': {a.shape[0]} patch rows and {g.shape[0]} output-gradient rows; "
                 f"both must be n * locations (locations = {T})", block=name, field="activations")
         n = a.shape[0] // T
+        packed = din1 * (din1 + 1) // 2 + d_out * (d_out + 1) // 2
         if self.reduce is True or (self.reduce == "auto" and g.shape == (a.shape[0], d_out)
-                                  and din1 * din1 + d_out * d_out < a.shape[0] * (d_in + d_out)):
-            a64 = a.astype(np.float64)
-            if din1 > d_in:
-                a64 = np.concatenate([a64, np.ones((a64.shape[0], 1))], axis=1)
-            g64 = g.astype(np.float64)
-            return {"a_factor": (a64.T @ a64 / n).astype(dt),
-                    "g_factor": (g64.T @ g64 / g.shape[0]).astype(dt),
+                                  and packed < a.shape[0] * (d_in + d_out)):
+            # Jitted on the arrays' device in their precision (float32 unless
+            # x64 is on), sent as packed upper triangles (step.proto).
+            fa, fg = _reduced_factors(jnp.asarray(a), jnp.asarray(g), n, din1 > d_in)
+            return {"a_factor": np.asarray(fa).astype(dt, copy=False),
+                    "g_factor": np.asarray(fg).astype(dt, copy=False),
                     "num_examples": n}
-        return {"activations": a, "output_gradients": g}
+        return {"activations": np.asarray(a), "output_gradients": np.asarray(g)}
 
     def step(self, params, grads, stats, loss=None):
         """One step: ``grads`` has params' structure (mean loss); ``stats``

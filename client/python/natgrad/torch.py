@@ -67,8 +67,13 @@ logger; fallbacks of layers one would expect to be K-FAC also warn once):
     last column ([d_out, d_in + 1]; conv weights flattened to
     [C_out, C_in*kh*kw]).
   * Statistics are sent raw (rows x d_in, rows x d_out) or reduced
-    (A = ā^T ā / n, G = g^T g / (n T), the server's scaling of raw rows):
-    ``reduce="auto"`` sends whichever is smaller.
+    (A = ā^T ā / n, G = g^T g / (n T), the server's scaling of raw rows,
+    computed by torch matmuls on the layer's device in the gradient's
+    precision, float32 unless float64, and sent as packed upper
+    triangles). ``reduce="auto"`` times both forms on the first statistics
+    steps and keeps the cheaper one (_ReduceTrial; ``opt._reduce_trial``
+    holds the measured costs and the choice). Statistics are sent only on
+    the blocks' statistics steps (``stats_period``).
 
 Checkpoints: ``state_dict()`` holds the exported session (the server's
 optimizer state) and its step; ``load_state_dict()`` imports it into a server
@@ -78,6 +83,7 @@ step, and raises a natgrad error on any mismatch.
 import dataclasses
 import logging
 import numbers
+import time
 import warnings
 
 import numpy as np
@@ -158,6 +164,7 @@ class _Layer:
         self.bias = module.bias is not None and module.bias.requires_grad
         self.locations = 0
         self.warned = False
+        self.stats_sent = False  # the server has statistics of this layer
 
     def params(self):
         return [self.module.weight] + ([self.module.bias] if self.bias else [])
@@ -444,36 +451,65 @@ class _KfacModel:
                 w = torch.cat([w, bmod.detach().reshape(-1, 1)], dim=1)
             x["params"] = _np(w.to(grad.dtype))
         rows = a.shape[0]
-        din1 = L.d_in + int(L.bias)
-        reduced_size = din1 * din1 + L.d_out * L.d_out
-        raw_size = rows * (L.d_in + L.d_out)
         # Mixed spatial sizes in one step (a conv run on two input sizes):
         # raw rows are no longer n*T, so send the factors.
         mixed = len(Ts) > 1
         T = next(iter(Ts)) if len(Ts) == 1 else None
         if T is not None:
             L.locations = T  # the last step's T (informational)
-        if mixed or self.reduce is True or (self.reduce == "auto" and reduced_size < raw_size):
-            a64 = a.double()
-            if L.bias:
-                a64 = torch.cat([a64, torch.ones(rows, 1, dtype=a64.dtype, device=a64.device)], 1)
-            g64 = g.double()
-            # The server's scaling for raw rows (KFC, as kfac-jax): A over the
-            # n examples, G over the n*T rows (T = 1 for dense layers).
-            A = a64.T @ a64 / n_total
-            G = g64.T @ g64 / rows
-            f = np.float64 if grad.dtype == torch.float64 else np.float32
-            x["a_factor"] = _np(A).astype(f)
-            x["g_factor"] = _np(G).astype(f)
+        if not self._sends_statistics(L):
+            return x, None  # the server folds none this step
+        self._stats_layers.append(L)
+        if mixed or self._reduces(L, rows):
+            x["a_factor"], x["g_factor"] = _packed_factors(a, g, L.bias, n_total, grad.dtype)
             x["num_examples"] = n_total
             return x, None
         x["activations"] = _np(a.to(grad.dtype))
         x["output_gradients"] = _np(g.to(grad.dtype))
         return x, T
 
+    def _sends_statistics(self, L):
+        """Whether this step carries L's statistics: on the block's
+        statistics steps (stats_period) and until the server has some; the
+        server folds none on the other steps, so they are not sent."""
+        if not L.stats_sent:
+            return True
+        cfg = self.session.blocks.get(L.name)
+        period = cfg.kfac_dense.stats_period if cfg is not None else 0
+        return period <= 1 or (self.session.next_step - 1) % period == 0
+
+    def _reduces(self, L, rows):
+        """Raw rows or reduced factors for L this step (see _ReduceTrial)."""
+        if self.reduce is not True and self.reduce != "auto":
+            return False
+        if self.reduce is True:
+            return True
+        form = self._reduce_trial.form()
+        if form is None:  # the warm-up step: the smaller message
+            din1 = L.d_in + int(L.bias)
+            packed = din1 * (din1 + 1) // 2 + L.d_out * (L.d_out + 1) // 2
+            return packed < rows * (L.d_in + L.d_out)
+        return form == "reduced"
+
+    def _send_step(self, inputs, locs, lrs=None, loss=None):
+        """session.step, timed for reduce="auto"'s trial; marks the layers
+        whose statistics the server now has."""
+        t0 = time.perf_counter()
+        result = self.session.step(self._messages(inputs, locs, lrs), loss=loss)
+        if self._stats_layers:
+            wall = time.perf_counter() - t0 + self._collect_seconds
+            self._reduce_trial.record(wall - result.timing.inversion_micros * 1e-6)
+        for L in self._stats_layers:
+            L.stats_sent = True
+        return result
+
     def _collect(self, fallback):
         """(inputs, locations): block name -> step input dict for every block
         used in this step, and conv block -> this step's T (raw statistics)."""
+        t0 = time.perf_counter()
+        if not hasattr(self, "_reduce_trial"):
+            self._reduce_trial = _ReduceTrial()
+        self._stats_layers = []
         inputs, locs = {}, {}
         for L in self.layers.values():
             r = self._layer_input(L)
@@ -488,6 +524,7 @@ class _KfacModel:
                     continue
                 g = _dense_grad(pname, p.grad)
                 inputs[pname] = {"gradient": _np(g).reshape(list(p.shape) or [1])}
+        self._collect_seconds = time.perf_counter() - t0
         return inputs, locs
 
     def collect(self):
@@ -601,9 +638,12 @@ class _KfacModel:
     # -- checkpoints ----------------------------------------------------------
     def _natgrad_state(self):
         snap = self.client.export_session(self.session.name)
+        trial = getattr(self, "_reduce_trial", None)
         return {"format": _STATE_FORMAT, "mode": self._mode, "session": self.session.name,
                 "step": snap.last_step, "next_step": snap.last_step + 1,
-                "snapshot": snap.SerializeToString(), "target": self.client.target}
+                "snapshot": snap.SerializeToString(), "target": self.client.target,
+                # reduce="auto"'s measurements, so a resumed run keeps its choice
+                "reduce_trial": trial.state() if trial is not None else None}
 
     def _load_natgrad_state(self, ng):
         if not isinstance(ng, dict) or not ng.get("snapshot"):
@@ -628,6 +668,7 @@ class _KfacModel:
                 f"load_state_dict: snapshot of {snap.name} at step {snap.last_step}, but the state_dict "
                 f"says {ng.get('session')} at step {ng.get('step')}", field="natgrad.step")
         self._check_config(snap.config, f"checkpoint of {snap.name}")
+        trial = _ReduceTrial.from_state(ng.get("reduce_trial"))
         try:
             info = self.client.get_session_info(snap.name)
         except errors.NotFound:
@@ -643,10 +684,12 @@ class _KfacModel:
                                                 "different configuration than the checkpoint")
             if self.session is not None and self.session.name == snap.name:
                 self.session._reset(info)
+                self._reduce_trial = trial
                 return
             new = natgrad.Session(self.client, info)
         else:
             new = self.client.import_session(snap)
+        self._reduce_trial = trial
         old, self.session = self.session, new
         if old is not None:
             # The session this object created and never stepped is garbage now.
@@ -674,6 +717,111 @@ class _KfacModel:
     def __repr__(self):
         return (f"natgrad.torch.{type(self).__name__}(session={self.session and self.session.name}, "
                 f"kfac_layers={list(self.layers)}, fallback={list(self.fallback_params)})")
+
+
+_TRIU = {}
+
+
+def _packed_factors(a, g, bias, n, grad_dtype):
+    """A = abar^T abar / n and G = g^T g / rows (the server's scaling of raw
+    rows: KFC, as kfac-jax; rows = n*T) as torch matmuls on the rows' device
+    in the gradient's precision (float32 unless it is float64), returned as
+    CPU numpy upper triangles packed row by row (step.proto's
+    ReducedKfacStatistics.packed)."""
+    dt = torch.float64 if grad_dtype == torch.float64 else torch.float32
+    a = a.to(dt)
+    g = g.to(dt)
+    rows, d = a.shape
+    if bias:  # [a, 1]^T [a, 1] without materialising the column of ones
+        A = torch.empty(d + 1, d + 1, dtype=dt, device=a.device)
+        A[:d, :d] = a.T @ a
+        s = a.sum(0)
+        A[:d, d] = s
+        A[d, :d] = s
+        A[d, d] = rows
+    else:
+        A = a.T @ a
+    A /= n
+    G = g.T @ g
+    G /= rows
+    return _np(_upper(A)), _np(_upper(G))
+
+
+def _upper(m):
+    d = m.shape[0]
+    key = (d, m.device)
+    idx = _TRIU.get(key)
+    if idx is None:
+        idx = _TRIU[key] = torch.triu_indices(d, d, device=m.device)  # row-major order
+    return m[idx[0], idx[1]]
+
+
+class _ReduceTrial:
+    """reduce="auto": raw rows or reduced factors, chosen by measured cost.
+
+    The first statistics step (cold: allocations, thread pools, the first
+    decomposition) sends whichever form is smaller on the wire; the next
+    TRIALS statistics steps send raw rows for every layer, the TRIALS after
+    them reduced factors; the form with the lower best cost is then kept,
+    and saved in state_dict() (a resumed run continues the trial or keeps
+    the choice). The choice depends on timings, so two runs may differ in
+    the last bits; pass reduce=True or False for bit-reproducible runs.
+    A step's cost is its wall time in the client's step() from the first
+    statistics computed to the response received (client reduction or
+    serialization, the upload, the server's decode and Gram products),
+    minus the server's reported inversion wait, which does not depend on the
+    form. Layers whose spatial size changes within a step always send
+    factors."""
+
+    TRIALS = 2
+
+    def __init__(self):
+        self.costs = {"raw": [], "reduced": []}
+        self.choice = None
+        self._steps = 0  # statistics steps recorded so far
+
+    def state(self):
+        return {"costs": {k: list(v) for k, v in self.costs.items()}, "choice": self.choice,
+                "steps": self._steps}
+
+    @classmethod
+    def from_state(cls, state):
+        t = cls()
+        if isinstance(state, dict):
+            try:
+                costs = {f: [float(c) for c in state["costs"][f]] for f in ("raw", "reduced")}
+                choice = state["choice"]
+                steps = int(state["steps"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise errors.InvalidArgument(f"load_state_dict: natgrad reduce_trial is malformed: {e}",
+                                             field="natgrad.reduce_trial") from None
+            if choice not in (None, "raw", "reduced"):
+                raise errors.InvalidArgument(f"load_state_dict: natgrad reduce_trial choice {choice!r}",
+                                             field="natgrad.reduce_trial")
+            t.costs, t.choice, t._steps = costs, choice, steps
+        return t
+
+    def form(self):
+        """None (warm-up: by bytes), "raw" or "reduced" for this step."""
+        if self.choice is not None:
+            return self.choice
+        if self._steps == 0:
+            return None
+        return "raw" if self._steps <= self.TRIALS else "reduced"
+
+    def record(self, seconds):
+        if self.choice is not None:
+            return
+        form = self.form()
+        self._steps += 1
+        if form is None:
+            return
+        self.costs[form].append(seconds)
+        if len(self.costs["reduced"]) == self.TRIALS:
+            self.choice = min(("raw", "reduced"), key=lambda f: min(self.costs[f]))
+            log.info("natgrad.torch: reduce='auto' chose %s statistics (best step costs: raw %.1f ms, "
+                     "reduced %.1f ms)", self.choice, 1e3 * min(self.costs["raw"]),
+                     1e3 * min(self.costs["reduced"]))
 
 
 def _check_args(fisher, loss_reduction, reduce):
@@ -823,8 +971,7 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
             if not inputs:
                 raise errors.FailedPrecondition(
                     "step(): no parameter has a gradient; call loss.backward() first")
-            msgs = self._messages(inputs, locs, self._step_lrs(inputs))
-            result = self.session.step(msgs, loss=loss_value)
+            result = self._send_step(inputs, locs, self._step_lrs(inputs), loss=loss_value)
             updates = self._deltas(result, inputs)
         finally:
             self.clear_statistics()
@@ -943,7 +1090,7 @@ class KFACPreconditioner(_KfacModel):
             inputs, locs = self._collect(fallback=False)
             if not inputs:
                 return None
-            result = self.session.step(self._messages(inputs, locs), loss=loss_value)
+            result = self._send_step(inputs, locs, loss=loss_value)
             updates = self._deltas(result, inputs)
         finally:
             self.clear_statistics()

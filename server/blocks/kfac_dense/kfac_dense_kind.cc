@@ -30,6 +30,21 @@ absl::StatusOr<core::DenseTensor> TakeStatistic(bool present, natgrad::v1::Tenso
   return wire::TakeTensor(t, field);
 }
 
+// A packed factor (ReducedKfacStatistics.packed): a rank-1 tensor of
+// d(d+1)/2 values, the upper triangle row by row. It stays rank 1 in the
+// block's input; the block unpacks it straight into its state precision.
+absl::StatusOr<core::DenseTensor> TakePackedFactor(bool present, natgrad::v1::Tensor* t,
+                                                   int64_t d, const std::string& field) {
+  if (!present) return absl::InvalidArgumentError(field + " is required");
+  const int64_t want = d * (d + 1) / 2;
+  if (t->shape_size() != 1 || t->shape(0) != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " is packed, so it must be a rank-1 tensor of d(d+1)/2 = ", want,
+        " values (d = ", d, "), got shape [", absl::StrJoin(t->shape(), ", "), "]"));
+  }
+  return wire::TakeTensor(t, field);
+}
+
 class KfacDenseBlockKind final : public BlockKind {
  public:
   absl::string_view name() const override { return "kfac_dense"; }
@@ -54,11 +69,14 @@ class KfacDenseBlockKind final : public BlockKind {
     const int64_t a = SaturatingAdd(std::max<int64_t>(k.d_in(), 0), k.has_bias() ? 1 : 0);
     const int64_t g = std::max<int64_t>(k.d_out(), 0);
     // EMA factors + momentum, then the installed and one in-flight
-    // decomposition (eigen mode also keeps the eigenvalues).
+    // decomposition (eigen mode also keeps the eigenvalues); an async refresh
+    // also keeps the factors it decomposed (the PSD test runs on them).
     const int64_t squares = SaturatingAdd(SaturatingMul(a, a), SaturatingMul(g, g));
     const int64_t decomposition = SaturatingAdd(squares, a + g);
-    const int64_t elements = SaturatingAdd(SaturatingAdd(squares, SaturatingMul(g, a)),
-                                           SaturatingMul(2, decomposition));
+    const int64_t elements = SaturatingAdd(
+        SaturatingAdd(SaturatingAdd(squares, SaturatingMul(g, a)),
+                      SaturatingMul(2, decomposition)),
+        k.async_inversion() ? squares : 0);
     return SaturatingMul(internal::ElementBytes(state_dtype, 4), elements);
   }
 
@@ -80,7 +98,7 @@ class KfacDenseBlockKind final : public BlockKind {
   }
 
   absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
-                                                  const BlockConfig&,
+                                                  const BlockConfig& config,
                                                   ReplyFormat* reply) const override {
     if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
     absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
@@ -106,11 +124,16 @@ class KfacDenseBlockKind final : public BlockKind {
     } else if (wire.has_reduced()) {
       auto& red = *wire.mutable_reduced();
       k.form = core::KfacStatisticsInput::Form::kReduced;
-      auto a = TakeStatistic(red.has_a_factor(), red.mutable_a_factor(),
-                             StepField(step, "kfac.reduced.a_factor"));
+      const auto& kc = config.kfac_dense();
+      const std::string a_field = StepField(step, "kfac.reduced.a_factor");
+      const std::string g_field = StepField(step, "kfac.reduced.g_factor");
+      auto a = red.packed() ? TakePackedFactor(red.has_a_factor(), red.mutable_a_factor(),
+                                               kc.d_in() + (kc.has_bias() ? 1 : 0), a_field)
+                            : TakeStatistic(red.has_a_factor(), red.mutable_a_factor(), a_field);
       if (!a.ok()) return a.status();
-      auto g = TakeStatistic(red.has_g_factor(), red.mutable_g_factor(),
-                             StepField(step, "kfac.reduced.g_factor"));
+      auto g = red.packed() ? TakePackedFactor(red.has_g_factor(), red.mutable_g_factor(),
+                                               kc.d_out(), g_field)
+                            : TakeStatistic(red.has_g_factor(), red.mutable_g_factor(), g_field);
       if (!g.ok()) return g.status();
       k.a_factor = *std::move(a);
       k.g_factor = *std::move(g);

@@ -5,6 +5,7 @@
 #include <limits>
 #include <map>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -102,61 +103,114 @@ absl::StatusOr<kfac::Matrix<Scalar>> CheckedTensor(absl::string_view block,
   return out;
 }
 
-// A reduced factor from the client: square, finite, symmetric and PSD up to
-// rounding. The PSD test is a Cholesky of X + delta I in float64 (O(d^3/3),
-// a sixth of the preconditioning GEMMs), delta = tol * max diag.
+// A reduced factor from the client, read straight into Scalar: [dim, dim],
+// or (ReducedKfacStatistics.packed) rank 1 holding the upper triangle row by
+// row, which is the lower triangle column by column.
+template <typename Scalar>
+absl::StatusOr<kfac::Matrix<Scalar>> ReadFactor(absl::string_view block,
+                                                absl::string_view field,
+                                                const DenseTensor& tensor,
+                                                Eigen::Index dim) {
+  if (tensor.shape().size() != 1) {
+    if (tensor.rows() != dim || tensor.cols() != dim) {
+      return InvalidField(block, field,
+                          absl::StrCat("has shape ",
+                                       Shape(tensor.rows(), tensor.cols()),
+                                       ", want ", Shape(dim, dim)));
+    }
+    return tensor.template ToMatrix<Scalar>();
+  }
+  const int64_t want = static_cast<int64_t>(dim) * (dim + 1) / 2;
+  if (tensor.size() != want) {
+    return InvalidField(block, field,
+                        absl::StrCat("is packed with ", tensor.size(),
+                                     " values, want d(d+1)/2 = ", want,
+                                     " (d = ", dim, ")"));
+  }
+  kfac::Matrix<Scalar> x(dim, dim);
+  auto unpack = [&](const auto* p) {
+    using Src = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
+    for (Eigen::Index i = 0; i < dim; ++i) {
+      x.col(i).tail(dim - i) =
+          Eigen::Map<const Eigen::Matrix<Src, Eigen::Dynamic, 1>>(p, dim - i)
+              .template cast<Scalar>();
+      p += dim - i;
+    }
+  };
+  if (tensor.dtype() == DType::kFloat32) {
+    unpack(reinterpret_cast<const float*>(tensor.data()));
+  } else {
+    unpack(reinterpret_cast<const double*>(tensor.data()));
+  }
+  kfac::CopyLowerToUpper(x);
+  return x;
+}
+
+// The per-step checks of a reduced factor, all O(d^2): finite, symmetric up
+// to rounding (then symmetrised), a diagonal >= -delta and every 2x2
+// principal minor >= 0 (|x_ij| <= sqrt(x_ii x_jj), up to delta), which any
+// PSD matrix meets. Whether the factor is PSD needs O(d^3) and is decided
+// where the block decomposes it (KfacDenseBlock::CheckPsd), not every step.
 template <typename Scalar>
 absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
                                                    absl::string_view field,
                                                    const DenseTensor& tensor,
                                                    Eigen::Index dim) {
-  if (tensor.rows() != dim || tensor.cols() != dim) {
-    return InvalidField(block, field,
-                        absl::StrCat("has shape ",
-                                     Shape(tensor.rows(), tensor.cols()),
-                                     ", want ", Shape(dim, dim)));
+  absl::StatusOr<kfac::Matrix<Scalar>> read =
+      ReadFactor<Scalar>(block, field, tensor, dim);
+  if (!read.ok()) return read.status();
+  kfac::Matrix<Scalar>& x = *read;
+  if (dim == 0) return x;
+  if (std::isnan((x.array() * Scalar(0)).sum())) {
+    if (!tensor.AllFinite()) {
+      // Locate it for the message (the error path only).
+      return InvalidField(
+          block, field,
+          NonFiniteAt(ReadFactor<double>(block, field, tensor, dim).value()));
+    }
+    return InvalidField(block, field, "has values beyond float32 range");
   }
-  const Eigen::MatrixXd x = tensor.template ToMatrix<double>();
-  if (x.rows() != dim || x.cols() != dim) {
-    return InvalidField(block, field,
-                        absl::StrCat("has shape ", Shape(x.rows(), x.cols()),
-                                     ", want ", Shape(dim, dim)));
+  const double max_abs = static_cast<double>(x.cwiseAbs().maxCoeff());
+  if (tensor.shape().size() != 1) {  // a packed factor is symmetric
+    const double asym =
+        static_cast<double>((x - x.transpose()).cwiseAbs().maxCoeff());
+    if (asym > kFactorTolerance * max_abs) {
+      return InvalidField(block, field,
+                          absl::StrCat("is not symmetric (max |X - X^T| = ",
+                                       asym, ", max |X| = ", max_abs, ")"));
+    }
+    x = (Scalar(0.5) * (x + x.transpose())).eval();
   }
-  if (std::string where = NonFiniteAt(x); !where.empty()) {
-    return InvalidField(block, field, where);
-  }
-  const double max_abs = x.cwiseAbs().maxCoeff();
-  const double asym = (x - x.transpose()).cwiseAbs().maxCoeff();
-  if (asym > kFactorTolerance * max_abs) {
-    return InvalidField(block, field,
-                        absl::StrCat("is not symmetric (max |X - X^T| = ",
-                                     asym, ", max |X| = ", max_abs, ")"));
-  }
-  const double max_diag = x.diagonal().cwiseAbs().maxCoeff();
+  const double max_diag = static_cast<double>(x.diagonal().cwiseAbs().maxCoeff());
   const double delta = kFactorTolerance * max_diag +
                        std::numeric_limits<double>::min() * dim;
-  const Eigen::Index neg = [&] {
-    Eigen::Index i;
-    return x.diagonal().minCoeff(&i) < -delta ? i : Eigen::Index{-1};
-  }();
-  if (neg >= 0) {
+  Eigen::Index neg;
+  if (static_cast<double>(x.diagonal().minCoeff(&neg)) < -delta) {
     return InvalidField(block, field,
                         absl::StrCat("has a negative diagonal entry ",
                                      x(neg, neg), " at [", neg, ", ", neg,
                                      "]; a covariance is PSD"));
   }
-  Eigen::MatrixXd sym = 0.5 * (x + x.transpose());
-  Eigen::MatrixXd shifted = sym;
-  shifted.diagonal().array() += delta;
-  if (Eigen::LLT<Eigen::MatrixXd> llt(shifted); llt.info() != Eigen::Success) {
-    return InvalidField(block, field,
-                        "is not positive semidefinite beyond rounding");
+  // s_i = sqrt(max(x_ii, 0) + delta): |x_ij| <= s_i s_j for a PSD matrix.
+  const Eigen::Matrix<double, Eigen::Dynamic, 1> s =
+      (x.diagonal().template cast<double>().array().max(0.0) + delta).sqrt();
+  for (Eigen::Index j = 0; j < dim; ++j) {
+    const auto bound = s.array() * s(j);
+    const auto col = x.col(j).template cast<double>().array().abs();
+    if ((col > bound).any()) {
+      Eigen::Index i;
+      (col - bound).maxCoeff(&i);
+      return InvalidField(
+          block, field,
+          absl::StrCat("is not positive semidefinite: |X[", i, ", ", j,
+                       "]| = ", std::abs(static_cast<double>(x(i, j))),
+                       " exceeds sqrt(X[", i, ", ", i, "] X[", j, ", ", j,
+                       "]) = ", std::sqrt(std::max(0.0, static_cast<double>(x(i, i)) *
+                                                            static_cast<double>(x(j, j)))),
+                       " (a 2x2 principal minor is negative)"));
+    }
   }
-  kfac::Matrix<Scalar> out = sym.template cast<Scalar>();
-  if (!out.allFinite()) {
-    return InvalidField(block, field, "has values beyond float32 range");
-  }
-  return out;
+  return x;
 }
 
 template <typename Scalar>
@@ -296,6 +350,7 @@ KfacDenseBlock<Scalar>::Resolve(const Refresh& refresh) const {
        {std::tuple{&refresh.a, a_dim(), 'A'},
         std::tuple{&refresh.g, g_dim(), 'G'}}) {
     const absl::StatusOr<engine::Decomposition<Scalar>>& r = future->get();
+    if (absl::Status s = CheckPsd(refresh, which, r); !s.ok()) return s;
     if (!r.ok()) {
       return BlockError(r.status().code(), name(),
                         absl::StrCat("factor ", std::string(1, which)),
@@ -319,6 +374,66 @@ KfacDenseBlock<Scalar>::Resolve(const Refresh& refresh) const {
     }
   }
   return d;
+}
+
+template <typename Scalar>
+absl::Status KfacDenseBlock<Scalar>::CheckPsd(
+    const Refresh& refresh, char which,
+    const absl::StatusOr<engine::Decomposition<Scalar>>& result) const {
+  const bool eigen = options_.damping_mode == KfacDampingMode::kEigenExact;
+  if (result.ok() && !eigen && result->retries == 0) return absl::OkStatus();
+  if (!result.ok() && eigen) return absl::OkStatus();  // a solver failure
+  const Matrix& sum =
+      which == 'A' ? *refresh.factors.a_sum : *refresh.factors.g_sum;
+  const Eigen::Index d = sum.rows();
+  if (d == 0 || !(refresh.factors.weight > 0)) return absl::OkStatus();
+  const double inv_w = 1.0 / refresh.factors.weight;
+  // The factors' scale: max diagonal (>= |x_ij| for the PSD-looking factors
+  // CheckedFactor lets through) and, for eigen, the largest eigenvalue.
+  double scale = inv_w * static_cast<double>(sum.diagonal().cwiseAbs().maxCoeff());
+  if (result.ok() && eigen && result->eigenvalues.size() == d) {
+    scale = std::max(scale, static_cast<double>(result->eigenvalues.maxCoeff()));
+  }
+  const double tol = kFactorTolerance * scale + std::numeric_limits<double>::min();
+  double lowest = 0;  // the most negative eigenvalue found (0: none)
+  if (eigen) {
+    const auto& q = result->matrix;
+    const auto& w = result->eigenvalues;
+    if (q.rows() != d || q.cols() != d || w.size() != d) return absl::OkStatus();
+    std::vector<Eigen::Index> clamped;
+    for (Eigen::Index i = 0; i < d; ++i) {
+      if (static_cast<double>(w(i)) <= tol) clamped.push_back(i);
+    }
+    if (clamped.empty()) return absl::OkStatus();
+    Matrix qk(d, static_cast<Eigen::Index>(clamped.size()));
+    for (size_t k = 0; k < clamped.size(); ++k) qk.col(k) = q.col(clamped[k]);
+    const Matrix z = kfac::Product<Scalar>(sum, false, qk, false);
+    for (Eigen::Index k = 0; k < qk.cols(); ++k) {
+      const double r = inv_w * static_cast<double>(qk.col(k).dot(z.col(k)));
+      lowest = std::min(lowest, r);
+    }
+    if (lowest >= -tol) return absl::OkStatus();
+  } else {
+    Eigen::MatrixXd f = inv_w * sum.template cast<double>();
+    f.diagonal().array() += tol;
+    if (Eigen::LLT<Eigen::MatrixXd>(f).info() == Eigen::Success) {
+      return absl::OkStatus();
+    }
+  }
+  const std::string field =
+      which == 'A' ? "kfac.reduced.a_factor" : "kfac.reduced.g_factor";
+  return Invalid(
+      field,
+      absl::StrCat(
+          "is not positive semidefinite beyond rounding: factor ",
+          std::string(1, which), ", the EMA of the statistics folded up to step ",
+          refresh.step, ", ",
+          eigen ? absl::StrCat("has an eigenvalue ", lowest, " < -", tol)
+                : absl::StrCat("plus ", tol, " I has no Cholesky factor"),
+          " (found when step ", refresh.step,
+          " decomposed it; statistics folded at earlier steps stay folded, so "
+          "later decompositions fail too until the session is restored from a "
+          "checkpoint)"));
 }
 
 template <typename Scalar>
@@ -489,6 +604,7 @@ KfacDenseBlock<Scalar>::PlanRefresh(int64_t t, double lambda,
   Matrix g_factor = inv_w * *factors.g_sum;
   Refresh r;
   r.step = t;
+  r.factors = factors;  // shared sums, no copy
   DecompositionKind kind = DecompositionKind::kEigh;
   if (!eigen) {
     // Factored Tikhonov (Martens & Grosse §6.3): the damping is split
@@ -743,8 +859,12 @@ int64_t KfacDenseBlock<Scalar>::StateBytes() const {
               decomp_.a.size() + decomp_.g.size() + decomp_.a_values.size() +
               decomp_.g_values.size();
   if (in_flight_) {
-    // The engine holds the in-flight result for this block.
+    // The engine holds the in-flight result for this block, and the refresh
+    // keeps the factors it decomposed (for CheckPsd) once newer ones exist.
     n += a_dim() * a_dim() + g_dim() * g_dim();
+    if (in_flight_->factors.a_sum != factors_.a_sum) {
+      n += a_dim() * a_dim() + g_dim() * g_dim();
+    }
   }
   return n * static_cast<int64_t>(sizeof(Scalar));
 }

@@ -94,17 +94,18 @@ class KfacDenseBlock final : public ParameterBlock {
   };
   using Future =
       std::shared_future<absl::StatusOr<engine::Decomposition<Scalar>>>;
-  struct Refresh {  // an async refresh in flight
-    int64_t step = 0;
-    double damping = 0;
-    Future a, g;
-  };
   // EMA sums of the factors (factor = sum / weight). Shared and immutable,
   // so a proposal that does not fold statistics holds them without a copy.
   struct Factors {
     std::shared_ptr<const Matrix> a_sum, g_sum;
     double weight = 0;     // 1 - decay^k after k folds
     int64_t updates = 0;   // k
+  };
+  struct Refresh {  // a refresh submitted to the engine (async: in flight)
+    int64_t step = 0;
+    double damping = 0;
+    Future a, g;
+    Factors factors;  // what was decomposed, for the PSD test (CheckPsd)
   };
   struct Hyperparameters {
     double lr = 0, damping = 0, momentum = 0, weight_decay = 0;
@@ -137,8 +138,23 @@ class KfacDenseBlock final : public ParameterBlock {
 
   absl::StatusOr<Hyperparameters> ResolveHyperparameters(
       int64_t t, const KfacStepInput& input, const StepContext& context) const;
-  // The decomposition a refresh resolves to, checking the engine's output.
+  // The decomposition a refresh resolves to, checking the engine's output
+  // and that the decomposed factors are PSD.
   absl::StatusOr<Decomp> Resolve(const Refresh& refresh) const;
+  // The PSD test, made where a factor is decomposed rather than on every
+  // statistics step (CheckedFactor's per-step checks are O(d^2)). `result`
+  // is the engine's answer for factor `which` ('A' or 'G') of `refresh`:
+  //   eigen-exact: the eigenpairs the engine clamped to ~0 have Rayleigh
+  //     quotients q^T F q equal to their true eigenvalues; one below
+  //     -tol * scale means F is indefinite (costs d^2 k for k such pairs);
+  //   factored Tikhonov: the Cholesky of the damped factor succeeding at the
+  //     first attempt proves F + damping is PD, all the step needs; when the
+  //     engine needed jitter or failed, a float64 Cholesky of F + tol * scale
+  //     tells rounding from an indefinite F.
+  // INVALID_ARGUMENT naming kfac.reduced.{a,g}_factor when indefinite.
+  absl::Status CheckPsd(
+      const Refresh& refresh, char which,
+      const absl::StatusOr<engine::Decomposition<Scalar>>& result) const;
 
   KfacDenseOptions options_;
   Factors factors_;

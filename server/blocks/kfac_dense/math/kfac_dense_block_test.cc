@@ -816,5 +816,137 @@ TEST(KfacDenseBlock, ExportWaitsForInFlightRefresh) {
   EXPECT_LT(RelErr(-x.delta, FactoredOracle(af, gf, steps[3].grad, 0.1)), 1e-10);
 }
 
+// --- Packed factors and the PSD test at decomposition (issue 13) --------
+
+// A symmetric factor as the wire carries it in dtype T: the full row-major
+// [d, d] matrix, or (packed) its upper triangle row by row.
+template <typename T>
+DenseTensor WireFactor(const MatrixXd& x, bool packed) {
+  const int d = static_cast<int>(x.rows());
+  std::string bytes;
+  for (int i = 0; i < d; ++i) {
+    for (int j = packed ? i : 0; j < d; ++j) {
+      const T v = static_cast<T>(x(i, j));
+      bytes.append(reinterpret_cast<const char*>(&v), sizeof(T));
+    }
+  }
+  const DType dt = sizeof(T) == 4 ? DType::kFloat32 : DType::kFloat64;
+  if (packed) return DenseTensor::FromBytes(dt, {int64_t{d} * (d + 1) / 2}, bytes);
+  return DenseTensor::FromBytes(dt, {d, d}, bytes);
+}
+
+template <typename T>
+KfacStepInput WireReduced(const StepData& s, bool packed) {
+  KfacStepInput in =
+      ReducedInput(OracleGram(s.a, true, kRows), OracleGram(s.g, false, kRows), s.grad, kRows);
+  in.kfac->a_factor = WireFactor<T>(OracleGram(s.a, true, kRows), packed);
+  in.kfac->g_factor = WireFactor<T>(OracleGram(s.g, false, kRows), packed);
+  return in;
+}
+
+template <typename T>
+void ExpectPackedEqualsUnpacked(Precision precision) {
+  for (KfacDampingMode mode : kModes) {
+    SCOPED_TRACE(static_cast<int>(mode));
+    KfacDenseOptions o = Options(mode, 0.1);
+    o.inverse_period = 2;
+    Harness full(o, precision), packed(o, precision);
+    for (int t = 1; t <= 3; ++t) {
+      const StepData s = MakeStep(300 + t);
+      const BlockStepOutput a = full.Step(t, WireReduced<T>(s, false));
+      const BlockStepOutput b = packed.Step(t, WireReduced<T>(s, true));
+      EXPECT_TRUE(a.delta == b.delta) << "step " << t;
+    }
+    ExpectSameState(full.block->ExportState(), packed.block->ExportState());
+  }
+}
+
+TEST(KfacDenseBlock, PackedFactorsEqualUnpackedBitForBit) {
+  ExpectPackedEqualsUnpacked<float>(Precision::kFloat32);
+  ExpectPackedEqualsUnpacked<float>(Precision::kFloat64);
+  ExpectPackedEqualsUnpacked<double>(Precision::kFloat32);
+  ExpectPackedEqualsUnpacked<double>(Precision::kFloat64);
+}
+
+TEST(KfacDenseBlock, PackedFactorOfTheWrongLengthIsRefused) {
+  Harness h(Options(KfacDampingMode::kEigenExact, 0.1));
+  h.Step(1, RawInput(MakeStep(310)));
+  const BlockState before = h.block->ExportState();
+  KfacStepInput in = WireReduced<float>(MakeStep(311), true);
+  in.kfac->g_factor = WireFactor<float>(MatrixXd::Identity(3, 3), true);  // 6, want 3
+  auto p = h.Propose(2, in);
+  ASSERT_FALSE(p.ok());
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(p.status().message(),
+              HasSubstr("block \"fc1\": kfac.reduced.g_factor is packed with 6 values, "
+                        "want d(d+1)/2 = 3 (d = 2)"));
+  ExpectSameState(before, h.block->ExportState());
+}
+
+// Indefinite, yet every 2x2 principal minor is positive, so only the
+// decomposition tells: v = (1, -1, 1, 0) gives v^T X v = 3 - 5.4 < 0.
+MatrixXd IndefiniteA(double scale) {
+  MatrixXd x = MatrixXd::Identity(kDin + 1, kDin + 1);
+  x(0, 1) = x(1, 0) = 0.9;
+  x(1, 2) = x(2, 1) = 0.9;
+  x(0, 2) = x(2, 0) = -0.9;
+  return scale * x;
+}
+
+TEST(KfacDenseBlock, IndefiniteFactorIsRefusedWhereItIsDecomposed) {
+  for (Precision precision : {Precision::kFloat64, Precision::kFloat32}) {
+    for (KfacDampingMode mode : kModes) {
+      SCOPED_TRACE(static_cast<int>(mode));
+      KfacDenseOptions o = Options(mode, 0.1);
+      o.inverse_period = 3;  // decompositions at steps 1 and 4
+      Harness h(o, precision);
+      const StepData s1 = MakeStep(320);
+      const MatrixXd g1 = OracleGram(s1.g, false, kRows);
+      // Step 1 decomposes: refused there, nothing changes.
+      const BlockState fresh = h.block->ExportState();
+      auto p = h.Propose(1, ReducedInput(IndefiniteA(1), g1, s1.grad, kRows));
+      ASSERT_FALSE(p.ok());
+      EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_THAT(p.status().message(),
+                  HasSubstr("block \"fc1\": kfac.reduced.a_factor is not positive "
+                            "semidefinite beyond rounding: factor A"));
+      EXPECT_THAT(p.status().message(), HasSubstr("step 1"));
+      ExpectSameState(fresh, h.block->ExportState());
+
+      // Folded at a step that does not decompose (the per-step checks are
+      // O(d^2) and cannot see it), it is refused by the next decomposition,
+      // which changes nothing either.
+      h.Step(1, RawInput(s1));
+      const StepData s2 = MakeStep(321);
+      h.Step(2, ReducedInput(IndefiniteA(100), OracleGram(s2.g, false, kRows), s2.grad, kRows));
+      h.Step(3, RawInput(MakeStep(322)));
+      const BlockState before = h.block->ExportState();
+      p = h.Propose(4, RawInput(MakeStep(323)));
+      ASSERT_FALSE(p.ok());
+      EXPECT_THAT(p.status().message(),
+                  HasSubstr("kfac.reduced.a_factor is not positive semidefinite"));
+      EXPECT_THAT(p.status().message(), HasSubstr("up to step 4"));
+      ExpectSameState(before, h.block->ExportState());
+    }
+  }
+}
+
+// Rank-deficient PSD factors (fewer rows than dimensions, an input that is
+// always 0) pass the test at decomposition: their clamped eigenvalues'
+// Rayleigh quotients are rounding-sized.
+TEST(KfacDenseBlock, RankDeficientFactorsPassThePsdTest) {
+  for (Precision precision : {Precision::kFloat64, Precision::kFloat32}) {
+    for (KfacDampingMode mode : kModes) {
+      SCOPED_TRACE(static_cast<int>(mode));
+      Harness h(Options(mode, 1e-6), precision);
+      StepData s = MakeStep(330, kDin, kDout, 2);
+      s.a.col(1).setZero();
+      auto p = h.Propose(1, ReducedInput(OracleGram(s.a, true, 2), OracleGram(s.g, false, 2),
+                                         s.grad, 2));
+      EXPECT_TRUE(p.ok()) << p.status();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace natgrad::core

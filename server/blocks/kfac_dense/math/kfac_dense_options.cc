@@ -100,9 +100,11 @@ int64_t KfacDenseStateBytes(const KfacDenseOptions& options,
   const int64_t g = options.d_out;
   const int64_t scalar = precision == Precision::kFloat32 ? 4 : 8;
   // EMA factors + momentum, then the installed and one in-flight
-  // decomposition (eigen mode also keeps the eigenvalues).
+  // decomposition (eigen mode also keeps the eigenvalues); an async refresh
+  // also keeps the factors it decomposed (for the PSD test).
   const int64_t decomposition = a * a + g * g + a + g;
-  return scalar * (a * a + g * g + g * a + 2 * decomposition);
+  const int64_t held = options.async_inversion ? a * a + g * g : 0;
+  return scalar * (a * a + g * g + g * a + 2 * decomposition + held);
 }
 
 }  // namespace natgrad::core
