@@ -162,6 +162,7 @@ class Replicas:
 
     def __init__(self, n, workdir, *, binary=None, extra_args=(), routing_flags=True):
         self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
         self.token_file = os.path.join(workdir, "admin.token")
         with open(self.token_file, "w") as f:
             f.write(ADMIN_TOKEN + "\n")

@@ -107,16 +107,21 @@ def main(argv=None):
                                 args=(client, a.first_index + i, a.steps, a.step_interval_ms / 1e3,
                                       out, failures, lock))
                for i in range(a.sessions)]
+    start = time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    end = time.time()
     client.close()
     with open(a.out, "w") as f:
         for i in sorted(out):
             f.write(out[i][0] + "\n")
     for i in sorted(out):
         print(f"rp-{i}: " + " ".join(f"{k}={v}" for k, v in out[i][1].items()), file=sys.stderr)
+    steps = sum(int(v[0].split()[1]) for v in out.values())
+    # For bench/router: wall-clock span of this process's sessions.
+    print(f"stats start={start:.6f} end={end:.6f} steps={steps}", file=sys.stderr)
     for msg in failures:
         print(f"FAILED {msg}", file=sys.stderr)
     return 1 if failures or len(out) != a.sessions else 0
