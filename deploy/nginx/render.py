@@ -38,7 +38,8 @@ def parse_replica(spec):
 
 def render(replicas, listen, prefix, *, daemon=False, worker_processes="auto",
            worker_connections=4096, log_level="warn", access_log=True, error_log=None,
-           user=None, stream_timeout="1h", upstream_keepalive=64, template=TEMPLATE):
+           user=None, stream_timeout="1h", upstream_keepalive=64, template=TEMPLATE,
+           header=None):
     """The nginx config text. replicas: [(name, 'host:port')], at least one,
     names and addresses distinct. listen: nginx `listen` address
     ('127.0.0.1:8080', '8080', '[::]:8080'). prefix: absolute directory for
@@ -80,7 +81,7 @@ def render(replicas, listen, prefix, *, daemon=False, worker_processes="auto",
         "log_level": log_level,
         "access_log": (f"{os.path.join(prefix, 'access.log')} natgrad" if access_log is True
                        else "off" if not access_log else f"{access_log} natgrad"),
-        "temp_dir": os.path.join(prefix, "temp"),
+        "temp_dir": prefix,
         "listen": str(listen),
         "stream_timeout": str(stream_timeout),
         "upstream_keepalive": str(int(upstream_keepalive)),
@@ -99,13 +100,21 @@ def render(replicas, listen, prefix, *, daemon=False, worker_processes="auto",
     missing = sorted(set(_PLACEHOLDER.findall(text)) - set(values))
     if missing:
         raise ValueError(f"template {template}: no value for {missing}")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+    text = _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+    return (header.rstrip("\n") + "\n" + text) if header else text
 
 
 def make_dirs(prefix):
-    """The directories nginx expects under the prefix (it creates the temp
-    subdirectories itself, not their parent)."""
-    os.makedirs(os.path.join(prefix, "temp"), exist_ok=True)
+    """The prefix directory (nginx creates its temp subdirectories itself,
+    not their parent)."""
+    os.makedirs(prefix, exist_ok=True)
+
+
+GENERATED = "# Generated; edit the template, then rerun: python3 deploy/nginx/render.py"
+
+
+def _shell_word(x):
+    return x if re.fullmatch(r"[A-Za-z0-9_./:=@,+-]+", x) else "'" + x.replace("'", "'\\''") + "'"
 
 
 def main(argv=None):
@@ -124,14 +133,18 @@ def main(argv=None):
     p.add_argument("--stream_timeout", default="1h",
                    help="idle time after which nginx closes a Step stream (the client reopens it)")
     p.add_argument("--daemon", action="store_true", help="let nginx fork into the background")
-    p.add_argument("--make_dirs", action="store_true", help="create PREFIX/temp")
+    p.add_argument("--make_dirs", action="store_true", help="create PREFIX")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     access = {"on": True, "off": False}.get(a.access_log, a.access_log)
     try:
         text = render([parse_replica(r) for r in a.replica], a.listen, a.prefix,
                       daemon=a.daemon, worker_processes=a.worker_processes, log_level=a.log_level,
                       access_log=access, error_log=a.error_log, user=a.user,
-                      stream_timeout=a.stream_timeout)
+                      stream_timeout=a.stream_timeout,
+                      header=(GENERATED + " " + " ".join(_shell_word(x) for x in argv
+                                                        if x != "--make_dirs"))
+                      if a.out else None)
     except ValueError as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2

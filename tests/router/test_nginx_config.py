@@ -50,7 +50,9 @@ def test_cli_matches_render_and_passes_nginx_t(tmp_path):
         args += ["--user", "root"]
     subprocess.run([sys.executable, os.path.join(cluster.REPO, "deploy", "nginx", "render.py")] + args,
                    check=True)
-    assert out.read_text() == render.render([("a", "127.0.0.1:5001"), ("b", "localhost:5002")],
+    header, _, text = out.read_text().partition("\n")
+    assert header.startswith(render.GENERATED)
+    assert text == render.render([("a", "127.0.0.1:5001"), ("b", "localhost:5002")],
                                             "127.0.0.1:18081", str(tmp_path),
                                             user="root" if os.geteuid() == 0 else None)
     r = subprocess.run([cluster.find_nginx(), "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(out)],
@@ -167,3 +169,40 @@ def test_no_failover_to_a_replica_without_the_session(tmp_path):
     finally:
         ngx.stop()
         reps.stop()
+
+
+def test_compose_router_config_is_rendered_and_mounted():
+    """deploy/nginx/compose.conf is what its first line's command renders
+    now, and docker-compose.yml's router service mounts it and publishes
+    its listen port."""
+    import shlex
+    import yaml
+    conf = os.path.join(cluster.REPO, "deploy", "nginx", "compose.conf")
+    with open(conf) as f:
+        header, _, text = f.read().partition("\n")
+    assert header.startswith(render.GENERATED)
+    args = shlex.split(header[len(render.GENERATED):])
+    i = args.index("--out")
+    assert os.path.join(cluster.REPO, args[i + 1]) == conf
+    expected = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"compose-{os.getpid()}.conf")
+    args[i + 1] = expected
+    try:
+        assert render.main(args) == 0
+        with open(expected) as f:
+            assert f.read().partition("\n")[2] == text, "rerun the command on compose.conf's first line"
+    finally:
+        os.unlink(expected)
+    with open(os.path.join(cluster.REPO, "docker-compose.yml")) as f:
+        svc = yaml.safe_load(f)["services"]
+    router = svc["router"]
+    mounts = [v.split(":") for v in router["volumes"]]
+    cfg = [m for m in mounts if os.path.normpath(os.path.join(cluster.REPO, m[0])) == conf]
+    assert len(cfg) == 1
+    cmd = router["command"]
+    assert cmd[cmd.index("-c") + 1] == cfg[0][1]
+    listen = args[args.index("--listen") + 1]
+    assert f"{listen.rsplit(':', 1)[-1]}:{listen.rsplit(':', 1)[-1]}" in [str(p) for p in router["ports"]]
+    for r in (x for j, x in enumerate(args) if j and args[j - 1] == "--replica"):
+        name, host = r.split("=")[0], r.split("=")[1].rsplit(":", 1)[0]
+        assert host in svc and svc[host].get("hostname", host) == name
+    assert "natgrad" in router["depends_on"]
