@@ -44,7 +44,10 @@ def latency(binary, work, rounds, block):
     ngx = cluster.Nginx(reps.pairs(), os.path.join(work, "lat", "nginx"), access_log=False)
     try:
         ngx.start()
-        clients = {"direct": natgrad.Client(reps.servers[0].target), "nginx": natgrad.Client(ngx.target)}
+        # max_replay_steps=0: the replica keeps no periodic checkpoints here, so
+        # the clients would otherwise hold every step for replay.
+        clients = {"direct": natgrad.Client(reps.servers[0].target, max_replay_steps=0),
+                   "nginx": natgrad.Client(ngx.target, max_replay_steps=0)}
         sessions = {k: c.create_session(load.session_blocks(), session_id=f"lat-{k}")
                     for k, c in clients.items()}
         for s in sessions.values():  # warm up: channels, streams, first inversions

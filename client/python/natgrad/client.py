@@ -587,6 +587,7 @@ class Session:
         self._test_hook = None
         self._gpflow_blocks = set()
         self.retries = 0  # reconnects so far (for monitoring/tests)
+        self.redirects = 0  # SessionMoved redirects followed by steps (monitoring/tests)
         # Replay of non-durable steps (module docstring): step -> (requests,
         # response digest, request bytes) for the steps after the server's
         # durable step, oldest first.
@@ -1013,6 +1014,7 @@ class Session:
                     # and reopen at once (the reopen replays what it lacks).
                     hops += 1
                     attempt -= 1
+                    self.redirects += 1
                     self.client._follow(self.id, moved, f"Step {self.name} step {step}")
                     continue
                 reason = _retry_reason(e)
