@@ -62,6 +62,16 @@ ABSL_FLAG(absl::Duration, idle_session_ttl, absl::ZeroDuration(),
           "Delete sessions (and their checkpoints) with no step or get for this long; 0: off");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving (for tests and scripts)");
+ABSL_FLAG(std::string, replica_name, "",
+          "This replica's name in Session.replica and in SessionMoved redirects (the "
+          "natgrad-replica routing header); empty: the host name");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File holding the one admin token (>= 16 characters) that AdminService calls "
+          "(Drain) must present as 'authorization: Bearer <token>'; empty: AdminService "
+          "refuses every call with PERMISSION_DENIED");
+ABSL_FLAG(std::string, peer_ca_file, "",
+          "PEM roots for TLS calls to peer replicas during a drain (presenting --tls_cert "
+          "when set); empty: plaintext");
 ABSL_FLAG(std::string, log_level, "info",
           "Least severe log line written to stderr: debug, info, warning or error");
 
@@ -120,6 +130,9 @@ int main(int argc, char** argv) {
   o.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
   o.metrics_request_timeout = absl::GetFlag(FLAGS_metrics_request_timeout);
   o.idle_session_ttl = absl::GetFlag(FLAGS_idle_session_ttl);
+  o.replica_name = absl::GetFlag(FLAGS_replica_name);
+  o.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
+  o.peer_ca_file = absl::GetFlag(FLAGS_peer_ca_file);
   if (o.metrics_request_timeout <= absl::ZeroDuration() ||
       o.idle_session_ttl < absl::ZeroDuration()) {
     NATGRAD_LOG(kError, "--metrics_request_timeout must be > 0 and --idle_session_ttl >= 0");
@@ -139,6 +152,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto& s = **server;
+  NATGRAD_LOG(kInfo, "replica name: ", s.replica_name());
   NATGRAD_LOG(kInfo, "listening on port ", s.port(), " (",
               o.tls_cert_file.empty() ? "insecure" : "TLS", ")");
   NATGRAD_LOG(kInfo, "inversion backend: ", s.backend(), " (", s.backend_reason(), ")");

@@ -1,5 +1,7 @@
 #include "server/service/natgrad_server.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
@@ -92,6 +94,17 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   linalg::SetBlasThreads(1);
   registry_ = std::make_unique<session::SessionRegistry>(options_.limits, engine_.get(),
                                                          compute_pool_.get());
+  if (options_.replica_name.empty()) {
+    char host[256] = {};
+    if (gethostname(host, sizeof(host) - 1) == 0) options_.replica_name = host;
+  }
+  // Tombstones before checkpoints: a moved session's leftover checkpoint
+  // must not bring it back here.
+  auto moves = SessionMoves::Open({.checkpoint_dir = options_.checkpoint_dir,
+                                   .ttl = options_.idle_session_ttl},
+                                  &metrics_->registry());
+  if (!moves.ok()) return moves.status();
+  moves_ = *std::move(moves);
   if (!options_.checkpoint_dir.empty()) {
     auto store = session::CheckpointStore::Open(options_.checkpoint_dir);
     if (!store.ok()) return store.status();
@@ -109,6 +122,13 @@ absl::Status NatgradServer::Init(ServerOptions options) {
       NATGRAD_LOG(kWarning, path, " predates checkpoint checksums and was loaded unverified");
     }
     for (const auto& snap : loaded.snapshots) {
+      if (auto id = session::SessionRegistry::ParseName(snap.name());
+          id.ok() && moves_->IsMoved(snap.tenant(), *id)) {
+        NATGRAD_LOG(kWarning, "not restoring ", snap.name(),
+                    ": it was moved to another replica (removing its checkpoint)");
+        checkpoints_->Remove(snap.tenant(), *id).IgnoreError();
+        continue;
+      }
       auto restored = registry_->Import(snap, snap.tenant(), "");
       if (!restored.ok()) {
         NATGRAD_LOG(kWarning, "skipping checkpoint of ", snap.name(), ": ",
@@ -144,7 +164,33 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   deps.checkpoint_every_steps = options_.checkpoint_every_steps;
   deps.metrics = metrics_.get();
   deps.partial_step_timeout = options_.partial_step_timeout;
+  deps.replica_name = options_.replica_name;
+  deps.moves = moves_.get();
   service_ = std::make_unique<OptimizerService>(deps);
+  AdminOptions admin;
+  if (!options_.admin_token_file.empty()) {
+    auto token = ReadAdminToken(options_.admin_token_file);
+    if (!token.ok()) return token.status();
+    admin.token = *std::move(token);
+  }
+  if (!options_.peer_ca_file.empty()) {
+    auto ca = ReadFile(options_.peer_ca_file, "--peer_ca_file");
+    if (!ca.ok()) return ca.status();
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = *ca;
+    if (!options_.tls_cert_file.empty()) {
+      auto cert = ReadFile(options_.tls_cert_file, "--tls_cert");
+      if (!cert.ok()) return cert.status();
+      auto key = ReadFile(options_.tls_key_file, "--tls_key");
+      if (!key.ok()) return key.status();
+      ssl.pem_cert_chain = *cert;
+      ssl.pem_private_key = *key;
+    }
+    admin.peer_credentials = grpc::SslCredentials(ssl);
+  }
+  // The service keeps a reference to the dependencies: they live in service_.
+  admin_ = std::make_unique<AdminService>(service_->deps(), std::move(admin),
+                                          &metrics_->registry());
 
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (!options_.tls_cert_file.empty() || !options_.tls_key_file.empty()) {
@@ -173,6 +219,7 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   builder.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
   builder.RegisterService(service_.get());
+  builder.RegisterService(admin_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(MakeRpcLoggingInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -214,6 +261,7 @@ void NatgradServer::ExpireIdleSessions() {
       NATGRAD_LOG(kInfo, "session ", s->name(), " expired after ", absl::FormatDuration(ttl),
                   " without a step or get");
     }
+    moves_->ExpireOld(absl::Now());
     metrics_->SetSessions(registry_->size());
     mu_.Lock();
   }

@@ -17,11 +17,13 @@
 #include "prometheus/counter.h"
 #include "server/engine/engine_factory.h"
 #include "server/linalg/compute_pool.h"
+#include "server/service/admin_service.h"
 #include "server/service/authenticator.h"
 #include "server/service/checkpointer.h"
 #include "server/service/metrics_http_server.h"
 #include "server/service/optimizer_service.h"
 #include "server/service/service_metrics.h"
+#include "server/service/session_moves.h"
 #include "server/session/checkpoint_store.h"
 #include "server/session/session_registry.h"
 
@@ -52,6 +54,14 @@ struct ServerOptions {
   // A Step stream holding part of a step idle this long ends with
   // DEADLINE_EXCEEDED; zero: never.
   absl::Duration partial_step_timeout = absl::Seconds(60);
+  // This replica's name in Session.replica and redirects; empty: the host
+  // name (docs/replicas.md).
+  std::string replica_name;
+  // One admin token; empty: AdminService answers PERMISSION_DENIED.
+  std::string admin_token_file;
+  // PEM roots for TLS calls to peers during a drain (the server's own
+  // certificate, when set, is presented); empty: plaintext.
+  std::string peer_ca_file;
 };
 
 class NatgradServer {
@@ -78,6 +88,9 @@ class NatgradServer {
   session::SessionRegistry& registry() { return *registry_; }
   engine::BatchingInversionEngine& engine() { return *engine_; }
   ServiceMetrics& metrics() { return *metrics_; }
+  SessionMoves& moves() { return *moves_; }
+  AdminService& admin() { return *admin_; }
+  const std::string& replica_name() const { return options_.replica_name; }
 
  private:
   NatgradServer() = default;
@@ -100,6 +113,8 @@ class NatgradServer {
   std::unique_ptr<Authenticator> authenticator_;
   TokenAuthenticator* tokens_ = nullptr;  // owned by authenticator_ when set
   std::unique_ptr<OptimizerService> service_;
+  std::unique_ptr<SessionMoves> moves_;
+  std::unique_ptr<AdminService> admin_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   int metrics_port_ = 0;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/common/log.h"
 #include "server/service/service_metrics.h"
+#include "server/service/session_moves.h"
 #include "server/service/status_conversion.h"
 #include "server/service/step_reactor.h"
 
@@ -38,6 +39,36 @@ grpc::ServerUnaryReactor* Unary(const ServiceDependencies& deps,
   return reactor;
 }
 
+// The redirect for a session this replica no longer holds, checked before
+// the registry (during a move's last instant both may know it).
+absl::Status CheckMoved(const ServiceDependencies& deps, const std::string& tenant,
+                        const std::string& name) {
+  if (deps.moves == nullptr) return absl::OkStatus();
+  auto id = session::SessionRegistry::ParseName(name);
+  if (!id.ok()) return absl::OkStatus();  // the registry reports the bad name
+  return deps.moves->CheckNotMoved(tenant, *id);
+}
+
+// A draining replica sends new sessions to a peer; an id that was moved
+// away is redirected to where it lives.
+absl::Status CheckCreatable(const ServiceDependencies& deps, const std::string& tenant,
+                            const std::string& id) {
+  if (deps.moves == nullptr) return absl::OkStatus();
+  if (!id.empty()) {
+    if (absl::Status s = deps.moves->CheckNotMoved(tenant, id); !s.ok()) return s;
+  }
+  if (!deps.moves->draining()) return absl::OkStatus();
+  auto peer = deps.moves->PeerFor(id);
+  if (!peer.has_value()) return absl::UnavailableError("this replica is draining");
+  natgrad::v1::SessionMoved moved;
+  moved.set_session(id.empty() ? "" : absl::StrCat("sessions/", id));
+  moved.set_replica(peer->replica());
+  moved.set_address(peer->address());
+  return MovedError(moved);
+}
+
+}  // namespace
+
 // A new or imported session is acknowledged only once it is durable. When
 // its first write fails it is taken out again (the registry, then the files:
 // a failed rename or directory fsync may have left some), so nothing of it
@@ -63,10 +94,17 @@ absl::Status MakeDurableOrDrop(const ServiceDependencies& deps, session::Session
 
 // Session::Describe, with durable_step -1 when nothing is checkpointed
 // (the proto's contract; the session does not know whether a store exists).
-natgrad::v1::Session Describe(const ServiceDependencies& deps, const session::Session& s) {
+natgrad::v1::Session DescribeSession(const ServiceDependencies& deps, const session::Session& s) {
   natgrad::v1::Session out = s.Describe();
   if (deps.checkpoints == nullptr) out.set_durable_step(-1);
+  out.set_replica(deps.replica_name);
   return out;
+}
+
+namespace {
+
+natgrad::v1::Session Describe(const ServiceDependencies& deps, const session::Session& s) {
+  return DescribeSession(deps, s);
 }
 
 // Unary() over raw bytes: after authentication, the request is decoded
@@ -115,6 +153,7 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(grpc::CallbackServerCo
   using Response = natgrad::v1::Session;
   return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
       [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
+    if (absl::Status s = CheckCreatable(deps_, tenant, request->session_id()); !s.ok()) return s;
     auto session = deps_.registry->Create(request->config(), tenant, request->session_id());
     if (!session.ok()) return session.status();
     // Durable at once, so a crash before its first checkpointed step still
@@ -135,6 +174,7 @@ grpc::ServerUnaryReactor* OptimizerService::GetSession(grpc::CallbackServerConte
   using Response = natgrad::v1::Session;
   return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
       [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
+    if (absl::Status s = CheckMoved(deps_, tenant, request->name()); !s.ok()) return s;
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
     *response = Describe(deps_, **session);
@@ -177,9 +217,17 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(grpc::CallbackServerCo
   using Response = google::protobuf::Empty;
   return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
       [&](const std::string& tenant, const Request* request, Response* /*empty*/) -> absl::Status {
+    if (absl::Status s = CheckMoved(deps_, tenant, request->name()); !s.ok()) return s;
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
-    if (absl::Status s = deps_.registry->Delete(request->name(), tenant); !s.ok()) return s;
+    // Through the move gate: a session being moved is not deleted under the
+    // move (the delete waits, then is redirected or goes ahead).
+    if (deps_.moves != nullptr) {
+      if (absl::Status s = deps_.moves->Enter(tenant, (*session)->id()); !s.ok()) return s;
+    }
+    absl::Status deleted = deps_.registry->Delete(request->name(), tenant);
+    if (deps_.moves != nullptr) deps_.moves->Exit(tenant, (*session)->id());
+    if (!deleted.ok()) return deleted;
     NATGRAD_LOG(kInfo, "session ", (*session)->name(), " deleted: tenant=",
                 tenant.empty() ? "-" : tenant, " last_step=", (*session)->last_step());
     if (deps_.metrics) deps_.metrics->SetSessions(deps_.registry->size());
@@ -205,6 +253,7 @@ grpc::ServerUnaryReactor* OptimizerService::ExportSession(grpc::CallbackServerCo
   using Response = natgrad::v1::SessionSnapshot;
   return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
       [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
+    if (absl::Status s = CheckMoved(deps_, tenant, request->name()); !s.ok()) return s;
     auto session = deps_.registry->Get(request->name(), tenant);
     if (!session.ok()) return session.status();
     *response = (*session)->Snapshot();
@@ -219,6 +268,13 @@ grpc::ServerUnaryReactor* OptimizerService::ImportSession(grpc::CallbackServerCo
   using Response = natgrad::v1::Session;
   return RawUnary<Request, Response>(deps_, context, request_bytes, response_bytes,
       [&](const std::string& tenant, const Request* request, Response* response) -> absl::Status {
+    std::string wanted = request->session_id();
+    if (wanted.empty()) {
+      if (auto id = session::SessionRegistry::ParseName(request->snapshot().name()); id.ok()) {
+        wanted = *id;
+      }
+    }
+    if (absl::Status s = CheckCreatable(deps_, tenant, wanted); !s.ok()) return s;
     auto session =
         deps_.registry->Import(request->snapshot(), tenant, request->session_id());
     if (!session.ok()) return session.status();

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "natgrad/v1/optimizer_service.grpc.pb.h"
 #include "server/service/authenticator.h"
@@ -17,6 +18,7 @@
 namespace natgrad::service {
 
 class ServiceMetrics;
+class SessionMoves;
 
 struct ServiceDependencies {
   session::SessionRegistry* registry = nullptr;
@@ -29,7 +31,20 @@ struct ServiceDependencies {
   ServiceMetrics* metrics = nullptr;
   // A stream holding part of a step with no message for this long ends.
   absl::Duration partial_step_timeout = absl::Seconds(60);
+  // This replica's name (Session.replica; docs/replicas.md).
+  std::string replica_name;
+  // Optional: tombstones of sessions drained away and the move gate.
+  SessionMoves* moves = nullptr;
 };
+
+// A new or imported session is acknowledged only once it is durable; when
+// its first write fails it is taken out again and the result is UNAVAILABLE.
+absl::Status MakeDurableOrDrop(const ServiceDependencies& deps, session::Session& session,
+                               const std::string& tenant);
+// Session::Describe with the service's view: durable_step -1 without
+// checkpoints, and the replica name.
+natgrad::v1::Session DescribeSession(const ServiceDependencies& deps,
+                                     const session::Session& session);
 
 // The generated service with every method taken raw (bytes in, bytes
 // out): the service decodes each request itself, so an undecodable one gets

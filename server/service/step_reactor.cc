@@ -10,6 +10,7 @@
 #include "server/core/block_error.h"
 #include "server/service/rpc_logging.h"
 #include "server/service/service_metrics.h"
+#include "server/service/session_moves.h"
 #include "server/service/status_conversion.h"
 #include "server/service/step_reply.h"
 
@@ -142,6 +143,15 @@ absl::Status StepReactor::HandleMessage() {
           "the stream's token is no longer valid (the tokens file was reloaded)");
     }
   }
+  if (deps_.moves != nullptr) {
+    // Every message: a session drained away while this stream is open ends
+    // the stream with the redirect at its next message.
+    if (session_ != nullptr) {
+      if (absl::Status s = deps_.moves->CheckNotMoved(tenant_, session_->id()); !s.ok()) return s;
+    } else if (auto id = session::SessionRegistry::ParseName(request_.session()); id.ok()) {
+      if (absl::Status s = deps_.moves->CheckNotMoved(tenant_, *id); !s.ok()) return s;
+    }
+  }
   if (session_ == nullptr) {
     if (request_.session().empty()) {
       return absl::InvalidArgumentError("session: required in the first message");
@@ -216,8 +226,15 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
   const int64_t durable_before = has_store ? session_->durable_step() : -1;
   const bool checkpoint_now = has_store && deps_.checkpoint_every_steps > 0 &&
                               step.data.step - durable_before >= deps_.checkpoint_every_steps;
+  // The move gate (session_moves.h): a session frozen for a move holds the
+  // step here, then refuses it (UNAVAILABLE, or the redirect once moved);
+  // nothing of a refused step is applied.
+  const absl::Status gate = deps_.moves != nullptr
+                                ? deps_.moves->Enter(session_->tenant(), session_->id())
+                                : absl::OkStatus();
   absl::StatusOr<session::StepOutcome> outcome = absl::InternalError("step not run");
-  try {
+  if (!gate.ok()) outcome = gate;
+  if (gate.ok()) try {
     outcome = session_->Step(
         step.data,
         [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
@@ -251,6 +268,8 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
           "writable)"));
     }
   }
+  // After the step's checkpoint, so a move's snapshot and removal follow it.
+  if (gate.ok() && deps_.moves != nullptr) deps_.moves->Exit(session_->tenant(), session_->id());
   // A new step's reply was encoded with the durable step it gets if its due
   // write succeeds (a failed one is not sent); a replay reports the current one.
   absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>> response =
