@@ -203,12 +203,18 @@ def drain(target, peers, token=ADMIN_TOKEN, timeout=60.0):
         return stub.Drain(req, timeout=timeout, metadata=(("authorization", f"Bearer {token}"),))
 
 
+_monitors = {}
+
+
 def sessions_on(target):
-    """{session id: last_step} of the sessions a replica holds (ListSessions)."""
-    c = natgrad.Client(target, retry=natgrad.RetryPolicy(max_attempts=1, deadline_s=5))
+    """{session id: last_step} of the sessions a replica holds (ListSessions
+    on a channel kept per target, so polling does not reconnect each time);
+    {} while the replica does not answer."""
+    c = _monitors.get(target)
+    if c is None:
+        c = _monitors[target] = natgrad.Client(
+            target, timeout=10, retry=natgrad.RetryPolicy(max_attempts=3, deadline_s=10))
     try:
         return {s.name.split("/", 1)[1]: s.last_step for s in c.list_sessions()}
     except natgrad.Unavailable:
         return {}
-    finally:
-        c.close()

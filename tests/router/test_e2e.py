@@ -76,6 +76,8 @@ def _finish(procs, timeout):
         with open(err, errors="replace") as f:
             log = f.read()
         assert rc == 0, f"{' '.join(cmd)} exited {rc}:\n{log[-4000:]}"
+        print(f"--- {os.path.basename(err)}\n" + "\n".join(
+            ln for ln in log.splitlines() if "retries=" in ln or ln.startswith("stats")))
         with open(out) as f:
             for ln in f.read().splitlines():
                 sid, step, digest = ln.split()
@@ -90,6 +92,20 @@ def _progress(reps):
         for sid, step in cluster.sessions_on(srv.target).items():
             held[sid] = max(step, held.get(sid, -1))
     return held
+
+
+def _wait(reps, procs, predicate, what):
+    """wait_until with what the clients and replicas were doing when it timed out."""
+    try:
+        cluster.wait_until(predicate, 90, what)
+    except TimeoutError as e:
+        logs = []
+        for _, _, err, p in procs:
+            with open(err, errors="replace") as f:
+                logs.append(f"--- {os.path.basename(err)} (exit {p.poll()})\n{f.read()[-1500:]}")
+        prog = _progress(reps)
+        raise AssertionError(f"{e}; progress: {len(prog)} sessions, {sum(prog.values())} steps "
+                             f"{prog}\n" + "\n".join(logs)) from None
 
 
 def test_cpp_client_present():
@@ -121,9 +137,8 @@ def test_kill_restart_and_drain_keep_every_update(tmp_path):
         procs = _start_clients(ngx.target, str(tmp_path), "routed", INTERVAL_MS)
 
         # 3. SIGKILL the busiest replica mid-run and restart it.
-        cluster.wait_until(lambda: len(_progress(reps)) == total
-                           and sum(_progress(reps).values()) >= n_steps // 4,
-                           90, "a quarter of the steps")
+        _wait(reps, procs, lambda: len(_progress(reps)) == total
+              and sum(_progress(reps).values()) >= n_steps // 4, "a quarter of the steps")
         held = [cluster.sessions_on(s.target) for s in reps.servers]
         victim = max(range(3), key=lambda i: len(held[i]))
         assert any(step < STEPS for step in held[victim].values()), \
@@ -132,8 +147,8 @@ def test_kill_restart_and_drain_keep_every_update(tmp_path):
         reps.servers[victim].start()
 
         # 4. Drain another replica while its sessions stream.
-        cluster.wait_until(lambda: sum(_progress(reps).values()) >= n_steps // 2, 90,
-                           "half of the steps")
+        _wait(reps, procs, lambda: sum(_progress(reps).values()) >= n_steps // 2,
+              "half of the steps")
         held = [cluster.sessions_on(s.target) for s in reps.servers]
         others = [i for i in range(3) if i != victim]
         drained = max(others, key=lambda i: sum(step < STEPS for step in held[i].values()))
@@ -141,6 +156,8 @@ def test_kill_restart_and_drain_keep_every_update(tmp_path):
             "no unfinished session left on the replica to drain (clients too fast?)"
         peers = [(reps.names[i], reps.servers[i].target) for i in range(3) if i != drained]
         resp = cluster.drain(reps.servers[drained].target, peers)
+        print(f"killed {reps.names[victim]} holding {len(held[victim])} sessions; drained "
+              f"{reps.names[drained]}: moved {resp.moved}, failed {resp.failed}")
         assert resp.failed == 0, list(resp.errors)
         assert resp.moved == len(held[drained]), (resp, sorted(held[drained]))
 
