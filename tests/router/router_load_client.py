@@ -83,6 +83,23 @@ def run_session(client, index, steps, interval_s, out, failures, lock):
             failures.append(f"{sid}: {type(e).__name__}: {e}")
 
 
+def connect(target, token, retry, attempts=3, timeout=10.0):
+    """A Client whose channel is connected before the session threads start.
+    Under heavy machine load a fresh grpcio 1.51 channel has been seen to
+    stay stuck in its first TCP connect ("tcp handshaker shutdown") while
+    nginx had accepted the connection; a new channel connects, so one that
+    is not ready within `timeout` is replaced (and said so)."""
+    for i in range(attempts):
+        client = natgrad.Client(target, token=token, retry=retry)
+        try:
+            client.wait_ready(timeout=timeout)
+            return client
+        except natgrad.Unavailable as e:
+            client.close()
+            print(f"connect attempt {i + 1}: {e}", file=sys.stderr)
+    return natgrad.Client(target, token=token, retry=retry)  # the calls' retries report it
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", required=True)
@@ -101,7 +118,7 @@ def main(argv=None):
             token = f.read().split()[0]
     retry = natgrad.RetryPolicy(max_attempts=0, deadline_s=a.deadline_s, max_backoff=0.5,
                                 stream_open_s=a.deadline_s)
-    client = natgrad.Client(a.target, token=token, retry=retry)
+    client = connect(a.target, token, retry)
     out, failures, lock = {}, [], threading.Lock()
     threads = [threading.Thread(target=run_session, daemon=True,
                                 args=(client, a.first_index + i, a.steps, a.step_interval_ms / 1e3,

@@ -54,8 +54,8 @@ import grpc
 import numpy as np
 
 from natgrad import errors
-from natgrad._pb import (optimizer_service_pb2 as svc_pb2, optimizer_service_pb2_grpc as svc_grpc,
-                         session_pb2, step_pb2)
+from natgrad._pb import (admin_service_pb2 as admin_pb2, optimizer_service_pb2 as svc_pb2,
+                         optimizer_service_pb2_grpc as svc_grpc, session_pb2, step_pb2)
 from natgrad.blocks import session_config as _session_config
 from natgrad.tensor import as_array, from_tensor, is_set, to_tensor
 
@@ -177,11 +177,6 @@ def new_session_id():
     return "s-" + secrets.token_hex(10)
 
 
-def _session_moved_type():
-    from natgrad._pb import admin_service_pb2
-    return admin_service_pb2.SessionMoved
-
-
 def session_moved(e):
     """The natgrad.v1.SessionMoved detail of a failed call (a grpc.RpcError),
     or None: FAILED_PRECONDITION with a google.rpc.Status in the
@@ -199,7 +194,7 @@ def session_moved(e):
         raise errors.FailedPrecondition(
             f"{e.details()} (a SessionMoved redirect: install googleapis-common-protos to have "
             "natgrad follow it)")
-    moved_type = _session_moved_type()
+    moved_type = admin_pb2.SessionMoved
     status = _rpc_status_pb2.Status.FromString(raw)
     for d in status.details:
         if d.Is(moved_type.DESCRIPTOR):
