@@ -1,21 +1,74 @@
 #include "client/cpp/natgrad_client.h"
 
+#include <algorithm>
 #include <thread>
 
 #include "absl/random/random.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "google/rpc/status.pb.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
 
 namespace natgrad::client {
 namespace {
 
+constexpr char kSessionMovedTypeUrl[] = "type.googleapis.com/natgrad.v1.SessionMoved";
+
+// A redirect's SessionMoved (grpc-status-details-bin) rides along as a
+// payload, so callers see it through absl::Status (SessionMovedFrom).
 absl::Status ToAbsl(const grpc::Status& s) {
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  absl::Status out(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  if (!s.ok() && !s.error_details().empty()) {
+    google::rpc::Status details;
+    if (details.ParseFromString(s.error_details())) {
+      for (const auto& any : details.details()) {
+        if (any.type_url() == kSessionMovedTypeUrl) {
+          out.SetPayload(kSessionMovedTypeUrl, absl::Cord(any.value()));
+        }
+      }
+    }
+  }
+  return out;
 }
 
+std::string BareId(const std::string& name) {
+  absl::string_view id = name;
+  absl::ConsumePrefix(&id, "sessions/");
+  return std::string(id);
+}
+
+// Transparent gRPC retries (UNAVAILABLE, jittered backoff) for the calls
+// that can be repeated blindly; the others are retried by Client::Call,
+// which knows what a repeat means.
+constexpr char kServiceConfig[] = R"({
+  "methodConfig": [{
+    "name": [
+      {"service": "natgrad.v1.OptimizerService", "method": "GetSession"},
+      {"service": "natgrad.v1.OptimizerService", "method": "ListSessions"},
+      {"service": "natgrad.v1.OptimizerService", "method": "ExportSession"}
+    ],
+    "retryPolicy": {
+      "maxAttempts": 4,
+      "initialBackoff": "0.05s",
+      "maxBackoff": "1s",
+      "backoffMultiplier": 2,
+      "retryableStatusCodes": ["UNAVAILABLE"]
+    }
+  }]
+})";
+
 }  // namespace
+
+std::optional<natgrad::v1::SessionMoved> SessionMovedFrom(const absl::Status& status) {
+  if (status.code() != absl::StatusCode::kFailedPrecondition) return std::nullopt;
+  auto payload = status.GetPayload(kSessionMovedTypeUrl);
+  if (!payload.has_value()) return std::nullopt;
+  natgrad::v1::SessionMoved moved;
+  if (!moved.ParseFromString(std::string(*payload))) return std::nullopt;
+  return moved;
+}
 
 std::string Normalized(const natgrad::v1::StepResponse& response) {
   natgrad::v1::StepResponse r = response;
@@ -48,12 +101,23 @@ bool IsRetryable(const absl::Status& status) {
 }
 
 Client::Client(ClientOptions options) : options_(std::move(options)) {
+  channel_ = MakeChannel(options_.target);
+  stub_ = natgrad::v1::OptimizerService::NewStub(channel_);
+}
+
+std::shared_ptr<grpc::Channel> Client::MakeChannel(const std::string& target) const {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
+  args.SetServiceConfigJSON(kServiceConfig);
+  // Reconnect backoff of a channel whose server went away (restart).
+  const int max_ms =
+      static_cast<int>(std::max<int64_t>(1, absl::ToInt64Milliseconds(options_.max_backoff)));
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(100, max_ms));
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, std::min(100, max_ms));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, max_ms);
   auto creds = options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials();
-  channel_ = grpc::CreateCustomChannel(options_.target, creds, args);
-  stub_ = natgrad::v1::OptimizerService::NewStub(channel_);
+  return grpc::CreateCustomChannel(target, creds, args);
 }
 
 void Client::PrepareContext(grpc::ClientContext& context) const {
@@ -62,27 +126,127 @@ void Client::PrepareContext(grpc::ClientContext& context) const {
   }
 }
 
+void Client::PrepareContext(grpc::ClientContext& context, const std::string& name) const {
+  PrepareContext(context);
+  if (name.empty()) return;
+  const std::string id = BareId(name);
+  context.AddMetadata("natgrad-session-key", id);
+  absl::MutexLock lock(&mu_);
+  auto it = replica_.find(id);
+  if (it != replica_.end() && !it->second.empty()) {
+    context.AddMetadata("natgrad-replica", it->second);
+  }
+}
+
+natgrad::v1::OptimizerService::Stub& Client::StubFor(const std::string& name) {
+  if (!options_.connect_to_redirect_address || name.empty()) return *stub_;
+  absl::MutexLock lock(&mu_);
+  auto it = address_.find(BareId(name));
+  if (it == address_.end() || it->second.empty()) return *stub_;
+  auto& stub = stubs_[it->second];
+  if (stub == nullptr) stub = natgrad::v1::OptimizerService::NewStub(MakeChannel(it->second));
+  return *stub;
+}
+
+void Client::Learn(const std::string& name, const std::string& replica,
+                   const std::string& address) {
+  if (name.empty()) return;
+  const std::string id = BareId(name);
+  absl::MutexLock lock(&mu_);
+  if (!replica.empty()) replica_[id] = replica;
+  if (!address.empty()) address_[id] = address;
+}
+
+void Client::Learn(const natgrad::v1::SessionMoved& moved) {
+  Learn(moved.session(), moved.replica(), moved.address());
+}
+
+std::string Client::ReplicaOf(const std::string& name) const {
+  absl::MutexLock lock(&mu_);
+  auto it = replica_.find(BareId(name));
+  return it == replica_.end() ? std::string() : it->second;
+}
+
+int64_t Client::redirects() const {
+  absl::MutexLock lock(&mu_);
+  return redirects_;
+}
+
+void Client::CountRedirect() {
+  absl::MutexLock lock(&mu_);
+  ++redirects_;
+}
+
+absl::Status Client::Call(
+    const std::string& name,
+    const std::function<grpc::Status(grpc::ClientContext&,
+                                     natgrad::v1::OptimizerService::Stub&)>& call,
+    bool* retried) {
+  const absl::Time give_up = absl::Now() + options_.max_retry_time;
+  absl::Duration backoff = options_.initial_backoff;
+  absl::BitGen gen;
+  int redirects = 0;
+  std::string key = name;
+  for (;;) {
+    grpc::ClientContext ctx;
+    PrepareContext(ctx, key);
+    absl::Status status = ToAbsl(call(ctx, StubFor(key)));
+    if (auto moved = SessionMovedFrom(status);
+        moved.has_value() && redirects < options_.max_redirects) {
+      ++redirects;
+      CountRedirect();
+      // A CreateSession redirect from a draining replica may not name a
+      // session (server-chosen id): it applies to this call's key.
+      if (moved->session().empty()) moved->set_session(key);
+      Learn(*moved);
+      continue;
+    }
+    if (status.code() == absl::StatusCode::kUnavailable && absl::Now() < give_up) {
+      if (retried != nullptr) *retried = true;
+      std::this_thread::sleep_for(
+          absl::ToChronoMicroseconds(backoff * absl::Uniform(gen, 0.5, 1.5)));
+      backoff = std::min(backoff * 2, options_.max_backoff);
+      continue;
+    }
+    return status;
+  }
+}
+
 absl::StatusOr<natgrad::v1::Session> Client::CreateSession(
     const natgrad::v1::SessionConfig& config, const std::string& session_id) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx);
   natgrad::v1::CreateSessionRequest req;
   *req.mutable_config() = config;
   req.set_session_id(session_id);
   natgrad::v1::Session out;
-  grpc::Status s = stub_->CreateSession(&ctx, req, &out);
-  if (!s.ok()) return ToAbsl(s);
+  bool retried = false;
+  absl::Status s = Call(
+      session_id,
+      [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
+        return stub.CreateSession(&ctx, req, &out);
+      },
+      &retried);
+  if (s.code() == absl::StatusCode::kAlreadyExists && retried && !session_id.empty()) {
+    // An earlier attempt may have created it before its answer was lost.
+    auto held = GetSession(session_id);
+    if (held.ok() && held->config().SerializeAsString() == config.SerializeAsString()) {
+      return held;
+    }
+  }
+  if (!s.ok()) return s;
+  Learn(out.name(), out.replica(), "");
   return out;
 }
 
 absl::StatusOr<natgrad::v1::Session> Client::GetSession(const std::string& name) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx);
   natgrad::v1::GetSessionRequest req;
   req.set_name(name);
   natgrad::v1::Session out;
-  grpc::Status s = stub_->GetSession(&ctx, req, &out);
-  if (!s.ok()) return ToAbsl(s);
+  absl::Status s =
+      Call(name, [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
+        return stub.GetSession(&ctx, req, &out);
+      });
+  if (!s.ok()) return s;
+  Learn(out.name(), out.replica(), "");
   return out;
 }
 
@@ -90,13 +254,14 @@ absl::StatusOr<std::vector<natgrad::v1::Session>> Client::ListSessions() {
   std::vector<natgrad::v1::Session> all;
   std::string token;
   do {
-    grpc::ClientContext ctx;
-    PrepareContext(ctx);
     natgrad::v1::ListSessionsRequest req;
     req.set_page_token(token);
     natgrad::v1::ListSessionsResponse out;
-    grpc::Status s = stub_->ListSessions(&ctx, req, &out);
-    if (!s.ok()) return ToAbsl(s);
+    absl::Status s =
+        Call("", [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
+          return stub.ListSessions(&ctx, req, &out);
+        });
+    if (!s.ok()) return s;
     for (auto& session : *out.mutable_sessions()) all.push_back(std::move(session));
     token = out.next_page_token();
   } while (!token.empty());
@@ -104,35 +269,46 @@ absl::StatusOr<std::vector<natgrad::v1::Session>> Client::ListSessions() {
 }
 
 absl::Status Client::DeleteSession(const std::string& name) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx);
   natgrad::v1::DeleteSessionRequest req;
   req.set_name(name);
   google::protobuf::Empty out;
-  return ToAbsl(stub_->DeleteSession(&ctx, req, &out));
+  bool retried = false;
+  absl::Status s = Call(
+      name,
+      [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
+        return stub.DeleteSession(&ctx, req, &out);
+      },
+      &retried);
+  // An earlier attempt may have deleted it before its answer was lost.
+  if (s.code() == absl::StatusCode::kNotFound && retried) return absl::OkStatus();
+  return s;
 }
 
 absl::StatusOr<natgrad::v1::SessionSnapshot> Client::ExportSession(const std::string& name) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx);
   natgrad::v1::ExportSessionRequest req;
   req.set_name(name);
   natgrad::v1::SessionSnapshot out;
-  grpc::Status s = stub_->ExportSession(&ctx, req, &out);
-  if (!s.ok()) return ToAbsl(s);
+  absl::Status s =
+      Call(name, [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
+        return stub.ExportSession(&ctx, req, &out);
+      });
+  if (!s.ok()) return s;
   return out;
 }
 
 absl::StatusOr<natgrad::v1::Session> Client::ImportSession(
     const natgrad::v1::SessionSnapshot& snapshot, const std::string& session_id) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx);
   natgrad::v1::ImportSessionRequest req;
   *req.mutable_snapshot() = snapshot;
   req.set_session_id(session_id);
   natgrad::v1::Session out;
-  grpc::Status s = stub_->ImportSession(&ctx, req, &out);
-  if (!s.ok()) return ToAbsl(s);
+  const std::string key = session_id.empty() ? snapshot.name() : session_id;
+  absl::Status s =
+      Call(key, [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
+        return stub.ImportSession(&ctx, req, &out);
+      });
+  if (!s.ok()) return s;
+  Learn(out.name(), out.replica(), "");
   return out;
 }
 
@@ -158,8 +334,8 @@ SessionStream::~SessionStream() {
 absl::Status SessionStream::EnsureOpen() {
   if (stream_ != nullptr) return absl::OkStatus();
   context_ = std::make_unique<grpc::ClientContext>();
-  client_->PrepareContext(*context_);
-  stream_ = client_->stub().Step(context_.get());
+  client_->PrepareContext(*context_, name_);
+  stream_ = client_->StubFor(name_).Step(context_.get());
   if (stream_ == nullptr) return absl::UnavailableError("cannot open Step stream");
   return absl::OkStatus();
 }
@@ -301,6 +477,8 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
     std::optional<double> loss) {
   absl::Duration backoff = client_->options().initial_backoff;
   absl::BitGen gen;
+  const absl::Time give_up = absl::Now() + client_->options().max_retry_time;
+  int redirects = 0;
   // Only the next step in order is kept for replay (explicit numbers are
   // retries or ordering tests).
   const bool next = step == next_step_;
@@ -317,14 +495,27 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
       if (step >= next_step_) next_step_ = step + 1;
       return response;
     }
-    if (!IsRetryable(response.status()) || attempt >= client_->options().max_retries) {
+    if (auto moved = SessionMovedFrom(response.status());
+        moved.has_value() && redirects < client_->options().max_redirects) {
+      // Drained away: reopen on the replica that holds it now (the stream
+      // ended, so the reopen checks where the session is and replays).
+      ++redirects;
+      client_->CountRedirect();
+      if (moved->session().empty()) moved->set_session(name_);
+      client_->Learn(*moved);
+      reopen_check_ = true;
+      --attempt;  // a redirect is not a failed attempt
+      continue;
+    }
+    if (!IsRetryable(response.status()) || attempt >= client_->options().max_retries ||
+        absl::Now() >= give_up) {
       return response.status();
     }
     ++reconnects_;
     // Jittered exponential backoff so many clients do not retry in lockstep.
     std::this_thread::sleep_for(absl::ToChronoMicroseconds(
         backoff * absl::Uniform(gen, 0.5, 1.5)));
-    backoff = std::min(backoff * 2, absl::Seconds(2));
+    backoff = std::min(backoff * 2, client_->options().max_backoff);
   }
 }
 

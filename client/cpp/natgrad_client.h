@@ -10,19 +10,32 @@
 // order, checking each response is bit-identical to the first. A session
 // that is gone is NOT_FOUND saying so; one behind by more steps than are
 // kept, or answering a replayed step differently, is DATA_LOSS.
+//
+// Replicas (docs/replicas.md): every call carries `natgrad-session-key` (the
+// session id) and, once known, `natgrad-replica` (from Session.replica or a
+// redirect) for the router. A SessionMoved redirect (FAILED_PRECONDITION with
+// the detail) switches the replica header, or, with
+// connect_to_redirect_address (no router), the connection, and the call or
+// stream goes on there; the moved session carries its replies and durable
+// step, so the replay above covers the switch. UNAVAILABLE is retried with
+// backoff for at most max_retry_time.
 #ifndef NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 #define NATGRAD_CLIENT_CPP_NATGRAD_CLIENT_H_
 
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
+#include "natgrad/v1/admin_service.pb.h"
 #include "natgrad/v1/optimizer_service.grpc.pb.h"
 
 namespace natgrad::client {
@@ -46,7 +59,21 @@ struct ClientOptions {
   // most max_replay_bytes in all.
   int64_t max_replay_steps = 1000;
   int64_t max_replay_bytes = int64_t{1} << 30;
+  // Without a router: follow a SessionMoved redirect by connecting to its
+  // address. Behind a router (false): keep the target and send the new
+  // replica in natgrad-replica.
+  bool connect_to_redirect_address = false;
+  // Total time a call or a step keeps retrying UNAVAILABLE (with jittered
+  // exponential backoff, at most max_backoff apart); also bounded by
+  // max_retries for a step.
+  absl::Duration max_retry_time = absl::Seconds(30);
+  absl::Duration max_backoff = absl::Seconds(2);
+  // Redirects followed in a row by one call before giving up.
+  int max_redirects = 8;
 };
+
+// The SessionMoved detail of a redirect, if `status` is one.
+std::optional<natgrad::v1::SessionMoved> SessionMovedFrom(const absl::Status& status);
 
 class SessionStream;
 
@@ -69,12 +96,43 @@ class Client {
 
   natgrad::v1::OptimizerService::Stub& stub() { return *stub_; }
   const ClientOptions& options() const { return options_; }
+  // Authorization only.
   void PrepareContext(grpc::ClientContext& context) const;
+  // Authorization plus the routing headers of session `name` ("sessions/ID"
+  // or a bare id; empty: none).
+  void PrepareContext(grpc::ClientContext& context, const std::string& name) const;
+  // The stub that reaches session `name` (its redirect address, when
+  // connect_to_redirect_address, else the target's).
+  natgrad::v1::OptimizerService::Stub& StubFor(const std::string& name);
+  // Records where session `name` lives (from Session.replica or a redirect).
+  void Learn(const std::string& name, const std::string& replica, const std::string& address);
+  void Learn(const natgrad::v1::SessionMoved& moved);
+  // The replica last learnt for `name` ("" when unknown).
+  std::string ReplicaOf(const std::string& name) const;
+  // Redirects followed so far (all calls and streams).
+  int64_t redirects() const;
+  void CountRedirect();
+
+  // Runs `call` (one attempt with a fresh context and the right stub) until
+  // it is neither a redirect nor UNAVAILABLE, within the retry bounds.
+  // `retried` is set when an attempt before the last one failed UNAVAILABLE.
+  absl::Status Call(const std::string& name,
+                    const std::function<grpc::Status(grpc::ClientContext&,
+                                                     natgrad::v1::OptimizerService::Stub&)>& call,
+                    bool* retried = nullptr);
 
  private:
+  std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) const;
+
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<natgrad::v1::OptimizerService::Stub> stub_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::string> replica_ ABSL_GUARDED_BY(mu_);   // id -> replica
+  std::map<std::string, std::string> address_ ABSL_GUARDED_BY(mu_);   // id -> address
+  std::map<std::string, std::unique_ptr<natgrad::v1::OptimizerService::Stub>> stubs_
+      ABSL_GUARDED_BY(mu_);  // address -> stub
+  int64_t redirects_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 class SessionStream {
