@@ -84,11 +84,10 @@ def run_session(client, index, steps, interval_s, out, failures, lock):
 
 
 def connect(target, token, retry, attempts=3, timeout=10.0):
-    """A Client whose channel is connected before the session threads start.
-    Under heavy machine load a fresh grpcio 1.51 channel has been seen to
-    stay stuck in its first TCP connect ("tcp handshaker shutdown") while
-    nginx had accepted the connection; a new channel connects, so one that
-    is not ready within `timeout` is replaced (and said so)."""
+    """A Client whose channel is connected before the session threads start
+    (one wait drives the connect; see natgrad.Client._await_channel), so
+    the first CreateSession calls do not all fail fast at once. A channel
+    not ready within `timeout` is replaced, and said so."""
     for i in range(attempts):
         client = natgrad.Client(target, token=token, retry=retry)
         try:

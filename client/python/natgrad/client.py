@@ -309,6 +309,22 @@ class Client:
                 stub = self._direct[address] = (ch, svc_grpc.OptimizerServiceStub(ch))
             return stub[1], md, address
 
+    def _await_channel(self, target, timeout):
+        """Waits (at most `timeout` s) for the channel to `target` to be READY
+        before a retry. A sync gRPC channel only makes progress on its
+        connection while some thread waits on it; a client whose threads all
+        sleep in backoff between fail-fast calls has been seen to never finish
+        connecting (a TCP connect nobody polled, for a minute, under heavy
+        load). Waiting here drives the connect; a timeout just lets the call
+        fail and be retried."""
+        with self._routes_lock:
+            ch = self._direct[target][0] if target in self._direct else self._channel
+        fut = grpc.channel_ready_future(ch)
+        try:
+            fut.result(timeout=max(0.01, min(timeout, self.timeout)))
+        except grpc.FutureTimeoutError:
+            fut.cancel()
+
     def _follow(self, sid, moved, what):
         """Points session `sid` where a SessionMoved redirect says (module docstring)."""
         with self._routes_lock:
@@ -338,7 +354,13 @@ class Client:
         while True:
             stub, md, target = self._route(session)
             try:
-                return getattr(stub, method)(request, timeout=self.timeout, metadata=md)
+                if attempt == 0:
+                    return getattr(stub, method)(request, timeout=self.timeout, metadata=md)
+                # A retry waits for the channel to connect (_await_channel)
+                # instead of failing fast, within what is left of the deadline.
+                left = pol.deadline_s - (time.monotonic() - start)
+                return getattr(stub, method)(request, timeout=max(0.01, min(self.timeout, left)),
+                                             metadata=md, wait_for_ready=True)
             except grpc.RpcError as e:
                 moved = session_moved(e) if session is not None else None
                 if moved is not None and hops < pol.max_redirects:
@@ -346,8 +368,15 @@ class Client:
                     self._follow(session, moved, what)
                     continue
                 attempt += 1
-                if (idempotent and e.code() == grpc.StatusCode.UNAVAILABLE
-                        and not pol.exhausted(attempt, start)):
+                # A retry that waited for the channel and ran out of time is
+                # the server still being unavailable.
+                waited_out = attempt > 1 and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                retryable = e.code() == grpc.StatusCode.UNAVAILABLE or waited_out
+                if idempotent and waited_out and pol.exhausted(attempt, start):
+                    raise errors.Unavailable(
+                        f"{what}: natgrad server at {target} unavailable: no answer within the "
+                        f"retry deadline ({pol.deadline_s}s, {attempt} attempts)") from None
+                if idempotent and retryable and not pol.exhausted(attempt, start):
                     if state is not None:
                         state["retried"] = True
                     pol.sleep(attempt, start)
@@ -1038,3 +1067,5 @@ class Session:
             self.retries += 1
             log.warning("natgrad: %s step %d: %s; retrying (attempt %d)", self.name, step, err, attempt + 1)
             pol.sleep(attempt, start)
+            self.client._await_channel(self.client._route(self.id)[2],
+                                       pol.deadline_s - (time.monotonic() - start))
