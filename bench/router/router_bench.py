@@ -5,10 +5,11 @@
         [--cpp_client build/tests/router/router_load_client]
 
 1. Latency per step through nginx vs direct, same run: one replica, one
-   session through nginx and one direct (same model), stepped in
-   interleaved blocks of --block steps; p50/p99 of the per-step round trip
-   of each block; the figure is the median over --rounds blocks.
-2. Aggregate steps/s through nginx with 1 and with 3 replicas: --procs load
+   session through nginx and one direct (same model), stepped alternately
+   step by step; p50/p99 of the per-step round trip over blocks of --block
+   steps each; the figure is the median over --rounds blocks.
+2. Aggregate steps/s with 1 replica direct, and through nginx with 1 and
+   with 3 replicas: --procs load
    client processes (tests/router/router_load_client.py, or the C++ one with
    --cpp_client) of --sessions each, unpaced; steps / wall-clock span.
 
@@ -54,17 +55,21 @@ def latency(binary, work, rounds, block):
             for _ in range(20):
                 s.step(load.step_inputs(0, s.next_step))
         per = {k: {"p50": [], "p99": []} for k in sessions}
+        names = list(sessions)
         for r in range(rounds):
-            order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
-            for k in order:
-                s, ts = sessions[k], []
-                for _ in range(block):
+            ts = {k: [] for k in names}
+            for i in range(block):
+                # Step by step alternation (which one goes first alternates
+                # too), so both paths see the same machine noise.
+                for k in (names if i % 2 == 0 else names[::-1]):
+                    s = sessions[k]
                     inp = load.step_inputs(1, s.next_step)
                     t0 = time.perf_counter()
                     s.step(inp)
-                    ts.append(time.perf_counter() - t0)
-                per[k]["p50"].append(pct(ts, 50) * 1e6)
-                per[k]["p99"].append(pct(ts, 99) * 1e6)
+                    ts[k].append(time.perf_counter() - t0)
+            for k in names:
+                per[k]["p50"].append(pct(ts[k], 50) * 1e6)
+                per[k]["p99"].append(pct(ts[k], 99) * 1e6)
         for c in clients.values():
             c.close()
     finally:
@@ -75,18 +80,20 @@ def latency(binary, work, rounds, block):
     return out
 
 
-def throughput(binary, work, n_replicas, procs, sessions, steps, cpp_client):
-    d = os.path.join(work, f"tp{n_replicas}")
+def throughput(binary, work, n_replicas, procs, sessions, steps, cpp_client, via_nginx=True):
+    d = os.path.join(work, f"tp{n_replicas}{'' if via_nginx else 'direct'}")
     reps = cluster.Replicas(n_replicas, d, binary=binary, routing_flags=False).start()
     ngx = cluster.Nginx(reps.pairs(), os.path.join(d, "nginx"), access_log=False,
                         worker_processes=2)
     try:
-        ngx.start()
+        if via_nginx:
+            ngx.start()
+        target = ngx.target if via_nginx else reps.servers[0].target
         ps = []
         for i in range(procs):
             cmd = ([cpp_client] if cpp_client else [sys.executable, os.path.join(
                 REPO, "tests", "router", "router_load_client.py")])
-            cmd += ["--target", ngx.target, "--sessions", str(sessions), "--first_index",
+            cmd += ["--target", target, "--sessions", str(sessions), "--first_index",
                     str(i * sessions), "--steps", str(steps), "--out", os.path.join(d, f"out{i}.txt")]
             ps.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
         t0 = time.time()
@@ -109,7 +116,7 @@ def throughput(binary, work, n_replicas, procs, sessions, steps, cpp_client):
     finally:
         ngx.stop()
         reps.stop()
-    return {"replicas": n_replicas, "steps": total, "seconds": span, "steps_per_s": total / span,
+    return {"replicas": n_replicas, "via": "nginx" if via_nginx else "direct", "steps": total, "seconds": span, "steps_per_s": total / span,
             "sessions_per_replica": held}
 
 
@@ -130,17 +137,19 @@ def main():
     with tempfile.TemporaryDirectory(prefix="router-bench-") as work:
         res["latency_us"] = latency(a.server, work, a.rounds, a.block)
         lat = res["latency_us"]
-        print(f"per-step latency, median of {a.rounds} interleaved blocks of {a.block} steps (us):")
+        print(f"per-step latency, median of {a.rounds} blocks of {a.block} alternating steps (us):")
         for k in ("direct", "nginx"):
             print(f"  {k:7s} p50 {lat[k]['p50']:8.1f}  p99 {lat[k]['p99']:8.1f}")
         print(f"  added   p50 {lat['added_us']['p50']:8.1f}  p99 {lat['added_us']['p99']:8.1f}")
-        res["throughput"] = [throughput(a.server, work, n, a.procs, a.sessions, a.steps, a.cpp_client)
-                             for n in (1, 3)]
+        res["throughput"] = [throughput(a.server, work, 1, a.procs, a.sessions, a.steps, a.cpp_client,
+                                        via_nginx=False)]
+        res["throughput"] += [throughput(a.server, work, n, a.procs, a.sessions, a.steps, a.cpp_client)
+                              for n in (1, 3)]
         who = "C++" if a.cpp_client else "Python"
-        print(f"aggregate throughput through nginx, {a.procs} {who} load clients x {a.sessions} sessions "
+        print(f"aggregate throughput, {a.procs} {who} load clients x {a.sessions} sessions "
               f"x {a.steps} steps:")
         for t in res["throughput"]:
-            print(f"  {t['replicas']} replica(s): {t['steps_per_s']:9.0f} steps/s "
+            print(f"  {t['replicas']} replica(s), {t['via']:6s}: {t['steps_per_s']:9.0f} steps/s "
                   f"({t['steps']} steps in {t['seconds']:.2f} s; sessions per replica "
                   f"{t['sessions_per_replica']})")
     if a.json:
