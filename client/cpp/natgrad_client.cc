@@ -130,6 +130,14 @@ void Client::PrepareContext(grpc::ClientContext& context, const std::string& nam
   PrepareContext(context);
   if (name.empty()) return;
   const std::string id = BareId(name);
+  // Only what can be a session id ([a-z0-9-]{4,63}): the server refuses
+  // anything else with a message, which an oversized header would prevent.
+  if (id.size() < 4 || id.size() > 63 ||
+      !std::all_of(id.begin(), id.end(), [](char ch) {
+        return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-';
+      })) {
+    return;
+  }
   context.AddMetadata("natgrad-session-key", id);
   absl::MutexLock lock(&mu_);
   auto it = replica_.find(id);

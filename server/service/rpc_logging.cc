@@ -1,5 +1,6 @@
 #include "server/service/rpc_logging.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/ascii.h"
@@ -26,10 +27,23 @@ class RpcLoggingInterceptor final : public grpc::experimental::Interceptor {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       const grpc::Status status = methods->GetSendStatus();
       if (!status.ok()) {
+        // The routing headers (docs/replicas.md) say which replica the
+        // client thought it was talking to: useful when a redirect loops.
+        std::string routing;
+        if (const auto* ctx = info_->server_context(); ctx != nullptr) {
+          for (const char* h : {"natgrad-session-key", "natgrad-replica"}) {
+            auto it = ctx->client_metadata().find(h);
+            if (it != ctx->client_metadata().end()) {
+              absl::StrAppend(&routing, " ", h, "=",
+                              absl::string_view(it->second.data(),
+                                                std::min<size_t>(it->second.size(), 64)));
+            }
+          }
+        }
         NATGRAD_LOG(kDebug, "rpc ", info_->method(), " failed: code=",
                     CodeName(static_cast<absl::StatusCode>(status.error_code())), " peer=",
                     info_->server_context() != nullptr ? info_->server_context()->peer() : "?",
-                    ": ", status.error_message());
+                    routing, ": ", status.error_message());
       }
     }
     methods->Proceed();

@@ -73,14 +73,9 @@ absl::StatusOr<std::unique_ptr<SessionMoves>> SessionMoves::Open(SessionMovesOpt
                              .Add({});
   }
   if (!moves->options_.checkpoint_dir.empty()) {
+    // Created with the first tombstone: a replica that never moved a
+    // session leaves its checkpoint directory as it was.
     moves->directory_ = moves->options_.checkpoint_dir + "/moved";
-    std::error_code ec;
-    std::filesystem::create_directories(moves->directory_, ec);
-    if (ec) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("--checkpoint_dir: cannot create ", moves->directory_, ": ",
-                       ec.message()));
-    }
     moves->LoadFiles();
   }
   return moves;
@@ -96,6 +91,12 @@ absl::Status SessionMoves::WriteFile(const Key& key, const Tombstone& t) const {
   record.set_session_id(key.second);
   *record.mutable_moved() = t.moved;
   record.set_moved_unix_seconds(absl::ToUnixSeconds(t.when));
+  std::error_code ec;
+  std::filesystem::create_directories(directory_, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot create ", directory_, ": ", ec.message()));
+  }
   const std::string path = PathFor(key);
   const std::string tmp = path + ".tmp";
   const std::string bytes = record.SerializeAsString();
@@ -118,7 +119,9 @@ absl::Status SessionMoves::WriteFile(const Key& key, const Tombstone& t) const {
     ::unlink(tmp.c_str());
     return st;
   }
-  return SyncDir(directory_);
+  if (absl::Status s = SyncDir(directory_); !s.ok()) return s;
+  // The directory's own entry, in case it was just created.
+  return SyncDir(options_.checkpoint_dir);
 }
 
 void SessionMoves::RemoveFile(const Key& key) const {

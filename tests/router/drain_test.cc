@@ -4,6 +4,9 @@
 // the race of steps streaming while their session is moved: every step is
 // applied exactly once, on one replica, and the run matches an
 // uninterrupted one bit for bit.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <fstream>
 #include <thread>
@@ -12,7 +15,9 @@
 #include "gmock/gmock.h"
 #include "google/rpc/status.pb.h"
 #include "natgrad/v1/admin_service.grpc.pb.h"
+#include "server/common/log.h"
 #include "server/service/session_moves.h"
+#include "tests/ops/ops_util.h"
 #include "tests/ops/server_process.h"
 #include "tests/service/server_fixture.h"
 
@@ -274,37 +279,20 @@ TEST_F(DrainTest, APeerThatRefusesLeavesTheSessionServedHere) {
   EXPECT_TRUE(stream->Step(Inputs(1, 1)).ok());
 }
 
-// Sessions stream steps while their replica is drained. Each response must
-// be bit-identical to the same step of an uninterrupted run on a third
-// server, steps 1..T each answered once in order, and the final state on the
-// peer equal to the uninterrupted one: a step applied twice, or lost, would
-// show in all three.
+// Sessions stream steps while their replica is drained: each stream keeps
+// stepping until the drain has returned, then takes a few more steps. Each
+// response must be bit-identical to the same step of an uninterrupted run on
+// another server, every step answered once and in order, and the final state
+// on the peer equal to the uninterrupted one: a step applied twice, or lost,
+// would show in all three.
 TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
   constexpr int kSessions = 4;
-  constexpr int kSteps = 30;
+  constexpr int kAfterDrain = 5;
+  constexpr int kMaxSteps = 5000;  // a bound, far beyond a drain's length
   Replica a = StartReplica("replica-a", admin_file_, dir_ + "/a");
   Replica b = StartReplica("replica-b", admin_file_, dir_ + "/b");
   Replica c = StartReplica("replica-c", admin_file_, dir_ + "/c");
   Replica ref = StartReplica("reference", "");
-
-  // The uninterrupted run.
-  std::vector<std::vector<std::string>> expected(kSessions);
-  std::vector<natgrad::v1::SessionSnapshot> expected_state(kSessions);
-  {
-    client::Client r(ClientFor(*ref.server));
-    for (int s = 0; s < kSessions; ++s) {
-      const std::string id = "race-" + std::to_string(s);
-      ASSERT_TRUE(r.CreateSession(Config(), id).ok());
-      auto stream = *r.OpenStream("sessions/" + id);
-      for (int t = 1; t <= kSteps; ++t) {
-        auto resp = stream->Step(Inputs(s, t));
-        ASSERT_TRUE(resp.ok()) << resp.status();
-        expected[s].push_back(client::Normalized(*resp));
-      }
-      ASSERT_TRUE(stream->Close().ok());
-      expected_state[s] = *r.ExportSession("sessions/" + id);
-    }
-  }
 
   client::ClientOptions opts = ClientFor(*a.server);
   opts.connect_to_redirect_address = true;
@@ -316,6 +304,7 @@ TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
   }
   absl::Mutex mu;
   int warmed = 0;  // sessions past step 3: the drain starts once all are
+  bool drained_flag = false;
   std::vector<std::vector<std::string>> got(kSessions);
   std::vector<std::string> errors(kSessions);
   std::vector<std::thread> threads;
@@ -326,7 +315,8 @@ TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
         errors[s] = stream.status().ToString();
         return;
       }
-      for (int t = 1; t <= kSteps; ++t) {
+      int left_after_drain = -1;
+      for (int t = 1; t <= kMaxSteps && left_after_drain != 0; ++t) {
         auto resp = (*stream)->Step(Inputs(s, t));
         if (!resp.ok()) {
           errors[s] = absl::StrCat("step ", t, ": ", resp.status().ToString());
@@ -337,10 +327,10 @@ TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
           return;
         }
         got[s].push_back(client::Normalized(*resp));
-        if (t == 3) {
-          absl::MutexLock lock(&mu);
-          ++warmed;
-        }
+        absl::MutexLock lock(&mu);
+        if (t == 3) ++warmed;
+        if (left_after_drain > 0) --left_after_drain;
+        if (left_after_drain < 0 && drained_flag) left_after_drain = kAfterDrain;
       }
       (*stream)->Close().IgnoreError();
     });
@@ -352,43 +342,92 @@ TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
   }
   grpc::Status status;
   auto drained = Drain(a, {&b, &c}, kAdminToken, &status);
+  {
+    absl::MutexLock lock(&mu);
+    drained_flag = true;
+  }
   for (auto& t : threads) t.join();
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(drained.moved(), kSessions);
   EXPECT_EQ(drained.failed(), 0) << (drained.errors_size() ? drained.errors(0) : "");
+  // The streams were open across the moves, so they were redirected.
+  EXPECT_GE(client.redirects(), 1);
 
   EXPECT_EQ(a.server->registry().size(), 0);
   EXPECT_EQ(b.server->registry().size() + c.server->registry().size(), kSessions);
+  client::Client r(ClientFor(*ref.server));
   for (int s = 0; s < kSessions; ++s) {
     SCOPED_TRACE("session " + std::to_string(s));
     EXPECT_EQ(errors[s], "");
-    ASSERT_EQ(got[s].size(), expected[s].size());
-    for (int t = 0; t < kSteps; ++t) {
-      EXPECT_TRUE(got[s][t] == expected[s][t]) << "step " << t + 1 << " differs";
+    const int steps = static_cast<int>(got[s].size());
+    ASSERT_GT(steps, 3 + kAfterDrain);
+    // The uninterrupted run of the same steps.
+    const std::string id = "race-" + std::to_string(s);
+    ASSERT_TRUE(r.CreateSession(Config(), id).ok());
+    auto ref_stream = *r.OpenStream("sessions/" + id);
+    for (int t = 1; t <= steps; ++t) {
+      auto resp = ref_stream->Step(Inputs(s, t));
+      ASSERT_TRUE(resp.ok()) << resp.status();
+      EXPECT_TRUE(client::Normalized(*resp) == got[s][t - 1]) << "step " << t << " differs";
     }
-    const std::string name = "sessions/race-" + std::to_string(s);
-    const std::string replica = client.ReplicaOf(name);
-    EXPECT_TRUE(replica == "replica-b" || replica == "replica-c") << replica;
+    ASSERT_TRUE(ref_stream->Close().ok());
+    const natgrad::v1::SessionSnapshot expected_state = *r.ExportSession("sessions/" + id);
+
     // Held by exactly one peer, at the last step, in the uninterrupted state.
-    const Replica& holder = replica == "replica-b" ? b : c;
-    const Replica& other = replica == "replica-b" ? c : b;
-    EXPECT_FALSE(other.server->registry().Get(name, "").ok());
-    auto held = holder.server->registry().Get(name, "");
-    ASSERT_TRUE(held.ok()) << held.status();
-    natgrad::v1::SessionSnapshot state = (*held)->Snapshot();
-    EXPECT_EQ(state.last_step(), kSteps);
-    ASSERT_EQ(state.blocks_size(), expected_state[s].blocks_size());
+    const std::string name = "sessions/" + id;
+    auto on_b = b.server->registry().Get(name, "");
+    auto on_c = c.server->registry().Get(name, "");
+    ASSERT_NE(on_b.ok(), on_c.ok());
+    EXPECT_EQ(client.ReplicaOf(name), on_b.ok() ? "replica-b" : "replica-c");
+    natgrad::v1::SessionSnapshot state = (on_b.ok() ? *on_b : *on_c)->Snapshot();
+    EXPECT_EQ(state.last_step(), steps);
+    ASSERT_EQ(state.blocks_size(), expected_state.blocks_size());
     for (int i = 0; i < state.blocks_size(); ++i) {
-      for (const auto& [tname, tensor] : expected_state[s].blocks(i).tensors()) {
+      for (const auto& [tname, tensor] : expected_state.blocks(i).tensors()) {
         ASSERT_TRUE(state.blocks(i).tensors().contains(tname)) << tname;
         EXPECT_EQ(state.blocks(i).tensors().at(tname).data(), tensor.data())
             << "block " << state.blocks(i).name() << " tensor " << tname;
       }
-      for (const auto& [sname, value] : expected_state[s].blocks(i).scalars()) {
+      for (const auto& [sname, value] : expected_state.blocks(i).scalars()) {
         EXPECT_EQ(state.blocks(i).scalars().at(sname), value) << sname;
       }
     }
   }
+}
+
+// Behind a router the client does not reconnect on a redirect: it keeps its
+// target and names the new replica in natgrad-replica (here, with no router
+// to act on it, the old replica keeps redirecting until max_redirects). The
+// server's debug line of each failed call shows the headers it was sent.
+TEST_F(DrainTest, BehindARouterTheClientSwitchesTheReplicaHeader) {
+  const std::string log_path = dir_ + "/log";
+  const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  ASSERT_GE(fd, 0);
+  log::SetFdForTesting(fd);
+  log::SetLevel(log::Level::kDebug);
+  {
+    Replica a = StartReplica("replica-a", admin_file_);
+    Replica b = StartReplica("replica-b", admin_file_);
+    client::ClientOptions opts = ClientFor(*a.server);  // connect_to_redirect_address off
+    opts.max_redirects = 2;
+    client::Client c(opts);
+    ASSERT_TRUE(c.CreateSession(Config(), "routed-1").ok());
+    grpc::Status status;
+    ASSERT_EQ(Drain(a, {&b}, kAdminToken, &status).moved(), 1);
+    auto got = c.GetSession("sessions/routed-1");
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kFailedPrecondition);
+    ASSERT_TRUE(client::SessionMovedFrom(got.status()).has_value());
+    EXPECT_EQ(c.ReplicaOf("sessions/routed-1"), "replica-b");
+    EXPECT_EQ(c.redirects(), 2);
+  }
+  log::SetFdForTesting(2);
+  log::SetLevel(log::Level::kInfo);
+  ::close(fd);
+  const std::string log = ReadText(log_path);
+  // First attempt: the replica learnt from CreateSession; then the new one.
+  EXPECT_THAT(log, HasSubstr("GetSession failed: code=FAILED_PRECONDITION"));
+  EXPECT_THAT(log, HasSubstr("natgrad-session-key=routed-1 natgrad-replica=replica-a:"));
+  EXPECT_THAT(log, HasSubstr("natgrad-session-key=routed-1 natgrad-replica=replica-b:"));
 }
 
 // The move gate on its own: a frozen session's step waits, then is refused
@@ -429,6 +468,35 @@ TEST(SessionMovesGate, FreezeHoldsStepsThenRedirectsOrRefuses) {
   m.Forget("t", "gated");
   EXPECT_TRUE(m.Enter("t", "gated").ok());
   m.Exit("t", "gated");
+}
+
+// Tombstones in the checkpoint directory: read back by a new instance, and
+// gone (file included) once older than the TTL.
+TEST(SessionMovesTombstones, PersistAndExpireWithTheTtl) {
+  const std::string dir = MakeTempDir("ngtomb");
+  service::SessionMovesOptions o{.checkpoint_dir = dir, .ttl = absl::Hours(1)};
+  natgrad::v1::SessionMoved moved;
+  moved.set_session("sessions/kept-1");
+  moved.set_replica("replica-z");
+  moved.set_address("10.0.0.9:50051");
+  {
+    auto m = service::SessionMoves::Open(o, nullptr);
+    ASSERT_TRUE(m.ok());
+    ASSERT_TRUE((*m)->Record("alice", "kept-1", moved).ok());
+  }
+  auto m = service::SessionMoves::Open(o, nullptr);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ((*m)->size(), 1);
+  EXPECT_TRUE((*m)->IsMoved("alice", "kept-1"));
+  EXPECT_FALSE((*m)->IsMoved("bob", "kept-1"));
+  absl::Status redirect = (*m)->CheckNotMoved("alice", "kept-1");
+  EXPECT_EQ(redirect.message(), "session \"sessions/kept-1\" moved to replica \"replica-z\"");
+  EXPECT_EQ((*m)->ExpireOld(absl::Now()), 0);
+  EXPECT_EQ((*m)->ExpireOld(absl::Now() + absl::Hours(2)), 1);
+  EXPECT_FALSE((*m)->IsMoved("alice", "kept-1"));
+  auto reopened = service::SessionMoves::Open(o, nullptr);
+  ASSERT_TRUE(reopened.ok());
+  EXPECT_EQ((*reopened)->size(), 0);
 }
 
 // UNAVAILABLE is retried within max_retry_time: a call made while no server
