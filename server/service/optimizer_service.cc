@@ -57,14 +57,7 @@ absl::Status CheckCreatable(const ServiceDependencies& deps, const std::string& 
   if (!id.empty()) {
     if (absl::Status s = deps.moves->CheckNotMoved(tenant, id); !s.ok()) return s;
   }
-  if (!deps.moves->draining()) return absl::OkStatus();
-  auto peer = deps.moves->PeerFor(id);
-  if (!peer.has_value()) return absl::UnavailableError("this replica is draining");
-  natgrad::v1::SessionMoved moved;
-  moved.set_session(id.empty() ? "" : absl::StrCat("sessions/", id));
-  moved.set_replica(peer->replica());
-  moved.set_address(peer->address());
-  return MovedError(moved);
+  return deps.moves->RedirectNew(id);
 }
 
 }  // namespace

@@ -305,4 +305,17 @@ std::optional<natgrad::v1::Peer> SessionMoves::PeerFor(absl::string_view id) con
   return drain_peers_[Fnv1a(id) % drain_peers_.size()];
 }
 
+absl::Status SessionMoves::RedirectNew(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  if (!draining_) return absl::OkStatus();
+  if (drain_peers_.empty()) return absl::UnavailableError("this replica is draining");
+  const natgrad::v1::Peer& peer = drain_peers_[Fnv1a(id) % drain_peers_.size()];
+  natgrad::v1::SessionMoved moved;
+  moved.set_session(id.empty() ? "" : absl::StrCat("sessions/", id));
+  moved.set_replica(peer.replica());
+  moved.set_address(peer.address());
+  if (redirects_ != nullptr) redirects_->Increment();
+  return MovedError(moved);
+}
+
 }  // namespace natgrad::service

@@ -86,6 +86,9 @@ class SessionMoves {
   bool draining() const;
   // The peer a session id goes to: FNV-1a of the id modulo the peer count.
   std::optional<natgrad::v1::Peer> PeerFor(absl::string_view id) const;
+  // While draining: the redirect of a new session `id` (may be empty) to
+  // PeerFor(id), counted in natgrad_redirects_total; OK when not draining.
+  absl::Status RedirectNew(absl::string_view id);
 
  private:
   using Key = std::pair<std::string, std::string>;  // (tenant, id)

@@ -246,6 +246,9 @@ TEST_F(DrainTest, MovedSessionsRedirectAndKeepTheirTenant) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(created->replica(), "replica-b");
   EXPECT_EQ(a.server->registry().size(), 0);
+  // The old replica served three redirects: the raw GetSession, the
+  // stream's step 4, and this CreateSession.
+  EXPECT_EQ(Metric(*a.server, "natgrad_redirects_total"), 3);
 
   // The tombstone survives a restart of replica-a, and its checkpoint does
   // not bring the session back there.
