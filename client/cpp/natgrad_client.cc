@@ -151,8 +151,12 @@ natgrad::v1::OptimizerService::Stub& Client::StubFor(const std::string& name) {
   absl::MutexLock lock(&mu_);
   auto it = address_.find(BareId(name));
   if (it == address_.end() || it->second.empty()) return *stub_;
-  auto& stub = stubs_[it->second];
-  if (stub == nullptr) stub = natgrad::v1::OptimizerService::NewStub(MakeChannel(it->second));
+  return StubForAddress(it->second);
+}
+
+natgrad::v1::OptimizerService::Stub& Client::StubForAddress(const std::string& address) {
+  auto& stub = stubs_[address];
+  if (stub == nullptr) stub = natgrad::v1::OptimizerService::NewStub(MakeChannel(address));
   return *stub;
 }
 
@@ -189,24 +193,36 @@ absl::Status Client::Call(
     const std::string& name,
     const std::function<grpc::Status(grpc::ClientContext&,
                                      natgrad::v1::OptimizerService::Stub&)>& call,
-    bool* retried) {
+    bool* retried, natgrad::v1::SessionMoved* redirected_to) {
   const absl::Time give_up = absl::Now() + options_.max_retry_time;
   absl::Duration backoff = options_.initial_backoff;
   absl::BitGen gen;
   int redirects = 0;
-  std::string key = name;
+  const std::string& key = name;
+  std::optional<natgrad::v1::SessionMoved> this_call;  // a redirect naming no session
   for (;;) {
     grpc::ClientContext ctx;
     PrepareContext(ctx, key);
-    absl::Status status = ToAbsl(call(ctx, StubFor(key)));
+    natgrad::v1::OptimizerService::Stub* stub = &StubFor(key);
+    if (this_call.has_value()) {
+      ctx.AddMetadata("natgrad-replica", this_call->replica());
+      if (options_.connect_to_redirect_address && !this_call->address().empty()) {
+        absl::MutexLock lock(&mu_);
+        stub = &StubForAddress(this_call->address());
+      }
+    }
+    absl::Status status = ToAbsl(call(ctx, *stub));
     if (auto moved = SessionMovedFrom(status);
         moved.has_value() && redirects < options_.max_redirects) {
       ++redirects;
       CountRedirect();
-      // A CreateSession redirect from a draining replica may not name a
-      // session (server-chosen id): it applies to this call's key.
-      if (moved->session().empty()) moved->set_session(key);
-      Learn(*moved);
+      if (moved->session().empty() && !key.empty()) moved->set_session(key);
+      if (moved->session().empty()) {
+        this_call = *moved;
+      } else {
+        Learn(*moved);
+      }
+      if (redirected_to != nullptr) *redirected_to = *moved;
       continue;
     }
     if (status.code() == absl::StatusCode::kUnavailable && absl::Now() < give_up) {
@@ -227,12 +243,13 @@ absl::StatusOr<natgrad::v1::Session> Client::CreateSession(
   req.set_session_id(session_id);
   natgrad::v1::Session out;
   bool retried = false;
+  natgrad::v1::SessionMoved redirected;
   absl::Status s = Call(
       session_id,
       [&](grpc::ClientContext& ctx, natgrad::v1::OptimizerService::Stub& stub) {
         return stub.CreateSession(&ctx, req, &out);
       },
-      &retried);
+      &retried, &redirected);
   if (s.code() == absl::StatusCode::kAlreadyExists && retried && !session_id.empty()) {
     // An earlier attempt may have created it before its answer was lost.
     auto held = GetSession(session_id);
@@ -241,7 +258,8 @@ absl::StatusOr<natgrad::v1::Session> Client::CreateSession(
     }
   }
   if (!s.ok()) return s;
-  Learn(out.name(), out.replica(), "");
+  // Created where a redirect sent it: later calls go there too.
+  Learn(out.name(), out.replica(), redirected.address());
   return out;
 }
 

@@ -116,13 +116,18 @@ class Client {
   // Runs `call` (one attempt with a fresh context and the right stub) until
   // it is neither a redirect nor UNAVAILABLE, within the retry bounds.
   // `retried` is set when an attempt before the last one failed UNAVAILABLE.
+  // A redirect that names no session (CreateSession of a server-chosen id on
+  // a draining replica) applies to this call only; `redirected_to` gets it.
   absl::Status Call(const std::string& name,
                     const std::function<grpc::Status(grpc::ClientContext&,
                                                      natgrad::v1::OptimizerService::Stub&)>& call,
-                    bool* retried = nullptr);
+                    bool* retried = nullptr,
+                    natgrad::v1::SessionMoved* redirected_to = nullptr);
 
  private:
   std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) const;
+  natgrad::v1::OptimizerService::Stub& StubForAddress(const std::string& address)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;

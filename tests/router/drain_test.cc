@@ -249,6 +249,14 @@ TEST_F(DrainTest, MovedSessionsRedirectAndKeepTheirTenant) {
   // The old replica served three redirects: the raw GetSession, the
   // stream's step 4, and this CreateSession.
   EXPECT_EQ(Metric(*a.server, "natgrad_redirects_total"), 3);
+  // A server-chosen id: the redirect names no session, the client creates
+  // on the peer and keeps using it there.
+  auto unnamed = alice.CreateSession(Config());
+  ASSERT_TRUE(unnamed.ok()) << unnamed.status();
+  EXPECT_EQ(unnamed->replica(), "replica-b");
+  auto unnamed_stream = alice.OpenStream(unnamed->name());
+  ASSERT_TRUE(unnamed_stream.ok()) << unnamed_stream.status();
+  EXPECT_TRUE((*unnamed_stream)->Step(Inputs(2, 1)).ok());
 
   // The tombstone survives a restart of replica-a, and its checkpoint does
   // not bring the session back there.
@@ -396,6 +404,50 @@ TEST_F(DrainTest, StepsStreamingDuringADrainAreAppliedExactlyOnce) {
       }
     }
   }
+}
+
+// The replica-to-replica import: admin token only, into the snapshot's
+// tenant, idempotent for one move_id, refused by a draining replica.
+TEST_F(DrainTest, ImportMovedIsGuardedAndIdempotentPerMove) {
+  Replica a = StartReplica("replica-a", admin_file_);
+  Replica b = StartReplica("replica-b", admin_file_);
+  client::Client ca(ClientFor(*a.server));
+  ASSERT_TRUE(ca.CreateSession(Config(), "import-me").ok());
+  auto held = a.server->registry().Get("sessions/import-me", "");
+  ASSERT_TRUE(held.ok());
+  natgrad::v1::ImportMovedRequest req;
+  *req.mutable_snapshot() = (*held)->Snapshot();
+  req.mutable_snapshot()->set_tenant("carol");
+  req.set_source_replica("replica-a");
+  req.set_move_id("move-1");
+  auto stub = natgrad::v1::AdminService::NewStub(
+      grpc::CreateChannel(b.address(), grpc::InsecureChannelCredentials()));
+  auto call = [&](const std::string& token, const natgrad::v1::ImportMovedRequest& r) {
+    grpc::ClientContext ctx;
+    if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+    natgrad::v1::Session out;
+    return stub->ImportMoved(&ctx, r, &out);
+  };
+  EXPECT_EQ(call("", req).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(b.server->registry().size(), 0);
+  grpc::Status first = call(kAdminToken, req);
+  ASSERT_TRUE(first.ok()) << first.error_message();
+  EXPECT_TRUE(b.server->registry().Get("sessions/import-me", "carol").ok());
+  EXPECT_FALSE(b.server->registry().Get("sessions/import-me", "").ok());
+  // The same move again (a lost reply): acknowledged, nothing added.
+  EXPECT_TRUE(call(kAdminToken, req).ok());
+  EXPECT_EQ(b.server->registry().size(), 1);
+  // Another move of the same id: refused.
+  req.set_move_id("move-2");
+  EXPECT_EQ(call(kAdminToken, req).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  // A draining replica takes no moved sessions.
+  Replica c = StartReplica("replica-c", admin_file_);
+  grpc::Status status;
+  Drain(b, {&c}, kAdminToken, &status);
+  ASSERT_TRUE(status.ok());
+  req.set_move_id("move-3");
+  req.mutable_snapshot()->set_name("sessions/another-one");
+  EXPECT_EQ(call(kAdminToken, req).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
 }
 
 // Behind a router the client does not reconnect on a redirect: it keeps its
