@@ -95,6 +95,14 @@ bool IsRetryable(const absl::Status& status) {
     case absl::StatusCode::kFailedPrecondition:
       // The server still holds our previous (dropped) stream for a moment.
       return absl::StrContains(status.message(), "stream already open");
+    case absl::StatusCode::kInternal:
+    case absl::StatusCode::kUnknown:
+      // A proxy (nginx) resets the stream when its upstream replica dies
+      // mid-call: a dropped stream, like the Python client's "drop".
+      return absl::StrContains(status.message(), "RST_STREAM") ||
+             absl::StrContains(status.message(), "Stream removed") ||
+             absl::StrContains(status.message(), "GOAWAY") ||
+             absl::StrContains(status.message(), "Socket closed");
     default:
       return false;
   }

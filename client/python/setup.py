@@ -30,7 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "natgrad"))
 import _build_proto  # noqa: E402  (the module has no package-relative imports)
 
-BASE_REQUIRES = ["numpy>=1.21"]
+# googleapis-common-protos: google.rpc.Status, to read SessionMoved redirects
+# from the grpc-status-details-bin trailer (natgrad/client.py).
+BASE_REQUIRES = ["numpy>=1.21", "googleapis-common-protos>=1.56"]
 
 _staged = {}
 

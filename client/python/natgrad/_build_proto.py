@@ -4,8 +4,8 @@
 
 Output layout (git-ignored, never edited by hand)::
 
-    natgrad/_proto/natgrad/v1/{tensor,schedule,blocks,session,step,optimizer_service}_pb2.py
-    natgrad/_proto/natgrad/v1/optimizer_service_pb2_grpc.py
+    natgrad/_proto/natgrad/v1/{tensor,schedule,blocks,session,step,optimizer_service,admin_service}_pb2.py
+    natgrad/_proto/natgrad/v1/{optimizer_service,admin_service}_pb2_grpc.py
     natgrad/_proto/gencode.json   which generator, and the protobuf/grpcio
                                   versions the generated code needs at run time
 
@@ -51,6 +51,7 @@ PROTO_FILES = [
     "natgrad/v1/session.proto",
     "natgrad/v1/step.proto",
     "natgrad/v1/optimizer_service.proto",
+    "natgrad/v1/admin_service.proto",
 ]
 GENCODE_FILE = "gencode.json"
 # What the package asks for when the generated code states no minimum (old protoc).

@@ -10,6 +10,7 @@ ImportError says which versions the stubs need.
 def _load():
     from natgrad.v1 import tensor_pb2, schedule_pb2, blocks_pb2, session_pb2, step_pb2  # noqa: F401
     from natgrad.v1 import optimizer_service_pb2, optimizer_service_pb2_grpc  # noqa: F401
+    from natgrad.v1 import admin_service_pb2, admin_service_pb2_grpc  # noqa: F401
 
 
 def _forget():
@@ -42,3 +43,4 @@ except Exception as _first:  # ImportError, protobuf's VersionError, grpc's Runt
 
 from natgrad.v1 import tensor_pb2, schedule_pb2, blocks_pb2, session_pb2, step_pb2  # noqa: E402,F401
 from natgrad.v1 import optimizer_service_pb2, optimizer_service_pb2_grpc  # noqa: E402,F401
+from natgrad.v1 import admin_service_pb2, admin_service_pb2_grpc  # noqa: E402,F401

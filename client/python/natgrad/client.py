@@ -25,6 +25,20 @@ kept steps again in order, checks each response is bit-identical to the
 first (timing, ``replayed`` and ``durable_step`` aside), and then continues.
 When the session is gone it raises natgrad.NotFound, when it is further
 behind than the kept steps reach natgrad.DataLoss, and attaches nothing.
+
+Several replicas (docs/replicas.md): the client picks the session id before
+CreateSession (a random one when none is given) and sends it on every call
+for the session as ``natgrad-session-key`` metadata, plus
+``natgrad-replica`` once it knows which replica holds the session (from
+Session.replica or a redirect), so a router (deploy/nginx) sends every call
+to that replica. A drained replica answers FAILED_PRECONDITION with a
+natgrad.v1.SessionMoved detail (google.rpc.Status in the
+``grpc-status-details-bin`` trailer); the client follows it transparently:
+behind a router it sets the new replica header, talking to servers directly
+it connects to SessionMoved.address (``redirects=`` on Client), reopens the
+Step stream and replays what the new replica lacks through the machinery
+above. UNAVAILABLE (a replica restarting, a session frozen for a move) is
+retried with exponential backoff within RetryPolicy.deadline_s.
 """
 import collections
 import dataclasses
@@ -32,6 +46,7 @@ import hashlib
 import logging
 import queue
 import random
+import secrets
 import threading
 import time
 
@@ -39,10 +54,15 @@ import grpc
 import numpy as np
 
 from natgrad import errors
-from natgrad._pb import (optimizer_service_pb2 as svc_pb2, optimizer_service_pb2_grpc as svc_grpc,
-                         session_pb2, step_pb2)
+from natgrad._pb import (admin_service_pb2 as admin_pb2, optimizer_service_pb2 as svc_pb2,
+                         optimizer_service_pb2_grpc as svc_grpc, session_pb2, step_pb2)
 from natgrad.blocks import session_config as _session_config
 from natgrad.tensor import as_array, from_tensor, is_set, to_tensor
+
+try:  # googleapis-common-protos: the google.rpc.Status of error details
+    from google.rpc import status_pb2 as _rpc_status_pb2
+except ImportError:  # pragma: no cover  (a dependency; only redirects need it)
+    _rpc_status_pb2 = None
 
 log = logging.getLogger("natgrad")
 
@@ -59,10 +79,12 @@ DEFAULT_MAX_REPLAY_BYTES = 1 << 30
 class RetryPolicy:
     """How a Session rides out dropped streams.
 
-    max_attempts: sends of one step (first try included).
+    max_attempts: sends of one step or unary call (first try included); 0:
+      no limit but deadline_s.
     initial_backoff/max_backoff/multiplier: exponential backoff with jitter.
-    deadline_s: give up reconnecting after this long for one step.
+    deadline_s: give up retrying one step or call after this long.
     stream_open_s: how long FAILED_PRECONDITION "stream already open" is retried.
+    max_redirects: SessionMoved redirects followed for one step or call.
     """
     max_attempts: int = 10
     initial_backoff: float = 0.02
@@ -70,10 +92,21 @@ class RetryPolicy:
     multiplier: float = 2.0
     deadline_s: float = 60.0
     stream_open_s: float = 10.0
+    max_redirects: int = 8
 
     def backoff(self, attempt):
         b = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, attempt - 1))
         return b * (0.5 + random.random() * 0.5)
+
+    def exhausted(self, attempt, start):
+        """True when `attempt` failed tries since `start` (monotonic) are all there may be."""
+        return ((self.max_attempts and attempt >= self.max_attempts)
+                or time.monotonic() - start > self.deadline_s)
+
+    def sleep(self, attempt, start):
+        """Backs off before try attempt+1, never past the deadline."""
+        left = self.deadline_s - (time.monotonic() - start)
+        time.sleep(max(0.0, min(self.backoff(attempt), left)))
 
 
 @dataclasses.dataclass
@@ -135,6 +168,42 @@ def _session_name(name):
     return name if name.startswith("sessions/") else f"sessions/{name}"
 
 
+def _session_id(name):
+    return _session_name(name).split("/", 1)[-1]
+
+
+def new_session_id():
+    """A random session id ([a-z0-9-]{4,63}, what the server accepts)."""
+    return "s-" + secrets.token_hex(10)
+
+
+def session_moved(e):
+    """The natgrad.v1.SessionMoved detail of a failed call (a grpc.RpcError),
+    or None: FAILED_PRECONDITION with a google.rpc.Status in the
+    grpc-status-details-bin trailer holding one (docs/replicas.md)."""
+    if not hasattr(e, "code") or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    try:
+        trailers = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001  (an RpcError that is not a call)
+        return None
+    raw = next((v for k, v in trailers if k == "grpc-status-details-bin"), None)
+    if raw is None:
+        return None
+    if _rpc_status_pb2 is None:
+        raise errors.FailedPrecondition(
+            f"{e.details()} (a SessionMoved redirect: install googleapis-common-protos to have "
+            "natgrad follow it)")
+    moved_type = admin_pb2.SessionMoved
+    status = _rpc_status_pb2.Status.FromString(raw)
+    for d in status.details:
+        if d.Is(moved_type.DESCRIPTOR):
+            m = moved_type()
+            d.Unpack(m)
+            return m
+    return None
+
+
 def _channel_credentials(tls):
     if tls is None or tls is False:
         return None
@@ -162,16 +231,24 @@ class Client:
     target: "host:port". token: bearer token sent as `authorization` metadata.
     tls: None (plaintext), True (system roots), {"ca": path, "cert": path,
     "key": path} (mTLS), or grpc.ChannelCredentials. timeout: seconds for
-    unary calls. retry: RetryPolicy for Step streams. max_replay_steps,
-    max_replay_bytes: the most non-durable steps, and serialized request
-    bytes, each Session keeps to send again after a server restart (0: keep
-    none; module docstring).
+    unary calls. retry: RetryPolicy for Step streams and unary calls.
+    max_replay_steps, max_replay_bytes: the most non-durable steps, and
+    serialized request bytes, each Session keeps to send again after a server
+    restart (0: keep none; module docstring).
+    redirects: how a SessionMoved redirect is followed. "router": `target`
+    is a router (deploy/nginx) and only the natgrad-replica header changes;
+    "direct": connect to the address in the redirect (servers without a
+    router); "auto" (default): the header first, and the address when the
+    same redirect comes back (nothing routed on the header).
     """
 
     def __init__(self, target, token=None, tls=None, *, timeout=30.0, retry=None,
                  max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, options=(), server_name=None,
                  max_replay_steps=DEFAULT_MAX_REPLAY_STEPS,
-                 max_replay_bytes=DEFAULT_MAX_REPLAY_BYTES):
+                 max_replay_bytes=DEFAULT_MAX_REPLAY_BYTES, redirects="auto"):
+        if redirects not in ("auto", "router", "direct"):
+            raise ValueError(f"redirects must be 'auto', 'router' or 'direct', got {redirects!r}")
+        self.redirects = redirects
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -188,31 +265,128 @@ class Client:
         if server_name:
             opts.append(("grpc.ssl_target_name_override", server_name))
         opts.extend(options)
-        creds = _channel_credentials(tls)
-        self._channel = (grpc.secure_channel(target, creds, options=opts) if creds
-                         else grpc.insecure_channel(target, options=opts))
+        self._channel_opts, self._creds = opts, _channel_credentials(tls)
+        self._channel = self._open_channel(target)
         self.stub = svc_grpc.OptimizerServiceStub(self._channel)
+        # Routing (module docstring): session id -> [replica, address] (the
+        # address only once a redirect was followed directly), and channels
+        # to replicas reached directly.
+        self._routes = {}
+        self._direct = {}
+        self._routes_lock = threading.Lock()
+
+    def _open_channel(self, target):
+        return (grpc.secure_channel(target, self._creds, options=self._channel_opts) if self._creds
+                else grpc.insecure_channel(target, options=self._channel_opts))
+
+    # -- routing --------------------------------------------------------------
+    def replica_of(self, session):
+        """The replica name this client last learned for a session ('' if none)."""
+        with self._routes_lock:
+            return self._routes.get(_session_id(session), ["", None])[0]
+
+    def _learn_replica(self, sid, replica):
+        if replica:
+            with self._routes_lock:
+                r = self._routes.setdefault(sid, ["", None])
+                if r[0] != replica:
+                    r[0], r[1] = replica, None
+
+    def _route(self, sid):
+        """(stub, metadata, target) for a call about session `sid` (None: no session)."""
+        if sid is None:
+            return self.stub, self._metadata, self.target
+        with self._routes_lock:
+            replica, address = self._routes.get(sid, ("", None))
+            md = self._metadata + (("natgrad-session-key", sid),)
+            if replica:
+                md += (("natgrad-replica", replica),)
+            if not address:
+                return self.stub, md, self.target
+            stub = self._direct.get(address)
+            if stub is None:
+                ch = self._open_channel(address)
+                stub = self._direct[address] = (ch, svc_grpc.OptimizerServiceStub(ch))
+            return stub[1], md, address
+
+    def _await_channel(self, target, timeout):
+        """Waits (at most `timeout` s) for the channel to `target` to be READY
+        before a retry. A sync gRPC channel only makes progress on its
+        connection while some thread waits on it; a client whose threads all
+        sleep in backoff between fail-fast calls has been seen to never finish
+        connecting (a TCP connect nobody polled, for a minute, under heavy
+        load). Waiting here drives the connect; a timeout just lets the call
+        fail and be retried."""
+        with self._routes_lock:
+            ch = self._direct[target][0] if target in self._direct else self._channel
+        fut = grpc.channel_ready_future(ch)
+        try:
+            fut.result(timeout=max(0.01, min(timeout, self.timeout)))
+        except grpc.FutureTimeoutError:
+            fut.cancel()
+
+    def _follow(self, sid, moved, what):
+        """Points session `sid` where a SessionMoved redirect says (module docstring)."""
+        with self._routes_lock:
+            r = self._routes.setdefault(sid, ["", None])
+            again = r[0] == moved.replica and not r[1]
+            if self.redirects == "direct" or (self.redirects == "auto" and again):
+                if not moved.address:
+                    raise errors.FailedPrecondition(
+                        f"{what}: session moved to replica {moved.replica!r}, which this client "
+                        f"cannot reach: the redirect names no address and {self.target} did not "
+                        "route on the natgrad-replica header")
+                r[0], r[1] = moved.replica, moved.address
+            else:
+                r[0], r[1] = moved.replica, None
+        log.info("natgrad: %s: session %s moved to replica %s (%s)", what, sid, moved.replica,
+                 moved.address or "no address")
 
     # -- plumbing -------------------------------------------------------------
-    def _unary(self, method, request, what, idempotent=False):
-        deadline = time.monotonic() + self.retry.deadline_s
-        attempt = 0
+    def _unary(self, method, request, what, idempotent=False, session=None, state=None):
+        """One unary call. session: the session id it is about (routing
+        metadata, redirects followed). idempotent: UNAVAILABLE is retried with
+        backoff within the RetryPolicy. state: a dict; "retried" is set when
+        an UNAVAILABLE try was retried (the first may have taken effect)."""
+        pol = self.retry
+        start = time.monotonic()
+        attempt = hops = 0
         while True:
-            attempt += 1
+            stub, md, target = self._route(session)
             try:
-                return getattr(self.stub, method)(request, timeout=self.timeout,
-                                                  metadata=self._metadata)
+                if attempt == 0:
+                    return getattr(stub, method)(request, timeout=self.timeout, metadata=md)
+                # A retry waits for the channel to connect (_await_channel)
+                # instead of failing fast, within what is left of the deadline.
+                left = pol.deadline_s - (time.monotonic() - start)
+                return getattr(stub, method)(request, timeout=max(0.01, min(self.timeout, left)),
+                                             metadata=md, wait_for_ready=True)
             except grpc.RpcError as e:
-                if (idempotent and e.code() == grpc.StatusCode.UNAVAILABLE
-                        and attempt < 3 and time.monotonic() < deadline):
-                    time.sleep(self.retry.backoff(attempt))
+                moved = session_moved(e) if session is not None else None
+                if moved is not None and hops < pol.max_redirects:
+                    hops += 1
+                    self._follow(session, moved, what)
                     continue
-                raise self._error(e, what) from None
+                attempt += 1
+                # A retry that waited for the channel and ran out of time is
+                # the server still being unavailable.
+                waited_out = attempt > 1 and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                retryable = e.code() == grpc.StatusCode.UNAVAILABLE or waited_out
+                if idempotent and waited_out and pol.exhausted(attempt, start):
+                    raise errors.Unavailable(
+                        f"{what}: natgrad server at {target} unavailable: no answer within the "
+                        f"retry deadline ({pol.deadline_s}s, {attempt} attempts)") from None
+                if idempotent and retryable and not pol.exhausted(attempt, start):
+                    if state is not None:
+                        state["retried"] = True
+                    pol.sleep(attempt, start)
+                    continue
+                raise self._error(e, what, target) from None
 
-    def _error(self, e, what):
+    def _error(self, e, what, target=None):
         err = errors.from_rpc_error(e, what)
         if err.code == grpc.StatusCode.UNAVAILABLE:
-            err.message = f"{what}: natgrad server at {self.target} unavailable: {e.details()}"
+            err.message = f"{what}: natgrad server at {target or self.target} unavailable: {e.details()}"
             err.args = (err.message,)
         return err
 
@@ -228,13 +402,28 @@ class Client:
     def create_session(self, config, session_id=None, **session_kw):
         """config: a SessionConfig, or a list of BlockConfig (from
         natgrad.blocks) plus session_config() keywords (kl_clip=...,
-        adaptive_damping=..., state_dtype=..., display_name=...)."""
+        adaptive_damping=..., state_dtype=..., display_name=...).
+        session_id: [a-z0-9-]{4,63}; a random one when None (chosen here, so
+        a router can place the session before it exists)."""
         if not isinstance(config, session_pb2.SessionConfig):
             config = _session_config(config, **session_kw)
         elif session_kw:
             raise TypeError("session keywords are only accepted with a list of blocks")
-        req = svc_pb2.CreateSessionRequest(config=config, session_id=session_id or "")
-        info = self._unary("CreateSession", req, "CreateSession")
+        sid = session_id or new_session_id()
+        req = svc_pb2.CreateSessionRequest(config=config, session_id=sid)
+        what = f"CreateSession sessions/{sid}"
+        state = {}
+        try:
+            info = self._unary("CreateSession", req, what, idempotent=True, session=sid,
+                               state=state)
+        except errors.AlreadyExists:
+            if not state.get("retried"):
+                raise
+            # An UNAVAILABLE try that did create it (its answer was lost):
+            # ours if it has our config and no step yet.
+            info = self.get_session_info(sid)
+            if info.config != config or info.last_step > 0:
+                raise
         return Session(self, info)
 
     def get_session(self, name):
@@ -242,8 +431,11 @@ class Client:
         return Session(self, self.get_session_info(name))
 
     def get_session_info(self, name):
-        return self._unary("GetSession", svc_pb2.GetSessionRequest(name=_session_name(name)),
-                           f"GetSession {_session_name(name)}", idempotent=True)
+        info = self._unary("GetSession", svc_pb2.GetSessionRequest(name=_session_name(name)),
+                           f"GetSession {_session_name(name)}", idempotent=True,
+                           session=_session_id(name))
+        self._learn_replica(_session_id(name), info.replica)
+        return info
 
     def list_sessions(self, page_size=0):
         """All sessions visible to this client (follows page tokens)."""
@@ -257,16 +449,24 @@ class Client:
                 return out
 
     def delete_session(self, name):
-        self._unary("DeleteSession", svc_pb2.DeleteSessionRequest(name=_session_name(name)),
-                    f"DeleteSession {_session_name(name)}")
+        state = {}
+        try:
+            self._unary("DeleteSession", svc_pb2.DeleteSessionRequest(name=_session_name(name)),
+                        f"DeleteSession {_session_name(name)}", idempotent=True,
+                        session=_session_id(name), state=state)
+        except errors.NotFound:
+            if not state.get("retried"):  # else: the lost-answer try deleted it
+                raise
 
     def export_session(self, name):
         return self._unary("ExportSession", svc_pb2.ExportSessionRequest(name=_session_name(name)),
-                           f"ExportSession {_session_name(name)}", idempotent=True)
+                           f"ExportSession {_session_name(name)}", idempotent=True,
+                           session=_session_id(name))
 
     def import_session(self, snapshot, session_id=None):
+        sid = session_id or (_session_id(snapshot.name) if snapshot.name else None)
         info = self._unary("ImportSession", svc_pb2.ImportSessionRequest(
-            snapshot=snapshot, session_id=session_id or ""), "ImportSession")
+            snapshot=snapshot, session_id=session_id or ""), "ImportSession", session=sid)
         return Session(self, info)
 
     def restore_session(self, snapshot):
@@ -306,6 +506,10 @@ class Client:
 
     def close(self):
         self._channel.close()
+        with self._routes_lock:
+            for ch, _ in self._direct.values():
+                ch.close()
+            self._direct.clear()
 
     def __enter__(self):
         return self
@@ -412,6 +616,8 @@ class Session:
         self.client = client
         self.name = info.name
         self.id = info.name.split("/", 1)[-1]
+        if hasattr(client, "_learn_replica"):  # (test doubles build requests without one)
+            client._learn_replica(self.id, info.replica)
         self.config = info.config
         self.blocks = {b.name: b for b in info.config.blocks}
         self.next_step = info.last_step + 1
@@ -424,6 +630,7 @@ class Session:
         self._test_hook = None
         self._gpflow_blocks = set()
         self.retries = 0  # reconnects so far (for monitoring/tests)
+        self.redirects = 0  # SessionMoved redirects followed by steps (monitoring/tests)
         # Replay of non-durable steps (module docstring): step -> (requests,
         # response digest, request bytes) for the steps after the server's
         # durable step, oldest first.
@@ -439,6 +646,16 @@ class Session:
 
     def __repr__(self):
         return f"<natgrad.Session {self.name} next_step={self.next_step} blocks={list(self.blocks)}>"
+
+    @property
+    def replica(self):
+        """The replica holding the session, as last learned ('' from a server without a name)."""
+        return self.client.replica_of(self.id)
+
+    def _open_stream(self):
+        stub, md, _ = self.client._route(self.id)
+        self._stream = _Stream(stub, md)
+        return self._stream
 
     # -- lifecycle ------------------------------------------------------------
     def info(self):
@@ -542,10 +759,10 @@ class Session:
         """Opens a stream after a drop: asks where the server's session is and
         sends again the acknowledged steps it lost, checking each answer."""
         acked = self._acked
+        stub, md, target = self.client._route(self.id)
         try:
-            info = self.client.stub.GetSession(svc_pb2.GetSessionRequest(name=self.name),
-                                               timeout=self.client.timeout,
-                                               metadata=self.client._metadata)
+            info = stub.GetSession(svc_pb2.GetSessionRequest(name=self.name),
+                                   timeout=self.client.timeout, metadata=md)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.NOT_FOUND:
                 raise  # a drop: the retry loop decides
@@ -553,7 +770,7 @@ class Session:
                        else f"its last durable step was {self._durable}")
             raise errors.NotFound(
                 f"Step {self.name} step {step}: the session is gone from the server at "
-                f"{self.client.target} (restarted without its checkpoint, or deleted) after this "
+                f"{target} (restarted without its checkpoint, or deleted) after this "
                 f"client had step {acked} acknowledged; {durable}. Nothing was attached: restore "
                 "from your own checkpoint") from None
         behind = info.last_step
@@ -568,7 +785,8 @@ class Session:
                 f"holds {held} to send again, not step {missing[0]}; the server lost "
                 f"{acked - behind} acknowledged steps. Nothing was attached: restore from your "
                 "own checkpoint (or raise max_replay_steps / checkpoint more often)")
-        stream = self._stream = _Stream(self.client.stub, self.client._metadata)
+        self.client._learn_replica(self.id, info.replica)
+        stream = self._open_stream()
         if not need:
             return stream
         log.warning("natgrad: %s: the server's session is at step %d, this client at %d: sending "
@@ -877,7 +1095,7 @@ class Session:
     def _send_step(self, reqs, step):
         pol = self.client.retry
         start = time.monotonic()
-        attempt = 0
+        attempt = hops = 0
         open_since = None
         while True:
             attempt += 1
@@ -886,7 +1104,7 @@ class Session:
                     if self._resync and self._acked > 0:
                         self._reopen(step)
                     else:
-                        self._stream = _Stream(self.client.stub, self.client._metadata)
+                        self._open_stream()
                     self._resync = False
                 s = self._stream
                 for r in reqs:
@@ -900,8 +1118,17 @@ class Session:
                                                  "the stream without a response"), "drop"
             except grpc.RpcError as e:
                 self._drop_stream()
+                moved = session_moved(e)
+                if moved is not None and hops < pol.max_redirects:
+                    # Moved by a drain: point the session at its new replica
+                    # and reopen at once (the reopen replays what it lacks).
+                    hops += 1
+                    attempt -= 1
+                    self.redirects += 1
+                    self.client._follow(self.id, moved, f"Step {self.name} step {step}")
+                    continue
                 reason = _retry_reason(e)
-                err = self.client._error(e, f"Step {self.name} step {step}")
+                err = self.client._error(e, f"Step {self.name} step {step}", self.client._route(self.id)[2])
                 if reason is None:
                     raise err from None
             else:
@@ -918,11 +1145,13 @@ class Session:
                 open_since = open_since or now
                 give_up = now - open_since > pol.stream_open_s
             else:
-                give_up = attempt >= pol.max_attempts
+                give_up = pol.exhausted(attempt, start)
             if give_up or now - start > pol.deadline_s:
                 err.message += f" (gave up after {attempt} attempts, {now - start:.1f}s)"
                 err.args = (err.message,)
                 raise err
             self.retries += 1
             log.warning("natgrad: %s step %d: %s; retrying (attempt %d)", self.name, step, err, attempt + 1)
-            time.sleep(pol.backoff(attempt))
+            pol.sleep(attempt, start)
+            self.client._await_channel(self.client._route(self.id)[2],
+                                       pol.deadline_s - (time.monotonic() - start))
