@@ -192,6 +192,10 @@ int64_t Client::redirects() const {
   return redirects_;
 }
 
+void Client::AwaitChannel(absl::Time until) {
+  channel_->WaitForConnected(absl::ToChronoTime(until));
+}
+
 void Client::CountRedirect() {
   absl::MutexLock lock(&mu_);
   ++redirects_;
@@ -208,9 +212,17 @@ absl::Status Client::Call(
   int redirects = 0;
   const std::string& key = name;
   std::optional<natgrad::v1::SessionMoved> this_call;  // a redirect naming no session
+  bool retrying = false;
   for (;;) {
     grpc::ClientContext ctx;
     PrepareContext(ctx, key);
+    if (retrying) {
+      // After an UNAVAILABLE, wait for the channel to connect (bounded by
+      // the retry deadline) instead of failing fast on a channel still in
+      // backoff.
+      ctx.set_wait_for_ready(true);
+      ctx.set_deadline(absl::ToChronoTime(give_up));
+    }
     natgrad::v1::OptimizerService::Stub* stub = &StubFor(key);
     if (this_call.has_value()) {
       ctx.AddMetadata("natgrad-replica", this_call->replica());
@@ -235,6 +247,7 @@ absl::Status Client::Call(
     }
     if (status.code() == absl::StatusCode::kUnavailable && absl::Now() < give_up) {
       if (retried != nullptr) *retried = true;
+      retrying = true;
       std::this_thread::sleep_for(
           absl::ToChronoMicroseconds(backoff * absl::Uniform(gen, 0.5, 1.5)));
       backoff = std::min(backoff * 2, options_.max_backoff);
@@ -550,6 +563,7 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
     std::this_thread::sleep_for(absl::ToChronoMicroseconds(
         backoff * absl::Uniform(gen, 0.5, 1.5)));
     backoff = std::min(backoff * 2, client_->options().max_backoff);
+    client_->AwaitChannel(std::min(give_up, absl::Now() + client_->options().max_backoff));
   }
 }
 

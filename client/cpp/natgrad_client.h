@@ -112,6 +112,11 @@ class Client {
   // Redirects followed so far (all calls and streams).
   int64_t redirects() const;
   void CountRedirect();
+  // Before a retry: lets the target's channel connect (gRPC connects only
+  // while something asks it to; a client whose threads all sleep in backoff
+  // otherwise never leaves TRANSIENT_FAILURE). Returns at `until` at the
+  // latest.
+  void AwaitChannel(absl::Time until);
 
   // Runs `call` (one attempt with a fresh context and the right stub) until
   // it is neither a redirect nor UNAVAILABLE, within the retry bounds.
