@@ -98,15 +98,14 @@ Matrix RightFactorEma(const Matrix& old, const Eigen::MatrixBase<Derived>& g, do
 // so NaN fails too.
 inline absl::Status CheckViewRows(absl::string_view kind, MatrixShape shape, int64_t view_rows) {
   if (view_rows < 0 || (view_rows > 0 && (shape.rows * shape.cols) % view_rows != 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(kind,
-                                                   ".view_rows must be 0 or divide the parameter's ",
-                                                   shape.rows * shape.cols, " values, got ",
-                                                   view_rows));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kind, ".view_rows must be 0 or divide the parameter's ",
+                     shape.rows * shape.cols, " values, got ", view_rows));
   }
   return absl::OkStatus();
 }
-inline absl::Status CheckUnitInterval(absl::string_view kind,
-                                      std::initializer_list<std::pair<const char*, double>> params) {
+inline absl::Status CheckUnitInterval(
+    absl::string_view kind, std::initializer_list<std::pair<const char*, double>> params) {
   for (auto [param, value] : params) {
     if (!(value >= 0.0 && value < 1.0)) {
       return absl::InvalidArgumentError(
