@@ -1,8 +1,9 @@
-// Pieces shared by the math of the block kinds that precondition a
-// parameter's matrix view with Kronecker factors (shampoo, soap): the view
-// of a reshaped parameter, the factor EMA, option and state checks. Header
-// only and pure (Eigen, Abseil, core types), so every kind's math target can
-// use it without a new link and the math walls still hold.
+// Pieces shared by the math of the dense-gradient block kinds, mostly those
+// that precondition a parameter's matrix view with Kronecker factors
+// (shampoo, soap): the view of a reshaped parameter, the factor EMA, the
+// step's checks and rates, option and state checks. Header only and pure
+// (Eigen, Abseil, core types), so every kind's math target can use it
+// without a new link and the math walls still hold.
 #ifndef NATGRAD_SERVER_BLOCKS_INTERNAL_MATH_MATRIX_BLOCK_HELPERS_H_
 #define NATGRAD_SERVER_BLOCKS_INTERNAL_MATH_MATRIX_BLOCK_HELPERS_H_
 
@@ -24,6 +25,7 @@
 #include "server/core/block.h"
 #include "server/core/block_error.h"
 #include "server/core/first_order_checks.h"
+#include "server/core/schedule.h"
 
 namespace natgrad::core::matrix_block_internal {
 
@@ -138,6 +140,34 @@ inline absl::Status CheckInRange(absl::string_view kind, absl::string_view param
         absl::StrCat(kind, ".", param, " must be in [", lo, ", ", hi, "], got ", value));
   }
   return absl::OkStatus();
+}
+
+// A dense first-order step's checked input (fo::CheckStepInput) and its
+// rates: the learning rate (the input's override or the schedule) and the
+// weight decay, both >= 0; params are required when the decay is positive.
+struct DenseStepRates {
+  double learning_rate;
+  double weight_decay;
+};
+inline absl::StatusOr<DenseStepRates> CheckDenseStep(const std::string& block, MatrixShape shape,
+                                                     const DenseStepInput& input,
+                                                     const StepContext& context,
+                                                     const Schedule& learning_rate,
+                                                     const Schedule& weight_decay) {
+  if (absl::Status s = first_order_internal::CheckStepInput(block, shape, input, context);
+      !s.ok()) {
+    return s;
+  }
+  const int64_t t = context.step;
+  absl::StatusOr<double> lr = first_order_internal::LearningRate(learning_rate, t, block, input);
+  if (!lr.ok()) return lr.status();
+  absl::StatusOr<double> wd =
+      first_order_internal::NonNegativeValue(weight_decay, t, block, "weight_decay");
+  if (!wd.ok()) return wd.status();
+  if (*wd > 0 && !input.params.has_value()) {
+    return InvalidBlockField(block, "params", "is required when weight_decay > 0");
+  }
+  return DenseStepRates{*lr, *wd};
 }
 
 // A state error: `block "NAME": state FIELD WHAT`.

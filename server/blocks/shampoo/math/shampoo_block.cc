@@ -189,18 +189,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
   if (!in.ok()) return in.status();
   const DenseStepInput& input = **in;
-  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context); !s.ok()) {
-    return s;
-  }
-  const int64_t t = context.step;
-  absl::StatusOr<double> lr = fo::LearningRate(*options_.learning_rate, t, name(), input);
-  if (!lr.ok()) return lr.status();
-  absl::StatusOr<double> wd =
-      fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");
-  if (!wd.ok()) return wd.status();
-  if (*wd > 0 && !input.params.has_value()) {
-    return InvalidBlockField(name(), "params", "is required when weight_decay > 0");
-  }
+  absl::StatusOr<mb::DenseStepRates> rates = mb::CheckDenseStep(
+      name(), shape_, input, context, *options_.learning_rate, *options_.weight_decay);
+  if (!rates.ok()) return rates.status();
+  const double lr = rates->learning_rate, wd = rates->weight_decay;
   const ShampooOptions& o = options_;
   const int64_t n = step_ + 1;
   const bool precondition = !diagonal() && n >= o.start_preconditioning_step;
@@ -296,8 +288,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
       direction.block(tl.row0, tl.col0, tl.rows, tl.cols) = p;
     }
   }
-  Matrix delta = FromView(Scalar(-*lr) * direction);
-  if (*wd > 0) delta -= Scalar(*lr * *wd) * input.params->template ToMatrix<Scalar>();
+  Matrix delta = FromView(Scalar(-lr) * direction);
+  if (wd > 0) delta -= Scalar(lr * wd) * input.params->template ToMatrix<Scalar>();
 
   // Finite inputs can still overflow (G G^T, or a double gradient beyond
   // float's range); refuse rather than poison the state.
@@ -310,8 +302,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
     return InvalidBlockField(name(), "gradient",
                              "gives an update that overflows to non-finite values");
   }
-  std::map<std::string, double> hyper = {{"learning_rate", *lr},
-                                         {"weight_decay", *wd},
+  std::map<std::string, double> hyper = {{"learning_rate", lr},
+                                         {"weight_decay", wd},
                                          {"beta1", o.beta1},
                                          {"beta2", o.beta2},
                                          {"preconditioned", precondition ? 1.0 : 0.0},

@@ -172,16 +172,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
   if (!in.ok()) return in.status();
   const DenseStepInput& input = **in;
-  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context); !s.ok()) return s;
-  const int64_t t = context.step;
-  absl::StatusOr<double> lr = fo::LearningRate(*options_.learning_rate, t, name(), input);
-  if (!lr.ok()) return lr.status();
-  absl::StatusOr<double> wd =
-      fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");
-  if (!wd.ok()) return wd.status();
-  if (*wd > 0 && !input.params.has_value()) {
-    return InvalidBlockField(name(), "params", "is required when weight_decay > 0");
-  }
+  absl::StatusOr<mb::DenseStepRates> rates = mb::CheckDenseStep(
+      name(), shape_, input, context, *options_.learning_rate, *options_.weight_decay);
+  if (!rates.ok()) return rates.status();
+  const double lr = rates->learning_rate, wd = rates->weight_decay;
   const SoapOptions& o = options_;
   const bool first = step_ == 0;
   // k: the reference's state["step"] after its increment (first step: 0).
@@ -206,15 +200,15 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     m = Scalar(o.beta1) * m + Scalar(1 - o.beta1) * gp;
     v = Scalar(o.beta2) * v + Scalar(1 - o.beta2) * gp.array().square().matrix();
     const Matrix normalized = (m.array() / (v.array().sqrt() + Scalar(o.epsilon))).matrix();
-    double step_size = *lr;
+    double step_size = lr;
     if (o.bias_correction) {
       const double kd = static_cast<double>(k);
       step_size *= std::sqrt(1.0 - std::pow(o.beta2, kd)) / (1.0 - std::pow(o.beta1, kd));
     }
     delta = FromView(Scalar(-step_size) * ProjectBack(normalized, ql, qr));
     // The reference decays the parameter after the step: p -= lr wd p.
-    if (*wd > 0) {
-      delta -= Scalar(*lr * *wd) * (input.params->template ToMatrix<Scalar>() + delta);
+    if (wd > 0) {
+      delta -= Scalar(lr * wd) * (input.params->template ToMatrix<Scalar>() + delta);
     }
   }
 
@@ -282,8 +276,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     return InvalidBlockField(name(), "gradient",
                              "gives an update that overflows to non-finite values");
   }
-  std::map<std::string, double> hyper = {{"learning_rate", *lr},
-                                         {"weight_decay", *wd},
+  std::map<std::string, double> hyper = {{"learning_rate", lr},
+                                         {"weight_decay", wd},
                                          {"beta1", o.beta1},
                                          {"beta2", o.beta2},
                                          {"shampoo_beta", o.shampoo_beta},
