@@ -26,6 +26,7 @@ using dense_block_testing::RandomFloat;
 using dense_block_testing::RelErr;
 using dense_block_testing::SameState;
 using dense_block_testing::ExpectBadStepsRefused;
+using dense_block_testing::ExpectExportImportContinuesExactly;
 
 SoapOptions Full() {
   SoapOptions o;
@@ -229,24 +230,8 @@ TEST(SoapBlock, ExportImportContinuesExactly) {
     SoapOptions o = Full();
     auto a = NewSoapBlock("w", {5, 4}, o, prec);
     auto b = NewSoapBlock("w", {5, 4}, o, prec);
-    std::mt19937 rng(11);
-    std::vector<MatrixXd> gs, ws;
-    for (int t = 0; t < 12; ++t) {
-      gs.push_back(Random(rng, 5, 4));
-      ws.push_back(Random(rng, 5, 4));
-    }
-    auto step = [&](ParameterBlock& blk, int t) {
-      DenseStepInput in;
-      in.gradient = gs[t - 1];
-      in.params = ws[t - 1];
-      StepContext ctx{.step = t, .engine = &engine};
-      return (*blk.Propose(in, ctx))->Commit(1).delta;
-    };
-    for (int t = 1; t <= 5; ++t) step(**a, t);
-    ASSERT_TRUE((*b)->ImportState((*a)->ExportState()).ok());
-    EXPECT_EQ((*b)->StateBytes(), (*a)->StateBytes());
     // Step 7 refreshes (k = 6).
-    for (int t = 6; t <= 12; ++t) EXPECT_EQ(step(**a, t), step(**b, t)) << "step " << t;
+    ExpectExportImportContinuesExactly(**a, **b, 5, 4, 5, 12, &engine);
   }
   // A fresh block's state (step 0, no bases) imports too.
   auto a = NewSoapBlock("w", {5, 4}, SoapOptions{}, Precision::kFloat64);

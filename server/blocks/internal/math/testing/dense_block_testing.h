@@ -1,6 +1,7 @@
 // Test helpers shared by the dense-gradient blocks' math tests (shampoo,
-// soap): random inputs, a relative error, state equality, and the step inputs
-// every such block must refuse without changing its state. Test only.
+// soap): random inputs, a relative error, state equality, the step inputs
+// every such block must refuse without changing its state, and an
+// export/import round trip that must continue exactly. Test only.
 #ifndef NATGRAD_SERVER_BLOCKS_INTERNAL_MATH_TESTING_DENSE_BLOCK_TESTING_H_
 #define NATGRAD_SERVER_BLOCKS_INTERNAL_MATH_TESTING_DENSE_BLOCK_TESTING_H_
 
@@ -8,12 +9,14 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "Eigen/Core"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/core/block.h"
+#include "server/engine/inversion_engine.h"
 
 namespace natgrad::core::dense_block_testing {
 
@@ -84,6 +87,31 @@ inline void ExpectBadStepsRefused(ParameterBlock& block, const std::string& name
     in.params = Random(rng, rows, cols);
     EXPECT_THAT(block.Propose(in, ctx).status().message(), HasSubstr("non-finite"));
   }
+}
+
+// a and b are two fresh blocks of one config, rows x cols. a takes steps
+// 1..split; b imports a's state (and must hold as many bytes); then both take
+// steps split + 1..last, which must give the same deltas exactly.
+inline void ExpectExportImportContinuesExactly(ParameterBlock& a, ParameterBlock& b, int64_t rows,
+                                               int64_t cols, int split, int last,
+                                               engine::InversionEngine* engine) {
+  std::mt19937 rng(11);
+  std::vector<Eigen::MatrixXd> gs, ws;
+  for (int t = 0; t < last; ++t) {
+    gs.push_back(Random(rng, rows, cols));
+    ws.push_back(Random(rng, rows, cols));
+  }
+  auto step = [&](ParameterBlock& blk, int t) {
+    DenseStepInput in;
+    in.gradient = gs[t - 1];
+    in.params = ws[t - 1];
+    StepContext ctx{.step = t, .engine = engine};
+    return (*blk.Propose(in, ctx))->Commit(1).delta;
+  };
+  for (int t = 1; t <= split; ++t) step(a, t);
+  ASSERT_TRUE(b.ImportState(a.ExportState()).ok());
+  EXPECT_EQ(b.StateBytes(), a.StateBytes());
+  for (int t = split + 1; t <= last; ++t) EXPECT_EQ(step(a, t), step(b, t)) << "step " << t;
 }
 
 }  // namespace natgrad::core::dense_block_testing
