@@ -35,10 +35,7 @@ class AdamBlock<Scalar>::Update final : public PendingBlockUpdate {
     block_->exp_avg_ = std::move(exp_avg_);
     block_->exp_avg_sq_ = std::move(exp_avg_sq_);
     ++block_->step_;
-    BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
-    out.hyperparameters = std::move(hyperparameters_);
-    return out;
+    return mb::FirstOrderOutput(delta_, std::move(hyperparameters_));
   }
 
  private:

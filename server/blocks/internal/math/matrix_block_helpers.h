@@ -170,6 +170,17 @@ inline absl::StatusOr<DenseStepRates> CheckDenseStep(const std::string& block, M
   return DenseStepRates{*lr, *wd};
 }
 
+// What a first-order block's Commit returns: its delta in double and the
+// step's hyperparameters.
+template <typename Matrix>
+BlockStepOutput FirstOrderOutput(const Matrix& delta,
+                                 std::map<std::string, double> hyperparameters) {
+  BlockStepOutput out;
+  out.delta = delta.template cast<double>();
+  out.hyperparameters = std::move(hyperparameters);
+  return out;
+}
+
 // A state error: `block "NAME": state FIELD WHAT`.
 inline absl::Status StateError(absl::string_view block, absl::string_view field,
                                absl::string_view what) {

@@ -94,10 +94,7 @@ class ShampooBlock<Scalar>::Update final : public PendingBlockUpdate {
       block_->right_root_ = std::move(right_root_);
     }
     ++block_->step_;
-    BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
-    out.hyperparameters = std::move(hyperparameters_);
-    return out;
+    return mb::FirstOrderOutput(delta_, std::move(hyperparameters_));
   }
 
  private:

@@ -102,10 +102,7 @@ class SoapBlock<Scalar>::Update final : public PendingBlockUpdate {
     block_->left_basis_ = std::move(left_basis_);
     block_->right_basis_ = std::move(right_basis_);
     ++block_->step_;
-    BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
-    out.hyperparameters = std::move(hyperparameters_);
-    return out;
+    return mb::FirstOrderOutput(delta_, std::move(hyperparameters_));
   }
 
  private:
