@@ -6,10 +6,8 @@
 //
 //   shampoo_session_bench [--dim=256] [--block=32] [--steps=20] [--sessions=1,8]
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstdio>
-#include <random>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -17,9 +15,9 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
+#include "bench/common/concurrent_sessions.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
-#include "server/service/natgrad_server.h"
 
 ABSL_FLAG(int64_t, dim, 256, "the parameter is dim x dim");
 ABSL_FLAG(int64_t, block, 32, "max_preconditioner_dim (tiles of block x block)");
@@ -28,8 +26,6 @@ ABSL_FLAG(std::string, sessions, "1,8", "comma-separated concurrent session coun
 ABSL_FLAG(std::string, max_batch, "64,1", "comma-separated engine max_batch values");
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 natgrad::v1::SessionConfig Config(int64_t dim, int64_t block) {
   natgrad::v1::SessionConfig c;
@@ -45,64 +41,17 @@ natgrad::v1::SessionConfig Config(int64_t dim, int64_t block) {
   return c;
 }
 
-struct Result {
-  std::vector<double> latencies_ms;
-  double wall_s = 0;
-};
-
-Result Run(int max_batch, int sessions, int64_t dim, int64_t block, int steps) {
-  natgrad::service::ServerOptions so;
-  so.address = "127.0.0.1:0";
-  so.engine.backend = "cpu";
-  so.engine.max_batch = max_batch;
-  auto server = natgrad::service::NatgradServer::Start(so);
-  if (!server.ok()) {
-    std::fprintf(stderr, "server: %s\n", std::string(server.status().message()).c_str());
-    std::exit(1);
-  }
-  natgrad::client::ClientOptions co;
-  co.target = "127.0.0.1:" + std::to_string((*server)->port());
-  std::vector<std::vector<double>> lat(sessions);
-  std::vector<std::thread> threads;
-  std::atomic<int> ready{0};
-  Clock::time_point start;
-  std::atomic<bool> go{false};
-  for (int i = 0; i < sessions; ++i) {
-    threads.emplace_back([&, i] {
-      natgrad::client::Client client(co);
-      auto session = client.CreateSession(Config(dim, block));
-      auto stream = client.OpenStream(session->name());
-      std::mt19937 rng(i);
-      std::normal_distribution<float> nd;
-      auto step = [&] {
+natgrad::bench::SessionBenchResult Run(int max_batch, int sessions, int64_t dim, int64_t block,
+                                       int steps) {
+  return natgrad::bench::RunConcurrentSessions(
+      max_batch, sessions, steps, Config(dim, block), [&](const std::function<float()>& normal) {
         std::vector<float> g(dim * dim);
-        for (auto& x : g) x = nd(rng);
+        for (auto& x : g) x = normal();
         natgrad::v1::BlockStep s;
         s.set_name("w");
         *s.mutable_gradient() = natgrad::client::MakeTensor(g, {dim, dim});
-        auto t0 = Clock::now();
-        auto r = (*stream)->Step({s});
-        if (!r.ok()) {
-          std::fprintf(stderr, "step: %s\n", std::string(r.status().message()).c_str());
-          std::exit(1);
-        }
-        return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-      };
-      for (int w = 0; w < 2; ++w) step();
-      ++ready;
-      while (!go.load()) std::this_thread::yield();
-      for (int t = 0; t < steps; ++t) lat[i].push_back(step());
-    });
-  }
-  while (ready.load() < sessions) std::this_thread::yield();
-  start = Clock::now();
-  go = true;
-  for (auto& t : threads) t.join();
-  Result r;
-  r.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
-  for (auto& l : lat) r.latencies_ms.insert(r.latencies_ms.end(), l.begin(), l.end());
-  std::sort(r.latencies_ms.begin(), r.latencies_ms.end());
-  return r;
+        return std::vector<natgrad::v1::BlockStep>{std::move(s)};
+      });
 }
 
 }  // namespace
@@ -122,15 +71,11 @@ int main(int argc, char** argv) {
   for (absl::string_view mb : absl::StrSplit(absl::GetFlag(FLAGS_max_batch), ',')) {
     for (absl::string_view sn : absl::StrSplit(absl::GetFlag(FLAGS_sessions), ',')) {
       const int max_batch = std::stoi(std::string(mb)), sessions = std::stoi(std::string(sn));
-      Result r = Run(max_batch, sessions, dim, block, steps);
+      const natgrad::bench::SessionBenchResult r = Run(max_batch, sessions, dim, block, steps);
       const double total_steps = double(sessions) * steps;
-      const auto pct = [&](double q) {
-        return r.latencies_ms[std::min(r.latencies_ms.size() - 1,
-                                       size_t(q * double(r.latencies_ms.size())))];
-      };
       std::printf("%-10d %-9d %12.0f %10.1f %10.2f %10.2f\n", max_batch, sessions,
-                  total_steps * 2 * tiles / r.wall_s, total_steps / r.wall_s, pct(0.5),
-                  pct(0.99));
+                  total_steps * 2 * tiles / r.wall_s, total_steps / r.wall_s, r.Percentile(0.5),
+                  r.Percentile(0.99));
       std::fflush(stdout);
     }
   }

@@ -7,7 +7,6 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "server/blocks/adam/math/adam_block.h"
 #include "server/blocks/shampoo/math/shampoo_block.h"
-#include "server/engine/engine_factory.h"
 #include "tests/service/server_fixture.h"
 
 namespace natgrad::testing {
@@ -84,67 +83,19 @@ natgrad::v1::SessionConfig Config(natgrad::v1::DType dtype) {
   return c;
 }
 
-Eigen::MatrixXd RowMajor(const std::vector<double>& v, int64_t r, int64_t c) {
-  Eigen::MatrixXd m(r, c);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < c; ++j) m(i, j) = v[i * c + j];
-  return m;
+std::vector<DenseBlockShape> Shapes() {
+  std::vector<DenseBlockShape> out;
+  for (const Spec& s : Specs()) out.push_back({s.name, s.rows, s.cols, WireShape(s)});
+  return out;
 }
 
-std::vector<double> Flatten(const Eigen::MatrixXd& m) {
-  std::vector<double> v;
-  for (int64_t r = 0; r < m.rows(); ++r)
-    for (int64_t c = 0; c < m.cols(); ++c) v.push_back(m(r, c));
-  return v;
-}
-
-struct StepData {
-  std::vector<natgrad::v1::BlockStep> wire;
-  std::vector<core::DenseStepInput> core;
-};
-
-StepData Inputs(int t, bool float32) {
-  std::mt19937 rng(1000 + t);
-  StepData d;
-  for (const Spec& s : Specs()) {
-    auto g = RandomVector(rng, s.rows * s.cols);
-    auto p = RandomVector(rng, s.rows * s.cols);
-    if (float32) {
-      for (auto* v : {&g, &p})
-        for (double& x : *v) x = static_cast<float>(x);
-    }
-    const std::vector<int64_t> shape = WireShape(s);
-    natgrad::v1::BlockStep b;
-    b.set_name(s.name);
-    *b.mutable_gradient() = client::MakeTensor(g, shape);
-    *b.mutable_params() = client::MakeTensor(p, shape);
-    if (float32) {
-      *b.mutable_gradient() = client::MakeTensor(std::vector<float>(g.begin(), g.end()), shape);
-      *b.mutable_params() = client::MakeTensor(std::vector<float>(p.begin(), p.end()), shape);
-    }
-    d.wire.push_back(b);
-    core::DenseStepInput in;
-    in.gradient = RowMajor(g, s.rows, s.cols);
-    in.params = RowMajor(p, s.rows, s.cols);
-    d.core.push_back(std::move(in));
-  }
-  return d;
+DenseStepData Inputs(int t, bool float32) {
+  return DenseStepInputs(1000 + t, Shapes(), float32);
 }
 
 void RunAgainstCore(natgrad::v1::DType dtype) {
   const bool f32 = dtype == natgrad::v1::FLOAT32;
   const core::Precision prec = f32 ? core::Precision::kFloat32 : core::Precision::kFloat64;
-  auto server = StartServer();
-  client::Client client(ClientFor(*server));
-  auto session = client.CreateSession(Config(dtype));
-  ASSERT_TRUE(session.ok()) << session.status();
-  auto stream = client.OpenStream(session->name());
-  ASSERT_TRUE(stream.ok());
-
-  engine::EngineOptions eo;
-  eo.backend = "cpu";
-  auto engine = engine::CreateInversionEngine(eo);
-  ASSERT_TRUE(engine.ok());
   std::vector<std::unique_ptr<core::ParameterBlock>> ref;
   for (const Spec& s : Specs()) {
     if (s.adam) {
@@ -158,23 +109,8 @@ void RunAgainstCore(natgrad::v1::DType dtype) {
       ref.push_back(*core::NewShampooBlock(s.name, {s.rows, s.cols}, o, prec));
     }
   }
-  for (int t = 1; t <= 9; ++t) {
-    StepData d = Inputs(t, f32);
-    auto r = (*stream)->Step(d.wire);
-    ASSERT_TRUE(r.ok()) << r.status();
-    core::StepContext ctx;
-    ctx.step = t;
-    ctx.engine = engine->engine.get();
-    for (size_t i = 0; i < ref.size(); ++i) {
-      auto p = ref[i]->Propose(d.core[i], ctx);
-      ASSERT_TRUE(p.ok()) << p.status();
-      const Eigen::MatrixXd want = (*p)->Commit(1.0).delta;
-      // Bit for bit: the same arithmetic, only the transport differs (a
-      // float32 reply carries the float32 delta exactly).
-      ASSERT_EQ(client::TensorValues(r->updates(i).delta()), Flatten(want))
-          << "step " << t << " block " << Specs()[i].name;
-    }
-  }
+  ExpectSessionEqualsCoreInProcess(Config(dtype), std::move(ref), 9,
+                                   [&](int t) { return Inputs(t, f32); });
 }
 
 TEST(ShampooService, MixedSessionEqualsCoreInProcessFloat64) {
@@ -186,39 +122,16 @@ TEST(ShampooService, MixedSessionEqualsCoreInProcessFloat32) {
 }
 
 TEST(ShampooService, SnapshotRestoreContinuesExactly) {
-  auto a = StartServer();
-  auto b = StartServer();
-  client::Client ca(ClientFor(*a)), cb(ClientFor(*b));
-  auto reference = ca.CreateSession(Config(natgrad::v1::FLOAT32));
-  auto moving = ca.CreateSession(Config(natgrad::v1::FLOAT32));
-  ASSERT_TRUE(reference.ok() && moving.ok());
-  auto ref_stream = *ca.OpenStream(reference->name());
-  auto mov_stream = *ca.OpenStream(moving->name());
   // Step 5 refreshes; steps 6 and 7 use its roots, 8 refreshes again.
-  for (int t = 1; t <= 5; ++t) {
-    ASSERT_TRUE(ref_stream->Step(Inputs(t, true).wire).ok());
-    ASSERT_TRUE(mov_stream->Step(Inputs(t, true).wire).ok());
-  }
-  mov_stream->Close().IgnoreError();
-  auto snapshot = ca.ExportSession(moving->name());
-  ASSERT_TRUE(snapshot.ok()) << snapshot.status();
-  bool saw_tile = false;
-  for (const auto& blk : snapshot->blocks()) {
-    if (blk.name() == "big") saw_tile = blk.tensors().count("right_root.5") > 0;
-  }
-  EXPECT_TRUE(saw_tile) << "the 20 x 12 block should export six tiles";
-  auto imported = cb.ImportSession(*snapshot);
-  ASSERT_TRUE(imported.ok()) << imported.status();
-  auto moved = *cb.OpenStream(moving->name());
-  for (int t = 6; t <= 10; ++t) {
-    auto want = ref_stream->Step(Inputs(t, true).wire);
-    auto got = moved->Step(Inputs(t, true).wire);
-    ASSERT_TRUE(want.ok() && got.ok()) << got.status();
-    for (int i = 0; i < got->updates_size(); ++i) {
-      EXPECT_EQ(got->updates(i).delta().data(), want->updates(i).delta().data())
-          << "step " << t << " block " << i;
-    }
-  }
+  ExpectSnapshotRestoreContinuesExactly(
+      Config(natgrad::v1::FLOAT32), [](int t) { return Inputs(t, true).wire; }, 5, 10,
+      [](const natgrad::v1::SessionSnapshot& snapshot) {
+        bool saw_tile = false;
+        for (const auto& blk : snapshot.blocks()) {
+          if (blk.name() == "big") saw_tile = blk.tensors().count("right_root.5") > 0;
+        }
+        EXPECT_TRUE(saw_tile) << "the 20 x 12 block should export six tiles";
+      });
 }
 
 TEST(ShampooService, BadConfigAndStepNameBlockAndFieldAndChangeNothing) {

@@ -1,5 +1,4 @@
 """natgrad.torch.Shampoo against a real server: a tiny MLP trains."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -9,14 +8,7 @@ import torch.nn.functional as F  # noqa: E402
 import natgrad  # noqa: E402
 import natgrad.torch  # noqa: E402
 from natgrad import blocks  # noqa: E402
-
-
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 10, generator=g)
-    w = torch.randn(10, 3, generator=g)
-    y = (x @ w).argmax(dim=1)
-    return x, y
+from torch_dense_helpers import assert_trains_mlp, train  # noqa: E402
 
 
 def test_shampoo_trains_a_tiny_mlp(client):
@@ -27,17 +19,7 @@ def test_shampoo_trains_a_tiny_mlp(client):
                                 precondition_frequency=5, start_preconditioning_step=2)
     kinds = {b.name: b.WhichOneof("kind") for b in opt.session.config.blocks}
     assert kinds == {n: "shampoo" for n, _ in model.named_parameters()}
-    x, y = _data()
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    assert opt.last_result.step == 30
-    assert all(np.isfinite(losses))
-    assert losses[-1] < 0.5 * losses[0], losses
+    losses = assert_trains_mlp(opt, model, 30)
     assert all(b < a for a, b in zip(losses[::10], losses[10::10])), losses
     opt.close(delete=True)
 
@@ -80,13 +62,7 @@ def test_shampoo_trains_a_conv_net_with_rank4_weights(client):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(32, 2, 6, 6, generator=g)
     y = (x.mean(dim=(1, 2, 3)) > 0).long()
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = train(opt, model, x, y, 25)
     assert losses[-1] < 0.5 * losses[0], losses
     snap = opt.session.export()
     conv = next(b for b in snap.blocks if b.name == "0.weight")

@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: E402
 import natgrad  # noqa: E402
 import natgrad.torch  # noqa: E402
 from natgrad import blocks  # noqa: E402
+from torch_dense_helpers import assert_trains_mlp  # noqa: E402
 
 
 class NumpySoap:
@@ -130,19 +131,7 @@ def test_soap_trains_a_tiny_mlp(client):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = natgrad.torch.SOAP(model, client=client, lr=0.02, precondition_frequency=5)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 10, generator=g)
-    y = (x @ torch.randn(10, 3, generator=g)).argmax(dim=1)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    assert opt.last_result.step == 30
-    assert all(np.isfinite(losses))
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_trains_mlp(opt, model, 30)
     opt.close(delete=True)
 
 

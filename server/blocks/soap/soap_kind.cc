@@ -5,7 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/blocks/internal/dense_codec.h"
 #include "server/blocks/internal/dense_gradient_kind.h"
-#include "server/blocks/shampoo/math/shampoo_block.h"
+#include "server/blocks/internal/math/matrix_block_helpers.h"
 #include "server/blocks/soap/math/soap_block.h"
 
 namespace natgrad::blocks {
@@ -99,7 +99,7 @@ class SoapBlockKind final : public internal::DenseGradientKind {
     // A 1-D parameter is plain Adam (the reference's precondition_1d off);
     // rank > 2 is reshaped by shampoo's merge of small dimensions.
     o.vector = dims.size() <= 1;
-    o.view_rows = core::ShampooMergedRows(dims, o.max_precond_dim);
+    o.view_rows = core::matrix_block_internal::MergedViewRows(dims, o.max_precond_dim);
     return o;
   }
 };

@@ -10,12 +10,14 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "server/blocks/internal/math/matrix_block_helpers.h"
 #include "server/core/block_error.h"
 #include "server/core/first_order_checks.h"
 
 namespace natgrad::core {
 
 namespace fo = first_order_internal;
+namespace mb = matrix_block_internal;
 
 template <typename Scalar>
 class AdamBlock<Scalar>::Update final : public PendingBlockUpdate {
@@ -33,10 +35,7 @@ class AdamBlock<Scalar>::Update final : public PendingBlockUpdate {
     block_->exp_avg_ = std::move(exp_avg_);
     block_->exp_avg_sq_ = std::move(exp_avg_sq_);
     ++block_->step_;
-    BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
-    out.hyperparameters = std::move(hyperparameters_);
-    return out;
+    return mb::FirstOrderOutput(delta_, std::move(hyperparameters_));
   }
 
  private:
@@ -95,27 +94,16 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
   if (!in.ok()) return in.status();
   const DenseStepInput& input = **in;
-  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context);
-      !s.ok()) {
-    return s;
-  }
-  const int64_t t = context.step;
-  absl::StatusOr<double> lr =
-      fo::LearningRate(*options_.learning_rate, t, name(), input);
-  if (!lr.ok()) return lr.status();
-  absl::StatusOr<double> wd =
-      fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");
-  if (!wd.ok()) return wd.status();
-  if (*wd > 0 && !input.params.has_value()) {
-    return InvalidBlockField(name(), "params",
-                             "is required when weight_decay > 0");
-  }
+  absl::StatusOr<mb::DenseStepRates> rates = mb::CheckDenseStep(
+      name(), shape_, input, context, *options_.learning_rate, *options_.weight_decay);
+  if (!rates.ok()) return rates.status();
+  const double lr = rates->learning_rate, wd = rates->weight_decay;
   const double b1 = options_.beta1, b2 = options_.beta2;
 
   Matrix g = input.gradient.template ToMatrix<Scalar>();
   Matrix w;
-  if (*wd > 0) w = input.params->template ToMatrix<Scalar>();
-  if (*wd > 0 && !options_.decoupled_weight_decay) g += Scalar(*wd) * w;
+  if (wd > 0) w = input.params->template ToMatrix<Scalar>();
+  if (wd > 0 && !options_.decoupled_weight_decay) g += Scalar(wd) * w;
   Matrix m = Scalar(b1) * exp_avg_ + Scalar(1 - b1) * g;
   Matrix v =
       Scalar(b2) * exp_avg_sq_ + Scalar(1 - b2) * g.array().square().matrix();
@@ -124,13 +112,13 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
   const double n = static_cast<double>(step_ + 1);
   const double bias1 = 1 - std::pow(b1, n);
   const double bias2_sqrt = std::sqrt(1 - std::pow(b2, n));
-  const Scalar step_size = Scalar(*lr / bias1);
+  const Scalar step_size = Scalar(lr / bias1);
   Matrix delta =
       (-step_size * m.array() /
        (v.array().sqrt() / Scalar(bias2_sqrt) + Scalar(options_.epsilon)))
           .matrix();
-  if (*wd > 0 && options_.decoupled_weight_decay) {
-    delta -= Scalar(*lr * *wd) * w;
+  if (wd > 0 && options_.decoupled_weight_decay) {
+    delta -= Scalar(lr * wd) * w;
   }
   // Finite inputs can still overflow (g^2, or a double gradient beyond
   // float's range); refuse rather than poison the state.
@@ -140,10 +128,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> AdamBlock<Scalar>::Propose(
         std::tuple{"exp_avg_sq", &v, DType::kFloat64}}) {
     if (absl::Status s = fo::CheckCommittable(name(), field, reply, *matrix); !s.ok()) return s;
   }
-  std::map<std::string, double> hyper = {{"learning_rate", *lr},
+  std::map<std::string, double> hyper = {{"learning_rate", lr},
                                          {"beta1", b1},
                                          {"beta2", b2},
-                                         {"weight_decay", *wd}};
+                                         {"weight_decay", wd}};
   return std::make_unique<Update>(this, std::move(delta), std::move(m),
                                   std::move(v), std::move(hyper));
 }
@@ -200,16 +188,7 @@ template class AdamBlock<double>;
 absl::StatusOr<std::unique_ptr<ParameterBlock>> NewAdamBlock(
     std::string name, MatrixShape shape, const AdamOptions& options,
     Precision precision) {
-  if (precision == Precision::kFloat64) {
-    absl::StatusOr<std::unique_ptr<AdamBlock<double>>> b =
-        AdamBlock<double>::Create(std::move(name), shape, options);
-    if (!b.ok()) return b.status();
-    return std::unique_ptr<ParameterBlock>(std::move(*b));
-  }
-  absl::StatusOr<std::unique_ptr<AdamBlock<float>>> b =
-      AdamBlock<float>::Create(std::move(name), shape, options);
-  if (!b.ok()) return b.status();
-  return std::unique_ptr<ParameterBlock>(std::move(*b));
+  return mb::NewBlockOfPrecision<AdamBlock>(std::move(name), shape, options, precision);
 }
 
 }  // namespace natgrad::core

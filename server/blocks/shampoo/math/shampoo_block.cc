@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "server/blocks/internal/math/matrix_block_helpers.h"
 #include "server/core/block_error.h"
 #include "server/core/first_order_checks.h"
 #include "server/engine/inversion_engine.h"
@@ -19,6 +20,7 @@
 namespace natgrad::core {
 
 namespace fo = first_order_internal;
+namespace mb = matrix_block_internal;
 
 namespace {
 
@@ -26,15 +28,8 @@ namespace {
 // keeps every factor at most max_preconditioner_dim on a side.
 constexpr int64_t kMaxPreconditionerDimLimit = 8192;
 
-int64_t SatAdd(int64_t a, int64_t b) {
-  if (a > std::numeric_limits<int64_t>::max() - b) return std::numeric_limits<int64_t>::max();
-  return a + b;
-}
-int64_t SatMul(int64_t a, int64_t b) {
-  if (a <= 0 || b <= 0) return 0;
-  if (a > std::numeric_limits<int64_t>::max() / b) return std::numeric_limits<int64_t>::max();
-  return a * b;
-}
+using mb::SatAdd;
+using mb::SatMul;
 
 int64_t InverseRoot(const ShampooOptions& o) {
   return o.inverse_root_override > 0 ? o.inverse_root_override : 4;
@@ -54,41 +49,21 @@ std::vector<std::pair<int64_t, int64_t>> ShampooBlock<Scalar>::Tiles(int64_t siz
 }
 
 MatrixShape ShampooViewShape(MatrixShape shape, const ShampooOptions& o) {
-  if (o.view_rows <= 0 || o.view_rows == shape.rows) return shape;
-  return {o.view_rows, shape.rows * shape.cols / o.view_rows};
+  return mb::ViewShape(shape, o.view_rows);
 }
 
 int64_t ShampooMergedRows(const std::vector<int64_t>& tensor_shape, int64_t max_dim) {
-  if (tensor_shape.size() <= 2) return 0;
-  std::vector<int64_t> merged;
-  int64_t product = 1;
-  for (int64_t d : tensor_shape) {
-    if (d <= 0) return 0;
-    if (product <= max_dim / d) {  // product * d <= max_dim without overflow
-      product *= d;
-    } else {
-      if (product > 1) merged.push_back(product);
-      product = d;
-    }
-  }
-  if (product > 1) merged.push_back(product);
-  return merged.size() == 2 ? merged[0] : 0;
+  return mb::MergedViewRows(tensor_shape, max_dim);
 }
 
 template <typename Scalar>
 typename ShampooBlock<Scalar>::Matrix ShampooBlock<Scalar>::ToView(const Matrix& x) const {
-  if (view_.rows == shape_.rows) return x;
-  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  RowMajor flat = x;  // the wire's row-major order
-  return Eigen::Map<const RowMajor>(flat.data(), view_.rows, view_.cols);
+  return mb::Reshape<Scalar>(x, shape_, view_);
 }
 
 template <typename Scalar>
 typename ShampooBlock<Scalar>::Matrix ShampooBlock<Scalar>::FromView(const Matrix& x) const {
-  if (view_.rows == shape_.rows) return x;
-  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  RowMajor flat = x;
-  return Eigen::Map<const RowMajor>(flat.data(), shape_.rows, shape_.cols);
+  return mb::Reshape<Scalar>(x, view_, shape_);
 }
 
 template <typename Scalar>
@@ -119,10 +94,7 @@ class ShampooBlock<Scalar>::Update final : public PendingBlockUpdate {
       block_->right_root_ = std::move(right_root_);
     }
     ++block_->step_;
-    BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
-    out.hyperparameters = std::move(hyperparameters_);
-    return out;
+    return mb::FirstOrderOutput(delta_, std::move(hyperparameters_));
   }
 
  private:
@@ -154,46 +126,29 @@ ShampooBlock<Scalar>::ShampooBlock(std::string name, MatrixShape shape,
 
 absl::Status ValidateShampooOptions(MatrixShape shape, const ShampooOptions& o) {
   if (absl::Status s = fo::CheckShape("shampoo", shape); !s.ok()) return s;
-  if (o.view_rows < 0 || (o.view_rows > 0 && (shape.rows * shape.cols) % o.view_rows != 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shampoo.view_rows must be 0 or divide the parameter's ", shape.rows * shape.cols,
-        " values, got ", o.view_rows));
+  if (absl::Status s = mb::CheckViewRows("shampoo", shape, o.view_rows); !s.ok()) return s;
+  if (absl::Status s = mb::CheckUnitInterval("shampoo", {{"beta1", o.beta1},
+                                                         {"beta2", o.beta2},
+                                                         {"grafting_beta2", o.grafting_beta2}});
+      !s.ok()) {
+    return s;
   }
-  // Written as !(in range) so NaN fails too.
-  for (auto [param, value] : {std::pair{"beta1", o.beta1}, std::pair{"beta2", o.beta2},
-                              std::pair{"grafting_beta2", o.grafting_beta2}}) {
-    if (!(value >= 0.0 && value < 1.0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("shampoo.", param, " must be in [0, 1), got ", value));
-    }
+  if (absl::Status s = mb::CheckPositiveFinite(
+          "shampoo", {{"epsilon", o.epsilon}, {"grafting_epsilon", o.grafting_epsilon}});
+      !s.ok()) {
+    return s;
   }
-  for (auto [param, value] : {std::pair{"epsilon", o.epsilon},
-                              std::pair{"grafting_epsilon", o.grafting_epsilon}}) {
-    if (!(value > 0.0 && std::isfinite(value))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "shampoo.", param, " must be positive and finite, got ", value));
-    }
+  for (auto [param, value] : {std::pair{"precondition_frequency", o.precondition_frequency},
+                              std::pair{"start_preconditioning_step",
+                                        o.start_preconditioning_step}}) {
+    if (absl::Status s = mb::CheckAtLeastOne("shampoo", param, value); !s.ok()) return s;
   }
-  if (o.precondition_frequency < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shampoo.precondition_frequency must be >= 1, got ", o.precondition_frequency));
+  if (absl::Status s = mb::CheckInRange("shampoo", "max_preconditioner_dim",
+                                        o.max_preconditioner_dim, 1, kMaxPreconditionerDimLimit);
+      !s.ok()) {
+    return s;
   }
-  if (o.start_preconditioning_step < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("shampoo.start_preconditioning_step must be >= 1, got ",
-                     o.start_preconditioning_step));
-  }
-  if (o.max_preconditioner_dim < 1 || o.max_preconditioner_dim > kMaxPreconditionerDimLimit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("shampoo.max_preconditioner_dim must be in [1, ",
-                     kMaxPreconditionerDimLimit, "], got ", o.max_preconditioner_dim));
-  }
-  if (o.inverse_root_override < 0 || o.inverse_root_override > 64) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("shampoo.inverse_root_override must be in [0, 64], got ",
-                     o.inverse_root_override));
-  }
-  return absl::OkStatus();
+  return mb::CheckInRange("shampoo", "inverse_root_override", o.inverse_root_override, 0, 64);
 }
 
 int64_t EstimateShampooStateBytes(MatrixShape parameter_shape, const ShampooOptions& o,
@@ -231,18 +186,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
   if (!in.ok()) return in.status();
   const DenseStepInput& input = **in;
-  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context); !s.ok()) {
-    return s;
-  }
-  const int64_t t = context.step;
-  absl::StatusOr<double> lr = fo::LearningRate(*options_.learning_rate, t, name(), input);
-  if (!lr.ok()) return lr.status();
-  absl::StatusOr<double> wd =
-      fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");
-  if (!wd.ok()) return wd.status();
-  if (*wd > 0 && !input.params.has_value()) {
-    return InvalidBlockField(name(), "params", "is required when weight_decay > 0");
-  }
+  absl::StatusOr<mb::DenseStepRates> rates = mb::CheckDenseStep(
+      name(), shape_, input, context, *options_.learning_rate, *options_.weight_decay);
+  if (!rates.ok()) return rates.status();
+  const double lr = rates->learning_rate, wd = rates->weight_decay;
   const ShampooOptions& o = options_;
   const int64_t n = step_ + 1;
   const bool precondition = !diagonal() && n >= o.start_preconditioning_step;
@@ -280,10 +227,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
   for (size_t k = 0; k < tiles_.size(); ++k) {
     const Tile& tl = tiles_[k];
     const auto gt = g.block(tl.row0, tl.col0, tl.rows, tl.cols);
-    left[k] = Scalar(o.beta2) * left_[k];
-    left[k].noalias() += Scalar(1 - o.beta2) * gt * gt.transpose();
-    right[k] = Scalar(o.beta2) * right_[k];
-    right[k].noalias() += Scalar(1 - o.beta2) * gt.transpose() * gt;
+    left[k] = mb::LeftFactorEma(left_[k], gt, o.beta2);
+    right[k] = mb::RightFactorEma(right_[k], gt, o.beta2);
   }
 
   std::vector<Matrix> left_root, right_root;
@@ -340,8 +285,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
       direction.block(tl.row0, tl.col0, tl.rows, tl.cols) = p;
     }
   }
-  Matrix delta = FromView(Scalar(-*lr) * direction);
-  if (*wd > 0) delta -= Scalar(*lr * *wd) * input.params->template ToMatrix<Scalar>();
+  Matrix delta = FromView(Scalar(-lr) * direction);
+  if (wd > 0) delta -= Scalar(lr * wd) * input.params->template ToMatrix<Scalar>();
 
   // Finite inputs can still overflow (G G^T, or a double gradient beyond
   // float's range); refuse rather than poison the state.
@@ -354,8 +299,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
     return InvalidBlockField(name(), "gradient",
                              "gives an update that overflows to non-finite values");
   }
-  std::map<std::string, double> hyper = {{"learning_rate", *lr},
-                                         {"weight_decay", *wd},
+  std::map<std::string, double> hyper = {{"learning_rate", lr},
+                                         {"weight_decay", wd},
                                          {"beta1", o.beta1},
                                          {"beta2", o.beta2},
                                          {"preconditioned", precondition ? 1.0 : 0.0},
@@ -384,9 +329,6 @@ BlockState ShampooBlock<Scalar>::ExportState() const {
 
 template <typename Scalar>
 absl::Status ShampooBlock<Scalar>::ImportState(const BlockState& state) {
-  auto err = [&](absl::string_view field, absl::string_view what) {
-    return InvalidBlockField(name(), absl::StrCat("state ", field), what);
-  };
   // Every name must be one this block exports.
   std::map<std::string, MatrixShape> want = {{"momentum", view_}};
   if (HasSecondMoment()) want["second_moment"] = view_;
@@ -399,30 +341,21 @@ absl::Status ShampooBlock<Scalar>::ImportState(const BlockState& state) {
     want[absl::StrCat("left_root.", k)] = {tiles_[k].rows, tiles_[k].rows};
     want[absl::StrCat("right_root.", k)] = {tiles_[k].cols, tiles_[k].cols};
   }
-  for (const auto& [key, value] : state.scalars) {
-    if (key != "step") return err(absl::StrCat("scalar \"", key, "\""), "is not a shampoo state name");
-  }
-  for (const auto& [key, value] : state.tensors) {
-    if (want.count(key) == 0) {
-      return err(absl::StrCat("tensor \"", key, "\""),
-                 "is not a state tensor of this block (its tiles or grafting differ)");
-    }
+  if (absl::Status s = mb::RefuseUnknownScalars(name(), "shampoo", state); !s.ok()) return s;
+  if (absl::Status s =
+          mb::RefuseUnknownTensors(name(), state, want, "(its tiles or grafting differ)");
+      !s.ok()) {
+    return s;
   }
   absl::StatusOr<int64_t> step = fo::StateStep(state);
-  if (!step.ok()) return err("scalar \"step\"", step.status().message());
-  std::map<std::string, Matrix> got;
-  for (const auto& [key, shape] : want) {
-    absl::StatusOr<const Eigen::MatrixXd*> x = fo::StateTensor(state, key, shape);
-    if (!x.ok()) return err(absl::StrCat("tensor \"", key, "\""), x.status().message());
-    Matrix cast = (*x)->template cast<Scalar>();
-    if (!cast.allFinite()) {
-      return err(absl::StrCat("tensor \"", key, "\""), "overflows this block's precision");
-    }
-    if (key == "second_moment" && cast.minCoeff() < 0) {
-      return err("tensor \"second_moment\"", "must be >= 0 everywhere");
-    }
-    got[key] = std::move(cast);
-  }
+  if (!step.ok()) return mb::StateError(name(), "scalar \"step\"", step.status().message());
+  absl::StatusOr<std::map<std::string, Matrix>> read = mb::ReadStateTensors<Scalar>(
+      name(), state, want,
+      [](const std::string& key, const Eigen::MatrixXd&, const Matrix& cast) -> std::string {
+        return key == "second_moment" && cast.minCoeff() < 0 ? "must be >= 0 everywhere" : "";
+      });
+  if (!read.ok()) return read.status();
+  std::map<std::string, Matrix>& got = *read;
   step_ = *step;
   momentum_ = std::move(got["momentum"]);
   if (HasSecondMoment()) second_moment_ = std::move(got["second_moment"]);
@@ -454,14 +387,7 @@ template class ShampooBlock<double>;
 
 absl::StatusOr<std::unique_ptr<ParameterBlock>> NewShampooBlock(
     std::string name, MatrixShape shape, const ShampooOptions& options, Precision precision) {
-  if (precision == Precision::kFloat64) {
-    auto b = ShampooBlock<double>::Create(std::move(name), shape, options);
-    if (!b.ok()) return b.status();
-    return std::unique_ptr<ParameterBlock>(std::move(*b));
-  }
-  auto b = ShampooBlock<float>::Create(std::move(name), shape, options);
-  if (!b.ok()) return b.status();
-  return std::unique_ptr<ParameterBlock>(std::move(*b));
+  return mb::NewBlockOfPrecision<ShampooBlock>(std::move(name), shape, options, precision);
 }
 
 }  // namespace natgrad::core

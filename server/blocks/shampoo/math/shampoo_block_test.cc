@@ -9,12 +9,19 @@
 #include "Eigen/Eigenvalues"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/blocks/internal/math/testing/dense_block_testing.h"
 #include "server/engine/testing/eigen_inversion_engine.h"
 
 namespace natgrad::core {
 namespace {
 
 using ::testing::HasSubstr;
+using dense_block_testing::Random;
+using dense_block_testing::RandomFloat;
+using dense_block_testing::RelErr;
+using dense_block_testing::SameState;
+using dense_block_testing::ExpectBadStepsRefused;
+using dense_block_testing::ExpectExportImportContinuesExactly;
 using Eigen::MatrixXd;
 
 struct Oracle {
@@ -97,18 +104,6 @@ struct Oracle {
   }
 };
 
-MatrixXd Random(std::mt19937& rng, int64_t r, int64_t c) {
-  std::normal_distribution<double> d;
-  MatrixXd m(r, c);
-  for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = d(rng);
-  return m;
-}
-
-// Values exactly representable in float, so both precisions see one input.
-MatrixXd RandomFloat(std::mt19937& rng, int64_t r, int64_t c) {
-  return Random(rng, r, c).cast<float>().cast<double>();
-}
-
 ShampooOptions Full() {
   ShampooOptions o;
   o.learning_rate = *LinearWarmupSchedule(0.01, 0.1, 5);
@@ -122,10 +117,6 @@ ShampooOptions Full() {
   o.max_preconditioner_dim = 3;
   o.grafting = ShampooGrafting::kAdam;
   return o;
-}
-
-double RelErr(const MatrixXd& got, const MatrixXd& want) {
-  return (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
 }
 
 void CompareWithOracle(const ShampooOptions& o, int64_t rows, int64_t cols, Precision prec,
@@ -263,34 +254,9 @@ TEST(ShampooBlock, ExportImportContinuesExactly) {
     ShampooOptions o = Full();
     auto a = NewShampooBlock("w", {7, 5}, o, prec);
     auto b = NewShampooBlock("w", {7, 5}, o, prec);
-    std::mt19937 rng(11);
-    std::vector<MatrixXd> gs, ws;
-    for (int t = 0; t < 12; ++t) {
-      gs.push_back(Random(rng, 7, 5));
-      ws.push_back(Random(rng, 7, 5));
-    }
-    auto step = [&](ParameterBlock& blk, int t) {
-      DenseStepInput in;
-      in.gradient = gs[t - 1];
-      in.params = ws[t - 1];
-      StepContext ctx{.step = t, .engine = &engine};
-      return (*blk.Propose(in, ctx))->Commit(1).delta;
-    };
-    for (int t = 1; t <= 6; ++t) step(**a, t);
-    ASSERT_TRUE((*b)->ImportState((*a)->ExportState()).ok());
-    EXPECT_EQ((*b)->StateBytes(), (*a)->StateBytes());
     // Step 7 uses the roots of step 5; step 8 refreshes.
-    for (int t = 7; t <= 12; ++t) EXPECT_EQ(step(**a, t), step(**b, t)) << "step " << t;
+    ExpectExportImportContinuesExactly(**a, **b, 7, 5, 6, 12, &engine);
   }
-}
-
-bool SameState(const BlockState& x, const BlockState& y) {
-  if (x.scalars != y.scalars || x.tensors.size() != y.tensors.size()) return false;
-  for (const auto& [k, v] : x.tensors) {
-    auto it = y.tensors.find(k);
-    if (it == y.tensors.end() || it->second != v) return false;
-  }
-  return true;
 }
 
 TEST(ShampooBlock, BadInputsAreRefusedAndChangeNothing) {
@@ -307,40 +273,7 @@ TEST(ShampooBlock, BadInputsAreRefusedAndChangeNothing) {
   }
   const BlockState before = (*block)->ExportState();
   StepContext ctx{.step = 4, .engine = &engine};
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 3, 4);
-    in.params = Random(rng, 4, 3);
-    auto p = (*block)->Propose(in, ctx);
-    EXPECT_THAT(p.status().message(), HasSubstr("block \"fc1\": gradient"));
-  }
-  {
-    DenseStepInput in;
-    MatrixXd g = Random(rng, 4, 3);
-    g(1, 1) = std::nan("");
-    in.gradient = g;
-    in.params = Random(rng, 4, 3);
-    EXPECT_FALSE((*block)->Propose(in, ctx).ok());
-  }
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 4, 3);  // weight decay without params
-    EXPECT_THAT((*block)->Propose(in, ctx).status().message(),
-                HasSubstr("block \"fc1\": params"));
-  }
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 4, 3);
-    in.params = Random(rng, 4, 3);
-    in.learning_rate = -1;
-    EXPECT_FALSE((*block)->Propose(in, ctx).ok());
-  }
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 4, 3) * 1e200;  // G G^T overflows
-    in.params = Random(rng, 4, 3);
-    EXPECT_THAT((*block)->Propose(in, ctx).status().message(), HasSubstr("non-finite"));
-  }
+  ExpectBadStepsRefused(**block, "fc1", 4, 3, ctx, rng);
   // Bad imports.
   BlockState bad = before;
   bad.tensors["left_factor.0"](0, 0) = std::nan("");

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "server/blocks/internal/math/matrix_block_helpers.h"
 #include "server/core/block_error.h"
 #include "server/core/first_order_checks.h"
 #include "server/engine/inversion_engine.h"
@@ -23,6 +24,7 @@
 namespace natgrad::core {
 
 namespace fo = first_order_internal;
+namespace mb = matrix_block_internal;
 
 namespace {
 
@@ -30,15 +32,8 @@ namespace {
 // GiB; the reference's own default (10000) is below it.
 constexpr int64_t kMaxPrecondDimLimit = 65536;
 
-int64_t SatAdd(int64_t a, int64_t b) {
-  if (a > std::numeric_limits<int64_t>::max() - b) return std::numeric_limits<int64_t>::max();
-  return a + b;
-}
-int64_t SatMul(int64_t a, int64_t b) {
-  if (a <= 0 || b <= 0) return 0;
-  if (a > std::numeric_limits<int64_t>::max() / b) return std::numeric_limits<int64_t>::max();
-  return a * b;
-}
+using mb::SatAdd;
+using mb::SatMul;
 
 bool SideOn(int64_t dim, const SoapOptions& o) { return !o.vector && dim <= o.max_precond_dim; }
 
@@ -56,24 +51,17 @@ std::vector<int64_t> DescendingOrder(const Matrix& f, const Matrix& q) {
 }  // namespace
 
 MatrixShape SoapViewShape(MatrixShape shape, const SoapOptions& o) {
-  if (o.view_rows <= 0 || o.view_rows == shape.rows) return shape;
-  return {o.view_rows, shape.rows * shape.cols / o.view_rows};
+  return mb::ViewShape(shape, o.view_rows);
 }
 
 template <typename Scalar>
 typename SoapBlock<Scalar>::Matrix SoapBlock<Scalar>::ToView(const Matrix& x) const {
-  if (view_.rows == shape_.rows) return x;
-  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  RowMajor flat = x;  // the wire's row-major order
-  return Eigen::Map<const RowMajor>(flat.data(), view_.rows, view_.cols);
+  return mb::Reshape<Scalar>(x, shape_, view_);
 }
 
 template <typename Scalar>
 typename SoapBlock<Scalar>::Matrix SoapBlock<Scalar>::FromView(const Matrix& x) const {
-  if (view_.rows == shape_.rows) return x;
-  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  RowMajor flat = x;
-  return Eigen::Map<const RowMajor>(flat.data(), shape_.rows, shape_.cols);
+  return mb::Reshape<Scalar>(x, view_, shape_);
 }
 
 template <typename Scalar>
@@ -114,10 +102,7 @@ class SoapBlock<Scalar>::Update final : public PendingBlockUpdate {
     block_->left_basis_ = std::move(left_basis_);
     block_->right_basis_ = std::move(right_basis_);
     ++block_->step_;
-    BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
-    out.hyperparameters = std::move(hyperparameters_);
-    return out;
+    return mb::FirstOrderOutput(delta_, std::move(hyperparameters_));
   }
 
  private:
@@ -142,32 +127,19 @@ SoapBlock<Scalar>::SoapBlock(std::string name, MatrixShape shape, SoapOptions op
 
 absl::Status ValidateSoapOptions(MatrixShape shape, const SoapOptions& o) {
   if (absl::Status s = fo::CheckShape("soap", shape); !s.ok()) return s;
-  if (o.view_rows < 0 || (o.view_rows > 0 && (shape.rows * shape.cols) % o.view_rows != 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("soap.view_rows must be 0 or divide the parameter's ", shape.rows * shape.cols,
-                     " values, got ", o.view_rows));
+  if (absl::Status s = mb::CheckViewRows("soap", shape, o.view_rows); !s.ok()) return s;
+  if (absl::Status s = mb::CheckUnitInterval(
+          "soap", {{"beta1", o.beta1}, {"beta2", o.beta2}, {"shampoo_beta", o.shampoo_beta}});
+      !s.ok()) {
+    return s;
   }
-  // Written as !(in range) so NaN fails too.
-  for (auto [param, value] : {std::pair{"beta1", o.beta1}, std::pair{"beta2", o.beta2},
-                              std::pair{"shampoo_beta", o.shampoo_beta}}) {
-    if (!(value >= 0.0 && value < 1.0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("soap.", param, " must be in [0, 1), got ", value));
-    }
+  if (absl::Status s = mb::CheckPositiveFinite("soap", {{"epsilon", o.epsilon}}); !s.ok()) return s;
+  if (absl::Status s = mb::CheckAtLeastOne("soap", "precondition_frequency",
+                                           o.precondition_frequency);
+      !s.ok()) {
+    return s;
   }
-  if (!(o.epsilon > 0.0 && std::isfinite(o.epsilon))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("soap.epsilon must be positive and finite, got ", o.epsilon));
-  }
-  if (o.precondition_frequency < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("soap.precondition_frequency must be >= 1, got ", o.precondition_frequency));
-  }
-  if (o.max_precond_dim < 1 || o.max_precond_dim > kMaxPrecondDimLimit) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "soap.max_precond_dim must be in [1, ", kMaxPrecondDimLimit, "], got ", o.max_precond_dim));
-  }
-  return absl::OkStatus();
+  return mb::CheckInRange("soap", "max_precond_dim", o.max_precond_dim, 1, kMaxPrecondDimLimit);
 }
 
 int64_t EstimateSoapStateBytes(MatrixShape parameter_shape, const SoapOptions& o,
@@ -197,16 +169,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
   if (!in.ok()) return in.status();
   const DenseStepInput& input = **in;
-  if (absl::Status s = fo::CheckStepInput(name(), shape_, input, context); !s.ok()) return s;
-  const int64_t t = context.step;
-  absl::StatusOr<double> lr = fo::LearningRate(*options_.learning_rate, t, name(), input);
-  if (!lr.ok()) return lr.status();
-  absl::StatusOr<double> wd =
-      fo::NonNegativeValue(*options_.weight_decay, t, name(), "weight_decay");
-  if (!wd.ok()) return wd.status();
-  if (*wd > 0 && !input.params.has_value()) {
-    return InvalidBlockField(name(), "params", "is required when weight_decay > 0");
-  }
+  absl::StatusOr<mb::DenseStepRates> rates = mb::CheckDenseStep(
+      name(), shape_, input, context, *options_.learning_rate, *options_.weight_decay);
+  if (!rates.ok()) return rates.status();
+  const double lr = rates->learning_rate, wd = rates->weight_decay;
   const SoapOptions& o = options_;
   const bool first = step_ == 0;
   // k: the reference's state["step"] after its increment (first step: 0).
@@ -219,16 +185,9 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
   }
 
   const Matrix g = ToView(input.gradient.template ToMatrix<Scalar>());
-  const Scalar bs = Scalar(o.shampoo_beta);
   Matrix left, right;
-  if (left_on_) {
-    left = bs * left_;
-    left.noalias() += Scalar(1 - o.shampoo_beta) * g * g.transpose();
-  }
-  if (right_on_) {
-    right = bs * right_;
-    right.noalias() += Scalar(1 - o.shampoo_beta) * g.transpose() * g;
-  }
+  if (left_on_) left = mb::LeftFactorEma(left_, g, o.shampoo_beta);
+  if (right_on_) right = mb::RightFactorEma(right_, g, o.shampoo_beta);
 
   Matrix m = exp_avg_, v = exp_avg_sq_;
   Matrix delta = Matrix::Zero(shape_.rows, shape_.cols);
@@ -238,15 +197,15 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     m = Scalar(o.beta1) * m + Scalar(1 - o.beta1) * gp;
     v = Scalar(o.beta2) * v + Scalar(1 - o.beta2) * gp.array().square().matrix();
     const Matrix normalized = (m.array() / (v.array().sqrt() + Scalar(o.epsilon))).matrix();
-    double step_size = *lr;
+    double step_size = lr;
     if (o.bias_correction) {
       const double kd = static_cast<double>(k);
       step_size *= std::sqrt(1.0 - std::pow(o.beta2, kd)) / (1.0 - std::pow(o.beta1, kd));
     }
     delta = FromView(Scalar(-step_size) * ProjectBack(normalized, ql, qr));
     // The reference decays the parameter after the step: p -= lr wd p.
-    if (*wd > 0) {
-      delta -= Scalar(*lr * *wd) * (input.params->template ToMatrix<Scalar>() + delta);
+    if (wd > 0) {
+      delta -= Scalar(lr * wd) * (input.params->template ToMatrix<Scalar>() + delta);
     }
   }
 
@@ -314,8 +273,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     return InvalidBlockField(name(), "gradient",
                              "gives an update that overflows to non-finite values");
   }
-  std::map<std::string, double> hyper = {{"learning_rate", *lr},
-                                         {"weight_decay", *wd},
+  std::map<std::string, double> hyper = {{"learning_rate", lr},
+                                         {"weight_decay", wd},
                                          {"beta1", o.beta1},
                                          {"beta2", o.beta2},
                                          {"shampoo_beta", o.shampoo_beta},
@@ -341,48 +300,36 @@ BlockState SoapBlock<Scalar>::ExportState() const {
 
 template <typename Scalar>
 absl::Status SoapBlock<Scalar>::ImportState(const BlockState& state) {
-  auto err = [&](absl::string_view field, absl::string_view what) {
-    return InvalidBlockField(name(), absl::StrCat("state ", field), what);
-  };
-  for (const auto& [key, value] : state.scalars) {
-    if (key != "step") return err(absl::StrCat("scalar \"", key, "\""), "is not a soap state name");
-  }
+  if (absl::Status s = mb::RefuseUnknownScalars(name(), "soap", state); !s.ok()) return s;
   absl::StatusOr<int64_t> step = fo::StateStep(state);
-  if (!step.ok()) return err("scalar \"step\"", step.status().message());
+  if (!step.ok()) return mb::StateError(name(), "scalar \"step\"", step.status().message());
   // Every name must be one this block exports at that step.
   std::map<std::string, MatrixShape> want = {{"exp_avg", view_}, {"exp_avg_sq", view_}};
   if (left_on_) want["left_factor"] = {view_.rows, view_.rows};
   if (right_on_) want["right_factor"] = {view_.cols, view_.cols};
   if (*step > 0 && left_on_) want["left_basis"] = {view_.rows, view_.rows};
   if (*step > 0 && right_on_) want["right_basis"] = {view_.cols, view_.cols};
-  for (const auto& [key, value] : state.tensors) {
-    if (want.count(key) == 0) {
-      return err(absl::StrCat("tensor \"", key, "\""),
-                 "is not a state tensor of this block at this step (its shape, "
-                 "max_precond_dim or step differ)");
-    }
+  if (absl::Status s = mb::RefuseUnknownTensors(
+          name(), state, want, "at this step (its shape, max_precond_dim or step differ)");
+      !s.ok()) {
+    return s;
   }
-  std::map<std::string, Matrix> got;
-  for (const auto& [key, shape] : want) {
-    absl::StatusOr<const Eigen::MatrixXd*> x = fo::StateTensor(state, key, shape);
-    if (!x.ok()) return err(absl::StrCat("tensor \"", key, "\""), x.status().message());
-    Matrix cast = (*x)->template cast<Scalar>();
-    if (!cast.allFinite()) {
-      return err(absl::StrCat("tensor \"", key, "\""), "overflows this block's precision");
-    }
-    if (key == "exp_avg_sq" && cast.minCoeff() < 0) {
-      return err("tensor \"exp_avg_sq\"", "must be >= 0 everywhere");
-    }
-    if (key == "left_basis" || key == "right_basis") {
-      // Loose enough for a float32 basis read into float64.
-      const Eigen::MatrixXd gram = (*x)->transpose() * **x;
-      if ((gram - Eigen::MatrixXd::Identity(gram.rows(), gram.cols())).cwiseAbs().maxCoeff() >
-          1e-3) {
-        return err(absl::StrCat("tensor \"", key, "\""), "must be orthogonal");
-      }
-    }
-    got[key] = std::move(cast);
-  }
+  absl::StatusOr<std::map<std::string, Matrix>> read = mb::ReadStateTensors<Scalar>(
+      name(), state, want,
+      [](const std::string& key, const Eigen::MatrixXd& x, const Matrix& cast) -> std::string {
+        if (key == "exp_avg_sq" && cast.minCoeff() < 0) return "must be >= 0 everywhere";
+        if (key == "left_basis" || key == "right_basis") {
+          // Loose enough for a float32 basis read into float64.
+          const Eigen::MatrixXd gram = x.transpose() * x;
+          if ((gram - Eigen::MatrixXd::Identity(gram.rows(), gram.cols())).cwiseAbs().maxCoeff() >
+              1e-3) {
+            return "must be orthogonal";
+          }
+        }
+        return "";
+      });
+  if (!read.ok()) return read.status();
+  std::map<std::string, Matrix>& got = *read;
   step_ = *step;
   exp_avg_ = std::move(got["exp_avg"]);
   exp_avg_sq_ = std::move(got["exp_avg_sq"]);
@@ -406,14 +353,7 @@ template class SoapBlock<double>;
 absl::StatusOr<std::unique_ptr<ParameterBlock>> NewSoapBlock(std::string name, MatrixShape shape,
                                                              const SoapOptions& options,
                                                              Precision precision) {
-  if (precision == Precision::kFloat64) {
-    auto b = SoapBlock<double>::Create(std::move(name), shape, options);
-    if (!b.ok()) return b.status();
-    return std::unique_ptr<ParameterBlock>(std::move(*b));
-  }
-  auto b = SoapBlock<float>::Create(std::move(name), shape, options);
-  if (!b.ok()) return b.status();
-  return std::unique_ptr<ParameterBlock>(std::move(*b));
+  return mb::NewBlockOfPrecision<SoapBlock>(std::move(name), shape, options, precision);
 }
 
 }  // namespace natgrad::core

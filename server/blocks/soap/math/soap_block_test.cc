@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/blocks/soap/math/soap_oracle.h"
+#include "server/blocks/internal/math/testing/dense_block_testing.h"
 #include "server/engine/testing/eigen_inversion_engine.h"
 
 namespace natgrad::core {
@@ -20,18 +21,12 @@ namespace {
 
 using Eigen::MatrixXd;
 using ::testing::HasSubstr;
-
-MatrixXd Random(std::mt19937& rng, int64_t r, int64_t c) {
-  std::normal_distribution<double> d;
-  MatrixXd m(r, c);
-  for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = d(rng);
-  return m;
-}
-
-// Values exactly representable in float, so both precisions see one input.
-MatrixXd RandomFloat(std::mt19937& rng, int64_t r, int64_t c) {
-  return Random(rng, r, c).cast<float>().cast<double>();
-}
+using dense_block_testing::Random;
+using dense_block_testing::RandomFloat;
+using dense_block_testing::RelErr;
+using dense_block_testing::SameState;
+using dense_block_testing::ExpectBadStepsRefused;
+using dense_block_testing::ExpectExportImportContinuesExactly;
 
 SoapOptions Full() {
   SoapOptions o;
@@ -57,10 +52,6 @@ testing::SoapOracleOptions OracleOptions(const SoapOptions& o, int64_t rows, int
   t.right = !o.vector && cols <= o.max_precond_dim;
   t.eigh_refresh = o.refresh == SoapRefresh::kEigh;
   return t;
-}
-
-double RelErr(const MatrixXd& got, const MatrixXd& want) {
-  return (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
 }
 
 void CompareWithOracle(const SoapOptions& o, int64_t rows, int64_t cols, Precision prec, double tol,
@@ -239,39 +230,14 @@ TEST(SoapBlock, ExportImportContinuesExactly) {
     SoapOptions o = Full();
     auto a = NewSoapBlock("w", {5, 4}, o, prec);
     auto b = NewSoapBlock("w", {5, 4}, o, prec);
-    std::mt19937 rng(11);
-    std::vector<MatrixXd> gs, ws;
-    for (int t = 0; t < 12; ++t) {
-      gs.push_back(Random(rng, 5, 4));
-      ws.push_back(Random(rng, 5, 4));
-    }
-    auto step = [&](ParameterBlock& blk, int t) {
-      DenseStepInput in;
-      in.gradient = gs[t - 1];
-      in.params = ws[t - 1];
-      StepContext ctx{.step = t, .engine = &engine};
-      return (*blk.Propose(in, ctx))->Commit(1).delta;
-    };
-    for (int t = 1; t <= 5; ++t) step(**a, t);
-    ASSERT_TRUE((*b)->ImportState((*a)->ExportState()).ok());
-    EXPECT_EQ((*b)->StateBytes(), (*a)->StateBytes());
     // Step 7 refreshes (k = 6).
-    for (int t = 6; t <= 12; ++t) EXPECT_EQ(step(**a, t), step(**b, t)) << "step " << t;
+    ExpectExportImportContinuesExactly(**a, **b, 5, 4, 5, 12, &engine);
   }
   // A fresh block's state (step 0, no bases) imports too.
   auto a = NewSoapBlock("w", {5, 4}, SoapOptions{}, Precision::kFloat64);
   auto b = NewSoapBlock("w", {5, 4}, SoapOptions{}, Precision::kFloat64);
   EXPECT_TRUE((*b)->ImportState((*a)->ExportState()).ok());
   EXPECT_EQ((*a)->ExportState().tensors.count("left_basis"), 0);
-}
-
-bool SameState(const BlockState& x, const BlockState& y) {
-  if (x.scalars != y.scalars || x.tensors.size() != y.tensors.size()) return false;
-  for (const auto& [k, v] : x.tensors) {
-    auto it = y.tensors.find(k);
-    if (it == y.tensors.end() || it->second != v) return false;
-  }
-  return true;
 }
 
 TEST(SoapBlock, BadInputsAreRefusedAndChangeNothing) {
@@ -288,39 +254,7 @@ TEST(SoapBlock, BadInputsAreRefusedAndChangeNothing) {
   }
   const BlockState before = (*block)->ExportState();
   StepContext ctx{.step = 4, .engine = &engine};
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 3, 4);
-    in.params = Random(rng, 4, 3);
-    EXPECT_THAT((*block)->Propose(in, ctx).status().message(),
-                HasSubstr("block \"fc1\": gradient"));
-  }
-  {
-    DenseStepInput in;
-    MatrixXd g = Random(rng, 4, 3);
-    g(1, 1) = std::nan("");
-    in.gradient = g;
-    in.params = Random(rng, 4, 3);
-    EXPECT_FALSE((*block)->Propose(in, ctx).ok());
-  }
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 4, 3);  // weight decay without params
-    EXPECT_THAT((*block)->Propose(in, ctx).status().message(), HasSubstr("block \"fc1\": params"));
-  }
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 4, 3);
-    in.params = Random(rng, 4, 3);
-    in.learning_rate = -1;
-    EXPECT_FALSE((*block)->Propose(in, ctx).ok());
-  }
-  {
-    DenseStepInput in;
-    in.gradient = Random(rng, 4, 3) * 1e200;  // G G^T overflows
-    in.params = Random(rng, 4, 3);
-    EXPECT_THAT((*block)->Propose(in, ctx).status().message(), HasSubstr("non-finite"));
-  }
+  ExpectBadStepsRefused(**block, "fc1", 4, 3, ctx, rng);
   // Bad imports.
   BlockState bad = before;
   bad.tensors["left_factor"](0, 0) = std::nan("");
