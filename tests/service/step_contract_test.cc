@@ -7,26 +7,13 @@
 #include "server/blocks/kfac_dense/math/kfac_dense_block.h"
 #include "server/engine/testing/eigen_inversion_engine.h"
 #include "server/core/schedule.h"
+#include "tests/service/row_major.h"
 #include "tests/service/server_fixture.h"
 
 namespace natgrad::testing {
 namespace {
 
 using ::testing::HasSubstr;
-
-Eigen::MatrixXd RowMajor(const std::vector<double>& v, int64_t r, int64_t c) {
-  Eigen::MatrixXd m(r, c);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < c; ++j) m(i, j) = v[i * c + j];
-  return m;
-}
-
-std::vector<double> Flatten(const Eigen::MatrixXd& m) {
-  std::vector<double> v;
-  for (int64_t i = 0; i < m.rows(); ++i)
-    for (int64_t j = 0; j < m.cols(); ++j) v.push_back(m(i, j));
-  return v;
-}
 
 natgrad::v1::SessionConfig TwoAdamBlocks() {
   natgrad::v1::SessionConfig c;
@@ -75,14 +62,14 @@ TEST(StepContract, OmittedBlockKeepsItsStateAndCounters) {
     core::StepContext ctx;
     ctx.step = t;
     core::DenseStepInput in;
-    in.gradient = RowMajor(ga, 2, 3);
+    in.gradient = RowMajorMatrix(ga, 2, 3);
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
-              Flatten((*ref_a->Propose(in, ctx))->Commit(1.0).delta));
+              RowMajorValues((*ref_a->Propose(in, ctx))->Commit(1.0).delta));
     if (with_b) {
-      in.gradient = RowMajor(gb, 2, 3);
+      in.gradient = RowMajorMatrix(gb, 2, 3);
       EXPECT_EQ(response->updates(1).name(), "b");
       EXPECT_EQ(client::TensorValues(response->updates(1).delta()),
-                Flatten((*ref_b->Propose(in, ctx))->Commit(1.0).delta));
+                RowMajorValues((*ref_b->Propose(in, ctx))->Commit(1.0).delta));
     }
   }
   // Adam's own step counts: 9 for "a", 5 for "b".
@@ -116,10 +103,10 @@ TEST(StepContract, LearningRateOverrideReplacesTheScheduleForOneStep) {
     core::StepContext ctx;
     ctx.step = t;
     core::DenseStepInput in;
-    in.gradient = RowMajor(g, 2, 3);
+    in.gradient = RowMajorMatrix(g, 2, 3);
     in.learning_rate = lrs[t - 1];
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
-              Flatten((*ref->Propose(in, ctx))->Commit(1.0).delta));
+              RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta));
   }
 }
 
@@ -177,14 +164,14 @@ TEST(StepContract, ConvolutionLocationsMayChangeBetweenSteps) {
     ctx.step = t;
     ctx.engine = &engine;
     core::KfacStepInput in;
-    in.gradient = RowMajor(grad, 3, 5);
+    in.gradient = RowMajorMatrix(grad, 3, 5);
     core::KfacStatisticsInput k;
-    k.activations = RowMajor(a, rows, 4);
-    k.output_gradients = RowMajor(g, rows, 3);
+    k.activations = RowMajorMatrix(a, rows, 4);
+    k.output_gradients = RowMajorMatrix(g, rows, 3);
     k.num_examples = rows;
     k.locations = locations;
     in.kfac = std::move(k);
-    const auto want = Flatten((*ref->Propose(in, ctx))->Commit(1.0).delta);
+    const auto want = RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta);
     const auto got = client::TensorValues(response->updates(0).delta());
     ASSERT_EQ(got.size(), want.size());
     for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12) << "step " << t;

@@ -9,24 +9,13 @@
 #include "server/blocks/ekfac/math/ekfac_block.h"
 #include "server/blocks/ekfac/math/ekfac_options.h"
 #include "server/blocks/internal/dense_codec.h"
-#include "server/wire/tensor_codec.h"
+#include "server/blocks/internal/kfac_statistics_codec.h"
 
 namespace natgrad::blocks {
 namespace {
 
 using natgrad::v1::BlockConfig;
 using internal::StepField;
-
-// A required rank-2 statistics tensor, moved out of the message.
-absl::StatusOr<core::DenseTensor> TakeStatistic(bool present, natgrad::v1::Tensor* t,
-                                                const std::string& field) {
-  if (!present) return absl::InvalidArgumentError(field + " is required");
-  if (t->shape_size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " must be a rank-2 tensor, got shape [", absl::StrJoin(t->shape(), ", "), "]"));
-  }
-  return wire::TakeTensor(t, field);
-}
 
 class EkfacBlockKind final : public BlockKind {
  public:
@@ -36,7 +25,7 @@ class EkfacBlockKind final : public BlockKind {
   std::vector<int64_t> CanonicalShape(const BlockConfig& config) const override {
     if (config.shape_size() > 0) return {config.shape().begin(), config.shape().end()};
     const auto& k = config.ekfac();
-    return {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    return internal::KfacLayerShape(k.d_in(), k.d_out(), k.has_bias());
   }
 
   absl::Status Validate(const BlockConfig& config, natgrad::v1::DType,
@@ -98,20 +87,10 @@ class EkfacBlockKind final : public BlockKind {
       return absl::InvalidArgumentError(
           StepField(step, "kfac must set raw statistics (ekfac needs raw statistics)"));
     }
-    auto& raw = *wire.mutable_raw();
-    core::KfacStatisticsInput k;
-    k.form = core::KfacStatisticsInput::Form::kRaw;
-    auto a = TakeStatistic(raw.has_activations(), raw.mutable_activations(),
-                           StepField(step, "kfac.raw.activations"));
-    if (!a.ok()) return a.status();
-    auto g = TakeStatistic(raw.has_output_gradients(), raw.mutable_output_gradients(),
-                           StepField(step, "kfac.raw.output_gradients"));
-    if (!g.ok()) return g.status();
-    k.activations = *std::move(a);
-    k.output_gradients = *std::move(g);
-    k.num_examples = k.activations.rows();
-    k.locations = raw.locations();
-    in.kfac = std::move(k);
+    absl::StatusOr<core::KfacStatisticsInput> k =
+        internal::TakeRawKfacStatistics(step, *wire.mutable_raw());
+    if (!k.ok()) return k.status();
+    in.kfac = *std::move(k);
     return core::BlockStepInput(std::move(in));
   }
 
@@ -136,7 +115,7 @@ class EkfacBlockKind final : public BlockKind {
                                              const std::string& field) const {
     const auto& k = config.ekfac();
     const std::vector<int64_t> shape = CanonicalShape(config);
-    const std::vector<int64_t> want = {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    const std::vector<int64_t> want = internal::KfacLayerShape(k.d_in(), k.d_out(), k.has_bias());
     if (shape != want) {
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".shape: block ", core::QuotedBlockName(config.name()),
@@ -144,26 +123,14 @@ class EkfacBlockKind final : public BlockKind {
           absl::StrJoin(want, ", "), "], got [", absl::StrJoin(shape, ", "), "]"));
     }
     core::EkfacOptions o;
-    o.d_in = k.d_in();
-    o.d_out = k.d_out();
-    o.has_bias = k.has_bias();
-    // Damping must be > 0; the smallest positive double stands for that.
-    constexpr internal::ValueRange kPositive{std::numeric_limits<double>::denorm_min()};
-    for (auto [proto, param, out, range] :
-         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate, internal::kNonNegative},
-          std::tuple{&k.damping(), "damping", &o.damping, kPositive},
-          std::tuple{&k.momentum(), "momentum", &o.momentum, internal::kMomentumRange},
-          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay, internal::kNonNegative}}) {
-      auto s = internal::OptionalSchedule(
-          *proto, absl::StrCat(field, ": block ", core::QuotedBlockName(config.name()),
-                               ": ekfac.", param),
-          range);
-      if (!s.ok()) return s.status();
-      *out = *std::move(s);
-    }
-    o.ema_decay = k.ema_decay();
-    o.inverse_period = k.inverse_period();
-    o.locations = k.locations();
+    absl::Status s = internal::ReadKfacLayerConfig(
+        k,
+        [&](absl::string_view param) {
+          return absl::StrCat(field, ": block ", core::QuotedBlockName(config.name()),
+                              ": ekfac.", param);
+        },
+        &o);
+    if (!s.ok()) return s;
     return o;
   }
 };
