@@ -1,8 +1,6 @@
 #include "server/blocks/ekfac/ekfac_kind.h"
 
 #include <algorithm>
-#include <limits>
-#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -61,19 +59,15 @@ class EkfacBlockKind final : public BlockKind {
   // EKFAC has a quadratic model (diag(s) + lambda in the eigenbasis), so
   // session-wide Levenberg-Marquardt damping can drive its lambda.
   std::optional<double> InitialDamping(const BlockConfig& config) const override {
-    auto s = internal::OptionalSchedule(config.ekfac().damping(), "");
-    if (!s.ok() || *s == nullptr) return core::kEkfacDefaultDamping;
-    return (*s)->Value(1);
+    return internal::InitialKfacDamping(config.ekfac().damping());
   }
 
   absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
                                                   const BlockConfig&,
                                                   ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
-    if (!dense.ok()) return dense.status();
-    core::KfacStepInput in;
-    static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+    absl::StatusOr<core::KfacStepInput> base = internal::DecodeKfacStepBase(step, name(), reply);
+    if (!base.ok()) return base.status();
+    core::KfacStepInput in = *std::move(base);
     // Missing statistics are the block's error (it names the step).
     if (!step.has_kfac()) return core::BlockStepInput(std::move(in));
     natgrad::v1::KfacStatistics& wire = *step.mutable_kfac();
@@ -106,8 +100,7 @@ class EkfacBlockKind final : public BlockKind {
 
  private:
   static absl::Status Prefixed(const absl::Status& s, const std::string& field) {
-    if (s.ok()) return s;
-    return absl::Status(s.code(), absl::StrCat(field, ".ekfac: ", s.message()));
+    return internal::PrefixedKindStatus(s, field, "ekfac");
   }
 
   // Unset schedules stay null: the block applies its documented defaults.

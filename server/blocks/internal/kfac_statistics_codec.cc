@@ -8,6 +8,29 @@
 
 namespace natgrad::blocks::internal {
 
+absl::StatusOr<core::KfacStepInput> DecodeKfacStepBase(natgrad::v1::BlockStep& step,
+                                                       absl::string_view kind,
+                                                       ReplyFormat* reply) {
+  if (absl::Status s = RefuseParts(step, kind, true); !s.ok()) return s;
+  absl::StatusOr<core::DenseStepInput> dense = DecodeDenseStep(step, reply);
+  if (!dense.ok()) return dense.status();
+  core::KfacStepInput in;
+  static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+  return in;
+}
+
+double InitialKfacDamping(const natgrad::v1::Schedule& damping) {
+  auto s = OptionalSchedule(damping, "");
+  if (!s.ok() || *s == nullptr) return core::kKfacDefaultDamping;
+  return (*s)->Value(1);
+}
+
+absl::Status PrefixedKindStatus(const absl::Status& s, const std::string& field,
+                                absl::string_view kind) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(field, ".", kind, ": ", s.message()));
+}
+
 absl::StatusOr<core::DenseTensor> TakeRank2Statistic(bool present, natgrad::v1::Tensor* t,
                                                      const std::string& field) {
   if (!present) return absl::InvalidArgumentError(field + " is required");

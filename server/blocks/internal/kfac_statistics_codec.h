@@ -23,6 +23,20 @@
 
 namespace natgrad::blocks::internal {
 
+// The dense part of a K-FAC-family step (gradient, params, learning rate;
+// no parts), before its statistics are decoded.
+absl::StatusOr<core::KfacStepInput> DecodeKfacStepBase(natgrad::v1::BlockStep& step,
+                                                       absl::string_view kind,
+                                                       ReplyFormat* reply);
+
+// The damping a session-wide Levenberg-Marquardt adaptation starts from: the
+// configured schedule's first value, else kfac_dense's default (ekfac's too).
+double InitialKfacDamping(const natgrad::v1::Schedule& damping);
+
+// `s` with "<field>.<kind>: " in front of its message (OK stays OK).
+absl::Status PrefixedKindStatus(const absl::Status& s, const std::string& field,
+                                absl::string_view kind);
+
 // A required rank-2 statistics tensor, moved out of the message.
 absl::StatusOr<core::DenseTensor> TakeRank2Statistic(bool present, natgrad::v1::Tensor* t,
                                                      const std::string& field);

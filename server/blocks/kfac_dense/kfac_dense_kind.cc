@@ -79,19 +79,15 @@ class KfacDenseBlockKind final : public BlockKind {
   }
 
   std::optional<double> InitialDamping(const BlockConfig& config) const override {
-    auto s = internal::OptionalSchedule(config.kfac_dense().damping(), "");
-    if (!s.ok() || *s == nullptr) return core::kKfacDefaultDamping;
-    return (*s)->Value(1);
+    return internal::InitialKfacDamping(config.kfac_dense().damping());
   }
 
   absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
                                                   const BlockConfig& config,
                                                   ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
-    if (!dense.ok()) return dense.status();
-    core::KfacStepInput in;
-    static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+    absl::StatusOr<core::KfacStepInput> base = internal::DecodeKfacStepBase(step, name(), reply);
+    if (!base.ok()) return base.status();
+    core::KfacStepInput in = *std::move(base);
     if (!step.has_kfac()) return core::BlockStepInput(std::move(in));
     core::KfacStatisticsInput k;
     natgrad::v1::KfacStatistics& wire = *step.mutable_kfac();
@@ -138,8 +134,7 @@ class KfacDenseBlockKind final : public BlockKind {
 
  private:
   static absl::Status Prefixed(const absl::Status& s, const std::string& field) {
-    if (s.ok()) return s;
-    return absl::Status(s.code(), absl::StrCat(field, ".kfac_dense: ", s.message()));
+    return internal::PrefixedKindStatus(s, field, "kfac_dense");
   }
 
   // Unset schedules stay null: the block applies its documented defaults.
