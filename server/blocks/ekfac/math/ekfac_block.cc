@@ -24,11 +24,7 @@ using Clock = std::chrono::steady_clock;
 // Shared with kfac_dense (kfac_step_checks.h).
 using kfac::CheckedCast;
 using kfac::CheckedTensor;
-
-template <typename Scalar>
-double Dot(const ekfac::Matrix<Scalar>& x, const ekfac::Matrix<Scalar>& y) {
-  return (x.template cast<double>().array() * y.template cast<double>().array()).sum();
-}
+using kfac::Dot;
 
 }  // namespace
 
@@ -85,11 +81,8 @@ class EkfacPendingUpdate final : public PendingBlockUpdate, public CurvatureMode
   }
 
  private:
-  // mu m_old + nu V.
   Matrix Momentum(double scale) const {
-    Matrix m = static_cast<Scalar>(scale) * v_;
-    if (decayed_momentum_) m += *decayed_momentum_;
-    return m;
+    return kfac::MomentumAt<Scalar>(scale, v_, decayed_momentum_);
   }
 
   Block* const block_;

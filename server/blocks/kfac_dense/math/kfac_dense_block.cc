@@ -162,11 +162,7 @@ bool IsReady(const std::shared_future<
          f.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
 }
 
-template <typename Scalar>
-double Dot(const kfac::Matrix<Scalar>& x, const kfac::Matrix<Scalar>& y) {
-  return (x.template cast<double>().array() * y.template cast<double>().array())
-      .sum();
-}
+using kfac::Dot;
 
 }  // namespace
 
@@ -234,11 +230,8 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
   }
 
  private:
-  // mu m_old + nu V.
   Matrix Momentum(double scale) const {
-    Matrix m = static_cast<Scalar>(scale) * v_;
-    if (decayed_momentum_) m += *decayed_momentum_;
-    return m;
+    return kfac::MomentumAt<Scalar>(scale, v_, decayed_momentum_);
   }
 
   Block* const block_;

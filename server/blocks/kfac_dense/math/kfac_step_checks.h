@@ -1,6 +1,7 @@
-// Step-input checks K-FAC and EKFAC share: client and state tensors read into
-// the state precision, raw statistics validated against the layer, and the
-// step's hyperparameters resolved from the schedules. Both blocks take the
+// Step pieces K-FAC and EKFAC share: client and state tensors read into the
+// state precision, raw statistics validated against the layer, the step's
+// hyperparameters resolved from the schedules, the commit bound and the
+// momentum it installs. Both blocks take the
 // same KfacStepInput, so they refuse the same inputs with the same messages.
 #ifndef NATGRAD_SERVER_BLOCKS_KFAC_DENSE_MATH_KFAC_STEP_CHECKS_H_
 #define NATGRAD_SERVER_BLOCKS_KFAC_DENSE_MATH_KFAC_STEP_CHECKS_H_
@@ -235,6 +236,22 @@ absl::Status CheckCommittable(const std::string& block, const Matrix<Scalar>& v,
   bound *= lr;
   return first_order_internal::CheckCommittable(
       block, "delta", gradient_dtype == DType::kFloat32 ? DType::kFloat32 : kState, bound);
+}
+
+// <x, y> accumulated in double.
+template <typename Scalar>
+double Dot(const Matrix<Scalar>& x, const Matrix<Scalar>& y) {
+  return (x.template cast<double>().array() * y.template cast<double>().array()).sum();
+}
+
+// The momentum Commit installs for a KL scale: mu m_old + scale V, with
+// decayed = mu m_old (absent when mu = 0).
+template <typename Scalar>
+Matrix<Scalar> MomentumAt(double scale, const Matrix<Scalar>& v,
+                          const std::optional<Matrix<Scalar>>& decayed) {
+  Matrix<Scalar> m = static_cast<Scalar>(scale) * v;
+  if (decayed) m += *decayed;
+  return m;
 }
 
 // What a step's output reports as its hyperparameters.
