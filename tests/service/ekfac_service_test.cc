@@ -15,6 +15,7 @@
 #include "server/core/curvature/kl_clipping.h"
 #include "server/core/curvature/levenberg_marquardt_damping.h"
 #include "server/engine/engine_factory.h"
+#include "tests/service/row_major.h"
 #include "tests/service/server_fixture.h"
 
 namespace natgrad::testing {
@@ -98,20 +99,6 @@ std::vector<std::unique_ptr<core::ParameterBlock>> CoreBlocks(core::Precision pr
   return ref;
 }
 
-Eigen::MatrixXd RowMajor(const std::vector<double>& v, int64_t r, int64_t c) {
-  Eigen::MatrixXd m(r, c);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < c; ++j) m(i, j) = v[i * c + j];
-  return m;
-}
-
-std::vector<double> Flatten(const Eigen::MatrixXd& m) {
-  std::vector<double> v;
-  for (int64_t r = 0; r < m.rows(); ++r)
-    for (int64_t c = 0; c < m.cols(); ++c) v.push_back(m(r, c));
-  return v;
-}
-
 natgrad::v1::Tensor Wire(const std::vector<double>& v, std::vector<int64_t> shape, bool f32) {
   if (f32) return client::MakeTensor(std::vector<float>(v.begin(), v.end()), std::move(shape));
   return client::MakeTensor(v, std::move(shape));
@@ -148,11 +135,11 @@ StepData Inputs(int t, bool f32) {
     if (T != l.locations) raw->set_locations(T);
     d.wire.push_back(s);
     core::KfacStepInput in;
-    in.gradient = RowMajor(g, l.d_out, da);
-    in.params = RowMajor(p, l.d_out, da);
+    in.gradient = RowMajorMatrix(g, l.d_out, da);
+    in.params = RowMajorMatrix(p, l.d_out, da);
     core::KfacStatisticsInput k;
-    k.activations = RowMajor(a, rows, l.d_in);
-    k.output_gradients = RowMajor(og, rows, l.d_out);
+    k.activations = RowMajorMatrix(a, rows, l.d_in);
+    k.output_gradients = RowMajorMatrix(og, rows, l.d_out);
     k.num_examples = rows;
     k.locations = T != l.locations ? T : 0;
     in.kfac = k;
@@ -165,7 +152,7 @@ StepData Inputs(int t, bool f32) {
     *s.mutable_gradient() = Wire(g, {size}, f32);
     d.wire.push_back(s);
     core::DenseStepInput in;
-    in.gradient = RowMajor(g, size, 1);
+    in.gradient = RowMajorMatrix(g, size, 1);
     d.core.push_back(std::move(in));
   }
   return d;
@@ -221,7 +208,7 @@ void RunAgainstCore(natgrad::v1::DType dtype, bool adaptive) {
     for (size_t i = 0; i < ref.size(); ++i) {
       const Eigen::MatrixXd want = pending[i]->Commit(i < Layers().size() ? nu : 1.0).delta;
       // Bit for bit: the same arithmetic, only the transport differs.
-      ASSERT_EQ(client::TensorValues(r->updates(i).delta()), Flatten(want))
+      ASSERT_EQ(client::TensorValues(r->updates(i).delta()), RowMajorValues(want))
           << "step " << t << " block " << r->updates(i).name();
     }
   }

@@ -8,6 +8,7 @@
 #include "server/core/curvature/kl_clipping.h"
 #include "server/core/curvature/levenberg_marquardt_damping.h"
 #include "server/engine/engine_factory.h"
+#include "tests/service/row_major.h"
 #include "tests/service/server_fixture.h"
 
 namespace natgrad::testing {
@@ -39,13 +40,6 @@ natgrad::v1::SessionConfig MlpConfig(bool adaptive) {
     k->set_damping_mode(l == 1 ? natgrad::v1::EIGEN_EXACT : natgrad::v1::FACTORED_TIKHONOV);
   }
   return c;
-}
-
-Eigen::MatrixXd RowMajor(const std::vector<double>& v, int64_t r, int64_t c) {
-  Eigen::MatrixXd m(r, c);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < c; ++j) m(i, j) = v[i * c + j];
-  return m;
 }
 
 void RunAgainstCore(bool adaptive) {
@@ -97,10 +91,10 @@ void RunAgainstCore(bool adaptive) {
           client::MakeTensor(og, {kBatch, dout});
       steps.push_back(s);
       core::KfacStepInput in;
-      in.gradient = RowMajor(g, dout, din + 1);
+      in.gradient = RowMajorMatrix(g, dout, din + 1);
       core::KfacStatisticsInput k;
-      k.activations = RowMajor(a, kBatch, din);
-      k.output_gradients = RowMajor(og, kBatch, dout);
+      k.activations = RowMajorMatrix(a, kBatch, din);
+      k.output_gradients = RowMajorMatrix(og, kBatch, dout);
       k.num_examples = kBatch;
       in.kfac = k;
       inputs.push_back(in);

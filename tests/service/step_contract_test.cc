@@ -7,6 +7,7 @@
 #include "server/blocks/kfac_dense/math/kfac_dense_block.h"
 #include "server/engine/testing/eigen_inversion_engine.h"
 #include "server/core/schedule.h"
+#include "tests/service/row_major.h"
 #include "tests/service/server_fixture.h"
 
 namespace natgrad::testing {

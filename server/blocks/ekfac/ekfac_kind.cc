@@ -1,32 +1,19 @@
 #include "server/blocks/ekfac/ekfac_kind.h"
 
 #include <algorithm>
-#include <limits>
-#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/blocks/ekfac/math/ekfac_block.h"
 #include "server/blocks/ekfac/math/ekfac_options.h"
 #include "server/blocks/internal/dense_codec.h"
-#include "server/wire/tensor_codec.h"
+#include "server/blocks/internal/kfac_statistics_codec.h"
 
 namespace natgrad::blocks {
 namespace {
 
 using natgrad::v1::BlockConfig;
 using internal::StepField;
-
-// A required rank-2 statistics tensor, moved out of the message.
-absl::StatusOr<core::DenseTensor> TakeStatistic(bool present, natgrad::v1::Tensor* t,
-                                                const std::string& field) {
-  if (!present) return absl::InvalidArgumentError(field + " is required");
-  if (t->shape_size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " must be a rank-2 tensor, got shape [", absl::StrJoin(t->shape(), ", "), "]"));
-  }
-  return wire::TakeTensor(t, field);
-}
 
 class EkfacBlockKind final : public BlockKind {
  public:
@@ -36,7 +23,7 @@ class EkfacBlockKind final : public BlockKind {
   std::vector<int64_t> CanonicalShape(const BlockConfig& config) const override {
     if (config.shape_size() > 0) return {config.shape().begin(), config.shape().end()};
     const auto& k = config.ekfac();
-    return {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    return internal::KfacLayerShape(k.d_in(), k.d_out(), k.has_bias());
   }
 
   absl::Status Validate(const BlockConfig& config, natgrad::v1::DType,
@@ -72,19 +59,15 @@ class EkfacBlockKind final : public BlockKind {
   // EKFAC has a quadratic model (diag(s) + lambda in the eigenbasis), so
   // session-wide Levenberg-Marquardt damping can drive its lambda.
   std::optional<double> InitialDamping(const BlockConfig& config) const override {
-    auto s = internal::OptionalSchedule(config.ekfac().damping(), "");
-    if (!s.ok() || *s == nullptr) return core::kEkfacDefaultDamping;
-    return (*s)->Value(1);
+    return internal::InitialKfacDamping(config.ekfac().damping());
   }
 
   absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
                                                   const BlockConfig&,
                                                   ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
-    if (!dense.ok()) return dense.status();
-    core::KfacStepInput in;
-    static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+    absl::StatusOr<core::KfacStepInput> base = internal::DecodeKfacStepBase(step, name(), reply);
+    if (!base.ok()) return base.status();
+    core::KfacStepInput in = *std::move(base);
     // Missing statistics are the block's error (it names the step).
     if (!step.has_kfac()) return core::BlockStepInput(std::move(in));
     natgrad::v1::KfacStatistics& wire = *step.mutable_kfac();
@@ -98,20 +81,10 @@ class EkfacBlockKind final : public BlockKind {
       return absl::InvalidArgumentError(
           StepField(step, "kfac must set raw statistics (ekfac needs raw statistics)"));
     }
-    auto& raw = *wire.mutable_raw();
-    core::KfacStatisticsInput k;
-    k.form = core::KfacStatisticsInput::Form::kRaw;
-    auto a = TakeStatistic(raw.has_activations(), raw.mutable_activations(),
-                           StepField(step, "kfac.raw.activations"));
-    if (!a.ok()) return a.status();
-    auto g = TakeStatistic(raw.has_output_gradients(), raw.mutable_output_gradients(),
-                           StepField(step, "kfac.raw.output_gradients"));
-    if (!g.ok()) return g.status();
-    k.activations = *std::move(a);
-    k.output_gradients = *std::move(g);
-    k.num_examples = k.activations.rows();
-    k.locations = raw.locations();
-    in.kfac = std::move(k);
+    absl::StatusOr<core::KfacStatisticsInput> k =
+        internal::TakeRawKfacStatistics(step, *wire.mutable_raw());
+    if (!k.ok()) return k.status();
+    in.kfac = *std::move(k);
     return core::BlockStepInput(std::move(in));
   }
 
@@ -127,8 +100,7 @@ class EkfacBlockKind final : public BlockKind {
 
  private:
   static absl::Status Prefixed(const absl::Status& s, const std::string& field) {
-    if (s.ok()) return s;
-    return absl::Status(s.code(), absl::StrCat(field, ".ekfac: ", s.message()));
+    return internal::PrefixedKindStatus(s, field, "ekfac");
   }
 
   // Unset schedules stay null: the block applies its documented defaults.
@@ -136,7 +108,7 @@ class EkfacBlockKind final : public BlockKind {
                                              const std::string& field) const {
     const auto& k = config.ekfac();
     const std::vector<int64_t> shape = CanonicalShape(config);
-    const std::vector<int64_t> want = {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    const std::vector<int64_t> want = internal::KfacLayerShape(k.d_in(), k.d_out(), k.has_bias());
     if (shape != want) {
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".shape: block ", core::QuotedBlockName(config.name()),
@@ -144,26 +116,14 @@ class EkfacBlockKind final : public BlockKind {
           absl::StrJoin(want, ", "), "], got [", absl::StrJoin(shape, ", "), "]"));
     }
     core::EkfacOptions o;
-    o.d_in = k.d_in();
-    o.d_out = k.d_out();
-    o.has_bias = k.has_bias();
-    // Damping must be > 0; the smallest positive double stands for that.
-    constexpr internal::ValueRange kPositive{std::numeric_limits<double>::denorm_min()};
-    for (auto [proto, param, out, range] :
-         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate, internal::kNonNegative},
-          std::tuple{&k.damping(), "damping", &o.damping, kPositive},
-          std::tuple{&k.momentum(), "momentum", &o.momentum, internal::kMomentumRange},
-          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay, internal::kNonNegative}}) {
-      auto s = internal::OptionalSchedule(
-          *proto, absl::StrCat(field, ": block ", core::QuotedBlockName(config.name()),
-                               ": ekfac.", param),
-          range);
-      if (!s.ok()) return s.status();
-      *out = *std::move(s);
-    }
-    o.ema_decay = k.ema_decay();
-    o.inverse_period = k.inverse_period();
-    o.locations = k.locations();
+    absl::Status s = internal::ReadKfacLayerConfig(
+        k,
+        [&](absl::string_view param) {
+          return absl::StrCat(field, ": block ", core::QuotedBlockName(config.name()),
+                              ": ekfac.", param);
+        },
+        &o);
+    if (!s.ok()) return s;
     return o;
   }
 };

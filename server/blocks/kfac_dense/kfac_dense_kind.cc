@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_join.h"
 #include "server/blocks/internal/dense_codec.h"
+#include "server/blocks/internal/kfac_statistics_codec.h"
 #include "server/blocks/kfac_dense/math/kfac_dense_block.h"
 #include "server/blocks/kfac_dense/math/kfac_dense_options.h"
 #include "server/wire/tensor_codec.h"
@@ -14,21 +15,7 @@ using internal::SaturatingAdd;
 using internal::SaturatingMul;
 using internal::StepField;
 
-absl::Status CheckRank2(const natgrad::v1::Tensor& t, const std::string& field) {
-  if (t.shape_size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " must be a rank-2 tensor, got shape [", absl::StrJoin(t.shape(), ", "), "]"));
-  }
-  return absl::OkStatus();
-}
-
-// A required rank-2 statistics tensor, moved out of the message.
-absl::StatusOr<core::DenseTensor> TakeStatistic(bool present, natgrad::v1::Tensor* t,
-                                                const std::string& field) {
-  if (!present) return absl::InvalidArgumentError(field + " is required");
-  if (absl::Status s = CheckRank2(*t, field); !s.ok()) return s;
-  return wire::TakeTensor(t, field);
-}
+using internal::TakeRank2Statistic;
 
 // A packed factor (ReducedKfacStatistics.packed): a rank-1 tensor of
 // d(d+1)/2 values, the upper triangle row by row. It stays rank 1 in the
@@ -53,7 +40,7 @@ class KfacDenseBlockKind final : public BlockKind {
   std::vector<int64_t> CanonicalShape(const BlockConfig& config) const override {
     if (config.shape_size() > 0) return {config.shape().begin(), config.shape().end()};
     const auto& k = config.kfac_dense();
-    return {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    return internal::KfacLayerShape(k.d_in(), k.d_out(), k.has_bias());
   }
 
   absl::Status Validate(const BlockConfig& config, natgrad::v1::DType,
@@ -92,35 +79,23 @@ class KfacDenseBlockKind final : public BlockKind {
   }
 
   std::optional<double> InitialDamping(const BlockConfig& config) const override {
-    auto s = internal::OptionalSchedule(config.kfac_dense().damping(), "");
-    if (!s.ok() || *s == nullptr) return core::kKfacDefaultDamping;
-    return (*s)->Value(1);
+    return internal::InitialKfacDamping(config.kfac_dense().damping());
   }
 
   absl::StatusOr<core::BlockStepInput> DecodeStep(natgrad::v1::BlockStep& step,
                                                   const BlockConfig& config,
                                                   ReplyFormat* reply) const override {
-    if (absl::Status s = internal::RefuseParts(step, name(), true); !s.ok()) return s;
-    absl::StatusOr<core::DenseStepInput> dense = internal::DecodeDenseStep(step, reply);
-    if (!dense.ok()) return dense.status();
-    core::KfacStepInput in;
-    static_cast<core::DenseStepInput&>(in) = *std::move(dense);
+    absl::StatusOr<core::KfacStepInput> base = internal::DecodeKfacStepBase(step, name(), reply);
+    if (!base.ok()) return base.status();
+    core::KfacStepInput in = *std::move(base);
     if (!step.has_kfac()) return core::BlockStepInput(std::move(in));
     core::KfacStatisticsInput k;
     natgrad::v1::KfacStatistics& wire = *step.mutable_kfac();
     if (wire.has_raw()) {
-      auto& raw = *wire.mutable_raw();
-      k.form = core::KfacStatisticsInput::Form::kRaw;
-      auto a = TakeStatistic(raw.has_activations(), raw.mutable_activations(),
-                             StepField(step, "kfac.raw.activations"));
-      if (!a.ok()) return a.status();
-      auto g = TakeStatistic(raw.has_output_gradients(), raw.mutable_output_gradients(),
-                             StepField(step, "kfac.raw.output_gradients"));
-      if (!g.ok()) return g.status();
-      k.activations = *std::move(a);
-      k.output_gradients = *std::move(g);
-      k.num_examples = k.activations.rows();
-      k.locations = raw.locations();
+      absl::StatusOr<core::KfacStatisticsInput> raw =
+          internal::TakeRawKfacStatistics(step, *wire.mutable_raw());
+      if (!raw.ok()) return raw.status();
+      k = *std::move(raw);
     } else if (wire.has_reduced()) {
       auto& red = *wire.mutable_reduced();
       k.form = core::KfacStatisticsInput::Form::kReduced;
@@ -129,11 +104,11 @@ class KfacDenseBlockKind final : public BlockKind {
       const std::string g_field = StepField(step, "kfac.reduced.g_factor");
       auto a = red.packed() ? TakePackedFactor(red.has_a_factor(), red.mutable_a_factor(),
                                                kc.d_in() + (kc.has_bias() ? 1 : 0), a_field)
-                            : TakeStatistic(red.has_a_factor(), red.mutable_a_factor(), a_field);
+                            : TakeRank2Statistic(red.has_a_factor(), red.mutable_a_factor(), a_field);
       if (!a.ok()) return a.status();
       auto g = red.packed() ? TakePackedFactor(red.has_g_factor(), red.mutable_g_factor(),
                                                kc.d_out(), g_field)
-                            : TakeStatistic(red.has_g_factor(), red.mutable_g_factor(), g_field);
+                            : TakeRank2Statistic(red.has_g_factor(), red.mutable_g_factor(), g_field);
       if (!g.ok()) return g.status();
       k.a_factor = *std::move(a);
       k.g_factor = *std::move(g);
@@ -159,8 +134,7 @@ class KfacDenseBlockKind final : public BlockKind {
 
  private:
   static absl::Status Prefixed(const absl::Status& s, const std::string& field) {
-    if (s.ok()) return s;
-    return absl::Status(s.code(), absl::StrCat(field, ".kfac_dense: ", s.message()));
+    return internal::PrefixedKindStatus(s, field, "kfac_dense");
   }
 
   // Unset schedules stay null: the block applies its documented defaults.
@@ -168,28 +142,17 @@ class KfacDenseBlockKind final : public BlockKind {
                                                  const std::string& field) const {
     const auto& k = config.kfac_dense();
     const std::vector<int64_t> shape = CanonicalShape(config);
-    const std::vector<int64_t> want = {k.d_out(), k.d_in() + (k.has_bias() ? 1 : 0)};
+    const std::vector<int64_t> want = internal::KfacLayerShape(k.d_in(), k.d_out(), k.has_bias());
     if (shape != want) {
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".shape: a kfac_dense block's shape is [d_out, d_in + has_bias] = [",
           absl::StrJoin(want, ", "), "], got [", absl::StrJoin(shape, ", "), "]"));
     }
     core::KfacDenseOptions o;
-    o.d_in = k.d_in();
-    o.d_out = k.d_out();
-    o.has_bias = k.has_bias();
-    // Damping must be > 0; the smallest positive double stands for that.
-    constexpr internal::ValueRange kPositive{std::numeric_limits<double>::denorm_min()};
-    for (auto [proto, param, out, range] :
-         {std::tuple{&k.learning_rate(), "learning_rate", &o.learning_rate, internal::kNonNegative},
-          std::tuple{&k.damping(), "damping", &o.damping, kPositive},
-          std::tuple{&k.momentum(), "momentum", &o.momentum, internal::kMomentumRange},
-          std::tuple{&k.weight_decay(), "weight_decay", &o.weight_decay, internal::kNonNegative}}) {
-      auto s = internal::OptionalSchedule(*proto, absl::StrCat(field, ".kfac_dense.", param),
-                                          range);
-      if (!s.ok()) return s.status();
-      *out = *std::move(s);
-    }
+    absl::Status s = internal::ReadKfacLayerConfig(
+        k, [&](absl::string_view param) { return absl::StrCat(field, ".kfac_dense.", param); },
+        &o);
+    if (!s.ok()) return s;
     switch (k.damping_mode()) {
       case natgrad::v1::EIGEN_EXACT:
         o.damping_mode = core::KfacDampingMode::kEigenExact;
@@ -201,10 +164,7 @@ class KfacDenseBlockKind final : public BlockKind {
       default:
         return absl::InvalidArgumentError(absl::StrCat(field, ".kfac_dense.damping_mode: unknown"));
     }
-    o.ema_decay = k.ema_decay();
-    o.inverse_period = k.inverse_period();
     o.stats_period = k.stats_period();
-    o.locations = k.locations();
     o.async_inversion = k.async_inversion();
     o.max_staleness = k.max_staleness();
     return o;

@@ -21,70 +21,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string Shape(Eigen::Index rows, Eigen::Index cols) {
-  return absl::StrCat("[", rows, ", ", cols, "]");
-}
-
-// "" when all finite, else where the first non-finite value is.
-std::string NonFiniteAt(const Eigen::MatrixXd& m) {
-  for (Eigen::Index j = 0; j < m.cols(); ++j) {
-    for (Eigen::Index i = 0; i < m.rows(); ++i) {
-      if (!std::isfinite(m(i, j))) {
-        return absl::StrCat("has a non-finite value (", m(i, j), ") at [", i,
-                            ", ", j, "]");
-      }
-    }
-  }
-  return "";
-}
-
-// A client tensor of the given shape, finite, read straight into Scalar
-// (float32 blocks also refuse values beyond float range).
-template <typename Scalar>
-absl::StatusOr<ekfac::Matrix<Scalar>> CheckedTensor(absl::string_view block,
-                                                    absl::string_view field,
-                                                    const DenseTensor& t,
-                                                    Eigen::Index rows,
-                                                    Eigen::Index cols) {
-  if (t.rows() != rows || t.cols() != cols) {
-    return InvalidBlockField(block, field,
-                             absl::StrCat("has shape ", Shape(t.rows(), t.cols()),
-                                          ", want ", Shape(rows, cols)));
-  }
-  ekfac::Matrix<Scalar> out = t.template ToMatrix<Scalar>();
-  if (!out.allFinite()) {
-    if (!t.AllFinite()) {
-      return InvalidBlockField(block, field, NonFiniteAt(t.template ToMatrix<double>()));
-    }
-    return InvalidBlockField(block, field, "has values beyond float32 range");
-  }
-  return out;
-}
-
-// A state tensor of the given shape, finite, cast to Scalar.
-template <typename Scalar>
-absl::StatusOr<ekfac::Matrix<Scalar>> CheckedCast(absl::string_view block,
-                                                  absl::string_view field,
-                                                  const Eigen::MatrixXd& m,
-                                                  Eigen::Index rows,
-                                                  Eigen::Index cols) {
-  if (m.rows() != rows || m.cols() != cols) {
-    return InvalidBlockField(block, field,
-                             absl::StrCat("has shape ", Shape(m.rows(), m.cols()),
-                                          ", want ", Shape(rows, cols)));
-  }
-  if (!m.allFinite()) return InvalidBlockField(block, field, NonFiniteAt(m));
-  ekfac::Matrix<Scalar> out = m.template cast<Scalar>();
-  if (!out.allFinite()) {
-    return InvalidBlockField(block, field, "has values beyond float32 range");
-  }
-  return out;
-}
-
-template <typename Scalar>
-double Dot(const ekfac::Matrix<Scalar>& x, const ekfac::Matrix<Scalar>& y) {
-  return (x.template cast<double>().array() * y.template cast<double>().array()).sum();
-}
+// Shared with kfac_dense (kfac_step_checks.h).
+using kfac::CheckedCast;
+using kfac::CheckedTensor;
+using kfac::Dot;
 
 }  // namespace
 
@@ -135,21 +75,14 @@ class EkfacPendingUpdate final : public PendingBlockUpdate, public CurvatureMode
     b.last_step_ = step_;
     BlockStepOutput out;
     out.delta = (static_cast<Scalar>(-hyper_.lr) * b.momentum_).template cast<double>();
-    out.hyperparameters = {{"learning_rate", hyper_.lr},
-                           {"damping", hyper_.damping},
-                           {"momentum", hyper_.momentum},
-                           {"weight_decay", hyper_.weight_decay},
-                           {"kl_scale", scale}};
+    out.hyperparameters = kfac::ReportedHyperparameters(hyper_, scale);
     out.inversion_micros = inversion_micros_;
     return out;
   }
 
  private:
-  // mu m_old + nu V.
   Matrix Momentum(double scale) const {
-    Matrix m = static_cast<Scalar>(scale) * v_;
-    if (decayed_momentum_) m += *decayed_momentum_;
-    return m;
+    return kfac::MomentumAt<Scalar>(scale, v_, decayed_momentum_);
   }
 
   Block* const block_;
@@ -187,29 +120,9 @@ template <typename Scalar>
 absl::StatusOr<typename EkfacBlock<Scalar>::Hyperparameters>
 EkfacBlock<Scalar>::ResolveHyperparameters(int64_t t, const KfacStepInput& input,
                                            const StepContext& context) const {
-  Hyperparameters h;
-  h.lr = input.learning_rate ? *input.learning_rate : options_.learning_rate->Value(t);
-  h.momentum = options_.momentum->Value(t);
-  h.weight_decay = options_.weight_decay->Value(t);
-  h.damping = context.damping_override ? *context.damping_override
-                                       : options_.damping->Value(t);
-  if (!std::isfinite(h.lr) || h.lr < 0) {
-    return Invalid("learning_rate", absl::StrCat("is ", h.lr, " at step ", t, ", want >= 0"));
-  }
-  // Momentum >= 1 grows the buffer without bound.
-  if (!(h.momentum >= 0 && h.momentum < 1)) {
-    return Invalid("momentum",
-                   absl::StrCat("is ", h.momentum, " at step ", t, ", want in [0, 1)"));
-  }
-  if (!(h.weight_decay >= 0 && std::isfinite(h.weight_decay))) {
-    return Invalid("weight_decay",
-                   absl::StrCat("is ", h.weight_decay, " at step ", t, ", want >= 0"));
-  }
-  if (!std::isfinite(h.damping) || h.damping <= 0) {
-    return Invalid(context.damping_override ? "damping_override" : "damping",
-                   absl::StrCat("is ", h.damping, " at step ", t, ", want > 0"));
-  }
-  return h;
+  return kfac::ResolveStepHyperparameters(name(), t, input, context, options_.learning_rate,
+                                          options_.damping, options_.momentum,
+                                          options_.weight_decay);
 }
 
 template <typename Scalar>
@@ -219,20 +132,12 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
   if (!in.ok()) return in.status();
   const KfacStepInput& input = **in;
   const int64_t t = context.step;
-  if (t < 1) return Invalid("step", absl::StrCat("is ", t, ", want >= 1"));
-  if (t <= last_step_) {
-    return BlockError(absl::StatusCode::kFailedPrecondition, name(), "step",
-                      absl::StrCat(t, " is not after the block's last step ", last_step_));
-  }
+  if (absl::Status s = kfac::CheckStepOrder(name(), t, last_step_); !s.ok()) return s;
   const Eigen::Index ad = a_dim(), gd = g_dim();
-  absl::StatusOr<Matrix> grad = CheckedTensor<Scalar>(name(), "gradient", input.gradient, gd, ad);
-  if (!grad.ok()) return grad.status();
-  std::optional<Matrix> params;
-  if (input.params) {
-    absl::StatusOr<Matrix> p = CheckedTensor<Scalar>(name(), "params", *input.params, gd, ad);
-    if (!p.ok()) return p.status();
-    params = *std::move(p);
-  }
+  absl::StatusOr<kfac::StepTensors<Scalar>> tensors =
+      kfac::CheckedStepTensors<Scalar>(name(), input, gd, ad);
+  if (!tensors.ok()) return tensors.status();
+  std::optional<Matrix>& params = tensors->params;
 
   // The statistics: raw, at every step.
   if (!input.kfac) {
@@ -247,38 +152,14 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
                    "activations and output gradients), since its scaling is estimated from "
                    "per-example gradients that reduced factors no longer hold");
   }
-  const DenseTensor& a_in = stats.activations;
-  const DenseTensor& g_in = stats.output_gradients;
-  const int64_t rows = a_in.rows();
-  if (stats.locations < 0) {
-    return Invalid("kfac.raw.locations", absl::StrCat("is ", stats.locations, ", want >= 0"));
-  }
-  const int64_t loc = stats.locations > 0 ? stats.locations : options_.locations;
-  if (a_in.cols() != options_.d_in) {
-    return Invalid("kfac.raw.activations",
-                   absl::StrCat("has ", a_in.cols(), " columns, want ", options_.d_in));
-  }
-  if (g_in.cols() != gd) {
-    return Invalid("kfac.raw.output_gradients",
-                   absl::StrCat("has ", g_in.cols(), " columns, want ", gd));
-  }
-  if (rows == 0) return Invalid("kfac.raw.activations", "has 0 rows");
-  if (g_in.rows() != rows) {
-    return Invalid("kfac.raw.output_gradients",
-                   absl::StrCat("has ", g_in.rows(), " rows, want ", rows,
-                                " (as kfac.raw.activations)"));
-  }
-  if (rows % loc != 0) {
-    return Invalid("kfac.raw.activations",
-                   absl::StrCat("has ", rows, " rows, want a multiple of locations (", loc, ")"));
-  }
-  const int64_t n = rows / loc;
-  absl::StatusOr<Matrix> a_raw =
-      CheckedTensor<Scalar>(name(), "kfac.raw.activations", a_in, rows, a_in.cols());
-  if (!a_raw.ok()) return a_raw.status();
-  absl::StatusOr<Matrix> gs =
-      CheckedTensor<Scalar>(name(), "kfac.raw.output_gradients", g_in, rows, gd);
-  if (!gs.ok()) return gs.status();
+  absl::StatusOr<kfac::RawStatistics<Scalar>> raw =
+      kfac::CheckedRawStatistics<Scalar>(name(), stats, options_.d_in, gd, options_.locations);
+  if (!raw.ok()) return raw.status();
+  const int64_t rows = raw->rows;
+  const int64_t loc = raw->locations;
+  const int64_t n = raw->examples();
+  const Matrix* a_raw = &raw->a;
+  const Matrix* gs = &raw->g;
   Matrix abar(rows, ad);
   abar.leftCols(options_.d_in) = *a_raw;
   if (options_.has_bias) abar.col(ad - 1).setOnes();
@@ -288,8 +169,8 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
 
   // 1. The factors: kfac_dense's KFC scaling, A over the n examples and G
   //    over the n*T rows, into zero-started EMAs (factor = sum / weight).
-  const Matrix a_batch = ekfac::Gram<Scalar>(abar, static_cast<Scalar>(n), context.compute_pool);
-  const Matrix g_batch = ekfac::Gram<Scalar>(*gs, static_cast<Scalar>(rows), context.compute_pool);
+  const Matrix a_batch = kfac::GramFactor<Scalar>(abar, false, static_cast<Scalar>(n), context.compute_pool);
+  const Matrix g_batch = kfac::GramFactor<Scalar>(*gs, false, static_cast<Scalar>(rows), context.compute_pool);
   if (!a_batch.allFinite()) return Invalid("kfac.raw.activations", "overflows in a^T a / n");
   if (!g_batch.allFinite()) {
     return Invalid("kfac.raw.output_gradients", "overflows in g^T g / (n T)");
@@ -361,7 +242,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
   }
 
   // 4. The update.
-  Matrix g = *std::move(grad);
+  Matrix g = std::move(tensors->gradient);
   if (params && hyper->weight_decay != 0) {
     g += static_cast<Scalar>(hyper->weight_decay) * *params;
   }
@@ -376,23 +257,10 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
   }
   std::optional<Matrix> decayed;
   if (hyper->momentum != 0) decayed = static_cast<Scalar>(hyper->momentum) * momentum_;
-  {
-    // Commit installs scale * v + decayed, scale in (0, 1]: |v| + |decayed|
-    // bounds it, so checking the bound keeps Commit from producing Inf.
-    Eigen::MatrixXd bound = v.template cast<double>().cwiseAbs();
-    if (decayed) bound += decayed->template cast<double>().cwiseAbs();
-    const DType kState = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
-    if (absl::Status s = first_order_internal::CheckCommittable(name(), "momentum", kState, bound);
-        !s.ok()) {
-      return s;
-    }
-    bound *= hyper->lr;
-    if (absl::Status s = first_order_internal::CheckCommittable(
-            name(), "delta",
-            input.gradient.dtype() == DType::kFloat32 ? DType::kFloat32 : kState, bound);
-        !s.ok()) {
-      return s;
-    }
+  if (absl::Status s = kfac::CheckCommittable<Scalar>(name(), v, decayed, hyper->lr,
+                                                      input.gradient.dtype());
+      !s.ok()) {
+    return s;
   }
   return std::make_unique<EkfacPendingUpdate<Scalar>>(this, t, *hyper, std::move(next), std::move(g),
                                                       std::move(v), std::move(decayed),

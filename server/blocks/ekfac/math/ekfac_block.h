@@ -39,6 +39,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/blocks/ekfac/math/ekfac_options.h"
+#include "server/blocks/kfac_dense/math/kfac_step_checks.h"
 #include "server/core/block.h"
 
 namespace natgrad::core {
@@ -89,9 +90,7 @@ class EkfacBlock final : public ParameterBlock {
     double s_weight = 0;
     int64_t s_updates = 0;
   };
-  struct Hyperparameters {
-    double lr = 0, damping = 0, momentum = 0, weight_decay = 0;
-  };
+  using Hyperparameters = kfac::StepHyperparameters;
 
   int64_t a_dim() const { return options_.d_in + (options_.has_bias ? 1 : 0); }
   int64_t g_dim() const { return options_.d_out; }

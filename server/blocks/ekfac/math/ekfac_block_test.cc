@@ -26,15 +26,7 @@ using Eigen::MatrixXd;
 using Eigen::VectorXd;
 using testing::EigenInversionEngine;
 
-class Const final : public Schedule {
- public:
-  explicit Const(double v) : v_(v) {}
-  double Value(int64_t) const override { return v_; }
-
- private:
-  double v_;
-};
-SchedulePtr C(double v) { return std::make_shared<Const>(v); }
+SchedulePtr C(double v) { return ConstantSchedule(v); }
 
 MatrixXd RandomMatrix(int rows, int cols, std::mt19937& rng, double scale = 1.0) {
   std::normal_distribution<double> normal(0.0, scale);

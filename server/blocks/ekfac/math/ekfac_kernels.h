@@ -1,67 +1,22 @@
-// The EKFAC block's arithmetic kernels (docs/math.md, EKFAC), templates over
-// the state precision. Exposed so the tests can check the scaling estimator
-// and the update formula on their own, and K-FAC's eigen-exact update as the
-// special case s = s_G s_A^T. Products above linalg::kBlasMinWork
-// multiply-adds go to OpenBLAS through server/linalg/products.h.
+// The EKFAC block's own arithmetic kernels (docs/math.md, EKFAC), templates
+// over the state precision; the products and Gram factors are kfac_dense's
+// (kfac_kernels.h). Exposed so the tests can check the scaling estimator and
+// the update formula on their own, and K-FAC's eigen-exact update as the
+// special case s = s_G s_A^T.
 #ifndef NATGRAD_SERVER_BLOCKS_EKFAC_MATH_EKFAC_KERNELS_H_
 #define NATGRAD_SERVER_BLOCKS_EKFAC_MATH_EKFAC_KERNELS_H_
 
 #include <cstdint>
 
 #include "Eigen/Core"
+#include "server/blocks/kfac_dense/math/kfac_kernels.h"
 #include "server/linalg/compute_pool.h"
-#include "server/linalg/products.h"
 
 namespace natgrad::core::ekfac {
 
-template <typename Scalar>
-using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-
-// op(a) op(b), op = transpose when the flag says so.
-template <typename Scalar>
-Matrix<Scalar> Product(const Matrix<Scalar>& a, bool trans_a,
-                       const Matrix<Scalar>& b, bool trans_b,
-                       linalg::ComputePool* pool = nullptr) {
-  const Eigen::Index m = trans_a ? a.cols() : a.rows();
-  const Eigen::Index k = trans_a ? a.rows() : a.cols();
-  const Eigen::Index n = trans_b ? b.rows() : b.cols();
-  Matrix<Scalar> out(m, n);
-  if (m == 0 || n == 0) return out;
-  if (k == 0) return Matrix<Scalar>::Zero(m, n);
-  if (linalg::UseBlas(m, n, k)) {
-    linalg::Gemm<Scalar>(trans_a, trans_b, m, n, k, Scalar(1), a.data(),
-                         a.rows(), b.data(), b.rows(), Scalar(0), out.data(),
-                         m, pool);
-  } else if (trans_a && trans_b) {
-    out.noalias() = a.transpose() * b.transpose();
-  } else if (trans_a) {
-    out.noalias() = a.transpose() * b;
-  } else if (trans_b) {
-    out.noalias() = a * b.transpose();
-  } else {
-    out.noalias() = a * b;
-  }
-  return out;
-}
-
-// x^T x / divisor, exactly symmetric (the lower triangle mirrored).
-template <typename Scalar>
-Matrix<Scalar> Gram(const Matrix<Scalar>& x, Scalar divisor,
-                    linalg::ComputePool* pool = nullptr) {
-  const Eigen::Index d = x.cols();
-  Matrix<Scalar> out = Matrix<Scalar>::Zero(d, d);
-  if (linalg::UseBlas(d, d, x.rows())) {
-    linalg::GramLower<Scalar>(d, x.rows(), Scalar(1) / divisor, x.data(),
-                              x.rows(), out.data(), d, pool);
-  } else {
-    out.template selfadjointView<Eigen::Lower>().rankUpdate(x.transpose(),
-                                                           Scalar(1) / divisor);
-  }
-  for (Eigen::Index j = 1; j < d; ++j) {
-    out.col(j).head(j) = out.row(j).head(j).transpose();
-  }
-  return out;
-}
+// The matrix type and the products are kfac_dense's (kfac_kernels.h).
+using kfac::Matrix;
+using kfac::Product;
 
 // This step's estimate of the scaling in the eigenbasis,
 //   s = (1/n) sum_i (U_G^T G_i U_A)^2   (elementwise square),

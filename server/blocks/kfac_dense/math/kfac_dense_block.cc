@@ -15,6 +15,7 @@
 #include "server/core/block_error.h"
 #include "server/core/first_order_checks.h"
 #include "server/blocks/kfac_dense/math/kfac_kernels.h"
+#include "server/blocks/kfac_dense/math/kfac_step_checks.h"
 
 namespace natgrad::core {
 namespace {
@@ -33,75 +34,16 @@ int64_t MicrosSince(Clock::time_point start) {
       .count();
 }
 
-std::string Shape(Eigen::Index rows, Eigen::Index cols) {
-  return absl::StrCat("[", rows, ", ", cols, "]");
-}
-
 absl::Status InvalidField(absl::string_view block, absl::string_view field,
                           absl::string_view what) {
   return InvalidBlockField(block, field, what);
 }
 
-// "" when all finite, else where the first non-finite value is.
-std::string NonFiniteAt(const Eigen::MatrixXd& m) {
-  if (m.allFinite()) return "";
-  for (Eigen::Index j = 0; j < m.cols(); ++j) {
-    for (Eigen::Index i = 0; i < m.rows(); ++i) {
-      if (!std::isfinite(m(i, j))) {
-        return absl::StrCat("has a non-finite value (", m(i, j), ") at [", i,
-                            ", ", j, "]");
-      }
-    }
-  }
-  return "";
-}
-
-// Shape and finiteness of a matrix, then the cast to the state precision
-// (float32 blocks also refuse values beyond float range).
-template <typename Scalar>
-absl::StatusOr<kfac::Matrix<Scalar>> CheckedCast(absl::string_view block,
-                                                 absl::string_view field,
-                                                 const Eigen::MatrixXd& m,
-                                                 Eigen::Index rows,
-                                                 Eigen::Index cols) {
-  if (m.rows() != rows || m.cols() != cols) {
-    return InvalidField(block, field,
-                        absl::StrCat("has shape ", Shape(m.rows(), m.cols()),
-                                     ", want ", Shape(rows, cols)));
-  }
-  if (std::string where = NonFiniteAt(m); !where.empty()) {
-    return InvalidField(block, field, where);
-  }
-  kfac::Matrix<Scalar> out = m.template cast<Scalar>();
-  if (!out.allFinite()) {
-    return InvalidField(block, field, "has values beyond float32 range");
-  }
-  return out;
-}
-
-// The same for a client tensor, read straight into Scalar from its dtype.
-template <typename Scalar>
-absl::StatusOr<kfac::Matrix<Scalar>> CheckedTensor(absl::string_view block,
-                                                   absl::string_view field,
-                                                   const DenseTensor& t,
-                                                   Eigen::Index rows,
-                                                   Eigen::Index cols) {
-  if (t.rows() != rows || t.cols() != cols) {
-    return InvalidField(block, field,
-                        absl::StrCat("has shape ", Shape(t.rows(), t.cols()),
-                                     ", want ", Shape(rows, cols)));
-  }
-  kfac::Matrix<Scalar> out = t.template ToMatrix<Scalar>();
-  if (!out.allFinite()) {
-    if (!t.AllFinite()) {
-      // Locate it for the message (the error path only).
-      return InvalidField(block, field,
-                          NonFiniteAt(t.template ToMatrix<double>()));
-    }
-    return InvalidField(block, field, "has values beyond float32 range");
-  }
-  return out;
-}
+// Shared with ekfac (kfac_step_checks.h).
+using kfac::CheckedCast;
+using kfac::CheckedTensor;
+using kfac::NonFiniteAt;
+using kfac::Shape;
 
 // A reduced factor from the client, read straight into Scalar: [dim, dim],
 // or (ReducedKfacStatistics.packed) rank 1 holding the upper triangle row by
@@ -220,11 +162,7 @@ bool IsReady(const std::shared_future<
          f.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
 }
 
-template <typename Scalar>
-double Dot(const kfac::Matrix<Scalar>& x, const kfac::Matrix<Scalar>& y) {
-  return (x.template cast<double>().array() * y.template cast<double>().array())
-      .sum();
-}
+using kfac::Dot;
 
 }  // namespace
 
@@ -286,21 +224,14 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
     BlockStepOutput out;
     out.delta =
         (static_cast<Scalar>(-hyper_.lr) * b.momentum_).template cast<double>();
-    out.hyperparameters = {{"learning_rate", hyper_.lr},
-                           {"damping", hyper_.damping},
-                           {"momentum", hyper_.momentum},
-                           {"weight_decay", hyper_.weight_decay},
-                           {"kl_scale", scale}};
+    out.hyperparameters = kfac::ReportedHyperparameters(hyper_, scale);
     out.inversion_micros = plan_.inversion_micros;
     return out;
   }
 
  private:
-  // mu m_old + nu V.
   Matrix Momentum(double scale) const {
-    Matrix m = static_cast<Scalar>(scale) * v_;
-    if (decayed_momentum_) m += *decayed_momentum_;
-    return m;
+    return kfac::MomentumAt<Scalar>(scale, v_, decayed_momentum_);
   }
 
   Block* const block_;
@@ -440,32 +371,9 @@ template <typename Scalar>
 absl::StatusOr<typename KfacDenseBlock<Scalar>::Hyperparameters>
 KfacDenseBlock<Scalar>::ResolveHyperparameters(
     int64_t t, const KfacStepInput& input, const StepContext& context) const {
-  auto value = [&](const SchedulePtr& s) { return s->Value(t); };
-  Hyperparameters h;
-  h.lr = input.learning_rate ? *input.learning_rate
-                             : value(options_.learning_rate);
-  h.momentum = value(options_.momentum);
-  h.weight_decay = value(options_.weight_decay);
-  h.damping = context.damping_override ? *context.damping_override
-                                       : value(options_.damping);
-  if (!std::isfinite(h.lr) || h.lr < 0) {
-    return Invalid("learning_rate",
-                   absl::StrCat("is ", h.lr, " at step ", t, ", want >= 0"));
-  }
-  // Momentum >= 1 grows the buffer without bound.
-  if (!(h.momentum >= 0 && h.momentum < 1)) {
-    return Invalid("momentum", absl::StrCat("is ", h.momentum, " at step ", t,
-                                            ", want in [0, 1)"));
-  }
-  if (!(h.weight_decay >= 0 && std::isfinite(h.weight_decay))) {
-    return Invalid("weight_decay",
-                   absl::StrCat("is ", h.weight_decay, " at step ", t, ", want >= 0"));
-  }
-  if (!std::isfinite(h.damping) || h.damping <= 0) {
-    return Invalid(context.damping_override ? "damping_override" : "damping",
-                   absl::StrCat("is ", h.damping, " at step ", t, ", want > 0"));
-  }
-  return h;
+  return kfac::ResolveStepHyperparameters(name(), t, input, context, options_.learning_rate,
+                                          options_.damping, options_.momentum,
+                                          options_.weight_decay);
 }
 
 template <typename Scalar>
@@ -480,40 +388,13 @@ KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input, int64_t t,
   if (input.kfac) {
     const KfacStatisticsInput& s = *input.kfac;
     if (s.form == KfacStatisticsInput::Form::kRaw) {
-      const DenseTensor& a = s.activations;
-      const DenseTensor& g = s.output_gradients;
-      const int64_t rows = a.rows();
-      if (s.locations < 0) {
-        return Invalid("kfac.raw.locations",
-                       absl::StrCat("is ", s.locations, ", want >= 0"));
-      }
-      const int64_t loc = s.locations > 0 ? s.locations : options_.locations;
-      if (a.cols() != options_.d_in) {
-        return Invalid("kfac.raw.activations",
-                       absl::StrCat("has ", a.cols(), " columns, want ",
-                                    options_.d_in));
-      }
-      if (g.cols() != gd) {
-        return Invalid("kfac.raw.output_gradients",
-                       absl::StrCat("has ", g.cols(), " columns, want ", gd));
-      }
-      if (rows == 0) return Invalid("kfac.raw.activations", "has 0 rows");
-      if (g.rows() != rows) {
-        return Invalid("kfac.raw.output_gradients",
-                       absl::StrCat("has ", g.rows(), " rows, want ", rows,
-                                    " (as kfac.raw.activations)"));
-      }
-      if (rows % loc != 0) {
-        return Invalid("kfac.raw.activations",
-                       absl::StrCat("has ", rows, " rows, want a multiple of "
-                                    "locations (", loc, ")"));
-      }
-      absl::StatusOr<Matrix> as = CheckedTensor<Scalar>(
-          name(), "kfac.raw.activations", a, rows, a.cols());
-      if (!as.ok()) return as.status();
-      absl::StatusOr<Matrix> gs = CheckedTensor<Scalar>(
-          name(), "kfac.raw.output_gradients", g, rows, g.cols());
-      if (!gs.ok()) return gs.status();
+      absl::StatusOr<kfac::RawStatistics<Scalar>> raw = kfac::CheckedRawStatistics<Scalar>(
+          name(), s, options_.d_in, gd, options_.locations);
+      if (!raw.ok()) return raw.status();
+      const Matrix* as = &raw->a;
+      const Matrix* gs = &raw->g;
+      const int64_t rows = raw->rows;
+      const int64_t loc = raw->locations;
       if (fold) {
         // KFC scaling (kfac-jax): A over the n examples, G over n*T rows.
         a_batch = kfac::GramFactor<Scalar>(*as, options_.has_bias,
@@ -661,23 +542,11 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
   if (!in.ok()) return in.status();
   const KfacStepInput& input = **in;
   const int64_t t = context.step;
-  if (t < 1) return Invalid("step", absl::StrCat("is ", t, ", want >= 1"));
-  if (t <= last_step_) {
-    return BlockError(absl::StatusCode::kFailedPrecondition, name(), "step",
-                      absl::StrCat(t, " is not after the block's last step ",
-                                   last_step_));
-  }
-  const Eigen::Index ad = a_dim(), gd = g_dim();
-  absl::StatusOr<Matrix> grad =
-      CheckedTensor<Scalar>(name(), "gradient", input.gradient, gd, ad);
-  if (!grad.ok()) return grad.status();
-  std::optional<Matrix> params;
-  if (input.params) {
-    absl::StatusOr<Matrix> p =
-        CheckedTensor<Scalar>(name(), "params", *input.params, gd, ad);
-    if (!p.ok()) return p.status();
-    params = *std::move(p);
-  }
+  if (absl::Status s = kfac::CheckStepOrder(name(), t, last_step_); !s.ok()) return s;
+  absl::StatusOr<kfac::StepTensors<Scalar>> tensors =
+      kfac::CheckedStepTensors<Scalar>(name(), input, g_dim(), a_dim());
+  if (!tensors.ok()) return tensors.status();
+  std::optional<Matrix>& params = tensors->params;
   absl::StatusOr<Factors> factors = FoldStatistics(input, t, context);
   if (!factors.ok()) return factors.status();
   absl::StatusOr<Hyperparameters> hyper = ResolveHyperparameters(t, input, context);
@@ -685,7 +554,7 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
   absl::StatusOr<RefreshPlan> plan = PlanRefresh(t, hyper->damping, *factors, context);
   if (!plan.ok()) return plan.status();
 
-  Matrix g = *std::move(grad);
+  Matrix g = std::move(tensors->gradient);
   if (params && hyper->weight_decay != 0) {
     g += static_cast<Scalar>(hyper->weight_decay) * *params;
   }
@@ -697,24 +566,10 @@ KfacDenseBlock<Scalar>::Propose(const BlockStepInput& step_input,
   if (hyper->momentum != 0) {
     decayed = static_cast<Scalar>(hyper->momentum) * momentum_;
   }
-  {
-    // Commit installs scale * v + decayed and returns -lr times it, for a KL
-    // scale in (0, 1]; |v| + |decayed| bounds both for every such scale, so
-    // checking the bound here keeps Commit from producing Inf.
-    Eigen::MatrixXd bound = v->template cast<double>().cwiseAbs();
-    if (decayed) bound += decayed->template cast<double>().cwiseAbs();
-    const DType kState = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
-    if (absl::Status s = first_order_internal::CheckCommittable(name(), "momentum", kState, bound);
-        !s.ok()) {
-      return s;
-    }
-    bound *= hyper->lr;
-    if (absl::Status s = first_order_internal::CheckCommittable(
-            name(), "delta", input.gradient.dtype() == DType::kFloat32 ? DType::kFloat32 : kState,
-            bound);
-        !s.ok()) {
-      return s;
-    }
+  if (absl::Status s = kfac::CheckCommittable<Scalar>(name(), *v, decayed, hyper->lr,
+                                                      input.gradient.dtype());
+      !s.ok()) {
+    return s;
   }
   return std::make_unique<KfacDensePendingUpdate<Scalar>>(
       this, t, *hyper, *std::move(factors), *std::move(plan), std::move(g),

@@ -43,6 +43,7 @@
 #include "absl/status/statusor.h"
 #include "server/core/block.h"
 #include "server/blocks/kfac_dense/math/kfac_dense_options.h"
+#include "server/blocks/kfac_dense/math/kfac_step_checks.h"
 #include "server/engine/inversion_engine.h"
 
 namespace natgrad::core {
@@ -107,9 +108,7 @@ class KfacDenseBlock final : public ParameterBlock {
     Future a, g;
     Factors factors;  // what was decomposed, for the PSD test (CheckPsd)
   };
-  struct Hyperparameters {
-    double lr = 0, damping = 0, momentum = 0, weight_decay = 0;
-  };
+  using Hyperparameters = kfac::StepHyperparameters;
   // What this step does to the decomposition.
   struct RefreshPlan {
     std::optional<Decomp> install;

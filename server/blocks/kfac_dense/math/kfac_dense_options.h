@@ -22,6 +22,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "server/core/block.h"
 #include "server/core/schedule.h"
 
@@ -42,7 +43,10 @@ inline constexpr int64_t kKfacDefaultInversePeriod = 5;
 // already 32 GiB, so anything larger is a typo or an attack.
 inline constexpr int64_t kKfacMaxFactorDim = 65536;
 
-struct KfacDenseOptions {
+// The fields K-FAC and EKFAC share (the layer, the schedules, the factor
+// EMA, the refresh period and the convolution locations), with the same
+// defaults and validation (NormalizeKfacLayerOptions).
+struct KfacLayerOptions {
   int64_t d_in = 0;
   int64_t d_out = 0;
   bool has_bias = false;
@@ -50,14 +54,23 @@ struct KfacDenseOptions {
   SchedulePtr damping;        // null: constant kKfacDefaultDamping
   SchedulePtr momentum;       // null: 0
   SchedulePtr weight_decay;   // null: 0
-  KfacDampingMode damping_mode = KfacDampingMode::kFactoredTikhonov;
   double ema_decay = kKfacDefaultEmaDecay;  // in (0, 1); 0: default
   // Decompose at step 1 and at every step t with (t - 1) % inverse_period == 0.
   int64_t inverse_period = kKfacDefaultInversePeriod;  // 0: default
-  // Fold statistics at every step t with (t - 1) % stats_period == 0.
-  int64_t stats_period = 1;  // 0: 1
   // Spatial locations T per example for unfolded convolutions; 0 or 1: dense.
   int64_t locations = 1;
+};
+
+// Validates the shared fields of `o` in place (INVALID_ARGUMENT naming the
+// block and the field "<kind>.<option>") and fills in their defaults.
+absl::Status NormalizeKfacLayerOptions(absl::string_view kind,
+                                       absl::string_view block_name,
+                                       KfacLayerOptions& o);
+
+struct KfacDenseOptions : KfacLayerOptions {
+  KfacDampingMode damping_mode = KfacDampingMode::kFactoredTikhonov;
+  // Fold statistics at every step t with (t - 1) % stats_period == 0.
+  int64_t stats_period = 1;  // 0: 1
   bool async_inversion = false;
   // Async only: how many steps, counting the refresh step, may still use the
   // previous decomposition while the engine computes the new one. 0: default

@@ -30,6 +30,9 @@ Matrix<Scalar> Product(const Matrix<Scalar>& a, bool trans_a,
   const Eigen::Index k = trans_a ? a.rows() : a.cols();
   const Eigen::Index n = trans_b ? b.rows() : b.cols();
   Matrix<Scalar> out(m, n);
+  if (m == 0 || n == 0) return out;
+  // An empty inner dimension is a zero product (never handed to BLAS).
+  if (k == 0) return Matrix<Scalar>::Zero(m, n);
   if (linalg::UseBlas(m, n, k)) {
     linalg::Gemm<Scalar>(trans_a, trans_b, m, n, k, Scalar(1), a.data(),
                          a.rows(), b.data(), b.rows(), Scalar(0), out.data(),
