@@ -192,7 +192,12 @@ int64_t Client::redirects() const {
   return redirects_;
 }
 
-void Client::AwaitChannel(absl::Time until) {
+void Client::AwaitChannel(const std::string& name, absl::Time until) {
+  if (options_.connect_to_redirect_address && !name.empty()) {
+    absl::MutexLock lock(&mu_);
+    // Calls for this session go to its redirect address, not the target.
+    if (address_.count(BareId(name)) != 0) return;
+  }
   channel_->WaitForConnected(absl::ToChronoTime(until));
 }
 
@@ -212,17 +217,10 @@ absl::Status Client::Call(
   int redirects = 0;
   const std::string& key = name;
   std::optional<natgrad::v1::SessionMoved> this_call;  // a redirect naming no session
-  bool retrying = false;
   for (;;) {
     grpc::ClientContext ctx;
     PrepareContext(ctx, key);
-    if (retrying) {
-      // After an UNAVAILABLE, wait for the channel to connect (bounded by
-      // the retry deadline) instead of failing fast on a channel still in
-      // backoff.
-      ctx.set_wait_for_ready(true);
-      ctx.set_deadline(absl::ToChronoTime(give_up));
-    }
+
     natgrad::v1::OptimizerService::Stub* stub = &StubFor(key);
     if (this_call.has_value()) {
       ctx.AddMetadata("natgrad-replica", this_call->replica());
@@ -247,10 +245,12 @@ absl::Status Client::Call(
     }
     if (status.code() == absl::StatusCode::kUnavailable && absl::Now() < give_up) {
       if (retried != nullptr) *retried = true;
-      retrying = true;
       std::this_thread::sleep_for(
           absl::ToChronoMicroseconds(backoff * absl::Uniform(gen, 0.5, 1.5)));
       backoff = std::min(backoff * 2, options_.max_backoff);
+      // The next attempt stays fail-fast (its status is the real one), but
+      // first let the channel connect.
+      AwaitChannel(key, std::min(give_up, absl::Now() + options_.max_backoff));
       continue;
     }
     return status;
@@ -563,7 +563,7 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
     std::this_thread::sleep_for(absl::ToChronoMicroseconds(
         backoff * absl::Uniform(gen, 0.5, 1.5)));
     backoff = std::min(backoff * 2, client_->options().max_backoff);
-    client_->AwaitChannel(std::min(give_up, absl::Now() + client_->options().max_backoff));
+    client_->AwaitChannel(name_, std::min(give_up, absl::Now() + client_->options().max_backoff));
   }
 }
 

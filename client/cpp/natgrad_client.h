@@ -115,8 +115,9 @@ class Client {
   // Before a retry: lets the target's channel connect (gRPC connects only
   // while something asks it to; a client whose threads all sleep in backoff
   // otherwise never leaves TRANSIENT_FAILURE). Returns at `until` at the
-  // latest.
-  void AwaitChannel(absl::Time until);
+  // latest. Nothing to wait for when session `name`'s calls go to its
+  // redirect address.
+  void AwaitChannel(const std::string& name, absl::Time until);
 
   // Runs `call` (one attempt with a fresh context and the right stub) until
   // it is neither a redirect nor UNAVAILABLE, within the retry bounds.

@@ -17,6 +17,7 @@
 #include "server/core/block.h"
 #include "server/engine/engine_factory.h"
 #include "server/service/natgrad_server.h"
+#include "tests/service/row_major.h"
 
 namespace natgrad::testing {
 
@@ -47,21 +48,6 @@ inline natgrad::v1::Schedule Constant(double v) {
   natgrad::v1::Schedule s;
   s.mutable_constant()->set_value(v);
   return s;
-}
-
-// v (row-major, as on the wire) as an r x c matrix, and back.
-inline Eigen::MatrixXd RowMajorMatrix(const std::vector<double>& v, int64_t r, int64_t c) {
-  Eigen::MatrixXd m(r, c);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < c; ++j) m(i, j) = v[i * c + j];
-  return m;
-}
-
-inline std::vector<double> RowMajorValues(const Eigen::MatrixXd& m) {
-  std::vector<double> v;
-  for (int64_t r = 0; r < m.rows(); ++r)
-    for (int64_t c = 0; c < m.cols(); ++c) v.push_back(m(r, c));
-  return v;
 }
 
 // One dense-gradient block of a test session: its core matrix shape and the

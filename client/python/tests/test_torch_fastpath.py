@@ -142,7 +142,7 @@ def test_wrong_packed_lengths_are_refused(client):
         s.delete()
 
 
-def test_indefinite_reduced_factor_is_refused_at_decomposition(client):
+def test_indefinite_reduced_factor_is_refused(client):
     s = client.create_session([blocks.kfac_dense("fc", 3, 2, damping_mode="eigen")])
     try:
         # Every 2x2 minor is positive, v = (1, -1, 1, 0) gives v^T A v < 0.

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/core/block_error.h"
 #include "server/core/first_order_checks.h"
+#include "server/linalg/blas.h"
 #include "server/blocks/kfac_dense/math/kfac_kernels.h"
 #include "server/blocks/kfac_dense/math/kfac_step_checks.h"
 
@@ -88,11 +89,14 @@ absl::StatusOr<kfac::Matrix<Scalar>> ReadFactor(absl::string_view block,
   return x;
 }
 
-// The per-step checks of a reduced factor, all O(d^2): finite, symmetric up
-// to rounding (then symmetrised), a diagonal >= -delta and every 2x2
-// principal minor >= 0 (|x_ij| <= sqrt(x_ii x_jj), up to delta), which any
-// PSD matrix meets. Whether the factor is PSD needs O(d^3) and is decided
-// where the block decomposes it (KfacDenseBlock::CheckPsd), not every step.
+// The per-step checks of a reduced factor: finite, symmetric up to rounding
+// (then symmetrised), a diagonal >= -delta and every 2x2 principal minor >= 0
+// (|x_ij| <= sqrt(x_ii x_jj), up to delta), all O(d^2) and with messages that
+// locate the entry; then PSD beyond rounding by a Cholesky of X + shift I in
+// the block's precision (LAPACK potrf, d^3/3 flops). The Cholesky has to run
+// here, at the step that sends the factor: once folded into the EMA an
+// indefinite factor cannot be taken out again, and the session would be
+// stuck at its next decomposition.
 template <typename Scalar>
 absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
                                                    absl::string_view field,
@@ -151,6 +155,21 @@ absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
                                                             static_cast<double>(x(j, j)))),
                        " (a 2x2 principal minor is negative)"));
     }
+  }
+  // The shift covers the Cholesky's own rounding (about d eps max|X|) as well
+  // as the factor's (kFactorTolerance, as above).
+  const double shift =
+      delta + static_cast<double>(dim) *
+                  std::numeric_limits<Scalar>::epsilon() * max_diag;
+  kfac::Matrix<Scalar> chol = x;
+  chol.diagonal().array() += static_cast<Scalar>(shift);
+  if (const int info = linalg::blas::Potrf('L', dim, chol.data(), dim);
+      info != 0) {
+    return InvalidField(
+        block, field,
+        absl::StrCat("is not positive semidefinite beyond rounding: X + ", shift,
+                     " I has no Cholesky factor (its leading ", info, "x", info,
+                     " minor is not positive)"));
   }
   return x;
 }

@@ -140,8 +140,9 @@ class KfacDenseBlock final : public ParameterBlock {
   // The decomposition a refresh resolves to, checking the engine's output
   // and that the decomposed factors are PSD.
   absl::StatusOr<Decomp> Resolve(const Refresh& refresh) const;
-  // The PSD test, made where a factor is decomposed rather than on every
-  // statistics step (CheckedFactor's per-step checks are O(d^2)). `result`
+  // The PSD test of the EMA factor where it is decomposed (each reduced
+  // factor was already tested by CheckedFactor when it arrived; this guards
+  // the EMA's rounding and the engine's answer). `result`
   // is the engine's answer for factor `which` ('A' or 'G') of `refresh`:
   //   eigen-exact: the eigenpairs the engine clamped to ~0 have Rayleigh
   //     quotients q^T F q equal to their true eigenvalues; one below
