@@ -249,8 +249,8 @@ bool ApplyHparam(natgrad::v1::BlockConfig* b, const std::string& key, double v,
     else return false;
     return true;
   }
-  if (b->has_kfac_dense()) {
-    auto* c = b->mutable_kfac_dense();
+  // The keys kfac_dense and ekfac share (their configs use the same fields).
+  auto kfac_layer_key = [&](auto* c) {
     if (key == "learning_rate") *c->mutable_learning_rate() = Constant(v);
     else if (key == "damping") *c->mutable_damping() = Constant(v);
     else if (key == "momentum") *c->mutable_momentum() = Constant(v);
@@ -266,35 +266,20 @@ bool ApplyHparam(natgrad::v1::BlockConfig* b, const std::string& key, double v,
         *error = absl::StrCat("hyperparameter inverse_period must be a whole number, got ", v);
       }
       c->set_inverse_period(static_cast<int64_t>(v));
-    } else if (key == "eigen_exact") {
-      need_bool();
-      c->set_damping_mode(v != 0 ? natgrad::v1::EIGEN_EXACT : natgrad::v1::FACTORED_TIKHONOV);
     } else {
       return false;
     }
     return true;
-  }
-  if (b->has_ekfac()) {
-    auto* c = b->mutable_ekfac();
-    if (key == "learning_rate") *c->mutable_learning_rate() = Constant(v);
-    else if (key == "damping") *c->mutable_damping() = Constant(v);
-    else if (key == "momentum") *c->mutable_momentum() = Constant(v);
-    else if (key == "weight_decay") *c->mutable_weight_decay() = Constant(v);
-    else if (key == "ema_decay") c->set_ema_decay(v);
-    else if (key == "has_bias") {
-      need_bool();
-      c->set_has_bias(v != 0);
-      c->set_d_in(b->shape(1) - (v != 0 ? 1 : 0));
-    } else if (key == "inverse_period") {
-      if (v != std::floor(v) || v < 0 || v > 1e9) {
-        *error = absl::StrCat("hyperparameter inverse_period must be a whole number, got ", v);
-      }
-      c->set_inverse_period(static_cast<int64_t>(v));
-    } else {
-      return false;
-    }
+  };
+  if (b->has_kfac_dense()) {
+    auto* c = b->mutable_kfac_dense();
+    if (kfac_layer_key(c)) return true;
+    if (key != "eigen_exact") return false;
+    need_bool();
+    c->set_damping_mode(v != 0 ? natgrad::v1::EIGEN_EXACT : natgrad::v1::FACTORED_TIKHONOV);
     return true;
   }
+  if (b->has_ekfac()) return kfac_layer_key(b->mutable_ekfac());
   return false;
 }
 
