@@ -48,6 +48,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised when jax is missing
     raise ImportError("natgrad.jax needs jax (scripts/setup-python installs jax[cpu])") from e
 
+import concurrent.futures
 import functools
 
 import natgrad
@@ -229,7 +230,7 @@ class KFAC:
                  damping_mode="tikhonov", ema_decay=None, inverse_period=None, stats_period=None,
                  kl_clip=1e-3, adaptive_damping=False, fallback="adam", fallback_lr=1e-3,
                  fallback_kwargs=None, reduce="auto", state_dtype=None, session_id=None,
-                 display_name=None, locations=None, exclude=(), state=None):
+                 display_name=None, locations=None, exclude=(), state=None, pipelined=False):
         if kernel_layout not in ("in_out", "out_in"):
             raise ValueError("kernel_layout must be 'in_out' or 'out_in'")
         self.kernel_layout = kernel_layout
@@ -293,6 +294,14 @@ class KFAC:
         for p in self.fallback:
             cfg.append(make(p, list(shapes[p]) or [1], lr=fallback_lr, **dict(fallback_kwargs or {})))
         self._block_configs = cfg
+        self._fallback_shapes = {p: list(shapes[p]) or [1] for p in self.fallback}
+        self._prep_fns = {}
+        self._apply_fn = None
+        self.pipelined = bool(pipelined)
+        # One worker: steps go out in order, each after the previous answered.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "natgrad-jax-step") if pipelined else None
+        self._inflight = None   # Future of the step sent by the last step() call
+        self._pending = None    # a drained StepResult whose update is not applied yet
         self.session = None
         self._created = False
         self.last_result = None
@@ -303,58 +312,65 @@ class KFAC:
                                                  adaptive_damping=adaptive_damping, state_dtype=state_dtype,
                                                  display_name=display_name or "jax pytree")
             self._created = True
+            self._own_checks(self.session)
 
-    def _w(self, arr, name):
-        """A kernel (or its gradient) as the block's [d_out, d_in] matrix."""
-        a = np.asarray(arr)
-        d_in, d_out = self.dims[name]
-        return a.reshape(d_in, d_out).T if self.kernel_layout == "in_out" else a.reshape(d_out, d_in)
+    @staticmethod
+    def _own_checks(session):
+        # natgrad.jax builds every array it sends in the block's shape (the
+        # statistics' shapes are checked in _mode), and the server checks
+        # every tensor once (finite values, sizes), naming block and field:
+        # the Session's own scan of every float of every step would be a
+        # second pass over the whole payload.
+        session.validate = False
 
-    def _unw(self, d, name):
-        """The block's [d_out, d_in] delta in the kernel's shape."""
-        shape = self.kernel_shapes[name]
-        return (d.T if self.kernel_layout == "in_out" else d).reshape(shape)
-
-    def _stats(self, name, s, din1, dt):
-        """Raw rows, or kfac-jax-scaled factors (A over n, G over n*T)."""
-        a, g = (v if isinstance(v, jax.Array) else np.asarray(v) for v in s)
+    # -- one step -------------------------------------------------------------
+    def _mode(self, name, s, din1):
+        """How layer `name`'s statistics `s` go out: "given" (the caller's
+        dict, as is), "reduced" (packed factors computed here) or "raw"
+        (rows); checks the rows' shapes. Only shapes are read, so nothing
+        waits for the device."""
+        if isinstance(s, dict):
+            return "given"
+        try:
+            a, g = s
+        except (TypeError, ValueError):
+            raise errors.InvalidArgument(f"layer '{name}': statistics must be (a, g) or a dict of reduced "
+                                         "factors", block=name, field="stats") from None
+        sa, sg = np.shape(a), np.shape(g)
         d_in, d_out = self.dims[name]
         T = self.locations[name]
-        if a.shape[-1] != d_in:
-            raise errors.InvalidArgument(f"layer '{name}': activations have {a.shape[-1]} features, "
+        if not sa or sa[-1] != d_in:
+            raise errors.InvalidArgument(f"layer '{name}': activations have {sa[-1] if sa else 0} features, "
                                          f"expected {d_in}" + (" (unfolded patches, natgrad.jax.conv_patches)"
                                                                if T > 1 else ""),
                                          block=name, field="activations")
-        a = a.reshape(-1, a.shape[-1])
-        g = g.reshape(-1, g.shape[-1])
-        if T > 1 and (a.shape[0] % T or g.shape[0] != a.shape[0]):
+        if not sg or sg[-1] != d_out:
+            raise errors.InvalidArgument(f"layer '{name}': output gradients have {sg[-1] if sg else 0} "
+                                         f"features, expected {d_out}", block=name, field="output_gradients")
+        rows, grows = int(np.prod(sa[:-1])), int(np.prod(sg[:-1]))
+        if grows != rows or rows == 0:
+            raise errors.InvalidArgument(f"layer '{name}': {grows} output-gradient rows but {rows} activation "
+                                         "rows (must be equal and > 0)", block=name, field="output_gradients")
+        if T > 1 and rows % T:
             raise errors.InvalidArgument(
-                f"layer '{name}': {a.shape[0]} patch rows and {g.shape[0]} output-gradient rows; "
+                f"layer '{name}': {rows} patch rows and {grows} output-gradient rows; "
                 f"both must be n * locations (locations = {T})", block=name, field="activations")
-        n = a.shape[0] // T
         packed = din1 * (din1 + 1) // 2 + d_out * (d_out + 1) // 2
-        if self.reduce is True or (self.reduce == "auto" and g.shape == (a.shape[0], d_out)
-                                  and packed < a.shape[0] * (d_in + d_out)):
-            # Jitted on the arrays' device in their precision (float32 unless
-            # x64 is on), sent as packed upper triangles (step.proto).
-            fa, fg = _reduced_factors(jnp.asarray(a), jnp.asarray(g), n, din1 > d_in)
-            return {"a_factor": np.asarray(fa).astype(dt, copy=False),
-                    "g_factor": np.asarray(fg).astype(dt, copy=False),
-                    "num_examples": n}
-        return {"activations": np.asarray(a), "output_gradients": np.asarray(g)}
+        if self.reduce is True or (self.reduce == "auto" and packed < rows * (d_in + d_out)):
+            return "reduced"
+        return "raw"
 
-    def step(self, params, grads, stats, loss=None):
-        """One step: ``grads`` has params' structure (mean loss); ``stats``
-        maps layer name -> (a, g) raw rows or {"a_factor", "g_factor",
-        "num_examples"}. Returns the updated params (jax arrays)."""
+    def _prepare(self, params, grads, stats):
+        """The step's inputs for Session.step, as numpy arrays: one jitted
+        call lays out every gradient as its block's [d_out, d_in(+1)] matrix
+        and reduces the statistics on the arrays' device, then one
+        device_get brings it all to the host."""
         pflat, ptree = _flatten(params)
         gflat, gtree = _flatten(grads)
         if ptree != self.treedef:
             raise errors.InvalidArgument("params do not have the structure the optimizer was built for")
         if gtree != self.treedef:
             raise errors.InvalidArgument("grads do not have the structure of params")
-        P = dict(pflat)
-        G = dict(gflat)
         missing = set(self.layers) - set(stats)
         if missing:
             raise errors.InvalidArgument(f"no statistics for layer(s) {sorted(missing)}",
@@ -363,39 +379,169 @@ class KFAC:
         if extra:
             raise errors.InvalidArgument(f"statistics for unknown layer(s) {sorted(extra)} "
                                          f"(layers: {sorted(self.layers)})", block=sorted(extra)[0])
+        P = dict(pflat)
+        G = dict(gflat)
+        spec, args = [], []
+        for name, (wp, bp) in self.layers.items():
+            din1 = self.dims[name][0] + int(bp is not None)
+            mode = self._mode(name, stats[name], din1)
+            wd = bool(self.weight_decay)
+            spec.append((name, bp is not None, wd, mode))
+            args.append((G[wp], G[bp] if bp is not None else None,
+                         P[wp] if wd else None, P[bp] if (wd and bp is not None) else None,
+                         None if mode == "given" else tuple(stats[name])))
+        fb = [G[p] for p in self.fallback]
+        fn = self._prep_fns.get(tuple(spec))
+        if fn is None:
+            fn = self._prep_fns[tuple(spec)] = jax.jit(functools.partial(self._prep_impl, tuple(spec)))
+        # num_examples go in traced, as they did to _reduced_factors' own jit
+        # (a constant n could let XLA turn the division into another rounding).
+        ns = [int(np.prod(np.shape(stats[name][0])[:-1])) // self.locations[name] if mode == "reduced" else 0
+              for name, _, _, mode in spec]
+        layer_out, fb_out = jax.device_get(fn(args, ns, fb))
         inputs = {}
-        for name, (wp, bp) in self.layers.items():
-            gw = self._w(G[wp], name)
-            if bp is not None:
-                gw = np.concatenate([gw, np.asarray(G[bp]).reshape(-1, 1)], axis=1)
-            x = {"gradient": gw}
-            if self.weight_decay:
-                w = self._w(P[wp], name)
-                if bp is not None:
-                    w = np.concatenate([w, np.asarray(P[bp]).reshape(-1, 1)], axis=1)
-                x["params"] = w
-            s = stats[name]
-            if isinstance(s, dict):
-                x.update(s)
-            else:
-                dt = gw.dtype if gw.dtype == np.float64 else np.float32
-                x.update(self._stats(name, s, self.dims[name][0] + int(bp is not None), dt))
+        for (name, _, _, mode), x, n in zip(spec, layer_out, ns):
+            if mode == "given":
+                x.update(stats[name])
+            elif mode == "reduced":
+                x["num_examples"] = n
             inputs[name] = x
-        for p in self.fallback:
-            inputs[p] = {"gradient": np.asarray(G[p]).reshape(list(np.shape(P[p])) or [1])}
-        r = self.session.step(inputs, loss=loss)
-        new = dict(P)
+        for p, gp in zip(self.fallback, fb_out):
+            inputs[p] = {"gradient": np.asarray(gp)}
+        return inputs
+
+    def _prep_impl(self, spec, args, ns, fb):
+        """Traced by _prepare's jit: per layer {"gradient", ["params"],
+        [statistics]}, then the fallback gradients shaped as their blocks."""
+        out = []
+        for (name, _, _, mode), (gw, gb, pw, pb, s), n in zip(spec, args, ns):
+            d_in, d_out = self.dims[name]
+            grad = self._as_block(gw, gb, name)
+            dt = jnp.float64 if grad.dtype == jnp.float64 else jnp.float32
+            x = {"gradient": grad.astype(dt)}
+            if pw is not None:
+                x["params"] = self._as_block(pw, pb, name).astype(dt)
+            if mode != "given":
+                a = jnp.asarray(s[0]).reshape(-1, d_in)
+                g = jnp.asarray(s[1]).reshape(-1, d_out)
+                if mode == "reduced":
+                    # In the rows' precision (float32 unless x64 is on), sent
+                    # as packed upper triangles (step.proto).
+                    fa, fg = _reduced_factors(a, g, n, gb is not None)
+                    x.update(a_factor=fa.astype(dt), g_factor=fg.astype(dt))
+                else:
+                    x.update(activations=a, output_gradients=g)
+            out.append(x)
+        fb_out = [jnp.reshape(g, self._fallback_shapes[p]) for p, g in zip(self.fallback, fb)]
+        return out, fb_out
+
+    def _as_block(self, w, b, name):
+        """A kernel (and bias) as the block's [d_out, d_in(+1)] matrix (traced)."""
+        d_in, d_out = self.dims[name]
+        w = jnp.asarray(w)
+        m = w.reshape(d_in, d_out).T if self.kernel_layout == "in_out" else w.reshape(d_out, d_in)
+        if b is not None:
+            m = jnp.concatenate([m, jnp.asarray(b, m.dtype).reshape(-1, 1)], axis=1)
+        return m
+
+    def _apply(self, params, r):
+        """params + the deltas of StepResult r, as jax arrays on params'
+        devices (one jitted call: the deltas go to the device, the params
+        never come to the host)."""
+        leaves = jax.tree_util.tree_leaves(params)
+        deltas = {}
         for name, (wp, bp) in self.layers.items():
-            d = r[name]
-            d_in = self.dims[name][0]
-            dw = d[:, :d_in]
-            new[wp] = np.asarray(P[wp]) + self._unw(dw, name).astype(np.asarray(P[wp]).dtype)
-            if bp is not None:
-                new[bp] = np.asarray(P[bp]) + d[:, d_in].astype(np.asarray(P[bp]).dtype)
+            deltas[name] = np.asarray(r[name])
         for p in self.fallback:
-            new[p] = np.asarray(P[p]) + r[p].reshape(np.shape(P[p])).astype(np.asarray(P[p]).dtype)
+            deltas[p] = np.asarray(r[p])
+        if self._apply_fn is None:
+            self._apply_fn = jax.jit(self._apply_impl)
+        return jax.tree_util.tree_unflatten(self.treedef, self._apply_fn(leaves, deltas))
+
+    def _apply_impl(self, leaves, deltas):
+        new = dict(zip(self.paths, leaves))
+        for name, (wp, bp) in self.layers.items():
+            d = deltas[name]
+            d_in = self.dims[name][0]
+            w = jnp.asarray(new[wp])
+            dw = d[:, :d_in]
+            dw = (dw.T if self.kernel_layout == "in_out" else dw).reshape(self.kernel_shapes[name])
+            new[wp] = w + dw.astype(w.dtype)
+            if bp is not None:
+                b = jnp.asarray(new[bp])
+                new[bp] = b + d[:, d_in].astype(b.dtype)
+        for p in self.fallback:
+            v = jnp.asarray(new[p])
+            new[p] = v + deltas[p].reshape(v.shape).astype(v.dtype)
+        return [new[p] for p in self.paths]
+
+    def step(self, params, grads, stats, loss=None):
+        """One step: ``grads`` has params' structure (mean loss); ``stats``
+        maps layer name -> (a, g) raw rows or {"a_factor", "g_factor",
+        "num_examples"}. Returns the updated params (jax arrays).
+
+        Pipelined (``pipelined=True``): this call hands the step to a
+        background thread and returns params plus the update of the
+        *previous* call's step (params unchanged on the first call), so the
+        caller's forward/backward of the next step overlaps this step's
+        round trip. An error of the step in flight raises here, at the next
+        call (this call's step is then not sent); ``flush(params)`` drains
+        it and applies its update."""
+        inputs = self._prepare(params, grads, stats)
+        if loss is not None:
+            loss = float(loss)
+        if not self.pipelined:
+            r = self.session.step(inputs, loss=loss)
+            self.last_result = r
+            return self._apply(params, r)
+        prev = self._drain()
+        self._inflight = self._pool.submit(self.session.step, inputs, loss)
+        if prev is None:
+            return params
+        self.last_result = prev
+        return self._apply(params, prev)
+
+    def _drain(self):
+        """Waits for the step in flight and returns the StepResult whose
+        update is not applied yet (None if there is none); raises the error
+        of a failed step (its update is lost; the session's step counter is
+        unchanged, so the next step() is sent as that step)."""
+        if self._inflight is not None:
+            fut, self._inflight = self._inflight, None
+            self._pending = fut.result()
+        r, self._pending = self._pending, None
+        return r
+
+    def flush(self, params=None):
+        """Pipelined mode: waits for the step in flight (raising its error,
+        if it failed). With params, returns params plus that step's update,
+        so the model is up to date with every step sent; without, the update
+        stays pending and the next step() applies it as usual. Synchronous
+        mode: returns params (nothing is ever in flight)."""
+        if not self.pipelined:
+            return params
+        r = self._drain()
+        if params is None:
+            self._pending = r
+            return None
+        if r is None:
+            return params
         self.last_result = r
-        return jax.tree_util.tree_unflatten(self.treedef, [jnp.asarray(new[p]) for p in self.paths])
+        return self._apply(params, r)
+
+    @property
+    def in_flight(self):
+        """True while a pipelined step's round trip is running or its update is pending."""
+        return self._inflight is not None or self._pending is not None
+
+    def _require_idle(self, what):
+        if self.pipelined:
+            self.flush()
+            if self._pending is not None:
+                raise errors.FailedPrecondition(
+                    f"natgrad.jax.KFAC.{what}: step {self._pending.step}'s update is not applied yet "
+                    "(pipelined mode); call params = opt.flush(params) first so the parameters and "
+                    "the session agree")
 
     # -- checkpoints --------------------------------------------------------
     def state_dict(self):
@@ -403,6 +549,7 @@ class KFAC:
         "step" (last applied step), "snapshot" (the serialized
         SessionSnapshot as a uint8 array)}; all leaves are str or numpy, so
         pickle, flax.serialization or orbax can store it next to params."""
+        self._require_idle("state_dict")
         snap = self.session.export()
         step = snap.last_step
         return {"format": np.asarray(CHECKPOINT_FORMAT, np.int64), "session": self.session.name,
@@ -425,7 +572,9 @@ class KFAC:
         or attaches to the server's session after checking it is at the
         checkpoint's step. Raises InvalidArgument (malformed state, other
         layers) or FailedPrecondition (the server's session is at another
-        step or has another config); on error the optimizer is unchanged."""
+        step or has another config; in pipelined mode, an update not yet
+        applied: flush(params) first); on error the optimizer is unchanged."""
+        self._require_idle("load_state_dict")
         try:
             fmt = int(np.asarray(state["format"]))
             name = str(state["session"])
@@ -450,6 +599,7 @@ class KFAC:
         session = self.client.restore_session(snap)
         old, created = self.session, self._created
         self.session, self._created = session, False
+        self._own_checks(session)
         if old is not None and old.name != session.name:
             if created and old.next_step == 1:
                 try:  # the empty session made by __init__, never stepped
@@ -460,7 +610,24 @@ class KFAC:
                 old.close()
 
     def close(self, delete=False):
+        """Ends the optimizer's use of the session: in pipelined mode waits
+        for the step in flight first (an update not applied yet is dropped:
+        call params = flush(params) before to keep it), then half-closes the
+        Step stream (the session stays on the server) or, with delete=True,
+        deletes the session. A failure of the step that was in flight raises
+        after the session is closed."""
+        err = None
+        if self._inflight is not None:
+            try:
+                self._drain()
+            except Exception as e:  # noqa: BLE001  (re-raised below, after closing)
+                err = e
+        self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if delete:
             self.session.delete()
         else:
             self.session.close()
+        if err is not None:
+            raise err
