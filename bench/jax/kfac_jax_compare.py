@@ -165,7 +165,7 @@ def make_loss_and_stats(widths=WIDTHS, fisher="empirical"):
 # -- the four runs -------------------------------------------------------------
 
 def _batches(args):
-    return [images(args.batch, 1000 + i) for i in range(args.batches)]
+    return [images(args.batch, 1000 + i, d=args.widths[0]) for i in range(args.batches)]
 
 
 def _proc_cpu_s(pid):
@@ -183,8 +183,8 @@ class _Run:
 
     def __init__(self, args, seed, first_index=0):
         self.args = args
-        self.params = init_params(seed)
-        self.init = _host(init_params(seed))  # (kfac-jax donates the params it steps)
+        self.params = init_params(seed, args.widths)
+        self.init = _host(init_params(seed, args.widths))  # (kfac-jax donates the params it steps)
         self.first_index = first_index        # the call whose result holds step 1's update
         self.first = None
 
@@ -223,7 +223,7 @@ def run_adam(args, seed, _client, _pid):
 
     @jax.jit
     def update(params, opt_state, x):
-        loss, g = jax.value_and_grad(mean_loss)(params, x)
+        loss, g = jax.value_and_grad(mean_loss)(params, x, args.widths)
         u, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, u), opt_state, loss
 
@@ -251,7 +251,7 @@ def run_kfac_jax(args, seed, _client, _pid):
     import kfac_jax
 
     def loss_fn(params, x):
-        logits, _, _ = forward(params, x, register=True)
+        logits, _, _ = forward(params, x, widths=args.widths, register=True)
         kfac_jax.register_sigmoid_cross_entropy_loss(logits, x)
         return jnp.mean(per_example_loss(logits, x))
 
@@ -278,7 +278,7 @@ def run_kfac_jax(args, seed, _client, _pid):
 
 def run_natgrad(args, seed, client, server_pid, pipelined=False):
     import natgrad.jax
-    loss_and_stats = make_loss_and_stats(fisher=args.fisher)
+    loss_and_stats = make_loss_and_stats(args.widths, fisher=args.fisher)
     r = _Run(args, seed, first_index=1 if pipelined else 0)
     opt = natgrad.jax.KFAC(r.params, client=client, lr=args.lr, damping=args.damping,
                            momentum=args.momentum, kl_clip=args.kl_clip, ema_decay=args.ema_decay,
@@ -326,6 +326,8 @@ def main(argv=None):
     p.add_argument("--server", default=None, help="natgrad-server binary (default: find it)")
     p.add_argument("--target", default=None, help="a running server instead of starting one")
     p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
+                   help="layer widths, input first (the default is the MNIST autoencoder)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--batches", type=int, default=8, help="distinct batches, cycled")
     p.add_argument("--reps", type=int, default=3)
@@ -345,6 +347,7 @@ def main(argv=None):
     p.add_argument("--reduce", default="auto", help="natgrad.jax.KFAC reduce= (auto, true, false)")
     p.add_argument("--json", default=None, help="also write the per-rep figures to this file")
     args = p.parse_args(argv)
+    args.widths = tuple(int(w) for w in args.widths.split(","))
     args.reduce = {"true": True, "false": False}.get(str(args.reduce).lower(), args.reduce)
     kinds = args.kinds.split(",")
     unknown = set(kinds) - set(RUNS)
@@ -364,9 +367,9 @@ def main(argv=None):
         # serialization and a SHA-256 of the response per step.
         client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0),
                                 max_replay_steps=0)
-    held_out = images(args.batch, 999)
-    eval_loss = jax.jit(mean_loss)
-    loss0 = float(eval_loss(init_params(0), held_out))
+    held_out = images(args.batch, 999, d=args.widths[0])
+    eval_loss = jax.jit(lambda p, x: mean_loss(p, x, args.widths))
+    loss0 = float(eval_loss(init_params(0, args.widths), held_out))
     per_rep = {k: [] for k in kinds}
     try:
         # Reps interleaved across kinds, so that load from other work on the
@@ -400,7 +403,8 @@ def main(argv=None):
         except md.PackageNotFoundError:
             return "-"
     print(f"jax {jax.__version__} ({jax.default_backend()}), kfac-jax {ver('kfac-jax')}, optax "
-          f"{ver('optax')}; {os.cpu_count()} cpus; batch {args.batch}, float32, {args.fisher} Fisher; "
+          f"{ver('optax')}; {os.cpu_count()} cpus; widths {'-'.join(map(str, args.widths))}, batch "
+          f"{args.batch}, float32, {args.fisher} Fisher; "
           f"median of {args.reps} reps x {args.steps} steps after {args.warmup} warmup; inverse_period "
           f"{args.inverse_period}, lr {args.lr}, momentum {args.momentum}, damping {args.damping}, "
           f"kl_clip {args.kl_clip}, natgrad reduce={args.reduce}")
