@@ -579,6 +579,30 @@ def _retry_reason(e):
 _TRIU = {}
 
 
+def _size_bound(msg):
+    """An upper bound on msg.ByteSize() that reads no tensor bytes: upb's
+    ByteSize encodes the whole message, a full pass over every tensor, and
+    build_requests only needs to know whether a block or a request may be
+    near a limit. None for a message with a map field (then ByteSize)."""
+    n = 0
+    for fd, v in msg.ListFields():
+        rep = fd.label == fd.LABEL_REPEATED
+        if fd.type == fd.TYPE_MESSAGE:
+            if fd.message_type.GetOptions().map_entry:
+                return None
+            for m in (v if rep else (v,)):
+                b = _size_bound(m)
+                if b is None:
+                    return None
+                n += b + 16  # tag + length varint
+        elif fd.type in (fd.TYPE_BYTES, fd.TYPE_STRING):
+            for b in (v if rep else (v,)):
+                n += (len(b) if isinstance(b, bytes) else 4 * len(b)) + 16
+        else:
+            n += 16 * (len(v) if rep else 1) + 16
+    return n
+
+
 def _triu_indices(d):
     """Row-major upper-triangle indices of a d x d matrix (the packed order)."""
     if d not in _TRIU:
@@ -1055,7 +1079,9 @@ class Session:
         bss = [self._block_step(n, x) for n, x in inputs.items()]
         msgs, cur, cur_bytes = [], [], 0
         for bs in bss:
-            sz = bs.ByteSize()
+            sz = _size_bound(bs)
+            if sz is None:
+                sz = bs.ByteSize()
             if cur and cur_bytes + sz > self.split_bytes:
                 msgs.append(cur)
                 cur, cur_bytes = [], 0
@@ -1068,7 +1094,9 @@ class Session:
                                      last=(i == len(msgs) - 1))
             if r.last and loss is not None:
                 r.loss = loss
-            if r.ByteSize() > self.client.max_message_bytes:
+            bound = _size_bound(r)
+            if (bound is None or bound > self.client.max_message_bytes) and \
+                    r.ByteSize() > self.client.max_message_bytes:
                 raise errors.ResourceExhausted(
                     f"step {step}: block '{group[0].name}' needs {r.ByteSize()} bytes in one message, "
                     f"over max_message_bytes={self.client.max_message_bytes} (raise it on the "

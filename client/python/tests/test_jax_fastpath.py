@@ -58,3 +58,28 @@ def test_reduced_first_step_matches_the_reference(target):
         np.testing.assert_allclose(np.asarray(new[name]["kernel"] - params[name]["kernel"]).T,
                                    want[name][:, :-1], rtol=1e-7, atol=1e-12)
     opt.close(delete=True)
+
+
+def test_request_size_bound_and_the_message_limit(target):
+    """build_requests sizes blocks without serializing them (client._size_bound):
+    the bound is never below the real size, and a request over
+    max_message_bytes is still refused before anything is sent."""
+    from natgrad.client import _size_bound
+    params = init(jax.random.PRNGKey(2))
+    x, y = data()
+    opt = natgrad.jax.KFAC(params, target=target, reduce=False, weight_decay=1e-4)
+    _, grads, stats = loss_and_stats(params, x, y)
+    inputs = opt._prepare(params, grads, stats)
+    reqs = opt.session.build_requests(inputs, loss=1.0)
+    for r in reqs:
+        assert _size_bound(r) >= r.ByteSize()
+        for b in r.blocks:
+            assert _size_bound(b) >= b.ByteSize()
+    opt.session.client.max_message_bytes = reqs[0].ByteSize() - 1
+    try:
+        with pytest.raises(natgrad.ResourceExhausted, match="max_message_bytes"):
+            opt.step(params, grads, stats, loss=1.0)
+    finally:
+        opt.session.client.max_message_bytes = natgrad.client.DEFAULT_MAX_MESSAGE_BYTES
+    assert opt.session.next_step == 1
+    opt.close(delete=True)
