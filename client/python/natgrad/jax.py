@@ -36,6 +36,16 @@ exported session (ExportSession) and its step; ``load_state_dict(state)`` or
 the session, or checks the step on one that has it, raising a natgrad error
 on any mismatch.
 
+Pipelined mode (``pipelined=True``, opt-in): ``step()`` hands the step (its
+arrays already on the host) to a background thread and returns at once with
+the update of the previous call's step applied, so step t's round trip
+overlaps the caller's forward/backward of t+1. The updates are one step
+stale: step t+1's gradient is taken at parameters without step t's update,
+and the first call returns params unchanged. An error of the step in flight
+raises at the next ``step()``/``flush()``/``close()`` (that call's own step
+is not sent; the session's step counter stays put). ``params =
+opt.flush(params)`` drains the step in flight and applies its update.
+
 Natural-gradient directions in your own coordinates: ``natural_direction(
 xi_of_theta, theta, dl_deta)`` pushes dL/deta (the natural gradient in
 theta) through xi_of_theta with one jax.jvp; see its docstring.
@@ -223,7 +233,10 @@ class KFAC:
     locations: {conv layer: T output positions per example} (required for
     every kernel of more than two dimensions);
     exclude: layer names to put on the fallback optimizer instead;
-    state: a state_dict() to restore instead of creating a session."""
+    state: a state_dict() to restore instead of creating a session;
+    pipelined: step t's round trip runs in a background thread while the
+    caller computes step t+1, and step() returns the update of the previous
+    call's step (one step stale; see the module docstring, step and flush)."""
 
     def __init__(self, params, target=None, *, client=None, layers=None, kernel_layout="in_out",
                  token=None, tls=None, lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0,
