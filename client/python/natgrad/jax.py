@@ -402,7 +402,8 @@ class KFAC:
             spec.append((name, bp is not None, wd, mode))
             args.append((G[wp], G[bp] if bp is not None else None,
                          P[wp] if wd else None, P[bp] if (wd and bp is not None) else None,
-                         None if mode == "given" else tuple(stats[name])))
+                         None if mode == "given" else
+                         tuple(v if isinstance(v, jax.Array) else np.asarray(v) for v in stats[name])))
         fb = [G[p] for p in self.fallback]
         fn = self._prep_fns.get(tuple(spec))
         if fn is None:
