@@ -24,11 +24,16 @@ damping schedule, no adaptive damping), KL clip 1e-3 (kfac-jax's
 norm_constraint is the same rule: scale the update so lr^2 <V, grad> <= c),
 factor EMA decay 0.95 (kfac-jax's curvature_ema), inverses at the first step
 and every 10 steps (kfac-jax's inverse_update_period; no burn-in steps), and
-the empirical Fisher on both sides (kfac-jax estimation_mode
-"fisher_empirical"; natgrad gets the output gradients of the true loss).
-Each side does what it does to get there: kfac-jax runs its own curvature
-estimation pass; natgrad's client reduces the factors jitted and the server
-does the rest.
+the same curvature on both sides (--fisher): "empirical" (default) gives
+natgrad the output gradients of the loss on the data and runs kfac-jax's
+"fisher_empirical", whose statistics carry an extra 1/n, compensated exactly
+by dividing its learning rate, damping and norm constraint by n
+(kfac_jax_settings); "sampled" is the true Fisher on both (kfac-jax
+"fisher_gradients", natgrad's client a second backward pass on sampled
+targets). Each side does what it does to get there: kfac-jax runs its own
+curvature estimation pass; natgrad's client reduces the factors jitted (or
+sends rows, --reduce false) and the server does the rest. The "1st upd"
+column shows the first updates agree.
 
 Each kind runs --reps times (fresh parameters, optimizer and session; --warmup
 untimed steps, which compile and include the first decomposition, then
