@@ -21,7 +21,7 @@
 // stretches with the load and CPU time much less.
 //
 // A run's steps cycle through --pool distinct random inputs (kfac_ae's raw
-// statistics are ~47 MB a step; decoding 50 of them ahead would not fit
+// statistics are ~46 MB a step; decoding 50 of them ahead would not fit
 // beside the other engineers' builds).
 //
 //   step_roundtrip_bench [--steps=N] [--reps=5] [--pool=8]
