@@ -53,7 +53,7 @@ std::shared_ptr<StepRequest> SampleRequest(std::mt19937& rng) {
   return req;
 }
 
-TEST(EncodeStepRequestTest, BytesAreProtobufsOwnSerialization) {
+TEST(CppClientEncodeTest, BytesAreProtobufsOwnSerialization) {
   std::mt19937 rng(1);
   auto req = SampleRequest(rng);
   const std::string expected = req->SerializeAsString();
@@ -66,7 +66,7 @@ TEST(EncodeStepRequestTest, BytesAreProtobufsOwnSerialization) {
   EXPECT_EQ(parsed.blocks(1).params().data(), req->blocks(1).params().data());
 }
 
-TEST(EncodeStepRequestTest, LargePayloadsAreReferencedNotCopied) {
+TEST(CppClientEncodeTest, LargePayloadsAreReferencedNotCopied) {
   std::mt19937 rng(2);
   auto req = SampleRequest(rng);
   const char* a_data = req->blocks(0).gradient().data().data();
@@ -90,7 +90,7 @@ TEST(EncodeStepRequestTest, LargePayloadsAreReferencedNotCopied) {
   EXPECT_EQ(aliased, 2) << "the two large tensors should be slices of the request's own bytes";
 }
 
-TEST(EncodeStepRequestTest, BufferKeepsTheRequestAlive) {
+TEST(CppClientEncodeTest, BufferKeepsTheRequestAlive) {
   std::mt19937 rng(3);
   auto req = SampleRequest(rng);
   const std::string expected = req->SerializeAsString();
@@ -102,7 +102,7 @@ TEST(EncodeStepRequestTest, BufferKeepsTheRequestAlive) {
   EXPECT_EQ(Flatten(copy), expected);
 }
 
-TEST(TensorTest, InPlaceAndOwnedBytesMatchMakeTensor) {
+TEST(CppClientTensorTest, InPlaceAndOwnedBytesMatchMakeTensor) {
   std::mt19937 rng(4);
   const std::vector<float> values = RandomFloats(rng, 12);
   const natgrad::v1::Tensor copied = MakeTensor(values, {3, 4});
@@ -126,7 +126,7 @@ TEST(TensorTest, InPlaceAndOwnedBytesMatchMakeTensor) {
   EXPECT_THAT(TensorValues(d), ::testing::ElementsAre(1.5, -2.0));
 }
 
-class ClientStepTest : public ::testing::Test {
+class CppClientStepTest : public ::testing::Test {
  protected:
   void SetUp() override {
     service::ServerOptions options;
@@ -161,7 +161,7 @@ class ClientStepTest : public ::testing::Test {
 
 // The update of every block is -lr * gradient, whichever way the step's
 // blocks were handed over and however many messages carried them.
-TEST_F(ClientStepTest, MovedBlocksSplitMessagesAndInPlaceTensors) {
+TEST_F(CppClientStepTest, MovedBlocksSplitMessagesAndInPlaceTensors) {
   const double lr = 0.5;
   const std::vector<int64_t> sizes = {1000, 7, 300000};
   ClientOptions o = Options();
@@ -214,7 +214,7 @@ TEST_F(ClientStepTest, MovedBlocksSplitMessagesAndInPlaceTensors) {
 
 // A step the server refuses leaves the step number where it was, and the
 // stream carries on (the encoding is per step, not per stream).
-TEST_F(ClientStepTest, RefusedStepDoesNotAdvance) {
+TEST_F(CppClientStepTest, RefusedStepDoesNotAdvance) {
   Client client(Options());
   auto session = client.CreateSession(SgdConfig({4}, 0.1));
   ASSERT_TRUE(session.ok()) << session.status();
