@@ -1,13 +1,38 @@
 // End-to-end step benchmark: the same steps through a real server over
-// loopback (C++ client, Step stream) and in-process (StepAssembler +
-// Session::Step + reply encoding, i.e. everything but gRPC), reported as
-// p50/p99 latency, throughput and their ratio, measured in one run, plus the
-// server-side decode time per step (StepAssembler::Add).
+// loopback (C++ client, Step stream) and in-process (Session::Step + reply
+// encoding on already-decoded inputs, i.e. everything but gRPC and decode),
+// reported as p50/p99 latency, throughput and their ratio, plus the
+// server-side decode time per step (StepAssembler::Add) on its own.
 //
-//   step_roundtrip_bench [--steps=N] [--models=adam_1k,adam_1m,kfac_ae]
+// Each of --reps runs makes fresh sessions and times --steps steps (after 3
+// warm-up steps) of both paths; the columns are the medians over the runs of
+// each run's figures (the ratio is each run's rpc p50 / in-process p50).
+//
+// What is timed. RPC: wrapping the caller's arrays into the step's tensors
+// (MakeTensor), the client's encoding, transport, the server's decode, step
+// and encode, and the client's parse of the reply — what a training loop
+// waits for. Not timed: producing the random arrays (a real client has its
+// gradients already). In-process: Session::Step and EncodeStepReply only; the
+// inputs were decoded by StepAssembler before the timed loop (that decode is
+// the "decode p50" column).
+//
+// CPU columns: the process's CPU time per step (p50), client and server
+// together for RPC: on a machine shared with other builds, wall time
+// stretches with the load and CPU time much less.
+//
+// A run's steps cycle through --pool distinct random inputs (kfac_ae's raw
+// statistics are ~46 MB a step; decoding 50 of them ahead would not fit
+// beside the other engineers' builds).
+//
+//   step_roundtrip_bench [--steps=N] [--reps=5] [--pool=8]
+//       [--models=adam_1k,adam_100k,adam_1m,kfac_mlp,kfac_ae]
+#include <stdlib.h>
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <random>
 #include <string>
@@ -22,8 +47,10 @@
 #include "server/service/step_assembler.h"
 #include "server/service/step_reply.h"
 
-ABSL_FLAG(int, steps, 50, "timed steps per model (after 3 warm-up steps)");
-ABSL_FLAG(std::string, models, "adam_1k,adam_100k,adam_1m,kfac_mlp",
+ABSL_FLAG(int, steps, 50, "timed steps per model and run (after 3 warm-up steps)");
+ABSL_FLAG(int, reps, 5, "runs per model; figures are medians over the runs");
+ABSL_FLAG(int, pool, 8, "distinct random steps a run cycles through");
+ABSL_FLAG(std::string, models, "adam_1k,adam_100k,adam_1m,kfac_mlp,kfac_ae",
           "comma-separated: adam_1k, adam_100k, adam_1m, kfac_mlp, kfac_ae");
 
 namespace {
@@ -32,17 +59,50 @@ using natgrad::v1::BlockStep;
 using natgrad::v1::SessionConfig;
 using Clock = std::chrono::steady_clock;
 
+// One step's inputs as the training loop holds them: plain arrays.
+struct RawTensor {
+  std::vector<float> values;
+  std::vector<int64_t> shape;
+};
+struct RawBlock {
+  std::string name;
+  RawTensor gradient;
+  bool kfac = false;
+  RawTensor activations, output_gradients;
+};
+using RawStep = std::vector<RawBlock>;
+
 struct Model {
   SessionConfig config;
-  // Builds one step's blocks.
-  std::function<std::vector<BlockStep>(std::mt19937&)> step;
+  std::function<RawStep(std::mt19937&)> step;
 };
 
-std::vector<float> Random(std::mt19937& rng, size_t n) {
+// The client's side of a step: the arrays into the step's tensors.
+std::vector<BlockStep> Wrap(const RawStep& raw) {
+  std::vector<BlockStep> out;
+  out.reserve(raw.size());
+  for (const RawBlock& r : raw) {
+    BlockStep& s = out.emplace_back();
+    s.set_name(r.name);
+    *s.mutable_gradient() = natgrad::client::MakeTensor(r.gradient.values, r.gradient.shape);
+    if (r.kfac) {
+      auto* stats = s.mutable_kfac()->mutable_raw();
+      *stats->mutable_activations() =
+          natgrad::client::MakeTensor(r.activations.values, r.activations.shape);
+      *stats->mutable_output_gradients() =
+          natgrad::client::MakeTensor(r.output_gradients.values, r.output_gradients.shape);
+    }
+  }
+  return out;
+}
+
+RawTensor Random(std::mt19937& rng, std::vector<int64_t> shape) {
   std::normal_distribution<float> d;
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
+  int64_t n = 1;
+  for (int64_t x : shape) n *= x;
+  RawTensor t{std::vector<float>(n), std::move(shape)};
+  for (auto& x : t.values) x = d(rng);
+  return t;
 }
 
 Model AdamModel(int64_t n) {
@@ -52,10 +112,10 @@ Model AdamModel(int64_t n) {
   b->add_shape(n);
   b->mutable_adam();
   m.step = [n](std::mt19937& rng) {
-    BlockStep s;
-    s.set_name("w");
-    *s.mutable_gradient() = natgrad::client::MakeTensor(Random(rng, n), {n});
-    return std::vector<BlockStep>{s};
+    RawBlock r;
+    r.name = "w";
+    r.gradient = Random(rng, {n});
+    return RawStep{std::move(r)};
   };
   return m;
 }
@@ -75,22 +135,38 @@ Model KfacModel(const std::vector<int64_t>& widths, int64_t batch, int64_t inver
     k->mutable_damping()->mutable_constant()->set_value(1e-2);
   }
   m.step = [widths, batch](std::mt19937& rng) {
-    std::vector<BlockStep> steps;
+    RawStep steps;
     for (size_t l = 0; l + 1 < widths.size(); ++l) {
       const int64_t din = widths[l], dout = widths[l + 1];
-      BlockStep s;
-      s.set_name("layer" + std::to_string(l));
-      *s.mutable_gradient() =
-          natgrad::client::MakeTensor(Random(rng, dout * (din + 1)), {dout, din + 1});
-      auto* raw = s.mutable_kfac()->mutable_raw();
-      *raw->mutable_activations() = natgrad::client::MakeTensor(Random(rng, batch * din), {batch, din});
-      *raw->mutable_output_gradients() =
-          natgrad::client::MakeTensor(Random(rng, batch * dout), {batch, dout});
-      steps.push_back(std::move(s));
+      RawBlock r;
+      r.name = "layer" + std::to_string(l);
+      r.gradient = Random(rng, {dout, din + 1});
+      r.kfac = true;
+      r.activations = Random(rng, {batch, din});
+      r.output_gradients = Random(rng, {batch, dout});
+      steps.push_back(std::move(r));
     }
     return steps;
   };
   return m;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// CPU time of the whole process (client, server and gRPC threads).
+double CpuMs() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return 1e3 * (u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-3 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+double LoadAverage() {
+  double load[1] = {0};
+  return getloadavg(load, 1) == 1 ? load[0] : -1;
 }
 
 struct Figures {
@@ -129,10 +205,21 @@ int main(int argc, char** argv) {
   co.target = "127.0.0.1:" + std::to_string((*server)->port());
   natgrad::client::Client client(co);
   const int steps = absl::GetFlag(FLAGS_steps);
+  const int reps = absl::GetFlag(FLAGS_reps);
+  const int pool = std::min(absl::GetFlag(FLAGS_pool), steps + 3);
+  if (steps <= 0 || reps <= 0 || pool <= 0) {
+    std::fprintf(stderr, "--steps, --reps and --pool must be positive\n");
+    return 2;
+  }
+  constexpr int kWarmup = 3;
 
-  std::printf("%-10s %12s %12s %12s | %12s %12s %12s | %8s | %9s\n", "model", "rpc p50 ms",
-              "rpc p99 ms", "rpc steps/s", "inproc p50", "inproc p99", "inproc st/s",
-              "rpc/inproc", "decode p50");
+  std::printf("%d runs of %d steps (+%d warm-up), %d distinct inputs; medians over the runs; "
+              "times in ms\n",
+              reps, steps, kWarmup, pool);
+  std::printf("%-10s %10s %10s %10s | %10s %10s %10s | %10s %15s | %10s | %8s %8s %8s | %6s\n",
+              "model", "rpc p50", "rpc p99", "rpc st/s", "inproc p50", "inproc p99",
+              "inproc st/s", "rpc/inproc", "(min-max)", "decode p50", "rpc cpu", "inp cpu",
+              "cpu rat.", "load");
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     auto it = models.find(std::string(name));
     if (it == models.end()) {
@@ -140,62 +227,113 @@ int main(int argc, char** argv) {
       return 2;
     }
     const Model& model = it->second;
-    // Pre-build the steps so both paths time only the optimizer service.
     std::mt19937 rng(1);
-    std::vector<std::vector<BlockStep>> inputs;
-    for (int t = 0; t < steps + 3; ++t) inputs.push_back(model.step(rng));
+    std::vector<RawStep> inputs;
+    for (int t = 0; t < pool; ++t) inputs.push_back(model.step(rng));
 
-    // Over loopback.
-    auto session = client.CreateSession(model.config);
-    if (!session.ok()) {
-      std::fprintf(stderr, "%s: %s\n", it->first.c_str(), session.status().ToString().c_str());
-      return 1;
-    }
-    auto stream = *client.OpenStream(session->name());
-    std::vector<double> rpc_ms;
-    for (int t = 0; t < steps + 3; ++t) {
-      const auto start = Clock::now();
-      auto r = stream->Step(inputs[t]);
-      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-      if (!r.ok()) {
-        std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+    std::vector<double> rpc_p50, rpc_p99, rpc_rate, local_p50, local_p99, local_rate, ratio,
+        decode_p50, rpc_cpu, local_cpu, cpu_ratio;
+    for (int rep = 0; rep < reps; ++rep) {
+      // Over loopback.
+      auto session = client.CreateSession(model.config);
+      if (!session.ok()) {
+        std::fprintf(stderr, "%s: %s\n", it->first.c_str(), session.status().ToString().c_str());
         return 1;
       }
-      if (t >= 3) rpc_ms.push_back(ms);
-    }
-    stream->Close().IgnoreError();
-
-    // In-process: the same decode + session step, no gRPC.
-    auto local = (*server)->registry().Create(model.config, "bench", "");
-    std::vector<double> local_ms, decode_ms;
-    for (int t = 0; t < steps + 3; ++t) {
-      natgrad::v1::StepRequest req;
-      req.set_session((*local)->name());
-      req.set_step(t + 1);
-      req.set_last(true);
-      for (const auto& b : inputs[t]) *req.add_blocks() = b;
-      const auto start = Clock::now();
-      natgrad::service::StepAssembler assembler((*local)->config(), int64_t{1} << 40);
-      if (!assembler.Add(req).ok()) return 1;
-      const auto decoded = Clock::now();
-      natgrad::service::AssembledStep step = assembler.Take();
-      const std::string name = (*local)->name();
-      auto r = (*local)->Step(step.data, [&](const natgrad::session::StepResult& result)
-                                             -> std::shared_ptr<const natgrad::session::CachedReply> {
-        return natgrad::service::EncodeStepReply(result, step, (*local)->config(), name,
-                                                  /*durable_step=*/-1);
-      });
-      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-      if (!r.ok()) return 1;
-      if (t >= 3) {
-        local_ms.push_back(ms);
-        decode_ms.push_back(std::chrono::duration<double, std::milli>(decoded - start).count());
+      auto stream = *client.OpenStream(session->name());
+      std::vector<double> rpc_ms, rpc_cpu_ms;
+      for (int t = 0; t < steps + kWarmup; ++t) {
+        const double cpu_start = CpuMs();
+        const auto start = Clock::now();
+        auto r = stream->Step(Wrap(inputs[t % pool]));
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+        if (!r.ok()) {
+          std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+          return 1;
+        }
+        if (t >= kWarmup) {
+          rpc_ms.push_back(ms);
+          rpc_cpu_ms.push_back(CpuMs() - cpu_start);
+        }
       }
+      stream->Close().IgnoreError();
+      client.DeleteSession(session->name()).IgnoreError();
+
+      // In-process: decode every distinct input first (timed on its own),
+      // then time only the session step and the reply's encoding.
+      auto local = (*server)->registry().Create(model.config, "bench", "");
+      if (!local.ok()) {
+        std::fprintf(stderr, "%s\n", local.status().ToString().c_str());
+        return 1;
+      }
+      const std::string local_name = (*local)->name();
+      std::vector<natgrad::service::AssembledStep> decoded;
+      std::vector<double> decode_ms;
+      for (int p = 0; p < pool; ++p) {
+        natgrad::v1::StepRequest req;
+        req.set_session(local_name);
+        req.set_step(p + 1);
+        req.set_last(true);
+        for (auto& b : Wrap(inputs[p])) *req.add_blocks() = std::move(b);
+        const auto start = Clock::now();
+        natgrad::service::StepAssembler assembler((*local)->config(), int64_t{1} << 40);
+        if (absl::Status s = assembler.Add(req); !s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          return 1;
+        }
+        decoded.push_back(assembler.Take());
+        decode_ms.push_back(
+            std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+      }
+      std::vector<double> local_ms, local_cpu_ms;
+      for (int t = 0; t < steps + kWarmup; ++t) {
+        natgrad::service::AssembledStep& step = decoded[t % pool];
+        step.data.step = t + 1;
+        const double cpu_start = CpuMs();
+        const auto start = Clock::now();
+        auto r = (*local)->Step(
+            step.data,
+            [&](const natgrad::session::StepResult& result)
+                -> std::shared_ptr<const natgrad::session::CachedReply> {
+              return natgrad::service::EncodeStepReply(result, step, (*local)->config(),
+                                                        local_name, /*durable_step=*/-1);
+            });
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+        if (!r.ok()) {
+          std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+          return 1;
+        }
+        if (t >= kWarmup) {
+          local_ms.push_back(ms);
+          local_cpu_ms.push_back(CpuMs() - cpu_start);
+        }
+      }
+      decoded.clear();
+      (*server)->registry().Delete(local_name, "bench").IgnoreError();
+
+      const Figures a = Summarise(rpc_ms), b = Summarise(local_ms);
+      rpc_p50.push_back(a.p50_ms);
+      rpc_p99.push_back(a.p99_ms);
+      rpc_rate.push_back(a.steps_per_s);
+      local_p50.push_back(b.p50_ms);
+      local_p99.push_back(b.p99_ms);
+      local_rate.push_back(b.steps_per_s);
+      ratio.push_back(a.p50_ms / b.p50_ms);
+      decode_p50.push_back(Median(decode_ms));
+      rpc_cpu.push_back(Median(rpc_cpu_ms));
+      local_cpu.push_back(Median(local_cpu_ms));
+      cpu_ratio.push_back(rpc_cpu.back() / std::max(1e-3, local_cpu.back()));
     }
-    const Figures a = Summarise(rpc_ms), b = Summarise(local_ms), d = Summarise(decode_ms);
-    std::printf("%-10s %12.3f %12.3f %12.1f | %12.3f %12.3f %12.1f | %8.2f | %9.3f\n",
-                it->first.c_str(), a.p50_ms, a.p99_ms, a.steps_per_s, b.p50_ms, b.p99_ms,
-                b.steps_per_s, a.p50_ms / b.p50_ms, d.p50_ms);
+    const auto [lo, hi] = std::minmax_element(ratio.begin(), ratio.end());
+    char range[64];
+    std::snprintf(range, sizeof(range), "(%.2f-%.2f)", *lo, *hi);
+    std::printf(
+        "%-10s %10.3f %10.3f %10.1f | %10.3f %10.3f %10.1f | %10.2f %15s | %10.3f | %8.2f %8.2f "
+        "%8.2f | %6.2f\n",
+        it->first.c_str(), Median(rpc_p50), Median(rpc_p99), Median(rpc_rate), Median(local_p50),
+        Median(local_p99), Median(local_rate), Median(ratio), range, Median(decode_p50),
+        Median(rpc_cpu), Median(local_cpu), Median(cpu_ratio), LoadAverage());
+    std::fflush(stdout);
   }
   (*server)->Shutdown(absl::Seconds(1));
   return 0;

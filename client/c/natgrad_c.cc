@@ -486,7 +486,7 @@ natgrad_status Step(natgrad_session* session, size_t n, const char* const* names
   if (!std::isnan(loss)) loss_value = loss;
 
   std::lock_guard<std::mutex> lock(session->mu);
-  auto response = session->stream->Step(blocks, loss_value);
+  auto response = session->stream->Step(std::move(blocks), loss_value);
   if (!response.ok()) return FromStatus(response.status());
 
   // Decode everything before writing anything: outputs only change on success.

@@ -1,6 +1,7 @@
 #include "client/cpp/natgrad_client.h"
 
 #include <algorithm>
+#include <climits>
 #include <thread>
 
 #include "absl/random/random.h"
@@ -9,7 +10,10 @@
 #include "absl/strings/strip.h"
 #include "google/rpc/status.pb.h"
 #include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "grpcpp/support/slice.h"
+#include "grpcpp/support/sync_stream.h"
 
 namespace natgrad::client {
 namespace {
@@ -59,7 +63,116 @@ constexpr char kServiceConfig[] = R"({
   }]
 })";
 
+// Gathers a serialization into gRPC slices: tags, lengths and small fields
+// into blocks it allocates; an aliased write (a bytes field too large for the
+// current block, with CodedOutputStream::EnableAliasing) becomes a slice that
+// refers to the message's own string and holds a reference on the message,
+// so a tensor payload reaches the socket without being copied in user space.
+class SliceGatherStream final : public google::protobuf::io::ZeroCopyOutputStream {
+ public:
+  explicit SliceGatherStream(std::shared_ptr<const void> owner) : owner_(std::move(owner)) {}
+
+  bool Next(void** data, int* size) override {
+    CloseBlock();
+    block_ = grpc::Slice(kBlockBytes);
+    used_ = kBlockBytes;
+    open_ = true;
+    bytes_ += kBlockBytes;
+    *data = const_cast<uint8_t*>(block_.begin());
+    *size = static_cast<int>(kBlockBytes);
+    return true;
+  }
+  void BackUp(int count) override {
+    used_ -= static_cast<size_t>(count);
+    bytes_ -= count;
+  }
+  int64_t ByteCount() const override { return bytes_; }
+  bool AllowsAliasing() const override { return true; }
+  bool WriteAliasedRaw(const void* data, int size) override {
+    CloseBlock();
+    if (size <= 0) return size == 0;
+    slices_.emplace_back(const_cast<void*>(data), static_cast<size_t>(size), &DropOwner,
+                         new std::shared_ptr<const void>(owner_));
+    bytes_ += size;
+    return true;
+  }
+  grpc::ByteBuffer Finish() {
+    CloseBlock();
+    return grpc::ByteBuffer(slices_.data(), slices_.size());
+  }
+
+ private:
+  static constexpr size_t kBlockBytes = 8192;
+  static void DropOwner(void* owner) { delete static_cast<std::shared_ptr<const void>*>(owner); }
+  void CloseBlock() {
+    if (!open_) return;
+    open_ = false;
+    if (used_ > 0) slices_.push_back(used_ == kBlockBytes ? block_ : block_.sub(0, used_));
+    block_ = grpc::Slice();
+  }
+
+  std::shared_ptr<const void> owner_;
+  std::vector<grpc::Slice> slices_;
+  grpc::Slice block_;
+  size_t used_ = 0;
+  bool open_ = false;
+  int64_t bytes_ = 0;
+};
+
+// The bytes Normalized() makes, without copying the response: the fields
+// that may differ are taken out for the serialization and put back.
+std::string NormalizedInPlace(natgrad::v1::StepResponse& r) {
+  natgrad::v1::StepTiming* timing = r.release_timing();
+  const bool replayed = r.replayed();
+  const int64_t durable = r.durable_step();
+  r.clear_replayed();
+  r.clear_durable_step();
+  std::string out;
+  {
+    google::protobuf::io::StringOutputStream sink(&out);
+    google::protobuf::io::CodedOutputStream coded(&sink);
+    coded.SetSerializationDeterministic(true);  // map order (hyperparameters)
+    r.SerializeToCodedStream(&coded);
+  }
+  r.set_allocated_timing(timing);
+  r.set_replayed(replayed);
+  r.set_durable_step(durable);
+  return out;
+}
+
+const grpc::internal::RpcMethod& StepMethod() {
+  static const std::string* const name = new std::string(
+      absl::StrCat("/", natgrad::v1::OptimizerService::service_full_name(), "/Step"));
+  static const grpc::internal::RpcMethod* const method =
+      new grpc::internal::RpcMethod(name->c_str(), grpc::internal::RpcMethod::BIDI_STREAMING);
+  return *method;
+}
+
 }  // namespace
+
+absl::StatusOr<grpc::ByteBuffer> EncodeStepRequest(
+    std::shared_ptr<const natgrad::v1::StepRequest> request) {
+  const size_t size = request->ByteSizeLong();
+  if (size > static_cast<size_t>(INT_MAX)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step ", request->step(), ": a message of ", size,
+        " bytes is over protobuf's 2 GiB limit (lower max_blocks_per_message)"));
+  }
+  SliceGatherStream out(request);
+  {
+    google::protobuf::io::CodedOutputStream coded(&out);
+    coded.EnableAliasing(true);
+    request->SerializeWithCachedSizes(&coded);
+    if (coded.HadError()) {
+      return absl::InternalError(absl::StrCat("step ", request->step(), ": encoding failed"));
+    }
+  }
+  if (out.ByteCount() != static_cast<int64_t>(size)) {
+    return absl::InternalError(absl::StrCat("step ", request->step(), ": encoded ",
+                                            out.ByteCount(), " bytes of ", size));
+  }
+  return out.Finish();
+}
 
 std::optional<natgrad::v1::SessionMoved> SessionMovedFrom(const absl::Status& status) {
   if (status.code() != absl::StatusCode::kFailedPrecondition) return std::nullopt;
@@ -72,17 +185,7 @@ std::optional<natgrad::v1::SessionMoved> SessionMovedFrom(const absl::Status& st
 
 std::string Normalized(const natgrad::v1::StepResponse& response) {
   natgrad::v1::StepResponse r = response;
-  r.clear_timing();
-  r.clear_replayed();
-  r.clear_durable_step();
-  std::string out;
-  {
-    google::protobuf::io::StringOutputStream sink(&out);
-    google::protobuf::io::CodedOutputStream coded(&sink);
-    coded.SetSerializationDeterministic(true);  // map order (hyperparameters)
-    r.SerializeToCodedStream(&coded);
-  }
-  return out;
+  return NormalizedInPlace(r);
 }
 
 bool IsRetryable(const absl::Status& status) {
@@ -162,9 +265,22 @@ natgrad::v1::OptimizerService::Stub& Client::StubFor(const std::string& name) {
   return StubForAddress(it->second);
 }
 
+std::shared_ptr<grpc::Channel> Client::ChannelFor(const std::string& name) {
+  if (!options_.connect_to_redirect_address || name.empty()) return channel_;
+  absl::MutexLock lock(&mu_);
+  auto it = address_.find(BareId(name));
+  if (it == address_.end() || it->second.empty()) return channel_;
+  StubForAddress(it->second);
+  return channels_[it->second];
+}
+
 natgrad::v1::OptimizerService::Stub& Client::StubForAddress(const std::string& address) {
   auto& stub = stubs_[address];
-  if (stub == nullptr) stub = natgrad::v1::OptimizerService::NewStub(MakeChannel(address));
+  if (stub == nullptr) {
+    std::shared_ptr<grpc::Channel> channel = MakeChannel(address);
+    channels_[address] = channel;
+    stub = natgrad::v1::OptimizerService::NewStub(channel);
+  }
   return *stub;
 }
 
@@ -382,7 +498,12 @@ absl::Status SessionStream::EnsureOpen() {
   if (stream_ != nullptr) return absl::OkStatus();
   context_ = std::make_unique<grpc::ClientContext>();
   client_->PrepareContext(*context_, name_);
-  stream_ = client_->StubFor(name_).Step(context_.get());
+  channel_ = client_->ChannelFor(name_);
+  // The generated stub's Step would serialize each StepRequest again on
+  // every write; this stream writes the encoded messages the step keeps.
+  stream_.reset(grpc::internal::ClientReaderWriterFactory<
+                grpc::ByteBuffer, natgrad::v1::StepResponse>::Create(channel_.get(), StepMethod(),
+                                                                     context_.get()));
   if (stream_ == nullptr) return absl::UnavailableError("cannot open Step stream");
   return absl::OkStatus();
 }
@@ -396,29 +517,35 @@ absl::Status SessionStream::FinishStream() {
   return ToAbsl(s);
 }
 
-std::vector<natgrad::v1::StepRequest> SessionStream::Requests(
-    int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
+absl::StatusOr<std::vector<grpc::ByteBuffer>> SessionStream::Requests(
+    int64_t step, std::vector<natgrad::v1::BlockStep> blocks,
     std::optional<double> loss) const {
-  const int per = std::max(1, client_->options().max_blocks_per_message);
+  const size_t per = static_cast<size_t>(std::max(1, client_->options().max_blocks_per_message));
   const size_t n = blocks.size();
-  std::vector<natgrad::v1::StepRequest> out;
+  std::vector<grpc::ByteBuffer> out;
   for (size_t start = 0; start < n || start == 0; start += per) {
-    natgrad::v1::StepRequest& req = out.emplace_back();
-    req.set_session(name_);
-    req.set_step(step);
-    for (size_t i = start; i < std::min(n, start + per); ++i) *req.add_blocks() = blocks[i];
+    auto req = std::make_shared<natgrad::v1::StepRequest>();
+    req->set_session(name_);
+    req->set_step(step);
+    const size_t end = std::min(n, start + per);
+    req->mutable_blocks()->Reserve(static_cast<int>(end - start));
+    // Heap messages on both sides: a move is a swap, the tensors stay put.
+    for (size_t i = start; i < end; ++i) *req->add_blocks() = std::move(blocks[i]);
     const bool last = start + per >= n;
-    req.set_last(last);
-    if (last && loss.has_value()) req.set_loss(*loss);
+    req->set_last(last);
+    if (last && loss.has_value()) req->set_loss(*loss);
+    auto encoded = EncodeStepRequest(std::move(req));
+    if (!encoded.ok()) return encoded.status();
+    out.push_back(*std::move(encoded));
     if (last) break;
   }
   return out;
 }
 
 absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Exchange(
-    const std::vector<natgrad::v1::StepRequest>& requests) {
+    const std::vector<grpc::ByteBuffer>& requests) {
   if (absl::Status s = EnsureOpen(); !s.ok()) return s;
-  for (const natgrad::v1::StepRequest& req : requests) {
+  for (const grpc::ByteBuffer& req : requests) {
     if (!stream_->Write(req)) {
       // The stream is broken; its status says why.
       absl::Status s = FinishStream();
@@ -481,16 +608,16 @@ absl::Status SessionStream::Reopen(int64_t step) {
   return absl::OkStatus();
 }
 
-void SessionStream::Keep(int64_t step, std::vector<natgrad::v1::StepRequest> requests,
-                         const natgrad::v1::StepResponse& response) {
+void SessionStream::Keep(int64_t step, std::vector<grpc::ByteBuffer> requests,
+                         natgrad::v1::StepResponse& response) {
   durable_step_ = response.durable_step();
   if (client_->options().max_replay_steps > 0 && durable_step_ >= 0 && step > durable_step_ &&
       (kept_.empty() || kept_.back().step == step - 1)) {
     KeptStep& k = kept_.emplace_back();
     k.step = step;
-    k.response = Normalized(response);
+    k.response = NormalizedInPlace(response);
     k.bytes = static_cast<int64_t>(k.response.size());
-    for (const auto& r : requests) k.bytes += static_cast<int64_t>(r.ByteSizeLong());
+    for (const auto& r : requests) k.bytes += static_cast<int64_t>(r.Length());
     k.requests = std::move(requests);
     kept_bytes_ += k.bytes;
   }
@@ -510,7 +637,7 @@ void SessionStream::Trim() {
 }
 
 absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Attempt(
-    int64_t step, const std::vector<natgrad::v1::StepRequest>& requests) {
+    int64_t step, const std::vector<grpc::ByteBuffer>& requests) {
   if (stream_ == nullptr && reopen_check_ && next_step_ > 1) {
     if (absl::Status s = Reopen(step); !s.ok()) return s;
   }
@@ -520,8 +647,7 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Attempt(
 }
 
 absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
-    int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
-    std::optional<double> loss) {
+    int64_t step, std::vector<natgrad::v1::BlockStep> blocks, std::optional<double> loss) {
   absl::Duration backoff = client_->options().initial_backoff;
   absl::BitGen gen;
   const absl::Time give_up = absl::Now() + client_->options().max_retry_time;
@@ -529,7 +655,9 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
   // Only the next step in order is kept for replay (explicit numbers are
   // retries or ordering tests).
   const bool next = step == next_step_;
-  std::vector<natgrad::v1::StepRequest> requests = Requests(step, blocks, loss);
+  auto encoded = Requests(step, std::move(blocks), loss);
+  if (!encoded.ok()) return encoded.status();
+  std::vector<grpc::ByteBuffer> requests = *std::move(encoded);
   for (int attempt = 0;; ++attempt) {
     auto response = Attempt(step, requests);
     if (response.ok()) {
@@ -568,8 +696,8 @@ absl::StatusOr<natgrad::v1::StepResponse> SessionStream::StepNumbered(
 }
 
 absl::StatusOr<natgrad::v1::StepResponse> SessionStream::Step(
-    const std::vector<natgrad::v1::BlockStep>& blocks, std::optional<double> loss) {
-  return StepNumbered(next_step_, blocks, loss);
+    std::vector<natgrad::v1::BlockStep> blocks, std::optional<double> loss) {
+  return StepNumbered(next_step_, std::move(blocks), loss);
 }
 
 absl::Status SessionStream::Close() {

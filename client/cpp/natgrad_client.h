@@ -104,6 +104,9 @@ class Client {
   // The stub that reaches session `name` (its redirect address, when
   // connect_to_redirect_address, else the target's).
   natgrad::v1::OptimizerService::Stub& StubFor(const std::string& name);
+  // The channel StubFor(name) uses (for calls made without the generated
+  // stub: SessionStream writes pre-encoded messages).
+  std::shared_ptr<grpc::Channel> ChannelFor(const std::string& name);
   // Records where session `name` lives (from Session.replica or a redirect).
   void Learn(const std::string& name, const std::string& replica, const std::string& address);
   void Learn(const natgrad::v1::SessionMoved& moved);
@@ -143,6 +146,8 @@ class Client {
   std::map<std::string, std::string> address_ ABSL_GUARDED_BY(mu_);   // id -> address
   std::map<std::string, std::unique_ptr<natgrad::v1::OptimizerService::Stub>> stubs_
       ABSL_GUARDED_BY(mu_);  // address -> stub
+  std::map<std::string, std::shared_ptr<grpc::Channel>> channels_
+      ABSL_GUARDED_BY(mu_);  // address -> the channel of stubs_[address]
   int64_t redirects_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
@@ -157,12 +162,18 @@ class SessionStream {
   // acknowledged steps a restarted server lost; DATA_LOSS when it lost more
   // than are kept, NOT_FOUND when it lost the session). An error from the
   // server (bad input, ...) is returned and the step number does not advance.
+  //
+  // `blocks` is taken by value: pass it with std::move and its tensors go
+  // into the stream's messages without a copy (an lvalue is copied once, as
+  // the caller keeps it). Each message is encoded once, its tensor payloads
+  // referenced rather than copied, and that encoding is what a retry or a
+  // replay after a server restart sends again.
   absl::StatusOr<natgrad::v1::StepResponse> Step(
-      const std::vector<natgrad::v1::BlockStep>& blocks,
+      std::vector<natgrad::v1::BlockStep> blocks,
       std::optional<double> loss = std::nullopt);
   // Sends a step with an explicit number (tests of ordering and replay).
   absl::StatusOr<natgrad::v1::StepResponse> StepNumbered(
-      int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
+      int64_t step, std::vector<natgrad::v1::BlockStep> blocks,
       std::optional<double> loss = std::nullopt);
 
   int64_t next_step() const { return next_step_; }
@@ -183,11 +194,13 @@ class SessionStream {
   void DropStream();
 
  private:
-  using Stream = grpc::ClientReaderWriter<natgrad::v1::StepRequest, natgrad::v1::StepResponse>;
+  // Writes already-encoded StepRequests (EncodeStepRequest), reads typed
+  // responses: the same method and bytes as the generated stub's Step.
+  using Stream = grpc::ClientReaderWriter<grpc::ByteBuffer, natgrad::v1::StepResponse>;
   // An acknowledged step the server has not yet made durable.
   struct KeptStep {
     int64_t step = 0;
-    std::vector<natgrad::v1::StepRequest> requests;
+    std::vector<grpc::ByteBuffer> requests;  // as sent (they share the payloads)
     std::string response;  // Normalized(), for the bit-for-bit check
     int64_t bytes = 0;
   };
@@ -196,15 +209,17 @@ class SessionStream {
   absl::Status Reopen(int64_t step);
   // Writes `requests` and reads one response on the open stream.
   absl::StatusOr<natgrad::v1::StepResponse> Exchange(
-      const std::vector<natgrad::v1::StepRequest>& requests);
+      const std::vector<grpc::ByteBuffer>& requests);
   // One attempt on the current stream; UNAVAILABLE-like errors are retried.
   absl::StatusOr<natgrad::v1::StepResponse> Attempt(
-      int64_t step, const std::vector<natgrad::v1::StepRequest>& requests);
-  std::vector<natgrad::v1::StepRequest> Requests(
-      int64_t step, const std::vector<natgrad::v1::BlockStep>& blocks,
+      int64_t step, const std::vector<grpc::ByteBuffer>& requests);
+  // The step's messages (max_blocks_per_message blocks each), encoded; the
+  // blocks are moved into them.
+  absl::StatusOr<std::vector<grpc::ByteBuffer>> Requests(
+      int64_t step, std::vector<natgrad::v1::BlockStep> blocks,
       std::optional<double> loss) const;
-  void Keep(int64_t step, std::vector<natgrad::v1::StepRequest> requests,
-            const natgrad::v1::StepResponse& response);
+  void Keep(int64_t step, std::vector<grpc::ByteBuffer> requests,
+            natgrad::v1::StepResponse& response);
   // Drops kept steps that are durable, or beyond max_replay_steps.
   void Trim();
   absl::Status FinishStream();
@@ -218,9 +233,17 @@ class SessionStream {
   std::deque<KeptStep> kept_;
   int64_t kept_bytes_ = 0;
   int64_t replayed_steps_ = 0;
+  std::shared_ptr<grpc::Channel> channel_;  // the open stream's
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<Stream> stream_;
 };
+
+// `request` encoded as one Step stream message, its large bytes fields (the
+// tensor payloads) not copied: the buffer's slices refer to them and hold a
+// reference on `request`, which must not change afterwards. The bytes are
+// exactly request.SerializeAsString().
+absl::StatusOr<grpc::ByteBuffer> EncodeStepRequest(
+    std::shared_ptr<const natgrad::v1::StepRequest> request);
 
 // A response without what legitimately differs between the first answer to
 // a step and a replay of it (timing, replayed, durable_step), serialized
