@@ -182,13 +182,14 @@ class _Layer:
 class _StreamedStep:
     """The step being collected, as far as backward has streamed it."""
 
-    def __init__(self):
+    def __init__(self, step):
+        self.step = step    # its number
         self.fired = {}     # layer -> ids of its parameters accumulated in this backward
         self.queued = {}    # layer -> (lr, [(param, grad, grad version)], [(param, version)])
         self.futures = []   # the sender thread's jobs for the queued layers
-        self.names = []     # blocks sent (sender thread)
-        self.stats = []     # layers whose statistics were sent (sender thread)
-        self.step = None
+        self.names = []     # blocks built and handed to the sender (builder thread)
+        self.stats = []     # layers whose statistics they carry
+        self.first_stats = []  # those whose first statistics they are
         self.build_s = 0.0
         self.invalid = None  # why the streamed blocks are not to be used
         self.error = None    # a block's error, raised by step()
@@ -199,6 +200,7 @@ class _InFlight:
 
     def __init__(self, future, st, tail):
         self.future, self._st, self._tail = future, st, tail
+        self.step = st.step
 
     def names(self):
         return self._st.names + self._tail
@@ -375,6 +377,7 @@ class _KfacModel:
         self._inflight_failed = False
         self._grad_nodes = []
         self._sender_pool = None
+        self._builder_pool = None
         self.streamed_blocks = 0  # blocks sent during backward so far (monitoring/tests)
 
     # -- hooks ----------------------------------------------------------------
@@ -611,16 +614,23 @@ class _KfacModel:
             L.records.clear()
 
     # -- streaming (stream=True) and the pipeline (pipelined=True) ------------
-    # One sender thread does a streamed step's work in order: each layer's
-    # block as backward finishes it (_stream_block), then the step's end
-    # (_finish_job). Pipelined, the end of step t is not waited for; the
-    # blocks of step t+1 queue behind it, so they are numbered and built once
-    # step t is acknowledged, exactly as in a synchronous run.
+    # Two threads, each doing its work in order. The builder turns a layer's
+    # tensors into its block as backward finishes it (_build_block); the
+    # sender does every session call of a streamed or pipelined step
+    # (_send_block, _finish_job). Pipelined, the sender may still be waiting
+    # for step t's response while the builder prepares step t+1 (numbered
+    # t+1 in advance; if step t fails, step t+1 is dropped unsent).
     def _sender(self):
         if self._sender_pool is None:
             self._sender_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="natgrad-torch-sender")
         return self._sender_pool
+
+    def _builder(self):
+        if self._builder_pool is None:
+            self._builder_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="natgrad-torch-builder")
+        return self._builder_pool
 
     def _attach_grad_hooks(self):
         for L in self.layers.values():
@@ -639,16 +649,21 @@ class _KfacModel:
                 self._handles.append(node.register_hook(
                     lambda *_, L=L, p=p: self._accumulated(L, p)))
 
+    def _next_number(self):
+        """The number the step being collected will have."""
+        inflight = self._inflight
+        return inflight.step + 1 if inflight is not None else self.session.next_step
+
     def _accumulated(self, L, p):
         """Backward finished p's gradient; once all of L's parameters have
         theirs (and L's statistics are complete) its block goes to the
-        sender thread. A second backward pass before step() invalidates
+        builder thread. A second backward pass before step() invalidates
         the streamed step (its blocks would be stale)."""
         if not self._streaming:
             return
         st = self._st
         if st is None:
-            st = self._st = _StreamedStep()
+            st = self._st = _StreamedStep(self._next_number())
         if st.invalid:
             return
         fired = st.fired.setdefault(L.name, set())
@@ -665,7 +680,7 @@ class _KfacModel:
         grads = [(q, q.grad, q.grad._version) for q in L.params()]
         weights = [(q, q._version) for q in L.params()] if self.weight_decay else []
         st.queued[L.name] = (lr, grads, weights)
-        st.futures.append(self._sender().submit(self._stream_block, st, L, lr))
+        st.futures.append(self._builder().submit(self._build_block, st, L, lr))
 
     def _block_lr(self, name):
         """The per-step learning rate a step sends for block ``name`` (None: none)."""
@@ -675,30 +690,49 @@ class _KfacModel:
         return None
 
     @torch.no_grad()
-    def _stream_block(self, st, L, lr):
-        """Sender thread: builds L's block and sends it in the open step."""
-        if st.error is not None or st.invalid or self._inflight_failed:
+    def _build_block(self, st, L, lr):
+        """Builder thread: L's block of the streamed step, handed to the sender."""
+        if st.error is not None or st.invalid:
             return
         t0 = time.perf_counter()
         try:
-            if self.session.step_open is None:
-                st.step = self.session.begin_step()
             r = self._layer_input(L, st.step)
             if r is None:
                 return
             x, T, has = r
             msg = self._messages({L.name: x}, {L.name: T} if T is not None else {},
                                  {L.name: lr} if lr is not None else None)
-            self.session.send_blocks(msg)
-            st.names.append(L.name)
-            self.streamed_blocks += 1
             if has:
                 st.stats.append(L)
+                if not L.stats_sent:  # decided now for the next step; undone if this one fails
+                    L.stats_sent = True
+                    st.first_stats.append(L)
+            st.names.append(L.name)
+            self._sender().submit(self._send_block, st, msg)
+        except BaseException as e:  # noqa: BLE001  (raised by step())
+            st.error = e
+        finally:
+            st.build_s += time.perf_counter() - t0
+
+    def _begin(self, st):
+        if self.session.step_open is None:
+            n = self.session.begin_step()
+            if n != st.step:
+                self.session.abort_step()
+                raise errors.Internal(f"natgrad.torch: the session is at step {n}, the streamed "
+                                      f"step was numbered {st.step}")
+
+    def _send_block(self, st, msg):
+        """Sender thread: one block into the open step."""
+        if st.error is not None or st.invalid or self._inflight_failed:
+            return
+        try:
+            self._begin(st)
+            self.session.send_blocks(msg)
+            self.streamed_blocks += 1
         except BaseException as e:  # noqa: BLE001  (raised by step())
             st.error = e
             self.session.abort_step()
-        finally:
-            st.build_s += time.perf_counter() - t0
 
     def _finish_job(self, st, msgs, loss, stats, collect_s):
         """Sender thread: the rest of the step, ``last = true``; the result."""
@@ -710,10 +744,11 @@ class _KfacModel:
                 self.session.abort_step()
                 raise errors.FailedPrecondition(
                     "step(): no parameter has a gradient; call loss.backward() first")
-            if self.session.step_open is None:
-                st.step = self.session.begin_step()
+            self._begin(st)
             result = self.session.finish_step(msgs, loss=loss)
         except BaseException:
+            for L in st.first_stats:
+                L.stats_sent = False
             if self.pipelined:
                 self._inflight_failed = True  # the next step's blocks are not sent
             raise
@@ -744,14 +779,15 @@ class _KfacModel:
         warnings.warn(msg, stacklevel=4)
         return False
 
-    def _discard(self, st, wait=True):
+    def _discard(self, st):
         """Drops a streamed step's blocks (those on the stream are dropped
-        with it by the server)."""
+        with it by the server) once its builds are done."""
         st.invalid = st.invalid or "discarded"
-        fut = self._sender().submit(self.session.abort_step)
-        if wait:
-            concurrent.futures.wait(st.futures + [fut])
-            fut.result()
+        concurrent.futures.wait(st.futures)
+        for L in st.first_stats:
+            L.stats_sent = False
+        # Behind every block the builds handed over.
+        self._sender().submit(self.session.abort_step).result()
 
     def _drop_streamed(self):
         """Forgets the blocks streamed since the last step() (zero_grad, load_state_dict, close)."""
@@ -759,15 +795,24 @@ class _KfacModel:
         if st is not None and st.queued:
             self._discard(st)
 
-    def _step_sync(self, loss, fallback):
-        """One synchronous step (streamed or not): (result, block names), or
-        (None, []) when there is nothing to send in preconditioner mode."""
+    def _take_streamed(self):
+        """The streamed step to finish in this step(), or None (nothing
+        streamed, or its blocks stale: then it is dropped)."""
         st, self._st = self._st, None
         if st is not None and not st.queued:
             st = None
         if st is not None and not self._streamed_ok(st):
             self._discard(st)
             st = None
+        if st is not None:
+            # They read .grad, the weights and the records.
+            concurrent.futures.wait(st.futures)
+        return st
+
+    def _step_sync(self, loss, fallback):
+        """One synchronous step (streamed or not): (result, block names), or
+        (None, []) when there is nothing to send in preconditioner mode."""
+        st = self._take_streamed()
         if st is None:
             inputs, locs, stats, collect_s = self._collect(fallback=fallback)
             if not inputs:
@@ -775,9 +820,8 @@ class _KfacModel:
             result = self._send_step(inputs, locs, self._step_lrs(inputs), loss, stats, collect_s)
             return result, list(inputs)
         try:
-            # The step's number: the sender thread may not have begun it yet.
-            inputs, locs, stats, collect_s = self._collect(
-                fallback=fallback, skip=st.queued, step=self.session.next_step)
+            inputs, locs, stats, collect_s = self._collect(fallback=fallback, skip=st.queued,
+                                                           step=st.step)
             msgs = self._messages(inputs, locs, self._step_lrs(inputs))
         except BaseException:
             self._discard(st)
@@ -788,34 +832,26 @@ class _KfacModel:
     def _step_pipelined(self, loss):
         """Pipelined: sends this step (waiting only for its streamed blocks
         to be built) and applies the update of the previous one."""
-        st, self._st = self._st, None
-        if st is not None and not st.queued:
-            st = None
-        if st is not None and not self._streamed_ok(st):
-            self._discard(st)
-            st = None
-        if st is not None:
-            # They read .grad and the records; they follow the previous step's end.
-            concurrent.futures.wait(st.futures)
+        st = self._take_streamed()
         prev, self._inflight = self._inflight, None
         prev_result = None
         if prev is not None:
             try:
                 prev_result = prev.future.result()
             except BaseException:
-                self._inflight_failed = False
                 if st is not None:
-                    self._discard(st)
+                    self._discard(st)  # (its blocks were not sent)
+                self._inflight_failed = False
                 raise
             prev_updates = self._deltas(prev_result, prev.names())
         try:
             if st is not None and st.error is not None:
                 raise st.error
-            st = st or _StreamedStep()
+            st = st or _StreamedStep(self.session.next_step)
             # Built before the previous update lands: this step's gradients
             # and weights are those of its forward pass.
-            inputs, locs, stats, collect_s = self._collect(
-                fallback=True, skip=st.queued, step=self.session.next_step)
+            inputs, locs, stats, collect_s = self._collect(fallback=True, skip=st.queued,
+                                                           step=st.step)
             if not inputs and not st.names:
                 raise errors.FailedPrecondition(
                     "step(): no parameter has a gradient; call loss.backward() first")
@@ -838,13 +874,15 @@ class _KfacModel:
         load_state_dict() and close() do). Returns its StepResult, or None
         when no step is in flight. Raises the in-flight step's error, if
         any (the update is then not applied and the server did not apply
-        the step)."""
+        the step; blocks streamed since are dropped, and the next step()
+        sends them whole)."""
         prev, self._inflight = self._inflight, None
         if prev is None:
             return None
         try:
             result = prev.future.result()
         except BaseException:
+            self._drop_streamed()
             self._inflight_failed = False
             raise
         with torch.no_grad():
@@ -864,8 +902,8 @@ class _KfacModel:
                 prev.future.result()
             except errors.NatgradError as e:
                 log.warning("natgrad.torch: the step in flight failed before load_state_dict: %s", e)
-            self._inflight_failed = False
         self._drop_streamed()
+        self._inflight_failed = False
 
     def _deltas(self, result, inputs):
         """Turns every delta into (param, tensor) pairs, checking all first."""
@@ -1029,9 +1067,10 @@ class _KfacModel:
         except errors.NatgradError as e:
             err = e
         self._drop_streamed()
-        if self._sender_pool is not None:
-            self._sender_pool.shutdown(wait=True)
-            self._sender_pool = None
+        for pool in (self._builder_pool, self._sender_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._builder_pool = self._sender_pool = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
