@@ -75,6 +75,32 @@ logger; fallbacks of layers one would expect to be K-FAC also warn once):
     holds the measured costs and the choice). Statistics are sent only on
     the blocks' statistics steps (``stats_period``).
 
+Overlap (docs/torch_overlap.md):
+
+  * ``stream=True``: each K-FAC layer's block is built and sent as soon as
+    backward has finished that layer (a hook on the accumulation of each of
+    its parameters' gradients, which runs after every use of a layer shared
+    within the forward), by a builder and a sender thread, as messages of
+    the current step (Session.begin_step / send_blocks); step() sends the
+    rest (fallback blocks, layers not streamed) with the loss and waits.
+    The update is bit-identical to the unstreamed step. When backward and
+    step() disagree (a second backward pass before step(), gradients or
+    weights changed in between, e.g. by gradient clipping, or a learning
+    rate changed) the streamed blocks are dropped, the step is sent whole
+    and streaming is turned off with a warning. With accumulation_steps >
+    1 blocks are sent at step().
+  * ``pipelined=True`` (optimizer mode): step() sends step t and returns at
+    once; step t's update is applied by the next step() (after the next
+    backward), so the round trip overlaps the next forward/backward and
+    every gradient is taken one update behind (one step stale). The update
+    of step t equals the synchronous session's answer to the same inputs
+    (tested against a hand-written loop applying Session.step results one
+    step late). An error of the step in flight is raised by the next
+    step() (which then sends nothing; the session's step counter is where
+    the failed step left it). flush() applies the step in flight (do it
+    before evaluating); state_dict() and close() flush, load_state_dict()
+    waits for it and drops its update.
+
 Checkpoints: ``state_dict()`` holds the exported session (the server's
 optimizer state) and its step; ``load_state_dict()`` imports it into a server
 that does not have the session, or checks that one that does is at the same
@@ -1223,6 +1249,12 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
     state_dtype: server state precision "float32" (default) or "float64".
     locations: {conv layer: T} for the block config (only a default: every
       step sends its own T).
+    stream: send each K-FAC layer's block as backward produces it (module
+      docstring; bit-identical updates).
+    pipelined: step() sends the step and applies the previous step's
+      update, so the round trip overlaps the next forward/backward; every
+      update is one step stale (module docstring). Call flush() to apply
+      the step in flight.
 
     param_groups: [0] the K-FAC layers (lr, damping, momentum, weight_decay),
     [1] the fallback parameters (lr = fallback_lr) -- either absent when it
@@ -1422,7 +1454,7 @@ class KFACPreconditioner(_KfacModel):
 
     Arguments as for KFAC (damping, damping_mode, ema_decay, inverse_period,
     stats_period, fisher, loss_reduction, accumulation_steps, skip_layers,
-    reduce, state_dtype, ...). kfac-pytorch's names are accepted too:
+    reduce, state_dtype, stream, ...; not pipelined). kfac-pytorch's names are accepted too:
     factor_update_steps (= stats_period), inv_update_steps (=
     inverse_period), factor_decay (= ema_decay).
     """

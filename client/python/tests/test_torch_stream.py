@@ -221,6 +221,28 @@ def test_streamed_preconditioner_is_bit_identical(target):
         assert torch.equal(p, q)
 
 
+def test_streamed_ekfac_is_bit_identical(target):
+    def run(stream):
+        torch.manual_seed(0)
+        model = Shared()
+        opt = natgrad.torch.EKFAC(model, target=target, lr=0.1, damping=1e-2, inverse_period=2,
+                                  stream=stream)
+        for t in range(1, 4):
+            x, y = shared_data(t, torch.float32)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        out = [p.detach().clone() for p in model.parameters()]
+        streamed = opt.streamed_blocks
+        opt.close(delete=True)
+        return out, streamed
+    want, _ = run(False)
+    got, n = run(True)
+    assert n == 4 * 3
+    for p, q in zip(want, got):
+        assert torch.equal(p, q)
+
+
 def mlp(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
