@@ -512,8 +512,9 @@ class _KfacModel:
             a_rows.append(a)
             g_rows.append(gg * self._grad_scale(n))
             n_total += n
-        a = torch.cat(a_rows)
-        g = torch.cat(g_rows)
+        # (One record, the usual case: no copy.)
+        a = a_rows[0] if len(a_rows) == 1 else torch.cat(a_rows)
+        g = g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows)
         if gw is None:
             gw = torch.zeros_like(W)
         grad = _dense_grad(L.param_names[0], gw).reshape(L.d_out, -1)
