@@ -212,7 +212,7 @@ class _StreamedStep:
         self.step = step    # its number
         self.fired = {}     # layer -> ids of its parameters accumulated in this backward
         self.queued = {}    # layer -> (lr, [(param, grad, grad version)], [(param, version)])
-        self.futures = []   # the sender thread's jobs for the queued layers
+        self.futures = []   # the builder thread's jobs for the queued layers
         self.names = []     # blocks built and handed to the sender (builder thread)
         self.stats = []     # layers whose statistics they carry
         self.first_stats = []  # those whose first statistics they are
@@ -766,6 +766,7 @@ class _KfacModel:
         t0 = time.perf_counter()
         try:
             if st.error is not None:
+                self.session.abort_step()  # blocks of it may be on the stream
                 raise st.error
             if not msgs and not st.names:
                 self.session.abort_step()

@@ -8,6 +8,7 @@ checked against a hand-written loop over natgrad.Session.step that builds
 the inputs itself (its own hooks) and applies each step's deltas one step
 late. Real natgrad-server processes throughout."""
 import copy
+import threading
 import warnings
 
 import numpy as np
@@ -302,6 +303,54 @@ def test_accumulation_steps_are_sent_at_step(target):
         (F.cross_entropy(model(x[half]), y[half]) / 2).backward()
     opt.step()
     assert opt.streamed_blocks == 0 and opt.session.next_step == 2
+    opt.close(delete=True)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_streamed_block_that_fails_to_build_fails_the_step_only(target, pipelined):
+    """A NaN weight gradient of the first layer makes its block invalid
+    (client-side validation, on the builder thread, after the last layer's
+    block went out): step() raises InvalidArgument naming it, nothing is
+    applied, and the next step goes through with the same number."""
+    model = mlp()
+    opt = kfac(model, target, stream=True, pipelined=pipelined)
+    poison = []
+    sent = threading.Event()  # the last layer's block of the poisoned step is on the stream
+
+    def streamed(event, session, stream, step):
+        if event == "streamed" and poison:
+            sent.set()
+    opt.session._test_hook = streamed
+
+    def nan_grad(g):
+        # Backward reaches the first layer after the last layer's gradients
+        # are accumulated; waiting here makes its block go out first.
+        assert sent.wait(30)
+        return torch.full_like(g, float("nan"))
+
+    def nan_below(module, inputs, output):  # runs after natgrad's hook: its records stay finite
+        if poison:
+            output.register_hook(nan_grad)
+    model[0].register_forward_hook(nan_below)
+
+    def step(t, nan=False):
+        x, y = mlp_batch(t)
+        poison[:] = [True] if nan else []
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    step(1)
+    opt.flush()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(natgrad.InvalidArgument, match="block '0'.*NaN"):
+        step(2, nan=True)
+    assert sent.is_set() and opt.streamed_blocks == 3
+    assert opt.session.next_step == 2 and opt.session.step_open is None
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    step(3)
+    opt.flush()
+    assert opt.last_result.step == 2 and opt.session.info().last_step == 2
     opt.close(delete=True)
 
 
