@@ -13,7 +13,8 @@ step (forward, backward, optimizer) timed for
   kfac_<form>_pipe    stream=True, pipelined=True: step() sends the step and
                applies the previous step's update (one step stale)
 
-Each configuration runs --reps times (fresh model, optimizer and session;
+Each configuration runs --reps times, the reps of all configurations
+interleaved (fresh model, optimizer and session;
 --warmup untimed steps, then --steps timed steps, a multiple of the inverse
 period so every rep has the same share of decomposition steps); a rep's
 figure is its mean step time, and the table shows the median over reps.
@@ -143,9 +144,15 @@ def main():
     # A generous retry deadline: the bench shares the machine with builds.
     client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0))
     try:
-        rows, all_reps = {}, {}
-        for kind in args.kinds.split(","):
-            reps = all_reps[kind] = [run(kind, args, client, seed, server_pid) for seed in range(args.reps)]
+        kinds = args.kinds.split(",")
+        all_reps = {kind: [] for kind in kinds}
+        # Rep by rep across the kinds, so a change in the machine's load
+        # during the run reaches every row alike.
+        for seed in range(args.reps):
+            for kind in kinds:
+                all_reps[kind].append(run(kind, args, client, seed, server_pid))
+        rows = {}
+        for kind, reps in all_reps.items():
             rows[kind] = {k: (statistics.median(r[k] for r in reps) if k != "choice"
                               else ",".join(r[k] for r in reps)) for k in reps[0]}
         adam = rows.get("adam", {}).get("step")
