@@ -8,8 +8,13 @@ step (forward, backward, optimizer) timed for
   kfac_raw     natgrad.torch.KFAC(reduce=False): raw rows uploaded
   kfac_reduced natgrad.torch.KFAC(reduce=True): packed factors from the client
   kfac_auto    natgrad.torch.KFAC(reduce="auto"): the measured choice
+  kfac_<form>_stream  the same with stream=True: each layer's block is sent
+               as backward produces it (a sender thread), the rest at step()
+  kfac_<form>_pipe    stream=True, pipelined=True: step() sends the step and
+               applies the previous step's update (one step stale)
 
-Each configuration runs --reps times (fresh model, optimizer and session;
+Each configuration runs --reps times, the reps of all configurations
+interleaved (fresh model, optimizer and session;
 --warmup untimed steps, then --steps timed steps, a multiple of the inverse
 period so every rep has the same share of decomposition steps); a rep's
 figure is its mean step time, and the table shows the median over reps.
@@ -73,10 +78,14 @@ def run(kind, args, client, seed, server_pid):
     if kind == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
-        reduce = {"kfac_raw": False, "kfac_reduced": True, "kfac_auto": "auto"}[kind]
+        form, _, mode = kind[len("kfac_"):].partition("_")
+        reduce = {"raw": False, "reduced": True, "auto": "auto"}[form]
+        if mode not in ("", "stream", "pipe"):
+            raise SystemExit(f"unknown kind {kind!r}")
         opt = natgrad.torch.KFAC(model, client=client, lr=0.1, damping=args.damping, momentum=0.9,
                                  inverse_period=args.inverse_period, reduce=reduce,
-                                 kl_clip=1e-3)
+                                 kl_clip=1e-3, stream=mode in ("stream", "pipe"),
+                                 pipelined=mode == "pipe")
     step_s, in_opt_s, timings = [], [], []
     for i in range(args.warmup + args.steps):
         x = data[i % len(data)]
@@ -92,17 +101,18 @@ def run(kind, args, client, seed, server_pid):
         if i >= args.warmup:
             step_s.append(t2 - t0)
             in_opt_s.append(t2 - t1)
-            if kind != "adam":
-                timings.append(opt.last_result.timing)
+            if kind != "adam" and opt.last_result is not None:
+                timings.append(opt.last_result.timing)  # (pipelined: the previous step's)
     out = {"step": statistics.fmean(step_s), "opt": statistics.fmean(in_opt_s),
            "client_cpu": (time.process_time() - cpu0) / args.steps,
            "server_cpu": (server_cpu_s(server_pid) - srv0) / args.steps, "loss": float(loss)}
     if kind != "adam":
+        opt.flush()  # pipelined: the last step's update (after the timed steps)
         for f in ("server_micros", "decode_micros", "compute_micros", "inversion_micros",
                   "encode_micros"):
             out[f] = statistics.fmean(getattr(t, f) for t in timings) / 1e3
         trial = getattr(opt, "_reduce_trial", None)
-        out["choice"] = (trial.choice or "?") if (trial and kind == "kfac_auto") else ""
+        out["choice"] = (trial.choice or "?") if (trial and kind.startswith("kfac_auto")) else ""
         opt.close(delete=True)
     return out
 
@@ -111,7 +121,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--server", default=None, help="natgrad-server binary (default: find it)")
     p.add_argument("--target", default=None, help="a running server instead of starting one")
-    p.add_argument("--kinds", default="adam,kfac_raw,kfac_reduced,kfac_auto")
+    p.add_argument("--kinds", default="adam,kfac_raw,kfac_reduced,kfac_auto,kfac_raw_stream,"
+                   "kfac_reduced_stream,kfac_raw_pipe,kfac_reduced_pipe")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=7)
@@ -133,9 +144,15 @@ def main():
     # A generous retry deadline: the bench shares the machine with builds.
     client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0))
     try:
-        rows, all_reps = {}, {}
-        for kind in args.kinds.split(","):
-            reps = all_reps[kind] = [run(kind, args, client, seed, server_pid) for seed in range(args.reps)]
+        kinds = args.kinds.split(",")
+        all_reps = {kind: [] for kind in kinds}
+        # Rep by rep across the kinds, so a change in the machine's load
+        # during the run reaches every row alike.
+        for seed in range(args.reps):
+            for kind in kinds:
+                all_reps[kind].append(run(kind, args, client, seed, server_pid))
+        rows = {}
+        for kind, reps in all_reps.items():
             rows[kind] = {k: (statistics.median(r[k] for r in reps) if k != "choice"
                               else ",".join(r[k] for r in reps)) for k in reps[0]}
         adam = rows.get("adam", {}).get("step")
@@ -143,7 +160,7 @@ def main():
               f"median of {args.reps} reps x {args.steps} steps (inverse_period "
               f"{args.inverse_period})")
         adam_cpu = rows.get("adam", {}).get("client_cpu")
-        print(f"{'kind':<13} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
+        print(f"{'kind':<19} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
               f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'compute':>8} {'invert':>7} "
               f"{'encode':>7} | choice")
         for kind, r in rows.items():
@@ -153,7 +170,7 @@ def main():
             srv_cols = (f"{r['server_micros']:7.1f} {r['decode_micros']:7.1f} "
                         f"{r['compute_micros']:8.1f} {r['inversion_micros']:7.1f} "
                         f"{r['encode_micros']:7.1f}" if "server_micros" in r else " " * 41)
-            print(f"{kind:<13} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
+            print(f"{kind:<19} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
                   f"{r.get('choice', '')}")
         print("cpu: client + server process CPU time per step (robust to a shared machine); "
               "server columns: ms per step, means of StepTiming (compute includes invert)")

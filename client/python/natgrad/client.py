@@ -610,6 +610,20 @@ def _triu_indices(d):
     return _TRIU[d]
 
 
+class _OpenStep:
+    """A streamed step begun on a Session: its messages so far, and how many
+    of them are queued on which stream."""
+
+    __slots__ = ("step", "reqs", "stream", "sent", "gpflow")
+
+    def __init__(self, step):
+        self.step = step
+        self.reqs = []
+        self.stream = None
+        self.sent = 0
+        self.gpflow = set()
+
+
 class Session:
     """A session on the server: steps, info, delete.
 
@@ -634,6 +648,11 @@ class Session:
       * or a natgrad.v1.BlockStep message, sent as is.
     Arrays may be numpy, torch or jax arrays (float32 or float64).
     Returns a StepResult (name -> delta, or GaussianResult).
+
+    A step may also be streamed, its blocks sent as they become ready:
+    ``begin_step()``, ``send_blocks(inputs)`` any number of times,
+    ``finish_step(inputs=None, loss=None)`` (natgrad.torch sends each layer
+    as backward produces it this way).
     """
 
     def __init__(self, client, info):
@@ -653,6 +672,7 @@ class Session:
         # (the whole step is queued, no response read yet).
         self._test_hook = None
         self._gpflow_blocks = set()
+        self._open = None  # the streamed step begun and not finished (_OpenStep)
         self.retries = 0  # reconnects so far (for monitoring/tests)
         self.redirects = 0  # SessionMoved redirects followed by steps (monitoring/tests)
         # Replay of non-durable steps (module docstring): step -> (requests,
@@ -702,6 +722,7 @@ class Session:
     def close(self):
         """Half-closes the Step stream (the session stays on the server)."""
         with self._lock:
+            self._open = None  # the server drops a step the stream ends inside of
             self._drop_stream(cancel=False)
 
     def __enter__(self):
@@ -1110,6 +1131,10 @@ class Session:
         """Sends one step and returns its StepResult. Raises a NatgradError
         subclass (the step counter unchanged) when the server rejects it."""
         with self._lock:
+            if self._open is not None:
+                raise errors.FailedPrecondition(
+                    f"session {self.name}: streamed step {self._open.step} is open; finish_step() "
+                    "or abort_step() it before step()")
             reqs = self.build_requests(inputs, loss)
             step = self.next_step
             resp = self._send_step(reqs, step)
@@ -1120,8 +1145,113 @@ class Session:
                 result[n] = result[n].transposed()
             return result
 
-    def _send_step(self, reqs, step):
+    # -- streamed steps (one step over several messages) ----------------------------
+    def begin_step(self):
+        """Opens a streamed step and returns its number (next_step): its blocks
+        go out as they are ready (send_blocks), each as StepRequest messages
+        of the step without ``last``, and finish_step sends the rest with
+        ``last = true`` and the loss and returns the StepResult. Between
+        them the session sends nothing else (step() is refused).
+
+        The guarantees of step() hold for the whole step: every message is
+        kept, so a dropped stream (here or at finish) is reopened and the step
+        sent again from its first message, and the acknowledged step goes to
+        the replay buffer with all its messages. Any error of send_blocks or
+        finish_step abandons the open step (a partial step already on the
+        stream is dropped by cancelling the stream) and leaves next_step
+        unchanged, so the step can be begun and sent again."""
+        with self._lock:
+            if self._open is not None:
+                raise errors.FailedPrecondition(
+                    f"session {self.name}: streamed step {self._open.step} is still open "
+                    "(finish_step() or abort_step() it first)")
+            self._open = _OpenStep(self.next_step)
+            return self.next_step
+
+    def send_blocks(self, inputs):
+        """Sends some blocks of the open streamed step (inputs as for step()).
+        The messages are queued on the Step stream at once, unless the
+        stream must first be reopened after a drop (finish_step then sends
+        everything)."""
+        with self._lock:
+            o = self._require_open("send_blocks")
+            try:
+                reqs = self.build_requests(inputs, None, step=o.step)
+                for r in reqs:
+                    r.last = False
+                o.gpflow |= self._gpflow_blocks
+                o.reqs.extend(reqs)
+                s = self._stream
+                if s is None and not (self._resync and self._acked > 0):
+                    s = self._open_stream()
+                    self._resync = False
+                if s is not None:
+                    if s is not o.stream:  # a stream the step's first messages never went on
+                        o.stream, o.sent = s, 0
+                    for r in o.reqs[o.sent:]:
+                        s.send(r)
+                    o.sent = len(o.reqs)
+                if self._test_hook is not None:
+                    self._test_hook("streamed", self, s, o.step)
+            except BaseException:
+                self._abandon(o)
+                raise
+
+    def finish_step(self, inputs=None, loss=None):
+        """Sends the open streamed step's remaining blocks (may be none) with
+        ``last = true`` and the loss, waits for the response and returns the
+        StepResult; raises a NatgradError subclass (next_step unchanged, the
+        step abandoned) when it fails."""
+        with self._lock:
+            o = self._require_open("finish_step")
+            try:
+                tail = self.build_requests(inputs or {}, loss, step=o.step)
+                o.gpflow |= self._gpflow_blocks
+                reqs = o.reqs + tail
+                sent = o.sent if (o.stream is not None and o.stream is self._stream) else 0
+                resp = self._send_step(reqs, o.step, sent=sent)
+            except BaseException:
+                self._abandon(o)
+                raise
+            self._open = None
+            self._keep(o.step, reqs, resp)
+            self.next_step = o.step + 1
+            result = StepResult(resp)
+            for n in o.gpflow:
+                result[n] = result[n].transposed()
+            return result
+
+    def abort_step(self):
+        """Abandons the open streamed step, if any (nothing is applied)."""
+        with self._lock:
+            if self._open is not None:
+                self._abandon(self._open)
+
+    @property
+    def step_open(self):
+        """The number of the open streamed step, or None."""
+        o = self._open
+        return o.step if o is not None else None
+
+    def _require_open(self, what):
+        if self._open is None:
+            raise errors.FailedPrecondition(f"session {self.name}: {what}() without an open "
+                                            "streamed step (begin_step() first)")
+        return self._open
+
+    def _abandon(self, o):
+        """Forgets the open step; a part of it on the stream is dropped with the stream."""
+        if self._open is o:
+            self._open = None
+        if o.stream is not None and o.stream is self._stream and o.sent:
+            self._drop_stream()
+
+    def _send_step(self, reqs, step, sent=0):
+        """Sends `reqs` (the first `sent` of them already queued on the
+        current stream) and returns the response, retrying as the module
+        docstring says; every retry sends the whole step again."""
         pol = self.client.retry
+        on = self._stream if sent else None
         start = time.monotonic()
         attempt = hops = 0
         open_since = None
@@ -1135,7 +1265,7 @@ class Session:
                         self._open_stream()
                     self._resync = False
                 s = self._stream
-                for r in reqs:
+                for r in (reqs[sent:] if s is on else reqs):
                     s.send(r)
                 if self._test_hook is not None:
                     self._test_hook("sent", self, s, step)

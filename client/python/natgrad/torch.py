@@ -75,11 +75,38 @@ logger; fallbacks of layers one would expect to be K-FAC also warn once):
     holds the measured costs and the choice). Statistics are sent only on
     the blocks' statistics steps (``stats_period``).
 
+Overlap (docs/torch_overlap.md):
+
+  * ``stream=True``: each K-FAC layer's block is built and sent as soon as
+    backward has finished that layer (a hook on the accumulation of each of
+    its parameters' gradients, which runs after every use of a layer shared
+    within the forward), by a builder and a sender thread, as messages of
+    the current step (Session.begin_step / send_blocks); step() sends the
+    rest (fallback blocks, layers not streamed) with the loss and waits.
+    The update is bit-identical to the unstreamed step. When backward and
+    step() disagree (a second backward pass before step(), gradients or
+    weights changed in between, e.g. by gradient clipping, or a learning
+    rate changed) the streamed blocks are dropped, the step is sent whole
+    and streaming is turned off with a warning. With accumulation_steps >
+    1 blocks are sent at step().
+  * ``pipelined=True`` (optimizer mode): step() sends step t and returns at
+    once; step t's update is applied by the next step() (after the next
+    backward), so the round trip overlaps the next forward/backward and
+    every gradient is taken one update behind (one step stale). The update
+    of step t equals the synchronous session's answer to the same inputs
+    (tested against a hand-written loop applying Session.step results one
+    step late). An error of the step in flight is raised by the next
+    step() (which then sends nothing; the session's step counter is where
+    the failed step left it). flush() applies the step in flight (do it
+    before evaluating); state_dict() and close() flush, load_state_dict()
+    waits for it and drops its update.
+
 Checkpoints: ``state_dict()`` holds the exported session (the server's
 optimizer state) and its step; ``load_state_dict()`` imports it into a server
 that does not have the session, or checks that one that does is at the same
 step, and raises a natgrad error on any mismatch.
 """
+import concurrent.futures
 import dataclasses
 import logging
 import numbers
@@ -176,6 +203,33 @@ class _Layer:
         cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
         # [N, C*kh*kw, L] -> [N*L, C*kh*kw]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
+
+
+class _StreamedStep:
+    """The step being collected, as far as backward has streamed it."""
+
+    def __init__(self, step):
+        self.step = step    # its number
+        self.fired = {}     # layer -> ids of its parameters accumulated in this backward
+        self.queued = {}    # layer -> (lr, [(param, grad, grad version)], [(param, version)])
+        self.futures = []   # the builder thread's jobs for the queued layers
+        self.names = []     # blocks built and handed to the sender (builder thread)
+        self.stats = []     # layers whose statistics they carry
+        self.first_stats = []  # those whose first statistics they are
+        self.build_s = 0.0
+        self.invalid = None  # why the streamed blocks are not to be used
+        self.error = None    # a block's error, raised by step()
+
+
+class _InFlight:
+    """Pipelined: the step sent and not yet applied."""
+
+    def __init__(self, future, st, tail):
+        self.future, self._st, self._tail = future, st, tail
+        self.step = st.step
+
+    def names(self):
+        return self._st.names + self._tail
 
 
 def _conv_padding(m):
@@ -330,6 +384,27 @@ class _KfacModel:
         self._handles = []
         for L in self.layers.values():
             self._handles.append(L.module.register_forward_hook(self._make_forward_hook(L)))
+        self._ensure_trial()
+        if self.stream:
+            self._attach_grad_hooks()
+
+    def _init_streaming(self, stream, pipelined):
+        if stream not in (True, False):
+            raise ValueError(f"stream must be True or False, got {stream!r}")
+        if pipelined not in (True, False):
+            raise ValueError(f"pipelined must be True or False, got {pipelined!r}")
+        self.stream = stream
+        self.pipelined = pipelined
+        # With several micro-batches per step a layer's gradient is final
+        # only at the last backward, which the hooks cannot tell.
+        self._streaming = stream and self.accumulation_steps == 1
+        self._st = None          # _StreamedStep of the step being collected
+        self._inflight = None    # pipelined: _InFlight, the step sent and not yet applied
+        self._inflight_failed = False
+        self._grad_nodes = []
+        self._sender_pool = None
+        self._builder_pool = None
+        self.streamed_blocks = 0  # blocks sent during backward so far (monitoring/tests)
 
     # -- hooks ----------------------------------------------------------------
     def _make_forward_hook(self, L):
@@ -395,9 +470,11 @@ class _KfacModel:
             s *= n
         return s
 
-    def _layer_input(self, L):
-        """(inputs dict, locations or None) for one layer, or None to leave it
-        out of the step (no gradient, or no complete statistics)."""
+    def _layer_input(self, L, step):
+        """(inputs dict, locations or None, carries statistics) for one layer
+        in step number ``step``, or None to leave it out of the step (no
+        gradient, or no complete statistics). Called on the sender thread for
+        streamed layers: it reads only L's own tensors."""
         W, bmod = L.module.weight, L.module.bias
         gw = W.grad
         gb = bmod.grad if L.bias else None
@@ -435,8 +512,9 @@ class _KfacModel:
             a_rows.append(a)
             g_rows.append(gg * self._grad_scale(n))
             n_total += n
-        a = torch.cat(a_rows)
-        g = torch.cat(g_rows)
+        # (One record, the usual case: no copy.)
+        a = a_rows[0] if len(a_rows) == 1 else torch.cat(a_rows)
+        g = g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows)
         if gw is None:
             gw = torch.zeros_like(W)
         grad = _dense_grad(L.param_names[0], gw).reshape(L.d_out, -1)
@@ -457,26 +535,25 @@ class _KfacModel:
         T = next(iter(Ts)) if len(Ts) == 1 else None
         if T is not None:
             L.locations = T  # the last step's T (informational)
-        if not self._sends_statistics(L):
-            return x, None  # the server folds none this step
-        self._stats_layers.append(L)
+        if not self._sends_statistics(L, step):
+            return x, None, False  # the server folds none this step
         if mixed or self._reduces(L, rows):
             x["a_factor"], x["g_factor"] = _packed_factors(a, g, L.bias, n_total, grad.dtype)
             x["num_examples"] = n_total
-            return x, None
+            return x, None, True
         x["activations"] = _np(a.to(grad.dtype))
         x["output_gradients"] = _np(g.to(grad.dtype))
-        return x, T
+        return x, T, True
 
-    def _sends_statistics(self, L):
-        """Whether this step carries L's statistics: on the block's
+    def _sends_statistics(self, L, step):
+        """Whether step ``step`` carries L's statistics: on the block's
         statistics steps (stats_period) and until the server has some; the
         server folds none on the other steps, so they are not sent."""
         if not L.stats_sent:
             return True
         cfg = self.session.blocks.get(L.name)
         period = cfg.kfac_dense.stats_period if cfg is not None else 0
-        return period <= 1 or (self.session.next_step - 1) % period == 0
+        return period <= 1 or (step - 1) % period == 0
 
     def _reduces(self, L, rows):
         """Raw rows or reduced factors for L this step (see _ReduceTrial)."""
@@ -491,41 +568,54 @@ class _KfacModel:
             return packed < rows * (L.d_in + L.d_out)
         return form == "reduced"
 
-    def _send_step(self, inputs, locs, lrs=None, loss=None):
+    def _send_step(self, inputs, locs, lrs, loss, stats, collect_s):
         """session.step, timed for reduce="auto"'s trial; marks the layers
         whose statistics the server now has."""
         t0 = time.perf_counter()
         result = self.session.step(self._messages(inputs, locs, lrs), loss=loss)
-        if self._stats_layers:
-            wall = time.perf_counter() - t0 + self._collect_seconds
-            self._reduce_trial.record(wall - result.timing.inversion_micros * 1e-6)
-        for L in self._stats_layers:
-            L.stats_sent = True
+        self._stepped(result, stats, time.perf_counter() - t0 + collect_s)
         return result
 
-    def _collect(self, fallback):
-        """(inputs, locations): block name -> step input dict for every block
-        used in this step, and conv block -> this step's T (raw statistics)."""
+    def _stepped(self, result, stats, seconds):
+        """After an acknowledged step: the trial's cost, and the layers whose
+        statistics the server now has."""
+        if stats:
+            self._reduce_trial.record(seconds - result.timing.inversion_micros * 1e-6)
+        for L in stats:
+            L.stats_sent = True
+
+    def _collect(self, fallback, skip=(), step=None):
+        """(inputs, locations, statistics layers, seconds): block name -> step
+        input dict for every block used in step ``step`` (default: the next)
+        except those in ``skip``, conv block -> this step's T (raw
+        statistics), the layers whose statistics are included, and the time
+        it took."""
         t0 = time.perf_counter()
-        if not hasattr(self, "_reduce_trial"):
-            self._reduce_trial = _ReduceTrial()
-        self._stats_layers = []
-        inputs, locs = {}, {}
+        self._ensure_trial()
+        step = self.session.next_step if step is None else step
+        inputs, locs, stats = {}, {}, []
         for L in self.layers.values():
-            r = self._layer_input(L)
+            if L.name in skip:
+                continue
+            r = self._layer_input(L, step)
             if r is None:
                 continue
-            inputs[L.name], T = r
+            inputs[L.name], T, has = r
             if T is not None:
                 locs[L.name] = T
+            if has:
+                stats.append(L)
         if fallback:
             for pname, p in self.fallback_params.items():
                 if p.grad is None:
                     continue
                 g = _dense_grad(pname, p.grad)
                 inputs[pname] = {"gradient": _np(g).reshape(list(p.shape) or [1])}
-        self._collect_seconds = time.perf_counter() - t0
-        return inputs, locs
+        return inputs, locs, stats, time.perf_counter() - t0
+
+    def _ensure_trial(self):
+        if not hasattr(self, "_reduce_trial"):
+            self._reduce_trial = _ReduceTrial()
 
     def collect(self):
         """The step's inputs (block name -> dict) from the captured statistics
@@ -549,6 +639,299 @@ class _KfacModel:
     def clear_statistics(self):
         for L in self.layers.values():
             L.records.clear()
+
+    # -- streaming (stream=True) and the pipeline (pipelined=True) ------------
+    # Two threads, each doing its work in order. The builder turns a layer's
+    # tensors into its block as backward finishes it (_build_block); the
+    # sender does every session call of a streamed or pipelined step
+    # (_send_block, _finish_job). Pipelined, the sender may still be waiting
+    # for step t's response while the builder prepares step t+1 (numbered
+    # t+1 in advance; if step t fails, step t+1 is dropped unsent).
+    def _sender(self):
+        if self._sender_pool is None:
+            self._sender_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="natgrad-torch-sender")
+        return self._sender_pool
+
+    def _builder(self):
+        if self._builder_pool is None:
+            self._builder_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="natgrad-torch-builder")
+        return self._builder_pool
+
+    def _attach_grad_hooks(self):
+        for L in self.layers.values():
+            for p in L.params():
+                if hasattr(p, "register_post_accumulate_grad_hook"):  # torch >= 2.1
+                    self._handles.append(p.register_post_accumulate_grad_hook(
+                        lambda p, L=L: self._accumulated(L, p)))
+                    continue
+                # Older torch: a post-hook of the parameter's AccumulateGrad
+                # node, which runs once per backward, after .grad holds the
+                # contributions of every use of the layer. The parameter
+                # holds its node weakly, so it is kept alive here.
+                with torch.enable_grad():
+                    node = p.expand_as(p).grad_fn.next_functions[0][0]
+                self._grad_nodes.append(node)
+                self._handles.append(node.register_hook(
+                    lambda *_, L=L, p=p: self._accumulated(L, p)))
+
+    def _next_number(self):
+        """The number the step being collected will have."""
+        inflight = self._inflight
+        return inflight.step + 1 if inflight is not None else self.session.next_step
+
+    def _accumulated(self, L, p):
+        """Backward finished p's gradient; once all of L's parameters have
+        theirs (and L's statistics are complete) its block goes to the
+        builder thread. A second backward pass before step() invalidates
+        the streamed step (its blocks would be stale)."""
+        if not self._streaming:
+            return
+        st = self._st
+        if st is None:
+            st = self._st = _StreamedStep(self._next_number())
+        if st.invalid:
+            return
+        fired = st.fired.setdefault(L.name, set())
+        if id(p) in fired or L.name in st.queued:
+            st.invalid = (f"layer '{L.name}' got gradients from a second backward pass before "
+                          "step() (several backward passes per step)")
+            return
+        fired.add(id(p))
+        if len(fired) < len(L.params()):
+            return
+        if any(r[2] is not None for r in L.records):
+            return  # sampled statistics not drawn yet (sample_fisher): sent at step()
+        lr = self._block_lr(L.name)
+        grads = [(q, q.grad, q.grad._version) for q in L.params()]
+        weights = [(q, q._version) for q in L.params()] if self.weight_decay else []
+        st.queued[L.name] = (lr, grads, weights)
+        st.futures.append(self._builder().submit(self._build_block, st, L, lr))
+
+    def _block_lr(self, name):
+        """The per-step learning rate a step sends for block ``name`` (None: none)."""
+        return None
+
+    def _step_lrs(self, inputs):
+        return None
+
+    @torch.no_grad()
+    def _build_block(self, st, L, lr):
+        """Builder thread: L's block of the streamed step, handed to the sender."""
+        if st.error is not None or st.invalid:
+            return
+        t0 = time.perf_counter()
+        try:
+            r = self._layer_input(L, st.step)
+            if r is None:
+                return
+            x, T, has = r
+            msg = self._messages({L.name: x}, {L.name: T} if T is not None else {},
+                                 {L.name: lr} if lr is not None else None)
+            if has:
+                st.stats.append(L)
+                if not L.stats_sent:  # decided now for the next step; undone if this one fails
+                    L.stats_sent = True
+                    st.first_stats.append(L)
+            st.names.append(L.name)
+            self._sender().submit(self._send_block, st, msg)
+        except BaseException as e:  # noqa: BLE001  (raised by step())
+            st.error = e
+        finally:
+            st.build_s += time.perf_counter() - t0
+
+    def _begin(self, st):
+        if self.session.step_open is None:
+            n = self.session.begin_step()
+            if n != st.step:
+                self.session.abort_step()
+                raise errors.Internal(f"natgrad.torch: the session is at step {n}, the streamed "
+                                      f"step was numbered {st.step}")
+
+    def _send_block(self, st, msg):
+        """Sender thread: one block into the open step."""
+        if st.error is not None or st.invalid or self._inflight_failed:
+            return
+        try:
+            self._begin(st)
+            self.session.send_blocks(msg)
+            self.streamed_blocks += 1
+        except BaseException as e:  # noqa: BLE001  (raised by step())
+            st.error = e
+            self.session.abort_step()
+
+    def _finish_job(self, st, msgs, loss, stats, collect_s):
+        """Sender thread: the rest of the step, ``last = true``; the result."""
+        t0 = time.perf_counter()
+        try:
+            if st.error is not None:
+                self.session.abort_step()  # blocks of it may be on the stream
+                raise st.error
+            if not msgs and not st.names:
+                self.session.abort_step()
+                raise errors.FailedPrecondition(
+                    "step(): no parameter has a gradient; call loss.backward() first")
+            self._begin(st)
+            result = self.session.finish_step(msgs, loss=loss)
+        except BaseException:
+            for L in st.first_stats:
+                L.stats_sent = False
+            if self.pipelined:
+                self._inflight_failed = True  # the next step's blocks are not sent
+            raise
+        self._stepped(result, st.stats + stats, st.build_s + collect_s + time.perf_counter() - t0)
+        return result
+
+    def _streamed_ok(self, st):
+        """Whether the blocks streamed in backward are still what step()
+        would send; if not, streaming is turned off (with a warning) and the
+        step is sent whole."""
+        reason = st.invalid
+        for name, (lr, grads, weights) in st.queued.items():
+            if reason:
+                break
+            if any(q.grad is not g or g._version != v for q, g, v in grads):
+                reason = (f"the gradient of layer '{name}' changed between backward and step() "
+                          "(e.g. gradient clipping)")
+            elif any(q._version != v for q, v in weights):
+                reason = f"the weights of layer '{name}' changed between backward and step()"
+            elif lr != self._block_lr(name):
+                reason = f"the learning rate of layer '{name}' changed between backward and step()"
+        if not reason:
+            return True
+        self._streaming = False
+        msg = (f"natgrad.torch.{type(self).__name__}: stream=True turned off: {reason}; this "
+               "and later steps are sent whole at step()")
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=4)
+        return False
+
+    def _discard(self, st):
+        """Drops a streamed step's blocks (those on the stream are dropped
+        with it by the server) once its builds are done."""
+        st.invalid = st.invalid or "discarded"
+        concurrent.futures.wait(st.futures)
+        for L in st.first_stats:
+            L.stats_sent = False
+        # Behind every block the builds handed over.
+        self._sender().submit(self.session.abort_step).result()
+
+    def _drop_streamed(self):
+        """Forgets the blocks streamed since the last step() (zero_grad, load_state_dict, close)."""
+        st, self._st = self._st, None
+        if st is not None and st.queued:
+            self._discard(st)
+
+    def _take_streamed(self):
+        """The streamed step to finish in this step(), or None (nothing
+        streamed, or its blocks stale: then it is dropped)."""
+        st, self._st = self._st, None
+        if st is not None and not st.queued:
+            st = None
+        if st is not None and not self._streamed_ok(st):
+            self._discard(st)
+            st = None
+        if st is not None:
+            # They read .grad, the weights and the records.
+            concurrent.futures.wait(st.futures)
+        return st
+
+    def _step_sync(self, loss, fallback):
+        """One synchronous step (streamed or not): (result, block names), or
+        (None, []) when there is nothing to send in preconditioner mode."""
+        st = self._take_streamed()
+        if st is None:
+            inputs, locs, stats, collect_s = self._collect(fallback=fallback)
+            if not inputs:
+                return None, []
+            result = self._send_step(inputs, locs, self._step_lrs(inputs), loss, stats, collect_s)
+            return result, list(inputs)
+        try:
+            inputs, locs, stats, collect_s = self._collect(fallback=fallback, skip=st.queued,
+                                                           step=st.step)
+            msgs = self._messages(inputs, locs, self._step_lrs(inputs))
+        except BaseException:
+            self._discard(st)
+            raise
+        result = self._sender().submit(self._finish_job, st, msgs, loss, stats, collect_s).result()
+        return result, st.names + list(msgs)
+
+    def _step_pipelined(self, loss):
+        """Pipelined: sends this step (waiting only for its streamed blocks
+        to be built) and applies the update of the previous one."""
+        st = self._take_streamed()
+        prev, self._inflight = self._inflight, None
+        prev_result = None
+        if prev is not None:
+            try:
+                prev_result = prev.future.result()
+            except BaseException:
+                if st is not None:
+                    self._discard(st)  # (its blocks were not sent)
+                self._inflight_failed = False
+                raise
+            prev_updates = self._deltas(prev_result, prev.names())
+        try:
+            if st is not None and st.error is not None:
+                raise st.error
+            st = st or _StreamedStep(self.session.next_step)
+            # Built before the previous update lands: this step's gradients
+            # and weights are those of its forward pass.
+            inputs, locs, stats, collect_s = self._collect(fallback=True, skip=st.queued,
+                                                           step=st.step)
+            if not inputs and not st.names:
+                raise errors.FailedPrecondition(
+                    "step(): no parameter has a gradient; call loss.backward() first")
+            msgs = self._messages(inputs, locs, self._step_lrs(inputs))
+            fut = self._sender().submit(self._finish_job, st, msgs, loss, stats, collect_s)
+            self._inflight = _InFlight(fut, st, list(msgs))
+        except BaseException:
+            if st is not None and st.queued:
+                self._discard(st)
+            raise
+        finally:
+            if prev_result is not None:
+                for p, d in prev_updates:
+                    p.add_(d)
+                self.last_result = prev_result
+
+    def flush(self):
+        """Pipelined mode: waits for the step in flight and applies its
+        update (call it before evaluating the model; state_dict(),
+        load_state_dict() and close() do). Returns its StepResult, or None
+        when no step is in flight. Raises the in-flight step's error, if
+        any (the update is then not applied and the server did not apply
+        the step; blocks streamed since are dropped, and the next step()
+        sends them whole)."""
+        prev, self._inflight = self._inflight, None
+        if prev is None:
+            return None
+        try:
+            result = prev.future.result()
+        except BaseException:
+            self._drop_streamed()
+            self._inflight_failed = False
+            raise
+        with torch.no_grad():
+            for p, d in self._deltas(result, prev.names()):
+                p.add_(d)
+        self.last_result = result
+        return result
+
+    def _settle(self):
+        """Before load_state_dict: waits for the step in flight and drops
+        its update and any streamed blocks (the checkpoint replaces the
+        state; the model's parameters, loaded by the caller, are not
+        touched)."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            try:
+                prev.future.result()
+            except errors.NatgradError as e:
+                log.warning("natgrad.torch: the step in flight failed before load_state_dict: %s", e)
+        self._drop_streamed()
+        self._inflight_failed = False
 
     def _deltas(self, result, inputs):
         """Turns every delta into (param, tensor) pairs, checking all first."""
@@ -703,16 +1086,30 @@ class _KfacModel:
         self._owns_session = False
 
     def close(self, delete=False):
-        """Removes hooks and closes the stream (and deletes the session if asked)."""
+        """Applies the step in flight (pipelined mode), removes hooks and
+        closes the stream (and deletes the session if asked). An error of
+        the step in flight is raised after everything is closed."""
+        err = None
+        try:
+            self.flush()
+        except errors.NatgradError as e:
+            err = e
+        self._drop_streamed()
+        for pool in (self._builder_pool, self._sender_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._builder_pool = self._sender_pool = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self.session is None:
-            return
-        if delete:
-            self.session.delete()
-        else:
-            self.session.close()
+        self._grad_nodes.clear()
+        if self.session is not None:
+            if delete:
+                self.session.delete()
+            else:
+                self.session.close()
+        if err is not None:
+            raise err
 
     def __repr__(self):
         return (f"natgrad.torch.{type(self).__name__}(session={self.session and self.session.name}, "
@@ -854,6 +1251,12 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
     state_dtype: server state precision "float32" (default) or "float64".
     locations: {conv layer: T} for the block config (only a default: every
       step sends its own T).
+    stream: send each K-FAC layer's block as backward produces it (module
+      docstring; bit-identical updates).
+    pipelined: step() sends the step and applies the previous step's
+      update, so the round trip overlaps the next forward/backward; every
+      update is one step stale (module docstring). Call flush() to apply
+      the step in flight.
 
     param_groups: [0] the K-FAC layers (lr, damping, momentum, weight_decay),
     [1] the fallback parameters (lr = fallback_lr) -- either absent when it
@@ -872,7 +1275,8 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
                  adaptive_damping=False, fisher="empirical", loss_reduction="mean",
                  accumulation_steps=1, fallback="adam", fallback_lr=1e-3, fallback_kwargs=None,
                  skip_layers=(), reduce="auto", state_dtype=None, session_id=None,
-                 display_name=None, async_inversion=False, locations=None):
+                 display_name=None, async_inversion=False, locations=None, stream=False,
+                 pipelined=False):
         _check_args(fisher, loss_reduction, reduce)
         if fallback not in ("adam", "sgd"):
             raise ValueError(f"fallback must be 'adam' or 'sgd', got {fallback!r}")
@@ -910,6 +1314,7 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
             stats_period=stats_period, async_inversion=async_inversion, kl_clip=kl_clip,
             adaptive_damping=adaptive_damping, state_dtype=state_dtype, session_id=session_id,
             display_name=display_name, fallback_lr=fallback_lr, fallback_kwargs=fallback_kwargs)
+        self._init_streaming(stream, pipelined)
         self._connect(target, client, token, tls)
         self._open_session(session)
         self.last_result = None
@@ -929,6 +1334,10 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
             if g.get("natgrad_blocks") == which:
                 return g
         return None
+
+    def _block_lr(self, name):
+        g = self._group("kfac" if name in self.layers else "fallback")
+        return _number(g["lr"]) if g is not None else None
 
     def _step_lrs(self, inputs):
         """block name -> this step's learning rate from param_groups (numbers only)."""
@@ -953,26 +1362,38 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none=True):
         """Sets grads to None by default (torch >= 2.0's default), so that a
-        layer unused in the next step is recognised and left out of it."""
+        layer unused in the next step is recognised and left out of it.
+        Blocks streamed since the last step() are dropped."""
+        self._drop_streamed()
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None, loss=None):
         """Sends one step and applies the returned deltas. ``loss`` (a float
-        or a 0-d tensor) drives adaptive damping. Returns the closure's loss."""
+        or a 0-d tensor) drives adaptive damping. Returns the closure's loss.
+
+        pipelined=True: sends this step and returns without waiting; the
+        update applied here is the previous step's (raising its error, if it
+        failed: then nothing of this step is sent, the server's step counter
+        is where that failed step left it, and training may go on)."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         loss_value = None
         if loss is not None:
             loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        if self.pipelined:
+            try:
+                self._step_pipelined(loss_value)
+            finally:
+                self.clear_statistics()
+            return loss
         try:
-            inputs, locs = self._collect(fallback=True)
-            if not inputs:
+            result, names = self._step_sync(loss_value, fallback=True)
+            if result is None:
                 raise errors.FailedPrecondition(
                     "step(): no parameter has a gradient; call loss.backward() first")
-            result = self._send_step(inputs, locs, self._step_lrs(inputs), loss=loss_value)
-            updates = self._deltas(result, inputs)
+            updates = self._deltas(result, names)
         finally:
             self.clear_statistics()
         for p, d in updates:
@@ -982,7 +1403,10 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
 
     def state_dict(self):
         """A full checkpoint: param_groups (lr, ...) and the exported session
-        (all optimizer state, which lives on the server) with its step."""
+        (all optimizer state, which lives on the server) with its step.
+        Pipelined: the step in flight is applied first (flush()), so take
+        the model's parameters after this call, or call flush() first."""
+        self.flush()
         groups = []
         i = 0
         for g in self.param_groups:
@@ -1003,6 +1427,7 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
             raise errors.FailedPrecondition("load_state_dict: the checkpoint's param_groups do not "
                                             "match this model's (K-FAC / fallback parameters)",
                                             field="param_groups")
+        self._settle()
         self._load_natgrad_state(state_dict.get("natgrad"))
         for s, g in zip(groups, self.param_groups):
             for k, v in s.items():
@@ -1031,7 +1456,7 @@ class KFACPreconditioner(_KfacModel):
 
     Arguments as for KFAC (damping, damping_mode, ema_decay, inverse_period,
     stats_period, fisher, loss_reduction, accumulation_steps, skip_layers,
-    reduce, state_dtype, ...). kfac-pytorch's names are accepted too:
+    reduce, state_dtype, stream, ...; not pipelined). kfac-pytorch's names are accepted too:
     factor_update_steps (= stats_period), inv_update_steps (=
     inverse_period), factor_decay (= ema_decay).
     """
@@ -1044,7 +1469,8 @@ class KFACPreconditioner(_KfacModel):
                  stats_period=None, kl_clip=None, adaptive_damping=False, fisher="empirical",
                  loss_reduction="mean", accumulation_steps=1, skip_layers=(), reduce="auto",
                  state_dtype=None, session_id=None, display_name=None, async_inversion=False,
-                 locations=None, factor_update_steps=None, inv_update_steps=None, factor_decay=None):
+                 locations=None, factor_update_steps=None, inv_update_steps=None, factor_decay=None,
+                 stream=False):
         _check_args(fisher, loss_reduction, reduce)
         stats_period = stats_period if factor_update_steps is None else factor_update_steps
         inverse_period = inverse_period if inv_update_steps is None else inv_update_steps
@@ -1070,6 +1496,7 @@ class KFACPreconditioner(_KfacModel):
             async_inversion=async_inversion, kl_clip=kl_clip, adaptive_damping=adaptive_damping,
             state_dtype=state_dtype, session_id=session_id,
             display_name=display_name or f"torch {type(model).__name__} preconditioner")
+        self._init_streaming(stream, False)
         self._connect(target, client, token, tls)
         self._open_session(session)
         self.last_result = None
@@ -1087,11 +1514,10 @@ class KFACPreconditioner(_KfacModel):
         if loss is not None:
             loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
         try:
-            inputs, locs = self._collect(fallback=False)
-            if not inputs:
+            result, names = self._step_sync(loss_value, fallback=False)
+            if result is None:
                 return None
-            result = self._send_step(inputs, locs, loss=loss_value)
-            updates = self._deltas(result, inputs)
+            updates = self._deltas(result, names)
         finally:
             self.clear_statistics()
         for p, d in updates:
@@ -1108,6 +1534,7 @@ class KFACPreconditioner(_KfacModel):
 
     def load_state_dict(self, state_dict):
         """As KFAC.load_state_dict: imports or verifies the session."""
+        self._drop_streamed()
         self._load_natgrad_state(state_dict.get("natgrad"))
 
 

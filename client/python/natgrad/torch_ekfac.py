@@ -63,8 +63,8 @@ class EKFAC(KFAC):
             want[name] = ("ekfac", want[name][1])
         return want
 
-    def _layer_input(self, L):
-        r = super()._layer_input(L)
+    def _layer_input(self, L, step):
+        r = super()._layer_input(L, step)
         if r is not None and "a_factor" in r[0]:
             # KFAC's only reason to reduce with reduce=False: one step ran the
             # conv on several spatial sizes, so rows are no longer n*T.
