@@ -258,13 +258,15 @@ void Session::ResetProposalsLocked(StepInProgress& step) const {
   step.proposed_after_ = -1;
 }
 
-void Session::ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
-                            const core::StepContext& context) {
+size_t Session::ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
+                              const core::StepContext& context) {
+  size_t proposed = 0;
   for (size_t i : indices) {
     // A lower block already failed: Step's config-order pass stops there.
     if (i > step.error_index_) continue;
     if (step.pending_[i] != nullptr) continue;
     auto p = blocks_[i].block->Propose(step.slot_[i]->input, context);
+    ++proposed;
     if (!p.ok()) {
       step.error_index_ = i;
       step.error_ = p.status();
@@ -274,12 +276,13 @@ void Session::ProposeLocked(StepInProgress& step, absl::Span<const size_t> indic
     }
     step.pending_[i] = *std::move(p);
   }
+  return proposed;
 }
 
-void Session::ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blocks) {
+size_t Session::ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blocks) {
   const auto start = std::chrono::steady_clock::now();
   absl::MutexLock lock(&mu_);
-  if (step.finished_) return;
+  if (step.finished_ || step.session_ != this) return 0;
   std::vector<const BlockStepData*> arrived;
   for (BlockStepData& b : blocks) {
     step.owned_.push_back(std::move(b));
@@ -289,17 +292,19 @@ void Session::ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blo
   // Nothing to propose for a step that will not be applied (a name error,
   // a replay, out of order, deleted; FinishStep reports which), nor
   // against a session that has moved on since BeginStep.
-  if (step.name_error_.has_value() || step.proposed_after_ < 0 ||
-      step.proposed_after_ != last_step_ || deleted_.load()) {
-    return;
+  if (step.name_error_.has_value()) {
+    for (auto& p : step.pending_) p.reset();  // never committed
+    return 0;
   }
+  if (step.proposed_after_ < 0 || step.proposed_after_ != last_step_ || deleted_.load()) return 0;
   if (step.defer_damped_) {
     std::erase_if(added, [&](size_t i) { return damped_[i]; });
   }
   core::StepContext context = ContextFor(step.step_);
   context.damping_override = step.early_damping_;
-  ProposeLocked(step, added, context);
+  const size_t proposed = ProposeLocked(step, added, context);
   step.compute_ += absl::FromChrono(std::chrono::steady_clock::now() - start);
+  return proposed;
 }
 
 absl::StatusOr<StepOutcome> Session::FinishStep(StepInProgress& step, std::optional<double> loss,
@@ -307,8 +312,9 @@ absl::StatusOr<StepOutcome> Session::FinishStep(StepInProgress& step, std::optio
                                                 ReplyEncoder encode) {
   const auto start = std::chrono::steady_clock::now();
   absl::MutexLock lock(&mu_);
-  if (step.finished_) {
-    return absl::InternalError(absl::StrCat("step ", step.step_, " was already finished"));
+  if (step.finished_ || step.session_ != this) {
+    return absl::InternalError(absl::StrCat(
+        "step ", step.step_, step.finished_ ? " was already finished" : " is another session's"));
   }
   step.finished_ = true;
   std::shared_ptr<const CachedReply> replay;

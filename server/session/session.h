@@ -165,8 +165,10 @@ class Session {
   // InitialDamping) are proposed in FinishStep instead.
   std::unique_ptr<StepInProgress> BeginStep(int64_t step);
   // Never fails by itself: an error is the step's, reported by FinishStep.
-  // If it throws (std::bad_alloc), drop `step`: nothing was applied.
-  void ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blocks);
+  // Returns how many of `blocks` it proposed now (the rest wait for
+  // FinishStep or are not needed). If it throws (std::bad_alloc), drop
+  // `step`: nothing was applied.
+  size_t ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blocks);
   absl::StatusOr<StepOutcome> FinishStep(StepInProgress& step, std::optional<double> loss,
                                          absl::Span<const BlockStepData> last_blocks,
                                          ReplyEncoder encode);
@@ -215,8 +217,9 @@ class Session {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Proposes the given config slots of `step` in order, skipping those above
   // its lowest failure.
-  void ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
-                     const core::StepContext& context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Returns how many it proposed (failures included).
+  size_t ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
+                       const core::StepContext& context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ResetProposalsLocked(StepInProgress& step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   core::StepContext ContextFor(int64_t step) const;
   absl::Status RestoreStateLocked(const natgrad::v1::SessionSnapshot& snapshot)
