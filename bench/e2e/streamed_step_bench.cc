@@ -19,7 +19,7 @@
 // emulated as time the server may use, as when backward runs on a GPU or
 // another host; --gaps_ms lists the gaps to try (0: no overlap possible).
 //
-//   streamed_step_bench [--reps=5] [--steps=10] [--gaps_ms=0,10,30]
+//   streamed_step_bench [--reps=5] [--steps=10] [--gaps_ms=0,10,45]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -38,7 +38,7 @@
 
 ABSL_FLAG(int, reps, 5, "reps (fresh sessions each); the table shows the median");
 ABSL_FLAG(int, steps, 10, "timed steps per session per rep (after 2 warm-up steps)");
-ABSL_FLAG(std::string, gaps_ms, "0,10,30",
+ABSL_FLAG(std::string, gaps_ms, "0,10,45",
           "client-side gaps between layers' messages (emulated backward per layer), ms");
 ABSL_FLAG(int, batch, 1000, "examples per step");
 

@@ -66,8 +66,10 @@ void StepReactor::OnReadDone(bool ok) {
     int64_t dropped_step = 0;
     {
       absl::MutexLock lock(&mu_);
-      // A timer already ended the stream: this message is not taken.
-      if (finished_) return;
+      // A timer (or a cancel, a failed step) already ended the stream, or
+      // will once the executor work of it has run: this message is not
+      // taken, so nothing of the step it completes can be applied.
+      if (finished_ || pending_finish_.has_value()) return;
       if (partial_) dropped_step = partial_step_;
     }
     ++messages_read_;
