@@ -99,7 +99,14 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
       checkpoints_skipped_(BuildCounter().Name("natgrad_checkpoints_skipped_total")
                                .Help("Checkpoint files skipped at start-up as unreadable.")
                                .Register(*registry_)
-                               .Add({})) {}
+                               .Add({})),
+      blocks_proposed_early_(
+          BuildCounter().Name("natgrad_blocks_proposed_early_total")
+              .Help("Blocks proposed while the rest of their step was still arriving "
+                    "(a step streamed over several messages); the others are proposed "
+                    "with the step's last message.")
+              .Register(*registry_)
+              .Add({})) {}
 
 void ServiceMetrics::StreamOpened() { streams_.Increment(); }
 void ServiceMetrics::StreamClosed() { streams_.Decrement(); }
@@ -129,6 +136,10 @@ void ServiceMetrics::StepSucceeded(const natgrad::v1::SessionConfig& config,
 
 void ServiceMetrics::StepFailed(absl::StatusCode code) {
   steps_.Add({{"outcome", CodeName(static_cast<int>(code))}}).Increment();
+}
+
+void ServiceMetrics::BlocksProposedEarly(int64_t blocks) {
+  blocks_proposed_early_.Increment(static_cast<double>(blocks));
 }
 
 void ServiceMetrics::RpcError(grpc::StatusCode code) {

@@ -32,6 +32,8 @@ class ServiceMetrics {
   void StepSucceeded(const natgrad::v1::SessionConfig& config,
                      const natgrad::v1::StepResponse& response);
   void StepFailed(absl::StatusCode code);
+  // Blocks proposed before their step's last message arrived.
+  void BlocksProposedEarly(int64_t blocks);
   void RpcError(grpc::StatusCode code);
   void CheckpointWritten(bool ok, absl::Duration latency);
   void CheckpointSkipped();
@@ -70,6 +72,7 @@ class ServiceMetrics {
   prometheus::Gauge& streams_;
   prometheus::Gauge& sessions_;
   prometheus::Counter& checkpoints_skipped_;
+  prometheus::Counter& blocks_proposed_early_;
 };
 
 }  // namespace natgrad::service

@@ -80,6 +80,10 @@ absl::Status StepAssembler::AddBlock(natgrad::v1::BlockStep& b) {
   return absl::OkStatus();
 }
 
+std::vector<session::BlockStepData> StepAssembler::TakeBlocks() {
+  return std::exchange(step_.data.blocks, {});
+}
+
 AssembledStep StepAssembler::Take() {
   AssembledStep out = std::move(step_);
   step_ = AssembledStep();

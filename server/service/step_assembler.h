@@ -42,6 +42,11 @@ class StepAssembler {
   absl::Status Add(natgrad::v1::StepRequest& request);
 
   bool complete() const { return complete_; }
+  // Moves out the blocks decoded so far (after a message before the last),
+  // for the session to propose while the rest of the step arrives; Take()
+  // then holds only the blocks added since. A block taken still counts
+  // for "sent twice".
+  std::vector<session::BlockStepData> TakeBlocks();
   // The completed step; resets the assembler for the next one.
   AssembledStep Take();
 

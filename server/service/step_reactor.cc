@@ -66,8 +66,10 @@ void StepReactor::OnReadDone(bool ok) {
     int64_t dropped_step = 0;
     {
       absl::MutexLock lock(&mu_);
-      // A timer already ended the stream: this message is not taken.
-      if (finished_) return;
+      // A timer (or a cancel, a failed step) already ended the stream, or
+      // will once the executor work of it has run: this message is not
+      // taken, so nothing of the step it completes can be applied.
+      if (finished_ || pending_finish_.has_value()) return;
       if (partial_) dropped_step = partial_step_;
     }
     ++messages_read_;
@@ -111,22 +113,30 @@ void StepReactor::OnReadDone(bool ok) {
       absl::MutexLock lock(&mu_);
       FinishLocked(ToGrpcStatus(status), actions);
     } else if (!assembler_->complete()) {
+      // Proposed while the next message is in flight (docs/architecture.md).
+      std::vector<session::BlockStepData> blocks = assembler_->TakeBlocks();
+      if (!blocks.empty()) {
+        RunInOrder([this, step = request_.step(), blocks = std::move(blocks)]() mutable {
+          ProposeEarly(step, std::move(blocks));
+        });
+      }
       actions.read = true;
     } else {
       std::unique_ptr<grpc::Alarm> stale;
       {
         absl::MutexLock lock(&mu_);
-        ++busy_;
         partial_ = false;
         ++alarm_generation_;
         stale = std::move(alarm_);
       }
       stale.reset();  // cancels; its callback sees a newer generation
       const int64_t reserved = reserved_bytes_;
-      reserved_bytes_ = 0;
-      deps_.executor->Submit([this, step = assembler_->Take(), reserved]() mutable {
-        RunStep(std::move(step), reserved);
-      });
+      // Not queued when the stream already ended: OnDone releases it then.
+      if (RunInOrder([this, step = assembler_->Take(), reserved]() mutable {
+            RunStep(std::move(step), reserved);
+          })) {
+        reserved_bytes_ = 0;
+      }
     }
   }
   Apply(actions);
@@ -217,6 +227,72 @@ void StepReactor::OnPartialStepTimer(bool fired, uint64_t generation) {
   Apply(actions);
 }
 
+bool StepReactor::RunInOrder(std::function<void()> task) {
+  bool start = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return false;
+    ++busy_;
+    tasks_.push_back(std::move(task));
+    start = !task_running_;
+    task_running_ = true;
+  }
+  // Safe after the lock: busy_ keeps the reactor until the task has run.
+  if (start) deps_.executor->Submit([this] { RunNextTask(); });
+  return true;
+}
+
+void StepReactor::RunNextTask() {
+  std::function<void()> task;
+  {
+    absl::MutexLock lock(&mu_);
+    task = std::move(tasks_.front());
+    tasks_.pop_front();
+  }
+  task();
+  task = nullptr;  // its step's tensors go while the reactor is still held
+  bool more = false;
+  Actions finish;
+  {
+    absl::MutexLock lock(&mu_);
+    --busy_;
+    more = !tasks_.empty();
+    task_running_ = more;
+    if (pending_finish_.has_value()) FinishLocked(*pending_finish_, finish);
+  }
+  // The next task on the executor's queue (not run here: other streams'
+  // work waiting there goes first). With one queued busy_ is still > 0, so
+  // nothing above finished the call.
+  if (more) deps_.executor->Submit([this] { RunNextTask(); });
+  Apply(finish);
+}
+
+void StepReactor::ProposeEarly(int64_t step, std::vector<session::BlockStepData> blocks) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (pending_finish_.has_value() || finished_) {
+      // The stream is ending: skip the math. A last message that still got
+      // through must not apply the step without these blocks.
+      if (early_failure_.ok()) {
+        early_failure_ = absl::CancelledError(absl::StrCat(
+            "step ", step, ": the stream ended while the step's messages arrived; "
+            "nothing was applied"));
+      }
+      return;
+    }
+  }
+  if (!early_failure_.ok()) return;
+  try {
+    if (in_progress_ == nullptr) in_progress_ = session_->BeginStep(step);
+    const size_t proposed = session_->ProposeBlocks(*in_progress_, std::move(blocks));
+    if (deps_.metrics) deps_.metrics->BlocksProposedEarly(static_cast<int64_t>(proposed));
+  } catch (const std::bad_alloc&) {
+    in_progress_.reset();
+    early_failure_ = absl::ResourceExhaustedError(
+        absl::StrCat("step ", step, ": the server could not allocate memory for it"));
+  }
+}
+
 void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
@@ -232,11 +308,16 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
   const absl::Status gate = deps_.moves != nullptr
                                 ? deps_.moves->Enter(session_->tenant(), session_->id())
                                 : absl::OkStatus();
+  // The earlier messages' proposals (ProposeEarly), done or failed.
+  std::unique_ptr<session::StepInProgress> in_progress = std::move(in_progress_);
+  const absl::Status early_failure = std::exchange(early_failure_, absl::OkStatus());
   absl::StatusOr<session::StepOutcome> outcome = absl::InternalError("step not run");
   if (!gate.ok()) outcome = gate;
-  if (gate.ok()) try {
-    outcome = session_->Step(
-        step.data,
+  if (gate.ok() && !early_failure.ok()) outcome = early_failure;
+  if (gate.ok() && early_failure.ok()) try {
+    if (in_progress == nullptr) in_progress = session_->BeginStep(step.data.step);
+    outcome = session_->FinishStep(
+        *in_progress, step.data.loss, step.data.blocks,
         [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
           return EncodeStepReply(result, step, config, name,
                                  checkpoint_now ? result.step : durable_before);
@@ -248,7 +329,9 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
         "step ", step.data.step, ": the server could not allocate memory for it"));
   }
   const int64_t step_number = step.data.step;
-  step = AssembledStep();  // the step's tensors go before the budget is released
+  // The step's tensors go before the budget is released.
+  in_progress.reset();
+  step = AssembledStep();
   deps_.registry->ReleaseInFlight(reserved_bytes);
   absl::Status status = outcome.status();
   if (status.ok() && has_store && deps_.checkpoint_every_steps > 0 &&
@@ -304,17 +387,10 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
       }
     }
   }
-  // Still busy: a write started here may complete (and want to finish the
-  // call) before StartRead below has run.
+  // Still busy (until RunNextTask): a write started here may complete (and
+  // want to finish the call) before StartRead below has run.
   if (actions.write != nullptr) StartWrite(actions.write);
   if (actions.read) StartRead(&read_buffer_);
-  Actions finish;
-  {
-    absl::MutexLock lock(&mu_);
-    --busy_;
-    if (pending_finish_.has_value()) FinishLocked(*pending_finish_, finish);
-  }
-  Apply(finish);
 }
 
 void StepReactor::MaybeWriteLocked(Actions& actions) {
@@ -379,7 +455,9 @@ void StepReactor::OnCancel() {
 void StepReactor::OnDone() {
   Detach();
   if (deps_.metrics) deps_.metrics->StreamClosed();
-  // A partial step's reservation (a completed step releases its own).
+  // A partial step's reservation (a completed step releases its own), after
+  // its proposed blocks are gone (no executor task is left to touch them).
+  in_progress_.reset();
   deps_.registry->ReleaseInFlight(reserved_bytes_);
   reserved_bytes_ = 0;
   std::unique_ptr<grpc::Alarm> alarm;

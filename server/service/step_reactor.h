@@ -1,6 +1,7 @@
 // The Step stream of one session (gRPC route_guide's callback reactor shape).
-// Reads a step's messages, hands the step to the executor, queues the
-// response, then reads the next step. At most one read and one write are
+// Reads a step's messages, hands each message before the last to the
+// executor to be proposed while the next one is read, hands the last one to
+// it to finish the step, queues the response, then reads the next step. At most one read and one write are
 // outstanding; responses wait in a queue while a write is in flight, and no
 // read starts while more than kMaxUnsentResponses wait (a client that never
 // reads its responses holds a bounded amount of server memory). A stream
@@ -11,9 +12,11 @@
 
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/alarm.h"
@@ -47,6 +50,14 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   static constexpr size_t kMaxUnsentResponses = 4;
 
   absl::Status HandleMessage();
+  // Executor work of this stream runs one task at a time, in the order
+  // queued (a step's proposals, then its final task); each counts in busy_
+  // from here until it has run.
+  // False (nothing queued) once the stream has finished.
+  bool RunInOrder(std::function<void()> task);
+  void RunNextTask();
+  // A message before the last: its blocks are proposed now.
+  void ProposeEarly(int64_t step, std::vector<session::BlockStepData> blocks);
   void RunStep(AssembledStep step, int64_t reserved_bytes);
   // A fresh idle timer for the partial step, replacing the last one.
   void ArmPartialStepTimer();
@@ -76,6 +87,16 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   // OnDone) while this is non-zero, because executor threads are not gRPC
   // reactions and gRPC does not wait for them.
   int busy_ ABSL_GUARDED_BY(mu_) = 0;
+  // RunInOrder's queue, and whether its front task is on the executor.
+  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
+  bool task_running_ ABSL_GUARDED_BY(mu_) = false;
+  // The step whose earlier messages were proposed, and why it must fail
+  // without reaching the session (memory ran out proposing, or the stream
+  // began ending under a proposal so the blocks were not all handed over).
+  // Touched only by RunInOrder's tasks, one at a time, and by OnDone once
+  // none is left.
+  std::unique_ptr<session::StepInProgress> in_progress_;
+  absl::Status early_failure_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   // Released when finishing, before the client can see the status, so a
   // client that reconnects at once is not refused as a second stream.

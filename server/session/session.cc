@@ -1,5 +1,6 @@
 #include "server/session/session.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <map>
@@ -64,17 +65,20 @@ absl::Time FromProto(const google::protobuf::Timestamp& t) {
 
 Session::Session(std::string id, std::string tenant,
                  natgrad::v1::SessionConfig config,
-                 std::vector<NamedBlock> blocks,
+                 std::vector<NamedBlock> blocks, std::vector<bool> damped,
                  engine::InversionEngine* engine,
                  linalg::ComputePool* compute_pool)
     : id_(std::move(id)),
       tenant_(std::move(tenant)),
       config_(std::move(config)),
+      damped_(std::move(damped)),
       engine_(engine),
       compute_pool_(compute_pool),
       blocks_(std::move(blocks)),
       create_time_(absl::Now()),
-      update_time_(create_time_) {}
+      update_time_(create_time_) {
+  for (size_t i = 0; i < blocks_.size(); ++i) block_index_[blocks_[i].name] = i;
+}
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(
     std::string id, std::string tenant, const natgrad::v1::SessionConfig& config,
@@ -82,6 +86,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(
   if (absl::Status s = blocks::ValidateSessionConfig(config); !s.ok()) return s;
   natgrad::v1::SessionConfig canonical = config;
   std::vector<NamedBlock> blocks;
+  std::vector<bool> damped;
   for (int i = 0; i < canonical.blocks_size(); ++i) {
     auto* b = canonical.mutable_blocks(i);
     const std::string field = absl::StrCat("config.blocks[", i, "]");
@@ -93,12 +98,13 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(
     auto block = (*kind)->NewBlock(*b, canonical.state_dtype(), field);
     if (!block.ok()) return block.status();
     blocks.push_back({b->name(), *std::move(block)});
+    damped.push_back((*kind)->InitialDamping(*b).has_value());
   }
   auto damping = NewAdaptiveDamping(canonical);
   if (!damping.ok()) return damping.status();
   auto session = std::unique_ptr<Session>(new Session(
-      std::move(id), std::move(tenant), std::move(canonical), std::move(blocks), engine,
-      compute_pool));
+      std::move(id), std::move(tenant), std::move(canonical), std::move(blocks), std::move(damped),
+      engine, compute_pool));
   absl::MutexLock lock(&session->mu_);
   session->damping_ = *std::move(damping);
   return session;
@@ -173,63 +179,186 @@ absl::Status Session::RestoreStateLocked(
 
 absl::StatusOr<StepOutcome> Session::Step(const StepData& data,
                                           ReplyEncoder encode) {
-  absl::MutexLock lock(&mu_);
+  std::unique_ptr<StepInProgress> step = BeginStep(data.step);
+  return FinishStep(*step, data.loss, data.blocks, encode);
+}
+
+absl::Status Session::CheckStepLocked(int64_t step,
+                                      std::shared_ptr<const CachedReply>* replay) const {
   if (deleted_.load()) {
     return absl::NotFoundError(absl::StrCat("session ", name(), " was deleted"));
   }
-  if (data.step == last_step_ && last_reply_ != nullptr) {
-    return StepOutcome{true, last_reply_};
+  if (step == last_step_ && last_reply_ != nullptr) {
+    *replay = last_reply_;
+    return absl::OkStatus();
   }
-  if (data.step != last_step_ + 1) {
+  if (step != last_step_ + 1) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "step ", data.step, " is out of order: session ", id_, " is at step ",
+        "step ", step, " is out of order: session ", id_, " is at step ",
         last_step_, ", the next step is ", last_step_ + 1));
   }
-  absl::StatusOr<StepResult> result = ApplyLocked(data);
-  if (!result.ok()) return result.status();
-  last_reply_ = encode(*result);
-  return StepOutcome{false, last_reply_};
+  return absl::OkStatus();
 }
 
-absl::StatusOr<StepResult> Session::ApplyLocked(const StepData& data) {
-  const auto start = std::chrono::steady_clock::now();
-  // Which of our blocks each input feeds; a block may be left out, not sent twice.
-  std::map<std::string, size_t> index;
-  for (size_t i = 0; i < blocks_.size(); ++i) index[blocks_[i].name] = i;
-  std::vector<const BlockStepData*> inputs(blocks_.size(), nullptr);
-  for (const BlockStepData& b : data.blocks) {
-    auto it = index.find(b.name);
-    if (it == index.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "block ", core::QuotedBlockName(b.name), ": is not in the session"));
-    }
-    if (inputs[it->second] != nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "block ", core::QuotedBlockName(b.name), ": sent twice in step ", data.step));
-    }
-    inputs[it->second] = &b;
-  }
-  if (data.blocks.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blocks: step ", data.step, " has no blocks"));
-  }
-
+core::StepContext Session::ContextFor(int64_t step) const {
   core::StepContext context;
-  context.step = data.step;
-  context.loss = data.loss;
+  context.step = step;
   context.engine = engine_;
   context.compute_pool = compute_pool_;
+  return context;
+}
+
+std::unique_ptr<StepInProgress> Session::BeginStep(int64_t step) {
+  auto in_progress =
+      std::unique_ptr<StepInProgress>(new StepInProgress(this, step, damped_.size()));
+  absl::MutexLock lock(&mu_);
+  // Decided again in FinishStep, which reports it; here it only says
+  // whether early proposals are worth making.
+  std::shared_ptr<const CachedReply> replay;
+  if (CheckStepLocked(step, &replay).ok() && replay == nullptr) {
+    in_progress->proposed_after_ = last_step_;
+    if (damping_.has_value()) {
+      in_progress->early_damping_ = damping_->damping();
+      in_progress->defer_damped_ = damping_->JudgesAt(step);
+    }
+  }
+  return in_progress;
+}
+
+std::vector<size_t> Session::AddBlocksLocked(StepInProgress& step,
+                                             const std::vector<const BlockStepData*>& blocks) const {
+  std::vector<size_t> added;
+  for (const BlockStepData* b : blocks) {
+    if (step.name_error_.has_value()) break;  // the first one is the step's
+    auto it = block_index_.find(b->name);
+    const size_t i = it == block_index_.end() ? blocks_.size() : it->second;
+    if (i == blocks_.size()) {
+      step.name_error_ = absl::InvalidArgumentError(absl::StrCat(
+          "block ", core::QuotedBlockName(b->name), ": is not in the session"));
+    } else if (step.slot_[i] != nullptr) {
+      step.name_error_ = absl::InvalidArgumentError(absl::StrCat(
+          "block ", core::QuotedBlockName(b->name), ": sent twice in step ", step.step_));
+    } else {
+      step.slot_[i] = b;
+      added.push_back(i);
+    }
+  }
+  step.blocks_sent_ += blocks.size();
+  // Step proposes in config order; so does each message here.
+  std::sort(added.begin(), added.end());
+  return added;
+}
+
+void Session::ResetProposalsLocked(StepInProgress& step) const {
+  for (auto& p : step.pending_) p.reset();
+  step.error_index_ = SIZE_MAX;
+  step.error_ = absl::OkStatus();
+  step.early_damping_.reset();
+  step.defer_damped_ = false;
+  step.proposed_after_ = -1;
+}
+
+size_t Session::ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
+                              const core::StepContext& context) {
+  size_t proposed = 0;
+  for (size_t i : indices) {
+    // A lower block already failed: Step's config-order pass stops there.
+    if (i > step.error_index_) continue;
+    if (step.pending_[i] != nullptr) continue;
+    auto p = blocks_[i].block->Propose(step.slot_[i]->input, context);
+    ++proposed;
+    if (!p.ok()) {
+      step.error_index_ = i;
+      step.error_ = p.status();
+      // What lies above the failure is never committed.
+      for (size_t j = i + 1; j < step.pending_.size(); ++j) step.pending_[j].reset();
+      continue;
+    }
+    step.pending_[i] = *std::move(p);
+  }
+  return proposed;
+}
+
+size_t Session::ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blocks) {
+  const auto start = std::chrono::steady_clock::now();
+  absl::MutexLock lock(&mu_);
+  if (step.finished_ || step.session_ != this) return 0;
+  std::vector<const BlockStepData*> arrived;
+  for (BlockStepData& b : blocks) {
+    step.owned_.push_back(std::move(b));
+    arrived.push_back(&step.owned_.back());
+  }
+  std::vector<size_t> added = AddBlocksLocked(step, arrived);
+  // Nothing to propose for a step that will not be applied (a name error,
+  // a replay, out of order, deleted; FinishStep reports which), nor
+  // against a session that has moved on since BeginStep.
+  if (step.name_error_.has_value()) {
+    for (auto& p : step.pending_) p.reset();  // never committed
+    return 0;
+  }
+  if (step.proposed_after_ < 0 || step.proposed_after_ != last_step_ || deleted_.load()) return 0;
+  if (step.defer_damped_) {
+    std::erase_if(added, [&](size_t i) { return damped_[i]; });
+  }
+  core::StepContext context = ContextFor(step.step_);
+  context.damping_override = step.early_damping_;
+  const size_t proposed = ProposeLocked(step, added, context);
+  step.compute_ += absl::FromChrono(std::chrono::steady_clock::now() - start);
+  return proposed;
+}
+
+absl::StatusOr<StepOutcome> Session::FinishStep(StepInProgress& step, std::optional<double> loss,
+                                                absl::Span<const BlockStepData> last_blocks,
+                                                ReplyEncoder encode) {
+  const auto start = std::chrono::steady_clock::now();
+  absl::MutexLock lock(&mu_);
+  if (step.finished_ || step.session_ != this) {
+    return absl::InternalError(absl::StrCat(
+        "step ", step.step_, step.finished_ ? " was already finished" : " is another session's"));
+  }
+  step.finished_ = true;
+  std::shared_ptr<const CachedReply> replay;
+  if (absl::Status s = CheckStepLocked(step.step_, &replay); !s.ok()) return s;
+  if (replay != nullptr) return StepOutcome{true, replay};
+
+  std::vector<const BlockStepData*> arrived;
+  for (const BlockStepData& b : last_blocks) arrived.push_back(&b);
+  AddBlocksLocked(step, arrived);
+  if (step.name_error_.has_value()) return *step.name_error_;
+  if (step.blocks_sent_ == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("blocks: step ", step.step_, " has no blocks"));
+  }
+
+  core::StepContext context = ContextFor(step.step_);
+  context.loss = loss;
   // Adapted on a copy: a rejected step must not move the damping.
   std::optional<core::LevenbergMarquardtDamping> damping = damping_;
-  if (damping.has_value()) context.damping_override = damping->BeginStep(data.step, data.loss);
-
-  std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending(blocks_.size());
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    if (inputs[i] == nullptr) continue;
-    auto p = blocks_[i].block->Propose(inputs[i]->input, context);
-    if (!p.ok()) return p.status();
-    pending[i] = *std::move(p);
+  if (damping.has_value()) context.damping_override = damping->BeginStep(step.step_, loss);
+  // Early proposals stand only if made against this state with this step's
+  // damping (always so through the service: one stream per session, and
+  // the damping is deferred when the loss can move it).
+  if (step.proposed_after_ != last_step_) {
+    ResetProposalsLocked(step);
+  } else if (damping.has_value() && step.early_damping_ != context.damping_override) {
+    // Only the blocks the damping drives read it.
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (damped_[i]) step.pending_[i].reset();
+    }
+    if (step.error_index_ != SIZE_MAX && damped_[step.error_index_]) {
+      step.error_index_ = SIZE_MAX;
+      step.error_ = absl::OkStatus();
+    }
   }
+  // The rest, in config order, below the lowest failure so far: exactly the
+  // proposals Step's config-order pass makes before it would stop.
+  std::vector<size_t> rest;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (step.slot_[i] != nullptr && step.pending_[i] == nullptr) rest.push_back(i);
+  }
+  ProposeLocked(step, rest, context);
+  if (step.error_index_ != SIZE_MAX) return step.error_;
+  std::vector<std::unique_ptr<core::PendingBlockUpdate>>& pending = step.pending_;
 
   // Session-wide curvature transforms over the blocks' curvature models.
   double kl_scale = 1.0;
@@ -239,12 +368,12 @@ absl::StatusOr<StepResult> Session::ApplyLocked(const StepData& data) {
     kl_scale = core::KlClipScale(core::KlClipSum(pending), kappa);
   }
   if (damping.has_value()) {
-    damping->EndStep(data.step, core::PredictedReductionSum(pending, kl_scale));
+    damping->EndStep(step.step_, core::PredictedReductionSum(pending, kl_scale));
   }
 
   // Nothing below can fail: the step is committed.
   StepResult result;
-  result.step = data.step;
+  result.step = step.step_;
   result.kl_clip_scale = kl_scale;
   result.damping = context.damping_override;
   for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -253,13 +382,15 @@ absl::StatusOr<StepResult> Session::ApplyLocked(const StepData& data) {
     result.inversion_micros += r.output.inversion_micros;
     result.blocks.push_back(std::move(r));
   }
+  for (auto& p : pending) p.reset();
   damping_ = std::move(damping);
-  result.compute_micros = std::chrono::duration_cast<std::chrono::microseconds>(
-                              std::chrono::steady_clock::now() - start)
-                              .count();
-  last_step_ = data.step;
+  // The block math of every message of the step, not the gaps between them.
+  step.compute_ += absl::FromChrono(std::chrono::steady_clock::now() - start);
+  result.compute_micros = absl::ToInt64Microseconds(step.compute_);
+  last_step_ = step.step_;
   update_time_ = absl::Now();
-  return result;
+  last_reply_ = encode(result);
+  return StepOutcome{false, last_reply_};
 }
 
 natgrad::v1::Session Session::Describe() const {

@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -14,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "absl/time/time.h"
 #include "natgrad/v1/session.pb.h"
 #include "natgrad/v1/step.pb.h"
@@ -82,6 +85,52 @@ struct StepOutcome {
 using ReplyEncoder =
     absl::FunctionRef<std::shared_ptr<const CachedReply>(const StepResult&)>;
 
+class Session;
+
+// A step applied as its messages arrive (Session::BeginStep): each earlier
+// message's blocks are validated and proposed at once, the last message's
+// blocks and the session-wide transforms run in Session::FinishStep, and
+// nothing is committed before that. It holds the blocks sent so far and
+// their proposed updates; dropping it leaves the session as it was. One
+// thread at a time; the session must outlive it.
+class StepInProgress {
+ public:
+  int64_t step() const { return step_; }
+
+ private:
+  friend class Session;
+  StepInProgress(Session* session, int64_t step, size_t num_blocks)
+      : session_(session), step_(step), slot_(num_blocks, nullptr), pending_(num_blocks) {}
+
+  Session* const session_;
+  const int64_t step_;
+  bool finished_ = false;
+  // Earlier messages' blocks, in arrival order (a deque keeps their
+  // addresses: slot_ points into it).
+  std::deque<BlockStepData> owned_;
+  size_t blocks_sent_ = 0;
+  // By config index: the block's input this step (null: not sent).
+  std::vector<const BlockStepData*> slot_;
+  // The first unknown or repeated block name, in arrival order: it is the
+  // step's error whatever the proposals say (as in one-shot Session::Step).
+  std::optional<absl::Status> name_error_;
+  // The session's last step when the proposals below were made (-1: none
+  // yet); they are valid only while it has not moved.
+  int64_t proposed_after_ = -1;
+  // By config index: proposals made so far.
+  std::vector<std::unique_ptr<core::PendingBlockUpdate>> pending_;
+  // The failing proposal with the lowest config index (the one Step's
+  // config-order pass reports); nothing above it needs proposing.
+  size_t error_index_ = SIZE_MAX;
+  absl::Status error_;
+  // The damping_override the early proposals used (Levenberg-Marquardt on).
+  std::optional<double> early_damping_;
+  // Whether this step's damping depends on its loss: then the proposals of
+  // blocks that damping drives wait for FinishStep.
+  bool defer_damped_ = false;
+  absl::Duration compute_;
+};
+
 class Session {
  public:
   static absl::StatusOr<std::unique_ptr<Session>> Create(
@@ -100,7 +149,29 @@ class Session {
   // reply, which is cached), returns the cached reply if it is the last one,
   // and otherwise fails with FAILED_PRECONDITION. Any error leaves the
   // session exactly as it was.
+  // A thin wrapper: BeginStep(data.step), then FinishStep with every block.
   absl::StatusOr<StepOutcome> Step(const StepData& data, ReplyEncoder encode);
+
+  // The same step message by message: BeginStep at the first message,
+  // ProposeBlocks for each message before the last (its blocks are validated
+  // and proposed now, without touching the session), and FinishStep with
+  // the last message's blocks and the step's loss. The outcome, results and
+  // errors are exactly Step's with all the blocks in arrival order: whether
+  // the step is next, a replay or out of order is reported by FinishStep;
+  // proposal errors are kept and the one Step would report is returned
+  // there. Proposals made before the loss is known see no `loss` in their
+  // context (no block reads it), and when Levenberg-Marquardt damping may
+  // change with this step's loss, the blocks it drives (kinds with an
+  // InitialDamping) are proposed in FinishStep instead.
+  std::unique_ptr<StepInProgress> BeginStep(int64_t step);
+  // Never fails by itself: an error is the step's, reported by FinishStep.
+  // Returns how many of `blocks` it proposed now (the rest wait for
+  // FinishStep or are not needed). If it throws (std::bad_alloc), drop
+  // `step`: nothing was applied.
+  size_t ProposeBlocks(StepInProgress& step, std::vector<BlockStepData> blocks);
+  absl::StatusOr<StepOutcome> FinishStep(StepInProgress& step, std::optional<double> loss,
+                                         absl::Span<const BlockStepData> last_blocks,
+                                         ReplyEncoder encode);
 
   natgrad::v1::Session Describe() const;
   natgrad::v1::SessionSnapshot Snapshot() const;
@@ -131,17 +202,37 @@ class Session {
   };
 
   Session(std::string id, std::string tenant, natgrad::v1::SessionConfig config,
-          std::vector<NamedBlock> blocks, engine::InversionEngine* engine,
+          std::vector<NamedBlock> blocks, std::vector<bool> damped,
+          engine::InversionEngine* engine,
           linalg::ComputePool* compute_pool);
 
-  absl::StatusOr<StepResult> ApplyLocked(const StepData& data)
+  // Step's checks before any block: deleted, replay, order. Sets `replay`
+  // to the cached reply for a retried step.
+  absl::Status CheckStepLocked(int64_t step, std::shared_ptr<const CachedReply>* replay) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records `blocks`' names in `step` (config slots, name errors) and returns
+  // the config indices they fill.
+  std::vector<size_t> AddBlocksLocked(StepInProgress& step,
+                                      const std::vector<const BlockStepData*>& blocks) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Proposes the given config slots of `step` in order, skipping those above
+  // its lowest failure.
+  // Returns how many it proposed (failures included).
+  size_t ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
+                       const core::StepContext& context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ResetProposalsLocked(StepInProgress& step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  core::StepContext ContextFor(int64_t step) const;
   absl::Status RestoreStateLocked(const natgrad::v1::SessionSnapshot& snapshot)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string id_;
   const std::string tenant_;
   const natgrad::v1::SessionConfig config_;
+  // By config index: whether Levenberg-Marquardt damping drives the block
+  // (its kind has an InitialDamping), so its proposal reads damping_override.
+  const std::vector<bool> damped_;
+  // Block name -> config index (fixed at creation).
+  std::map<std::string, size_t> block_index_;
   engine::InversionEngine* const engine_;
   // The server's compute pool, handed to every step (StepContext); may be null.
   linalg::ComputePool* const compute_pool_;

@@ -51,8 +51,7 @@ double LevenbergMarquardtDamping::BeginStep(int64_t step,
   current_step_ = step;
   current_loss_ = loss;
   // Only a predicted decrease can be judged (a zero gradient predicts 0).
-  if (measured_step_ > 0 && measured_step_ == step - 1 && loss &&
-      measured_change_ < 0) {
+  if (JudgesAt(step) && loss) {
     const double actual = *loss - measured_loss_;
     // A non-finite loss after the update: the model was badly wrong.
     const double rho = std::isfinite(actual)

@@ -51,6 +51,11 @@ class LevenbergMarquardtDamping {
   // Records the committed update of step t (its summed predicted change)
   // when step t is measured and its loss was given to BeginStep.
   void EndStep(int64_t step, double predicted_change);
+  // Whether BeginStep(step, loss) depends on `loss` (step - 1's update waits
+  // to be judged); otherwise it returns damping() whatever the loss.
+  bool JudgesAt(int64_t step) const {
+    return measured_step_ > 0 && measured_step_ == step - 1 && measured_change_ < 0;
+  }
 
   double damping() const { return damping_; }
   double omega() const { return omega_; }

@@ -62,6 +62,29 @@ TEST(KfacLevenbergMarquardtDamping, AdaptsOnlyEveryIntervalWithOmegaPower) {
   EXPECT_DOUBLE_EQ(Step(lm, 5, loss, -1.0), 0.729);
 }
 
+TEST(KfacLevenbergMarquardtDamping, JudgesAtSaysWhenTheLossCanMoveTheDamping) {
+  // The session proposes early with damping() unless JudgesAt: then any
+  // loss must give damping() back.
+  LevenbergMarquardtDamping lm = Make(3);
+  double loss = 10;
+  for (int t = 1; t <= 8; ++t) {
+    const bool judges = lm.JudgesAt(t);
+    EXPECT_EQ(judges, t == 4 || t == 7) << t;  // after the measured steps 3 and 6
+    if (!judges) {
+      for (double other : {-1e3, 0.0, 1e3}) {
+        LevenbergMarquardtDamping copy = lm;
+        EXPECT_EQ(copy.BeginStep(t, other), lm.damping()) << t;
+      }
+    }
+    Step(lm, t, loss, -1.0);
+    loss -= 0.1;  // rho = 0.1: every judgement grows the damping
+  }
+  // A measured update predicted not to lower the loss is never judged.
+  LevenbergMarquardtDamping flat = Make(1);
+  Step(flat, 1, 10, 0.0);
+  EXPECT_FALSE(flat.JudgesAt(2));
+}
+
 TEST(KfacLevenbergMarquardtDamping, ClipsAndSkipsWhatItCannotJudge) {
   LevenbergMarquardtDamping lm = Make(1, 0.0011);
   Step(lm, 1, 10, -1);
