@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
       const auto decoded = Clock::now();
       natgrad::service::AssembledStep step = assembler.Take();
       const std::string name = (*local)->name();
-      auto r = (*local)->Step(step.data, [&](const natgrad::session::StepResult& result)
+      auto r = (*local)->Step(step.data, [&](natgrad::session::StepResult& result)
                                              -> std::shared_ptr<const natgrad::session::CachedReply> {
         return natgrad::service::EncodeStepReply(result, step, (*local)->config(), name,
                                                   /*durable_step=*/-1);

@@ -237,7 +237,7 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
   if (gate.ok()) try {
     outcome = session_->Step(
         step.data,
-        [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
+        [&](session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
           return EncodeStepReply(result, step, config, name,
                                  checkpoint_now ? result.step : durable_before);
         });

@@ -64,12 +64,12 @@ TEST(StepContract, OmittedBlockKeepsItsStateAndCounters) {
     core::DenseStepInput in;
     in.gradient = RowMajorMatrix(ga, 2, 3);
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
-              RowMajorValues((*ref_a->Propose(in, ctx))->Commit(1.0).delta));
+              RowMajorValues((*ref_a->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>()));
     if (with_b) {
       in.gradient = RowMajorMatrix(gb, 2, 3);
       EXPECT_EQ(response->updates(1).name(), "b");
       EXPECT_EQ(client::TensorValues(response->updates(1).delta()),
-                RowMajorValues((*ref_b->Propose(in, ctx))->Commit(1.0).delta));
+                RowMajorValues((*ref_b->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>()));
     }
   }
   // Adam's own step counts: 9 for "a", 5 for "b".
@@ -106,7 +106,7 @@ TEST(StepContract, LearningRateOverrideReplacesTheScheduleForOneStep) {
     in.gradient = RowMajorMatrix(g, 2, 3);
     in.learning_rate = lrs[t - 1];
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
-              RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta));
+              RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>()));
   }
 }
 
@@ -171,7 +171,7 @@ TEST(StepContract, ConvolutionLocationsMayChangeBetweenSteps) {
     k.num_examples = rows;
     k.locations = locations;
     in.kfac = std::move(k);
-    const auto want = RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta);
+    const auto want = RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>());
     const auto got = client::TensorValues(response->updates(0).delta());
     ASSERT_EQ(got.size(), want.size());
     for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12) << "step " << t;
