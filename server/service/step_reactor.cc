@@ -63,6 +63,7 @@ void StepReactor::OnReadDone(bool ok) {
     }
     FinishLocked(std::move(status), actions);
   } else {
+    received_ = absl::Now();  // before parsing: decode time counts from here
     int64_t dropped_step = 0;
     {
       absl::MutexLock lock(&mu_);
@@ -172,7 +173,7 @@ absl::Status StepReactor::HandleMessage() {
         "session: ", core::QuotedClientString(request_.session()), " differs from this stream's ",
         session_->name()));
   }
-  return assembler_->Add(request_);
+  return assembler_->Add(request_, received_);
 }
 
 void StepReactor::ArmPartialStepTimer() {
@@ -218,6 +219,7 @@ void StepReactor::OnPartialStepTimer(bool fired, uint64_t generation) {
 }
 
 void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
+  step.started = absl::Now();  // the end of StepTiming.queue_micros
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
   // Decided before the step, so its reply can say it is durable (-1: no

@@ -32,6 +32,10 @@ std::shared_ptr<const ProtoReply> EncodeStepReply(session::StepResult& result,
   timing->set_compute_micros(result.compute_micros);
   timing->set_inversion_micros(result.inversion_micros);
   timing->set_decode_micros(absl::ToInt64Microseconds(step.decode_time));
+  if (step.decoded != absl::InfinitePast() && step.started != absl::InfinitePast()) {
+    timing->set_queue_micros(
+        std::max<int64_t>(0, absl::ToInt64Microseconds(step.started - step.decoded)));
+  }
   const absl::Time now = absl::Now();
   timing->set_encode_micros(absl::ToInt64Microseconds(now - start));
   if (step.first_message != absl::InfinitePast()) {
