@@ -293,7 +293,7 @@ int main(int argc, char** argv) {
         const auto start = Clock::now();
         auto r = (*local)->Step(
             step.data,
-            [&](const natgrad::session::StepResult& result)
+            [&](natgrad::session::StepResult& result)
                 -> std::shared_ptr<const natgrad::session::CachedReply> {
               return natgrad::service::EncodeStepReply(result, step, (*local)->config(),
                                                         local_name, /*durable_step=*/-1);

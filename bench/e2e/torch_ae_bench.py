@@ -108,8 +108,8 @@ def run(kind, args, client, seed, server_pid):
            "server_cpu": (server_cpu_s(server_pid) - srv0) / args.steps, "loss": float(loss)}
     if kind != "adam":
         opt.flush()  # pipelined: the last step's update (after the timed steps)
-        for f in ("server_micros", "decode_micros", "compute_micros", "inversion_micros",
-                  "encode_micros"):
+        for f in ("server_micros", "decode_micros", "queue_micros", "compute_micros",
+                  "inversion_micros", "encode_micros"):
             out[f] = statistics.fmean(getattr(t, f) for t in timings) / 1e3
         trial = getattr(opt, "_reduce_trial", None)
         out["choice"] = (trial.choice or "?") if (trial and kind.startswith("kfac_auto")) else ""
@@ -161,15 +161,16 @@ def main():
               f"{args.inverse_period})")
         adam_cpu = rows.get("adam", {}).get("client_cpu")
         print(f"{'kind':<19} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
-              f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'compute':>8} {'invert':>7} "
-              f"{'encode':>7} | choice")
+              f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'queue':>7} {'compute':>8} "
+              f"{'invert':>7} {'encode':>7} | choice")
         for kind, r in rows.items():
             ratio = f"{r['step'] / adam:7.2f}" if adam else "      -"
             cpu = r["client_cpu"] + r["server_cpu"]
             cpu_cols = f"{1e3 * cpu:7.1f} " + (f"{cpu / adam_cpu:7.2f}" if adam_cpu else "      -")
             srv_cols = (f"{r['server_micros']:7.1f} {r['decode_micros']:7.1f} "
-                        f"{r['compute_micros']:8.1f} {r['inversion_micros']:7.1f} "
-                        f"{r['encode_micros']:7.1f}" if "server_micros" in r else " " * 41)
+                        f"{r['queue_micros']:7.1f} {r['compute_micros']:8.1f} "
+                        f"{r['inversion_micros']:7.1f} {r['encode_micros']:7.1f}"
+                        if "server_micros" in r else " " * 49)
             print(f"{kind:<19} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
                   f"{r.get('choice', '')}")
         print("cpu: client + server process CPU time per step (robust to a shared machine); "

@@ -63,8 +63,10 @@ class BlockKind {
       natgrad::v1::BlockStep& step, const natgrad::v1::BlockConfig& config,
       ReplyFormat* reply) const = 0;
 
-  // Writes the block's output into `update` (name already set).
-  virtual void EncodeUpdate(const core::BlockStepOutput& output,
+  // Writes the block's output into `update` (name already set), moving its
+  // tensors' bytes into the message where the dtypes allow (`output` is
+  // spent afterwards).
+  virtual void EncodeUpdate(core::BlockStepOutput& output,
                             const ReplyFormat& reply,
                             natgrad::v1::BlockUpdate* update) const = 0;
 

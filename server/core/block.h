@@ -144,9 +144,11 @@ struct StepContext {
 };
 
 struct BlockStepOutput {
-  // The client does w += delta; empty for kinds whose result is not a delta
-  // of the block's shape (gaussian: see kind_output).
-  Eigen::MatrixXd delta;
+  // The client does w += delta. [rows, cols] row-major in the block's own
+  // precision (DenseTensor::FromMatrix), so a float32 block's delta reaches the
+  // wire bytes without a float64 detour. Empty for kinds whose result is not a
+  // delta of the block's shape (gaussian: see kind_output).
+  DenseTensor delta;
   std::map<std::string, double> hyperparameters;
   // Kind-specific results beyond the delta.
   std::variant<std::monostate, GaussianStepOutput, GaussianDiagStepOutput> kind_output;

@@ -5,15 +5,15 @@
 namespace natgrad::core {
 namespace {
 
+// x * 0 is 0 for finite x and NaN for NaN or +-Inf, so the (vectorised) sum
+// is NaN iff a value is not finite; a per-value isfinite loop with a branch
+// does not vectorise. The values may be unaligned in a wire buffer.
 template <typename T>
 bool AllFiniteValues(const char* data, size_t n) {
-  // Values may be unaligned in the wire buffer: copy each one out.
-  for (size_t i = 0; i < n; ++i) {
-    T v;
-    std::memcpy(&v, data + i * sizeof(T), sizeof(T));
-    if (!std::isfinite(v)) return false;
-  }
-  return true;
+  if (n == 0) return true;
+  const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Unaligned> v(
+      reinterpret_cast<const T*>(data), static_cast<Eigen::Index>(n));
+  return !std::isnan((v * T(0)).sum());
 }
 
 }  // namespace
@@ -34,7 +34,7 @@ int64_t DenseTensor::cols() const {
   return c;
 }
 
-bool DenseTensor::AllFinite() const {
+bool DenseTensor::ScanFinite() const {
   const size_t n = static_cast<size_t>(size());
   return dtype_ == DType::kFloat32 ? AllFiniteValues<float>(bytes_.data(), n)
                                    : AllFiniteValues<double>(bytes_.data(), n);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -42,6 +43,28 @@ class DenseTensor {
     t.bytes_ = std::move(bytes);
     return t;
   }
+  // The same for bytes whose every value the caller has just found finite
+  // (wire::TakeTensor, which scans each received tensor once): AllFinite()
+  // then answers without scanning them a second time.
+  static DenseTensor FromCheckedBytes(DType dtype, std::vector<int64_t> shape,
+                                      std::string bytes) {
+    DenseTensor t = FromBytes(dtype, std::move(shape), std::move(bytes));
+    t.known_finite_ = true;
+    return t;
+  }
+
+  // A [rows, cols] tensor of m's own scalar type (float or double), written
+  // row-major in one pass: a block's result goes to the wire bytes without a
+  // detour through double (the encoder moves the bytes into the reply).
+  template <typename Derived>
+  static DenseTensor FromMatrix(const Eigen::MatrixBase<Derived>& m) {
+    using Scalar = typename Derived::Scalar;
+    static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>);
+    DenseTensor t = Zeros<Scalar>({m.rows(), m.cols()});
+    Eigen::Map<Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+        t.MutableData<Scalar>(), m.rows(), m.cols()) = m;
+    return t;
+  }
 
   // A zero-filled tensor of `shape` whose values the caller writes through
   // MutableData<Scalar>() (row-major).
@@ -57,10 +80,20 @@ class DenseTensor {
   }
   template <typename Scalar>
   Scalar* MutableData() {
+    known_finite_ = false;  // the caller may write anything
     return reinterpret_cast<Scalar*>(bytes_.data());
   }
-  // The raw little-endian values (the encoder copies them to the wire).
+  // The raw little-endian values.
   const std::string& bytes() const { return bytes_; }
+  // Moves the values out (the encoder hands them to the wire message); the
+  // tensor is left empty.
+  std::string TakeBytes() {
+    std::string out = std::move(bytes_);
+    bytes_.clear();
+    shape_.clear();
+    known_finite_ = false;
+    return out;
+  }
 
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }
@@ -88,11 +121,15 @@ class DenseTensor {
                                rows(), cols());
   }
 
-  // Whether every value is finite (one pass over the stored values).
-  bool AllFinite() const;
+  // Whether every value is finite: one pass over the stored values, or none
+  // for a tensor made by FromCheckedBytes.
+  bool AllFinite() const { return known_finite_ || ScanFinite(); }
+  // Whether AllFinite() is already known true without a scan.
+  bool known_finite() const { return known_finite_; }
 
  private:
   void SetFromMatrix(const Eigen::MatrixXd& m);
+  bool ScanFinite() const;
 
   template <typename From, typename To>
   Matrix<To> Convert() const {
@@ -106,6 +143,7 @@ class DenseTensor {
   DType dtype_ = DType::kFloat64;
   std::vector<int64_t> shape_;
   std::string bytes_;
+  bool known_finite_ = false;
 };
 
 }  // namespace natgrad::core

@@ -67,5 +67,47 @@ TEST(DenseTensor, AllFiniteFindsNanAndInf) {
                    .AllFinite());
 }
 
+TEST(DenseTensor, AllFiniteScansEveryValueOfALongTensor) {
+  // Long enough for the vectorised scan's main loop and its tail.
+  for (size_t n : {1, 7, 8, 1001}) {
+    for (size_t at : {size_t{0}, n / 2, n - 1}) {
+      std::vector<float> v(n, 1.5f);
+      v[at] = std::numeric_limits<float>::infinity();
+      EXPECT_FALSE(DenseTensor::FromBytes(DType::kFloat32, {int64_t(n)}, Bytes(v)).AllFinite())
+          << n << " " << at;
+      v[at] = -3e38f;
+      EXPECT_TRUE(DenseTensor::FromBytes(DType::kFloat32, {int64_t(n)}, Bytes(v)).AllFinite());
+    }
+  }
+}
+
+TEST(DenseTensor, FromMatrixKeepsThePrecisionAndWritesRowMajor) {
+  Eigen::MatrixXf f(2, 3);
+  f << 1, 2, 3, 4, 5, 6.25f;
+  DenseTensor t = DenseTensor::FromMatrix(f);
+  EXPECT_EQ(t.dtype(), DType::kFloat32);
+  EXPECT_EQ(t.shape(), (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(t.bytes(), Bytes<float>({1, 2, 3, 4, 5, 6.25f}));
+  EXPECT_EQ(t.ToMatrix<float>(), f);
+  // An expression is evaluated straight into the bytes, in its own scalar.
+  const DenseTensor d = DenseTensor::FromMatrix(-2.0 * f.cast<double>());
+  EXPECT_EQ(d.dtype(), DType::kFloat64);
+  EXPECT_EQ(d.bytes(), Bytes<double>({-2, -4, -6, -8, -10, -12.5}));
+  const std::string moved = t.TakeBytes();
+  EXPECT_EQ(moved, Bytes<float>({1, 2, 3, 4, 5, 6.25f}));
+  EXPECT_TRUE(t.empty());
+}
+
+TEST(DenseTensor, CheckedBytesAreKnownFiniteUntilWritten) {
+  DenseTensor t = DenseTensor::FromCheckedBytes(DType::kFloat32, {2}, Bytes<float>({1, 2}));
+  EXPECT_TRUE(t.known_finite());
+  EXPECT_TRUE(t.AllFinite());
+  EXPECT_FALSE(DenseTensor::FromBytes(DType::kFloat32, {2}, Bytes<float>({1, 2})).known_finite());
+  // Writing through MutableData forgets it: the scan decides again.
+  t.MutableData<float>()[1] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(t.known_finite());
+  EXPECT_FALSE(t.AllFinite());
+}
+
 }  // namespace
 }  // namespace natgrad::core

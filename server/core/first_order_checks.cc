@@ -24,6 +24,7 @@ absl::Status CheckMatrix(absl::string_view field, const std::string& block,
         absl::StrCat("has shape ", ShapeString(m.rows(), m.cols()), ", want ",
                      ShapeString(shape.rows, shape.cols)));
   }
+  // No second scan of a received tensor: decoding checked it once.
   if (!m.AllFinite()) {
     return InvalidBlockField(block, field, "contains non-finite values");
   }

@@ -21,10 +21,13 @@ StepAssembler::StepAssembler(const natgrad::v1::SessionConfig& config,
   step_.replies.resize(num_blocks_);
 }
 
-absl::Status StepAssembler::Add(natgrad::v1::StepRequest& request) {
-  const absl::Time start = absl::Now();
+absl::Status StepAssembler::Add(natgrad::v1::StepRequest& request, absl::Time received) {
+  const absl::Time start = received == absl::InfinitePast() ? absl::Now() : received;
+  if (step_.first_message == absl::InfinitePast()) step_.first_message = start;
   absl::Status status = AddMessage(request);
-  step_.decode_time += absl::Now() - start;
+  const absl::Time end = absl::Now();
+  step_.decode_time += end - start;
+  step_.decoded = end;
   return status;
 }
 
@@ -42,7 +45,6 @@ absl::Status StepAssembler::AddMessage(natgrad::v1::StepRequest& request) {
   if (!started_) {
     started_ = true;
     step_.data.step = request.step();
-    if (step_.first_message == absl::InfinitePast()) step_.first_message = absl::Now();
   } else if (request.step() != step_.data.step) {
     return absl::InvalidArgumentError(absl::StrCat(
         "step: message for step ", request.step(), " arrived before step ",

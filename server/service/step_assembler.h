@@ -25,10 +25,14 @@ struct AssembledStep {
   session::StepData data;
   // By config index: how to encode the block's update (absent: not sent).
   std::vector<std::optional<blocks::ReplyFormat>> replies;
-  // When the step's first message arrived (StepTiming.server_micros).
+  // The read completion of the step's first message (StepTiming.server_micros).
   absl::Time first_message = absl::InfinitePast();
-  // Time spent decoding its messages (StepTiming.decode_micros).
+  // Time spent parsing and decoding its messages (StepTiming.decode_micros).
   absl::Duration decode_time;
+  // When its last message was decoded, and when a worker started it
+  // (StepTiming.queue_micros; the reactor sets `started`).
+  absl::Time decoded = absl::InfinitePast();
+  absl::Time started = absl::InfinitePast();
 };
 
 class StepAssembler {
@@ -39,7 +43,10 @@ class StepAssembler {
 
   // Adds one message of the current step, taking its tensors. On error the
   // partial step is dropped (the stream ends), and nothing reached the session.
-  absl::Status Add(natgrad::v1::StepRequest& request);
+  // `received`: the read completion of the message, before it was parsed
+  // (its decode time counts from there); unset means now.
+  absl::Status Add(natgrad::v1::StepRequest& request,
+                   absl::Time received = absl::InfinitePast());
 
   bool complete() const { return complete_; }
   // Moves out the blocks decoded so far (after a message before the last),

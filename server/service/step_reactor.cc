@@ -63,6 +63,7 @@ void StepReactor::OnReadDone(bool ok) {
     }
     FinishLocked(std::move(status), actions);
   } else {
+    received_ = absl::Now();  // before parsing: decode time counts from here
     int64_t dropped_step = 0;
     {
       absl::MutexLock lock(&mu_);
@@ -182,7 +183,7 @@ absl::Status StepReactor::HandleMessage() {
         "session: ", core::QuotedClientString(request_.session()), " differs from this stream's ",
         session_->name()));
   }
-  return assembler_->Add(request_);
+  return assembler_->Add(request_, received_);
 }
 
 void StepReactor::ArmPartialStepTimer() {
@@ -294,6 +295,7 @@ void StepReactor::ProposeEarly(int64_t step, std::vector<session::BlockStepData>
 }
 
 void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
+  step.started = absl::Now();  // the end of StepTiming.queue_micros
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
   // Decided before the step, so its reply can say it is durable (-1: no
@@ -318,7 +320,7 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
     if (in_progress == nullptr) in_progress = session_->BeginStep(step.data.step);
     outcome = session_->FinishStep(
         *in_progress, step.data.loss, step.data.blocks,
-        [&](const session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
+        [&](session::StepResult& result) -> std::shared_ptr<const session::CachedReply> {
           return EncodeStepReply(result, step, config, name,
                                  checkpoint_now ? result.step : durable_before);
         });

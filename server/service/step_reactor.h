@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "grpcpp/alarm.h"
 #include "grpcpp/grpcpp.h"
 #include "natgrad/v1/step.pb.h"
@@ -74,6 +75,8 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   std::string tenant_;
   grpc::ByteBuffer read_buffer_;
   natgrad::v1::StepRequest request_;
+  // The read completion of request_, taken before it is parsed (StepTiming).
+  absl::Time received_;
   int64_t messages_read_ = 0;
   std::shared_ptr<session::Session> session_;
   std::optional<StepAssembler> assembler_;

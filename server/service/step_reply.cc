@@ -1,10 +1,12 @@
 #include "server/service/step_reply.h"
 
+#include <algorithm>
+
 #include "server/blocks/registry.h"
 
 namespace natgrad::service {
 
-std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& result,
+std::shared_ptr<const ProtoReply> EncodeStepReply(session::StepResult& result,
                                                   const AssembledStep& step,
                                                   const natgrad::v1::SessionConfig& config,
                                                   const std::string& session_name,
@@ -17,7 +19,7 @@ std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& res
   r.set_durable_step(durable_step);
   r.set_kl_clip_scale(result.kl_clip_scale);
   if (result.damping.has_value()) r.set_damping(*result.damping);
-  for (const session::BlockResult& b : result.blocks) {
+  for (session::BlockResult& b : result.blocks) {
     natgrad::v1::BlockUpdate* u = r.add_updates();
     u->set_name(b.name);
     const natgrad::v1::BlockConfig& bc = config.blocks(static_cast<int>(b.index));
@@ -30,6 +32,10 @@ std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& res
   timing->set_compute_micros(result.compute_micros);
   timing->set_inversion_micros(result.inversion_micros);
   timing->set_decode_micros(absl::ToInt64Microseconds(step.decode_time));
+  if (step.decoded != absl::InfinitePast() && step.started != absl::InfinitePast()) {
+    timing->set_queue_micros(
+        std::max<int64_t>(0, absl::ToInt64Microseconds(step.started - step.decoded)));
+  }
   const absl::Time now = absl::Now();
   timing->set_encode_micros(absl::ToInt64Microseconds(now - start));
   if (step.first_message != absl::InfinitePast()) {

@@ -21,9 +21,10 @@ class ProtoReply final : public session::CachedReply {
   std::string Serialized() const override { return response.SerializeAsString(); }
 };
 
-// Encodes an applied step in the dtypes and shapes its blocks were sent in.
+// Encodes an applied step in the dtypes and shapes its blocks were sent in,
+// moving the blocks' output bytes into the reply (`result` is spent).
 // `durable_step` is what the reply reports as StepResponse.durable_step.
-std::shared_ptr<const ProtoReply> EncodeStepReply(const session::StepResult& result,
+std::shared_ptr<const ProtoReply> EncodeStepReply(session::StepResult& result,
                                                   const AssembledStep& step,
                                                   const natgrad::v1::SessionConfig& config,
                                                   const std::string& session_name,

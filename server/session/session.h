@@ -81,9 +81,10 @@ struct StepOutcome {
   std::shared_ptr<const CachedReply> reply;
 };
 
-// Turns a freshly applied step into the reply to cache and send.
+// Turns a freshly applied step into the reply to cache and send; it may move
+// the blocks' outputs (their deltas' bytes) into the reply.
 using ReplyEncoder =
-    absl::FunctionRef<std::shared_ptr<const CachedReply>(const StepResult&)>;
+    absl::FunctionRef<std::shared_ptr<const CachedReply>(StepResult&)>;
 
 class Session;
 

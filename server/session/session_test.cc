@@ -91,7 +91,7 @@ TEST_F(SessionProtocol, AppliesInOrderAndReplaysTheLastStepWithoutChangingIt) {
   ASSERT_EQ(results_.size(), 1u);
   ASSERT_EQ(results_[0].blocks.size(), 2u);
   // SGD with lr 0.5: delta = -0.5 g on the first step.
-  EXPECT_EQ(results_[0].blocks[0].output.delta(1, 0), -1.0);
+  EXPECT_EQ(results_[0].blocks[0].output.delta.ToMatrix<double>()(1, 0), -1.0);
   EXPECT_EQ(results_[0].blocks[1].name, "b");
 
   const auto before = session_->Snapshot();
@@ -183,7 +183,7 @@ TEST_F(SessionProtocol, RestoredSessionReplaysTheSnapshottedReplyAndContinuesExa
                   .ok());
   ASSERT_EQ(other.size(), 1u);
   for (size_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(other[0].blocks[i].output.delta, results_.back().blocks[i].output.delta);
+    EXPECT_EQ(other[0].blocks[i].output.delta.ToMatrix<double>(), results_.back().blocks[i].output.delta.ToMatrix<double>());
   }
 }
 

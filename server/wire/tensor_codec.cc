@@ -28,15 +28,17 @@ size_t ElementSize(natgrad::v1::DType dtype) {
 // The wire is little-endian; so is every platform natgrad builds for.
 static_assert(std::endian::native == std::endian::little);
 
+// The one finiteness scan of a received tensor (TakeTensor marks the core
+// tensor checked, so the blocks do not scan it again). x * 0 is NaN exactly
+// for NaN and +-Inf, and the sum vectorises where a branch per value would
+// not. The payload may be unaligned.
 template <typename T>
 bool AllFinite(const std::string& bytes) {
-  const size_t n = bytes.size() / sizeof(T);
-  for (size_t i = 0; i < n; ++i) {
-    T v;
-    std::memcpy(&v, bytes.data() + i * sizeof(T), sizeof(T));
-    if (!std::isfinite(v)) return false;
-  }
-  return true;
+  const Eigen::Index n = static_cast<Eigen::Index>(bytes.size() / sizeof(T));
+  if (n == 0) return true;
+  const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Unaligned> v(
+      reinterpret_cast<const T*>(bytes.data()), n);
+  return !std::isnan((v * T(0)).sum());
 }
 
 template <typename T>
@@ -124,10 +126,38 @@ absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
   if (absl::Status s = ValidateTensor(*tensor, field); !s.ok()) return s;
   std::string bytes;
   tensor->mutable_data()->swap(bytes);
-  return core::DenseTensor::FromBytes(
+  return core::DenseTensor::FromCheckedBytes(
       tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32
                                               : core::DType::kFloat64,
       {tensor->shape().begin(), tensor->shape().end()}, std::move(bytes));
+}
+
+void EncodeTensor(core::DenseTensor tensor, natgrad::v1::DType dtype,
+                  const std::vector<int64_t>& shape, natgrad::v1::Tensor* out) {
+  out->set_dtype(dtype);
+  out->clear_shape();
+  for (int64_t d : shape) out->add_shape(d);
+  const bool have32 = tensor.dtype() == core::DType::kFloat32;
+  const bool want32 = dtype == natgrad::v1::FLOAT32;
+  if (have32 == want32) {
+    out->set_data(tensor.TakeBytes());
+    return;
+  }
+  const Eigen::Index n = tensor.size();
+  std::string* data = out->mutable_data();
+  if (want32) {
+    data->resize(n * 4);
+    Eigen::Map<Eigen::ArrayXf, Eigen::Unaligned>(reinterpret_cast<float*>(data->data()), n) =
+        Eigen::Map<const Eigen::ArrayXd, Eigen::Unaligned>(
+            reinterpret_cast<const double*>(tensor.data()), n)
+            .cast<float>();
+  } else {
+    data->resize(n * 8);
+    Eigen::Map<Eigen::ArrayXd, Eigen::Unaligned>(reinterpret_cast<double*>(data->data()), n) =
+        Eigen::Map<const Eigen::ArrayXf, Eigen::Unaligned>(
+            reinterpret_cast<const float*>(tensor.data()), n)
+            .cast<double>();
+  }
 }
 
 Eigen::MatrixXd DecodeMatrix(const natgrad::v1::Tensor& tensor) {

@@ -24,7 +24,9 @@ absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
                             absl::string_view field);
 
 // Validates `tensor` and moves its values into a core tensor (the wire
-// message keeps an empty payload): no conversion, no copy of the values.
+// message keeps an empty payload): no conversion, no copy of the values. The
+// core tensor is marked finite (DenseTensor::FromCheckedBytes), so this is
+// the only finiteness scan the step path makes of it.
 absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
                                              absl::string_view field);
 
@@ -35,6 +37,13 @@ Eigen::MatrixXd DecodeMatrix(const natgrad::v1::Tensor& tensor);
 // Decodes a [k, ...] tensor into k slices decoded as above from the rest of
 // the shape (a Gaussian block's copies).
 std::vector<Eigen::MatrixXd> DecodeSlices(const natgrad::v1::Tensor& tensor);
+
+// Writes `tensor`'s values into `out` as `dtype` with the wire shape `shape`
+// (same count, row-major): the bytes are moved when the dtypes agree, else
+// converted in one pass (float64 -> float32 rounds as static_cast does;
+// float32 -> float64 is exact).
+void EncodeTensor(core::DenseTensor tensor, natgrad::v1::DType dtype,
+                  const std::vector<int64_t>& shape, natgrad::v1::Tensor* out);
 
 // Encodes a matrix with the given wire shape (row-major order of values).
 natgrad::v1::Tensor EncodeMatrix(const Eigen::MatrixXd& matrix,

@@ -73,5 +73,38 @@ TEST(TensorCodec, RejectsWhatCannotBeRead) {
   EXPECT_THAT(ValidateTensor(t, "f").message(), HasSubstr("too large"));
 }
 
+TEST(TensorCodec, TakenTensorsAreCheckedOnce) {
+  natgrad::v1::Tensor t = Floats({1, 2, 3}, {3});
+  absl::StatusOr<core::DenseTensor> d = TakeTensor(&t, "g");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_TRUE(d->known_finite());  // the blocks do not scan it again
+  EXPECT_TRUE(t.data().empty());   // moved, not copied
+  natgrad::v1::Tensor bad = Floats({1, std::numeric_limits<float>::quiet_NaN()}, {2});
+  EXPECT_THAT(TakeTensor(&bad, "g").status().message(), HasSubstr("g contains NaN or Inf"));
+}
+
+// What the reply encoder does with a block's delta: its bytes move when the
+// dtypes agree, else one converting pass that equals EncodeMatrix's bit for bit.
+TEST(TensorCodec, EncodeTensorMovesOrConvertsLikeEncodeMatrix) {
+  Eigen::MatrixXd m(2, 3);
+  m << 0.1, 1.0 / 3.0, -2.5e30, 7, 1e-40, -0.0;
+  const std::vector<int64_t> shape = {3, 2};  // any wire shape of 6 values
+  for (auto want : {natgrad::v1::FLOAT32, natgrad::v1::FLOAT64}) {
+    const natgrad::v1::Tensor ref = EncodeMatrix(m, want, shape);
+    natgrad::v1::Tensor from64, from32;
+    EncodeTensor(core::DenseTensor::FromMatrix(m), want, shape, &from64);
+    EXPECT_EQ(from64.SerializeAsString(), ref.SerializeAsString());
+    const Eigen::MatrixXf f = m.cast<float>();
+    EncodeTensor(core::DenseTensor::FromMatrix(f), want, shape, &from32);
+    EXPECT_EQ(from32.SerializeAsString(),
+              EncodeMatrix(f.cast<double>(), want, shape).SerializeAsString());
+  }
+  core::DenseTensor same = core::DenseTensor::FromMatrix(m);
+  const void* bytes = same.data();
+  natgrad::v1::Tensor out;
+  EncodeTensor(std::move(same), natgrad::v1::FLOAT64, shape, &out);
+  EXPECT_EQ(static_cast<const void*>(out.data().data()), bytes);  // moved
+}
+
 }  // namespace
 }  // namespace natgrad::wire

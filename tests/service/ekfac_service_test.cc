@@ -206,7 +206,7 @@ void RunAgainstCore(natgrad::v1::DType dtype, bool adaptive) {
     }
     ASSERT_EQ(r->updates_size(), static_cast<int>(ref.size()));
     for (size_t i = 0; i < ref.size(); ++i) {
-      const Eigen::MatrixXd want = pending[i]->Commit(i < Layers().size() ? nu : 1.0).delta;
+      const Eigen::MatrixXd want = pending[i]->Commit(i < Layers().size() ? nu : 1.0).delta.ToMatrix<double>();
       // Bit for bit: the same arithmetic, only the transport differs.
       ASSERT_EQ(client::TensorValues(r->updates(i).delta()), RowMajorValues(want))
           << "step " << t << " block " << r->updates(i).name();

@@ -109,12 +109,12 @@ void RunAgainstCore(service::NatgradServer& server, int steps, uint32_t seed) {
     win.params = RowMajorMatrix(wp, kRows, kCols);
     auto wpending = ref.w->Propose(win, ctx);
     ASSERT_TRUE(wpending.ok());
-    const Eigen::MatrixXd wdelta = (*wpending)->Commit(1.0).delta;
+    const Eigen::MatrixXd wdelta = (*wpending)->Commit(1.0).delta.ToMatrix<double>();
     core::DenseStepInput bin;
     bin.gradient = RowMajorMatrix(bg, kBias, 1);
     auto bpending = ref.b->Propose(bin, ctx);
     ASSERT_TRUE(bpending.ok());
-    const Eigen::MatrixXd bdelta = (*bpending)->Commit(1.0).delta;
+    const Eigen::MatrixXd bdelta = (*bpending)->Commit(1.0).delta.ToMatrix<double>();
 
     // Bit-for-bit: the same arithmetic, only the transport differs.
     ASSERT_EQ(client::TensorValues(response->updates(0).delta()), Flatten(wdelta)) << "step " << t;

@@ -121,7 +121,7 @@ void RunAgainstCore(bool adaptive) {
       EXPECT_DOUBLE_EQ(r->damping(), *ctx.damping_override) << "step " << t;
     }
     for (size_t l = 0; l < ref.size(); ++l) {
-      const Eigen::MatrixXd want = pending[l]->Commit(nu).delta;
+      const Eigen::MatrixXd want = pending[l]->Commit(nu).delta.ToMatrix<double>();
       const std::vector<double> got = client::TensorValues(r->updates(l).delta());
       ASSERT_EQ(got.size(), size_t(want.size()));
       const double scale = want.cwiseAbs().maxCoeff();

@@ -125,7 +125,7 @@ inline void ExpectSessionEqualsCoreInProcess(
     for (size_t i = 0; i < ref.size(); ++i) {
       auto p = ref[i]->Propose(d.core[i], ctx);
       ASSERT_TRUE(p.ok()) << p.status();
-      const Eigen::MatrixXd want = (*p)->Commit(1.0).delta;
+      const Eigen::MatrixXd want = (*p)->Commit(1.0).delta.ToMatrix<double>();
       ASSERT_EQ(client::TensorValues(r->updates(i).delta()), RowMajorValues(want))
           << "step " << t << " block " << ref[i]->name();
       if (check) check(t, i, want);

@@ -64,12 +64,12 @@ TEST(StepContract, OmittedBlockKeepsItsStateAndCounters) {
     core::DenseStepInput in;
     in.gradient = RowMajorMatrix(ga, 2, 3);
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
-              RowMajorValues((*ref_a->Propose(in, ctx))->Commit(1.0).delta));
+              RowMajorValues((*ref_a->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>()));
     if (with_b) {
       in.gradient = RowMajorMatrix(gb, 2, 3);
       EXPECT_EQ(response->updates(1).name(), "b");
       EXPECT_EQ(client::TensorValues(response->updates(1).delta()),
-                RowMajorValues((*ref_b->Propose(in, ctx))->Commit(1.0).delta));
+                RowMajorValues((*ref_b->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>()));
     }
   }
   // Adam's own step counts: 9 for "a", 5 for "b".
@@ -106,7 +106,7 @@ TEST(StepContract, LearningRateOverrideReplacesTheScheduleForOneStep) {
     in.gradient = RowMajorMatrix(g, 2, 3);
     in.learning_rate = lrs[t - 1];
     EXPECT_EQ(client::TensorValues(response->updates(0).delta()),
-              RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta));
+              RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>()));
   }
 }
 
@@ -171,7 +171,7 @@ TEST(StepContract, ConvolutionLocationsMayChangeBetweenSteps) {
     k.num_examples = rows;
     k.locations = locations;
     in.kfac = std::move(k);
-    const auto want = RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta);
+    const auto want = RowMajorValues((*ref->Propose(in, ctx))->Commit(1.0).delta.ToMatrix<double>());
     const auto got = client::TensorValues(response->updates(0).delta());
     ASSERT_EQ(got.size(), want.size());
     for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12) << "step " << t;
@@ -196,29 +196,68 @@ namespace natgrad::testing {
 namespace {
 
 // StepTiming's parts are disjoint intervals inside server_micros, which runs
-// from the step's first message to its encoded response.
-TEST(StepContract, TimingCoversDecodeComputeAndEncode) {
-  auto server = StartServer();
-  client::Client client(ClientFor(*server));
-  auto session = client.CreateSession(ConvConfig());
-  ASSERT_TRUE(session.ok()) << session.status();
-  auto stream = client.OpenStream(session->name());
-  std::mt19937 rng(5);
+// from the read of the step's first message to its encoded response: decode
+// (from each message's read), queue (waiting for a worker), compute, encode.
+void ExpectConsistentTiming(const natgrad::v1::StepTiming& t) {
+  EXPECT_GT(t.compute_micros(), 0);
+  EXPECT_GE(t.decode_micros(), 0);
+  EXPECT_GE(t.encode_micros(), 0);
+  EXPECT_GE(t.inversion_micros(), 0);
+  ASSERT_TRUE(t.has_queue_micros());
+  EXPECT_GE(t.queue_micros(), 0);
+  EXPECT_LE(t.inversion_micros(), t.compute_micros());
+  EXPECT_GE(t.server_micros(), t.decode_micros() + t.queue_micros() + t.encode_micros());
+  // 1 ms of slack only for the compute term: it is timed on the steady clock
+  // (in the session), the rest on absl::Now.
+  EXPECT_GE(t.server_micros() + 1000,
+            t.decode_micros() + t.queue_micros() + t.compute_micros() + t.encode_micros());
+}
+
+natgrad::v1::BlockStep ConvStep(std::mt19937& rng) {
   natgrad::v1::BlockStep b;
   b.set_name("conv");
   *b.mutable_gradient() = client::MakeTensor(RandomVector(rng, 15), {3, 5});
   auto* raw = b.mutable_kfac()->mutable_raw();
   *raw->mutable_activations() = client::MakeTensor(RandomVector(rng, 64 * 4), {64, 4});
   *raw->mutable_output_gradients() = client::MakeTensor(RandomVector(rng, 64 * 3), {64, 3});
-  auto r = (*stream)->Step({b});
+  return b;
+}
+
+TEST(StepContract, TimingCoversDecodeQueueComputeAndEncode) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  auto session = client.CreateSession(ConvConfig());
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto stream = client.OpenStream(session->name());
+  std::mt19937 rng(5);
+  for (int t = 1; t <= 3; ++t) {
+    auto r = (*stream)->Step({ConvStep(rng)});
+    ASSERT_TRUE(r.ok()) << r.status();
+    SCOPED_TRACE(t);
+    ExpectConsistentTiming(r->timing());
+  }
+}
+
+// A step over several messages: server_micros runs from the first one's
+// read, and decode sums every message's.
+TEST(StepContract, TimingOfAStepOverSeveralMessages) {
+  auto server = StartServer();
+  client::ClientOptions o = ClientFor(*server);
+  o.max_blocks_per_message = 1;  // every block its own message
+  client::Client client(o);
+  natgrad::v1::SessionConfig config = ConvConfig();
+  *config.add_blocks() = config.blocks(0);
+  config.mutable_blocks(1)->set_name("conv2");
+  auto session = client.CreateSession(config);
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto stream = client.OpenStream(session->name());
+  std::mt19937 rng(6);
+  natgrad::v1::BlockStep second = ConvStep(rng);
+  second.set_name("conv2");
+  auto r = (*stream)->Step({ConvStep(rng), second});
   ASSERT_TRUE(r.ok()) << r.status();
-  const auto& t = r->timing();
-  EXPECT_GT(t.compute_micros(), 0);
-  EXPECT_GE(t.decode_micros(), 0);
-  EXPECT_GE(t.encode_micros(), 0);
-  EXPECT_LE(t.inversion_micros(), t.compute_micros());
-  // 1 ms of slack: compute is timed on the steady clock, the rest on absl::Now.
-  EXPECT_GE(t.server_micros() + 1000, t.decode_micros() + t.compute_micros() + t.encode_micros());
+  ASSERT_EQ(r->updates_size(), 2);
+  ExpectConsistentTiming(r->timing());
 }
 
 }  // namespace

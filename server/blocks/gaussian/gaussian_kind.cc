@@ -308,7 +308,7 @@ class GaussianBlockKind final : public BlockKind {
     return core::BlockStepInput(std::move(in));
   }
 
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+  void EncodeUpdate(core::BlockStepOutput& output, const ReplyFormat& reply,
                     natgrad::v1::BlockUpdate* update) const override {
     for (const auto& [k, v] : output.hyperparameters) {
       (*update->mutable_hyperparameters())[k] = v;

@@ -1,6 +1,5 @@
 #include "server/blocks/gaussian_diag/gaussian_diag_kind.h"
 
-#include <cstring>
 
 #include "absl/strings/str_join.h"
 #include "server/blocks/gaussian_diag/math/gaussian_diag_block.h"
@@ -15,36 +14,6 @@ using internal::StepField;
 
 int64_t Copies(const natgrad::v1::GaussianDiagConfig& g) {
   return g.copies() > 0 ? g.copies() : 1;
-}
-
-// A core tensor on the wire in `dtype` and `shape`: the bytes as they are
-// when the dtypes agree, else one converting pass.
-natgrad::v1::Tensor ToWire(const core::DenseTensor& t, natgrad::v1::DType dtype,
-                           const std::vector<int64_t>& shape) {
-  natgrad::v1::Tensor out;
-  out.set_dtype(dtype);
-  for (int64_t d : shape) out.add_shape(d);
-  const bool same = (dtype == natgrad::v1::FLOAT32) == (t.dtype() == core::DType::kFloat32);
-  if (same) {
-    *out.mutable_data() = t.bytes();
-    return out;
-  }
-  const Eigen::Index n = t.size();
-  std::string* data = out.mutable_data();
-  if (dtype == natgrad::v1::FLOAT32) {
-    data->resize(n * 4);
-    Eigen::Map<Eigen::ArrayXf, Eigen::Unaligned>(reinterpret_cast<float*>(data->data()), n) =
-        Eigen::Map<const Eigen::ArrayXd, Eigen::Unaligned>(
-            reinterpret_cast<const double*>(t.data()), n)
-            .cast<float>();
-  } else {
-    data->resize(n * 8);
-    Eigen::Map<Eigen::ArrayXd, Eigen::Unaligned>(reinterpret_cast<double*>(data->data()), n) =
-        Eigen::Map<const Eigen::ArrayXf, Eigen::Unaligned>(
-            reinterpret_cast<const float*>(t.data()), n)
-            .cast<double>();
-  }
-  return out;
 }
 
 class GaussianDiagBlockKind final : public BlockKind {
@@ -129,20 +98,21 @@ class GaussianDiagBlockKind final : public BlockKind {
     return core::BlockStepInput(std::move(in));
   }
 
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+  void EncodeUpdate(core::BlockStepOutput& output, const ReplyFormat& reply,
                     natgrad::v1::BlockUpdate* update) const override {
     for (const auto& [k, v] : output.hyperparameters) (*update->mutable_hyperparameters())[k] = v;
-    const auto* g = std::get_if<core::GaussianDiagStepOutput>(&output.kind_output);
+    auto* g = std::get_if<core::GaussianDiagStepOutput>(&output.kind_output);
     if (g == nullptr) return;
     natgrad::v1::GaussianUpdate* out = update->mutable_gaussian();
     const std::vector<int64_t>& shape = reply.shapes[0];
-    *out->mutable_param1() = ToWire(g->param1, reply.dtype, shape);
-    *out->mutable_param2() = ToWire(g->param2, reply.dtype, shape);
-    *out->mutable_delta1() = ToWire(g->delta1, reply.dtype, shape);
-    *out->mutable_delta2() = ToWire(g->delta2, reply.dtype, shape);
+    const auto dt = reply.dtype;
+    wire::EncodeTensor(std::move(g->param1), dt, shape, out->mutable_param1());
+    wire::EncodeTensor(std::move(g->param2), dt, shape, out->mutable_param2());
+    wire::EncodeTensor(std::move(g->delta1), dt, shape, out->mutable_delta1());
+    wire::EncodeTensor(std::move(g->delta2), dt, shape, out->mutable_delta2());
     if (!g->direction1.empty()) {
-      *out->mutable_direction1() = ToWire(g->direction1, reply.dtype, shape);
-      *out->mutable_direction2() = ToWire(g->direction2, reply.dtype, shape);
+      wire::EncodeTensor(std::move(g->direction1), dt, shape, out->mutable_direction1());
+      wire::EncodeTensor(std::move(g->direction2), dt, shape, out->mutable_direction2());
     }
     out->set_gamma_used(g->gamma_used);
     out->set_halvings(g->halvings);

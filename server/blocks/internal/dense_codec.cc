@@ -130,11 +130,12 @@ absl::StatusOr<core::DenseStepInput> DecodeDenseStep(natgrad::v1::BlockStep& ste
   return in;
 }
 
-void EncodeDelta(const core::BlockStepOutput& output, const ReplyFormat& reply,
+void EncodeDelta(core::BlockStepOutput& output, const ReplyFormat& reply,
                  natgrad::v1::BlockUpdate* update) {
-  if (output.delta.size() > 0) {
-    *update->mutable_delta() = wire::EncodeMatrix(
-        output.delta, reply.dtype, reply.shapes.empty() ? std::vector<int64_t>{} : reply.shapes[0]);
+  if (!output.delta.empty()) {
+    wire::EncodeTensor(std::move(output.delta), reply.dtype,
+                       reply.shapes.empty() ? std::vector<int64_t>{} : reply.shapes[0],
+                       update->mutable_delta());
   }
   for (const auto& [k, v] : output.hyperparameters) {
     (*update->mutable_hyperparameters())[k] = v;

@@ -81,8 +81,10 @@ absl::StatusOr<core::DenseStepInput> DecodeDenseStep(natgrad::v1::BlockStep& ste
 absl::Status RefuseParts(const natgrad::v1::BlockStep& step, absl::string_view kind,
                          bool kfac_allowed);
 
-// The delta in the gradient's dtype and shape, plus the hyperparameters.
-void EncodeDelta(const core::BlockStepOutput& output, const ReplyFormat& reply,
+// The delta in the gradient's dtype and shape (its bytes moved out of
+// `output` when the block's precision is the gradient's), plus the
+// hyperparameters.
+void EncodeDelta(core::BlockStepOutput& output, const ReplyFormat& reply,
                  natgrad::v1::BlockUpdate* update);
 
 }  // namespace natgrad::blocks::internal

@@ -23,7 +23,7 @@ class DenseGradientKind : public BlockKind {
     return core::BlockStepInput(*std::move(in));
   }
 
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+  void EncodeUpdate(core::BlockStepOutput& output, const ReplyFormat& reply,
                     natgrad::v1::BlockUpdate* update) const override {
     EncodeDelta(output, reply, update);
   }

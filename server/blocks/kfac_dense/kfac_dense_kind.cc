@@ -121,7 +121,7 @@ class KfacDenseBlockKind final : public BlockKind {
     return core::BlockStepInput(std::move(in));
   }
 
-  void EncodeUpdate(const core::BlockStepOutput& output, const ReplyFormat& reply,
+  void EncodeUpdate(core::BlockStepOutput& output, const ReplyFormat& reply,
                     natgrad::v1::BlockUpdate* update) const override {
     internal::EncodeDelta(output, reply, update);
   }

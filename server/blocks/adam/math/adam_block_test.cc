@@ -143,18 +143,23 @@ TEST_P(AdamReferenceTest, MatchesPyTorchRecurrenceOverSteps) {
         ref.Delta(ToVector(g), ToVector(w), lr, c.wd);
     BlockStepOutput o64 = Step(*b64, g, &w, t);
     BlockStepOutput o32 = Step(*b32, g, &w, t);
-    ASSERT_EQ(o64.delta.rows(), kRows);
-    ASSERT_EQ(o64.delta.cols(), kCols);
+    // Each block answers in its own precision (no float64 detour).
+    ASSERT_EQ(o64.delta.dtype(), DType::kFloat64);
+    ASSERT_EQ(o32.delta.dtype(), DType::kFloat32);
+    const Eigen::MatrixXd d64 = o64.delta.ToMatrix<double>();
+    const Eigen::MatrixXd d32 = o32.delta.ToMatrix<double>();
+    ASSERT_EQ(d64.rows(), kRows);
+    ASSERT_EQ(d64.cols(), kCols);
     for (size_t i = 0; i < want.size(); ++i) {
-      EXPECT_NEAR(o64.delta.data()[i], want[i], 1e-15) << "t=" << t;
+      EXPECT_NEAR(d64.data()[i], want[i], 1e-15) << "t=" << t;
       // float32: relative to the step size lr (|delta| <= ~lr).
-      EXPECT_NEAR(o32.delta.data()[i], want[i], 1e-5 * lr) << "t=" << t;
+      EXPECT_NEAR(d32.data()[i], want[i], 1e-5 * lr) << "t=" << t;
     }
     EXPECT_DOUBLE_EQ(o64.hyperparameters.at("learning_rate"), lr);
     EXPECT_EQ(o64.hyperparameters.at("beta1"), c.beta1);
     EXPECT_EQ(o64.hyperparameters.at("beta2"), 0.99);
     EXPECT_EQ(o64.hyperparameters.at("weight_decay"), c.wd);
-    w += o64.delta;
+    w += d64;
   }
   const BlockState s = b64->ExportState();
   EXPECT_EQ(s.scalars.at("step"), 8.0);
@@ -180,7 +185,7 @@ TEST(AdamBlockTest, FirstStepIsSignLike) {
   auto b = MakeAdam(o, Precision::kFloat64);
   Eigen::MatrixXd g(kRows, kCols);
   g << 1.0, -2.0, 1e-3, -4e-7, 3.0, 0.0;
-  const Eigen::MatrixXd d = Step(*b, g, nullptr, 1).delta;
+  const Eigen::MatrixXd d = Step(*b, g, nullptr, 1).delta.ToMatrix<double>();
   for (int64_t i = 0; i < g.size(); ++i) {
     const double gi = g.data()[i];
     EXPECT_NEAR(d.data()[i], -0.1 * gi / (std::abs(gi) + 1e-8), 1e-15) << i;
@@ -200,7 +205,7 @@ TEST(AdamBlockTest, DefaultsAndStateBytes) {
   EXPECT_TRUE(fresh.tensors.at("exp_avg_sq").isZero());
   const Eigen::MatrixXd g = Eigen::MatrixXd::Constant(kRows, kCols, 2.0);
   BlockStepOutput out = Step(*b64, g, nullptr, 1);
-  EXPECT_NEAR(out.delta(0, 0), -1e-3 * 2.0 / (2.0 + 1e-8), 1e-18);
+  EXPECT_NEAR(out.delta.ToMatrix<double>()(0, 0), -1e-3 * 2.0 / (2.0 + 1e-8), 1e-18);
   EXPECT_EQ(out.hyperparameters.at("beta1"), 0.9);
   EXPECT_EQ(out.hyperparameters.at("beta2"), 0.999);
   EXPECT_EQ(out.hyperparameters.at("weight_decay"), 0.0);
@@ -377,7 +382,7 @@ TEST(AdamBlockTest, ExportImportContinuesIdentically) {
     std::mt19937 rng(21);
     Eigen::MatrixXd w = RandomMatrix(rng);
     for (int64_t t = 1; t <= 4; ++t) {
-      w += Step(*a, RandomMatrix(rng), &w, t).delta;
+      w += Step(*a, RandomMatrix(rng), &w, t).delta.ToMatrix<double>();
     }
     const BlockState exported = a->ExportState();
     EXPECT_EQ(exported.scalars.at("step"), 4.0);
@@ -385,8 +390,8 @@ TEST(AdamBlockTest, ExportImportContinuesIdentically) {
     EXPECT_TRUE(SameState(b->ExportState(), exported));
     for (int64_t t = 5; t <= 9; ++t) {
       const Eigen::MatrixXd g = RandomMatrix(rng);
-      const Eigen::MatrixXd da = Step(*a, g, &w, t).delta;
-      const Eigen::MatrixXd db = Step(*b, g, &w, t).delta;
+      const Eigen::MatrixXd da = Step(*a, g, &w, t).delta.ToMatrix<double>();
+      const Eigen::MatrixXd db = Step(*b, g, &w, t).delta.ToMatrix<double>();
       EXPECT_EQ(da, db) << t;
       w += da;
     }

@@ -74,7 +74,7 @@ class EkfacPendingUpdate final : public PendingBlockUpdate, public CurvatureMode
     b.state_ = std::move(next_);
     b.last_step_ = step_;
     BlockStepOutput out;
-    out.delta = (static_cast<Scalar>(-hyper_.lr) * b.momentum_).template cast<double>();
+    out.delta = DenseTensor::FromMatrix(static_cast<Scalar>(-hyper_.lr) * b.momentum_);
     out.hyperparameters = kfac::ReportedHyperparameters(hyper_, scale);
     out.inversion_micros = inversion_micros_;
     return out;

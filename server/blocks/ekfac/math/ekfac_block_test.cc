@@ -196,7 +196,7 @@ double MaxRelativeError(const Config& c, Precision precision, int steps, bool fl
     auto p = (*block)->Propose(InputOf(d, grad, w), ctx);
     EXPECT_TRUE(p.ok()) << p.status();
     if (!p.ok()) return INFINITY;
-    const MatrixXd got = (*p)->Commit(1.0).delta;
+    const MatrixXd got = (*p)->Commit(1.0).delta.ToMatrix<double>();
     const MatrixXd want = oracle.Step(t, d, w, flip);
     worst = std::max(worst, MaxAbs(got - want) / MaxAbs(want));
     w += want;
@@ -301,7 +301,7 @@ TEST(EkfacBlock, EigenvalueProductScalingIsKfacDenseUpdate) {
       auto pk = (*kf)->Propose(InputOf(d, grad, w), ctx);
       ASSERT_TRUE(pe.ok() && pk.ok());
       (*pe)->Commit(1.0);
-      const MatrixXd kfac_delta = (*pk)->Commit(1.0).delta;
+      const MatrixXd kfac_delta = (*pk)->Commit(1.0).delta.ToMatrix<double>();
       const BlockState es = (*ek)->ExportState(), ks = (*kf)->ExportState();
       EXPECT_LT(MaxAbs(es.tensors.at("a_ema") - ks.tensors.at("a_ema")), 1e-14);
       EXPECT_LT(MaxAbs(es.tensors.at("g_ema") - ks.tensors.at("g_ema")), 1e-14);
@@ -339,7 +339,7 @@ TEST(EkfacBlock, ExportImportContinuesExactly) {
     ctx.engine = &engine;
     auto p = blk.Propose(InputOf(data[t - 1], oracle.MeanGradient(data[t - 1]), w), ctx);
     EXPECT_TRUE(p.ok()) << p.status();
-    return (*p)->Commit(1.0).delta;
+    return (*p)->Commit(1.0).delta.ToMatrix<double>();
   };
   for (int t = 1; t <= 4; ++t) run(**a, t);
   const BlockState s = (*a)->ExportState();

@@ -34,7 +34,9 @@ absl::Status LikelihoodMeanCholeskyGradient(const GaussianCompositionalInput& c,
   const GMatrix<T> fisher = c.likelihood_fisher[i].cast<T>();
   const T lambda = static_cast<T>(damping);
   const Eigen::Index ns = eps.rows(), m = eps.cols();
-  if (!eps.allFinite() || !grad.allFinite() || !fisher.allFinite()) {
+  // The input was checked finite; only a float32 block's cast can overflow.
+  if (sizeof(T) < sizeof(double) &&
+      (!eps.allFinite() || !grad.allFinite() || !fisher.allFinite())) {
     return InvalidBlockField(block, absl::StrCat("gaussian.compositional[", i, "]"),
                              "overflows float32");
   }
@@ -344,8 +346,9 @@ class GaussianBlock final : public ParameterBlock {
       const GMatrix<T> p2 = in.param2[i].cast<T>();
       const GVector<T> g1 = in.grad1[i].cast<T>();
       const GMatrix<T> g2 = in.grad2[i].cast<T>();
-      if (!p1.allFinite() || !p2.allFinite() || !g1.allFinite() ||
-          !g2.allFinite()) {
+      // The input was checked finite; only a float32 block's cast can overflow.
+      if (sizeof(T) < sizeof(double) && (!p1.allFinite() || !p2.allFinite() ||
+                                         !g1.allFinite() || !g2.allFinite())) {
         errors[i] = Invalid(
             absl::StrCat("gaussian input of copy ", i, " overflows float32"));
         return false;

@@ -170,13 +170,13 @@ inline absl::StatusOr<DenseStepRates> CheckDenseStep(const std::string& block, M
   return DenseStepRates{*lr, *wd};
 }
 
-// What a first-order block's Commit returns: its delta in double and the
-// step's hyperparameters.
+// What a first-order block's Commit returns: its delta in the block's
+// precision and the step's hyperparameters.
 template <typename Matrix>
 BlockStepOutput FirstOrderOutput(const Matrix& delta,
                                  std::map<std::string, double> hyperparameters) {
   BlockStepOutput out;
-  out.delta = delta.template cast<double>();
+  out.delta = DenseTensor::FromMatrix(delta);
   out.hyperparameters = std::move(hyperparameters);
   return out;
 }

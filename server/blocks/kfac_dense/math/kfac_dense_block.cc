@@ -107,7 +107,10 @@ absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
   if (!read.ok()) return read.status();
   kfac::Matrix<Scalar>& x = *read;
   if (dim == 0) return x;
-  if (std::isnan((x.array() * Scalar(0)).sum())) {
+  // x * 0 sums to NaN iff an entry is not finite; only a narrowing read
+  // needs it, else the tensor's own (once-made) check decides.
+  if (kfac::Narrows<Scalar>(tensor) ? std::isnan((x.array() * Scalar(0)).sum())
+                                    : !tensor.AllFinite()) {
     if (!tensor.AllFinite()) {
       // Locate it for the message (the error path only).
       return InvalidField(
@@ -241,8 +244,7 @@ class KfacDensePendingUpdate final : public PendingBlockUpdate,
     b.last_step_ = step_;
 
     BlockStepOutput out;
-    out.delta =
-        (static_cast<Scalar>(-hyper_.lr) * b.momentum_).template cast<double>();
+    out.delta = DenseTensor::FromMatrix(static_cast<Scalar>(-hyper_.lr) * b.momentum_);
     out.hyperparameters = kfac::ReportedHyperparameters(hyper_, scale);
     out.inversion_micros = plan_.inversion_micros;
     return out;

@@ -198,7 +198,7 @@ TEST(KfacDenseBlock, OneStepMatchesKroneckerOracle) {
     BlockStepOutput out = h.Step(1, RawInput(s));
     const MatrixXd a = OracleGram(s.a, true, kRows);
     const MatrixXd g = OracleGram(s.g, false, kRows);
-    EXPECT_LT(RelErr(-out.delta, Oracle(mode, a, g, s.grad, lambda)), 1e-10);
+    EXPECT_LT(RelErr(-out.delta.ToMatrix<double>(), Oracle(mode, a, g, s.grad, lambda)), 1e-10);
   }
 }
 
@@ -223,7 +223,7 @@ TEST(KfacDenseBlock, NewtonStepSolvesLeastSquares) {
     BlockStepOutput out = h.Step(
         1, ReducedInput(xbar.transpose() * xbar / n,
                         MatrixXd::Identity(kDout, kDout), grad, n));
-    EXPECT_LT(RelErr(w0 + out.delta, w_star), 1e-7);
+    EXPECT_LT(RelErr(w0 + out.delta.ToMatrix<double>(), w_star), 1e-7);
   }
 }
 
@@ -239,7 +239,7 @@ TEST(KfacDenseBlock, RawAndReducedStatisticsGiveIdenticalUpdates) {
       BlockStepOutput q = reduced.Step(
           t, ReducedInput(OracleGram(s.a, true, kRows),
                           OracleGram(s.g, false, kRows), s.grad, kRows));
-      EXPECT_LT(RelErr(r.delta, q.delta), 1e-12) << "step " << t;
+      EXPECT_LT(RelErr(r.delta.ToMatrix<double>(), q.delta.ToMatrix<double>()), 1e-12) << "step " << t;
     }
   }
 }
@@ -254,7 +254,7 @@ TEST(KfacDenseBlock, Float32CloseToFloat64) {
       StepData s = MakeStep(200 + t);
       BlockStepOutput x = f32.Step(t, RawInput(s));
       BlockStepOutput y = f64.Step(t, RawInput(s));
-      EXPECT_LT(RelErr(x.delta, y.delta), 1e-4) << "step " << t;
+      EXPECT_LT(RelErr(x.delta.ToMatrix<double>(), y.delta.ToMatrix<double>()), 1e-4) << "step " << t;
     }
   }
 }
@@ -342,7 +342,7 @@ TEST(KfacDenseBlock, InversePeriodReusesStaleDecomposition) {
       const double lambda = mode == KfacDampingMode::kEigenExact
                                 ? lambdas[t - 1]
                                 : lambdas[decomposed - 1];
-      EXPECT_LT(RelErr(-out.delta,
+      EXPECT_LT(RelErr(-out.delta.ToMatrix<double>(),
                        Oracle(mode, a, g, steps[t - 1].grad, lambda)),
                 1e-10)
           << "step " << t;
@@ -364,7 +364,7 @@ TEST(KfacDenseBlock, ConvolutionScalingFollowsKfacJax) {
   BlockStepOutput out = h.Step(1, RawInput(s));
   const MatrixXd a = OracleGram(s.a, true, n);
   const MatrixXd g = OracleGram(s.g, false, n * T);
-  EXPECT_LT(RelErr(-out.delta, ExactOracle(a, g, s.grad, 0.1)), 1e-10);
+  EXPECT_LT(RelErr(-out.delta.ToMatrix<double>(), ExactOracle(a, g, s.grad, 0.1)), 1e-10);
   BlockState st = h.block->ExportState();
   EXPECT_NEAR(st.tensors["a_ema"](kDin, kDin) / st.scalars["ema_weight"], T,
               1e-12);
@@ -392,7 +392,7 @@ TEST(KfacDenseBlock, KlTermCommitScaleAndHyperparameters) {
     EXPECT_NEAR((*p)->curvature()->KlTerm(), 0.09 * (v.array() * s.grad.array()).sum(),
                 1e-12);
     BlockStepOutput out = (*p)->Commit(0.4);
-    EXPECT_LT(RelErr(out.delta, -0.3 * 0.4 * v), 1e-10);
+    EXPECT_LT(RelErr(out.delta.ToMatrix<double>(), -0.3 * 0.4 * v), 1e-10);
     EXPECT_EQ(out.hyperparameters.at("learning_rate"), 0.3);
     EXPECT_EQ(out.hyperparameters.at("damping"), 0.1);
     EXPECT_EQ(out.hyperparameters.at("momentum"), 0.25);
@@ -421,7 +421,7 @@ TEST(KfacDenseBlock, MomentumAndWeightDecay) {
   in2.params = w;
   BlockStepOutput out = h.Step(2, in2, 0.6);
   const MatrixXd v2 = ExactOracle(a, g, s2.grad + 0.01 * w, 0.1);  // stale
-  EXPECT_LT(RelErr(out.delta, -0.5 * (0.9 * m1 + 0.6 * v2)), 1e-10);
+  EXPECT_LT(RelErr(out.delta.ToMatrix<double>(), -0.5 * (0.9 * m1 + 0.6 * v2)), 1e-10);
 }
 
 TEST(KfacDenseBlock, PredictedReductionIsTheQuadraticModel) {
@@ -441,7 +441,7 @@ TEST(KfacDenseBlock, PredictedReductionIsTheQuadraticModel) {
     BlockStepOutput out = (*p)->Commit(nu);
     // The session may ask before or after committing.
     EXPECT_EQ((*p)->curvature()->PredictedReduction(nu), predicted);
-    const VectorXd d = Vec(out.delta);
+    const VectorXd d = Vec(out.delta.ToMatrix<double>());
     MatrixXd f = Kron(a, g);
     f.diagonal().array() += 0.2;
     const double model = Vec(steps[1].grad).dot(d) + 0.5 * d.dot(f * d);
@@ -700,7 +700,7 @@ TEST(KfacDenseBlock, ExportImportRoundTripContinuesIdentically) {
         StepData s = MakeStep(70 + t);
         BlockStepOutput x = a.Step(t, RawInput(s), 0.5);
         BlockStepOutput y = b.Step(t, RawInput(s), 0.5);
-        EXPECT_TRUE(x.delta == y.delta) << "step " << t;
+        EXPECT_TRUE(x.delta.ToMatrix<double>() == y.delta.ToMatrix<double>()) << "step " << t;
       }
     }
   }
@@ -768,7 +768,7 @@ TEST(KfacDenseBlock, AsyncRefreshRespectsMaxStaleness) {
   for (int t = 1; t <= 7; ++t) {
     BlockStepOutput out = h.Step(t, RawInput(steps[t - 1]));
     auto [a, g] = OracleEma(steps, 0.95, used[t - 1]);
-    EXPECT_LT(RelErr(-out.delta, ExactOracle(a, g, steps[t - 1].grad, 0.1)),
+    EXPECT_LT(RelErr(-out.delta.ToMatrix<double>(), ExactOracle(a, g, steps[t - 1].grad, 0.1)),
               1e-10)
         << "step " << t;
     EXPECT_EQ(h.engine.computed(), computed[t - 1]) << "step " << t;
@@ -780,7 +780,7 @@ TEST(KfacDenseBlock, AsyncRefreshRespectsMaxStaleness) {
   for (int t = 1; t <= 4; ++t) {
     BlockStepOutput out = eager.Step(t, RawInput(steps[t - 1]));
     auto [a, g] = OracleEma(steps, 0.95, t < 4 ? 1 : 4);
-    EXPECT_LT(RelErr(-out.delta, ExactOracle(a, g, steps[t - 1].grad, 0.1)),
+    EXPECT_LT(RelErr(-out.delta.ToMatrix<double>(), ExactOracle(a, g, steps[t - 1].grad, 0.1)),
               1e-10);
   }
 }
@@ -803,9 +803,9 @@ TEST(KfacDenseBlock, ExportWaitsForInFlightRefresh) {
   // Both continue with the step-3 decomposition.
   BlockStepOutput x = a.Step(4, RawInput(steps[3]));
   BlockStepOutput y = b.Step(4, RawInput(steps[3]));
-  EXPECT_TRUE(x.delta == y.delta);
+  EXPECT_TRUE(x.delta.ToMatrix<double>() == y.delta.ToMatrix<double>());
   auto [af, gf] = OracleEma(steps, 0.95, 3);
-  EXPECT_LT(RelErr(-x.delta, FactoredOracle(af, gf, steps[3].grad, 0.1)), 1e-10);
+  EXPECT_LT(RelErr(-x.delta.ToMatrix<double>(), FactoredOracle(af, gf, steps[3].grad, 0.1)), 1e-10);
 }
 
 // --- Packed factors and the PSD tests (issue 13) --------------------------
@@ -847,7 +847,7 @@ void ExpectPackedEqualsUnpacked(Precision precision) {
       const StepData s = MakeStep(300 + t);
       const BlockStepOutput a = full.Step(t, WireReduced<T>(s, false));
       const BlockStepOutput b = packed.Step(t, WireReduced<T>(s, true));
-      EXPECT_TRUE(a.delta == b.delta) << "step " << t;
+      EXPECT_TRUE(a.delta.ToMatrix<double>() == b.delta.ToMatrix<double>()) << "step " << t;
     }
     ExpectSameState(full.block->ExportState(), packed.block->ExportState());
   }

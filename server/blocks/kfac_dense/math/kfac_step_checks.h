@@ -66,6 +66,15 @@ absl::StatusOr<Matrix<Scalar>> CheckedCast(absl::string_view block,
   return out;
 }
 
+// Whether reading a `t` into Scalar can overflow (float64 values into a
+// float32 block). Every other read is exact, so the tensor's own finiteness
+// decides, and a received tensor's is known without a second scan
+// (DenseTensor::FromCheckedBytes).
+template <typename Scalar>
+bool Narrows(const DenseTensor& t) {
+  return sizeof(Scalar) < sizeof(double) && t.dtype() == DType::kFloat64;
+}
+
 // The same for a client tensor, read straight into Scalar from its dtype.
 template <typename Scalar>
 absl::StatusOr<Matrix<Scalar>> CheckedTensor(absl::string_view block,
@@ -79,7 +88,7 @@ absl::StatusOr<Matrix<Scalar>> CheckedTensor(absl::string_view block,
                                           ", want ", Shape(rows, cols)));
   }
   Matrix<Scalar> out = t.template ToMatrix<Scalar>();
-  if (!out.allFinite()) {
+  if (Narrows<Scalar>(t) ? !out.allFinite() : !t.AllFinite()) {
     if (!t.AllFinite()) {
       // Locate it for the message (the error path only).
       return InvalidBlockField(block, field,

@@ -32,7 +32,7 @@ class SgdBlock<Scalar>::Update final : public PendingBlockUpdate {
     if (buffer_.has_value()) block_->buffer_ = std::move(*buffer_);
     ++block_->step_;
     BlockStepOutput out;
-    out.delta = delta_.template cast<double>();
+    out.delta = DenseTensor::FromMatrix(delta_);
     out.hyperparameters = std::move(hyperparameters_);
     return out;
   }

@@ -136,17 +136,22 @@ TEST_P(SgdReferenceTest, MatchesPyTorchRecurrenceOverSteps) {
         ref.Delta(ToVector(g), ToVector(w), lr, mu, c.wd);
     BlockStepOutput o64 = Step(*b64, g, &w, t);
     BlockStepOutput o32 = Step(*b32, g, &w, t);
-    ASSERT_EQ(o64.delta.rows(), kRows);
-    ASSERT_EQ(o64.delta.cols(), kCols);
+    // Each block answers in its own precision (no float64 detour).
+    ASSERT_EQ(o64.delta.dtype(), DType::kFloat64);
+    ASSERT_EQ(o32.delta.dtype(), DType::kFloat32);
+    const Eigen::MatrixXd d64 = o64.delta.ToMatrix<double>();
+    const Eigen::MatrixXd d32 = o32.delta.ToMatrix<double>();
+    ASSERT_EQ(d64.rows(), kRows);
+    ASSERT_EQ(d64.cols(), kCols);
     for (size_t i = 0; i < want.size(); ++i) {
-      EXPECT_NEAR(o64.delta.data()[i], want[i], 1e-14) << "t=" << t;
-      EXPECT_NEAR(o32.delta.data()[i], want[i], 1e-5 * (1 + std::abs(want[i])))
+      EXPECT_NEAR(d64.data()[i], want[i], 1e-14) << "t=" << t;
+      EXPECT_NEAR(d32.data()[i], want[i], 1e-5 * (1 + std::abs(want[i])))
           << "t=" << t;
     }
     EXPECT_DOUBLE_EQ(o64.hyperparameters.at("learning_rate"), lr);
     EXPECT_DOUBLE_EQ(o64.hyperparameters.at("momentum"), mu);
     EXPECT_DOUBLE_EQ(o64.hyperparameters.at("weight_decay"), c.wd);
-    w += o64.delta;
+    w += d64;
   }
   EXPECT_EQ(b64->ExportState().scalars.at("step"), 6.0);
 }
@@ -172,10 +177,10 @@ TEST(SgdBlockTest, HandComputedMomentumSteps) {
   ASSERT_TRUE(heavy.ok() && nest.ok());
   const Eigen::MatrixXd g1 = Eigen::MatrixXd::Constant(1, 1, 1.0);
   const Eigen::MatrixXd g2 = Eigen::MatrixXd::Constant(1, 1, 2.0);
-  EXPECT_NEAR(Step(**heavy, g1, nullptr, 1).delta(0, 0), -0.1, 1e-15);
-  EXPECT_NEAR(Step(**heavy, g2, nullptr, 2).delta(0, 0), -0.29, 1e-15);
-  EXPECT_NEAR(Step(**nest, g1, nullptr, 1).delta(0, 0), -0.19, 1e-15);
-  EXPECT_NEAR(Step(**nest, g2, nullptr, 2).delta(0, 0), -(2 + 0.9 * 2.9) * 0.1,
+  EXPECT_NEAR(Step(**heavy, g1, nullptr, 1).delta.ToMatrix<double>()(0, 0), -0.1, 1e-15);
+  EXPECT_NEAR(Step(**heavy, g2, nullptr, 2).delta.ToMatrix<double>()(0, 0), -0.29, 1e-15);
+  EXPECT_NEAR(Step(**nest, g1, nullptr, 1).delta.ToMatrix<double>()(0, 0), -0.19, 1e-15);
+  EXPECT_NEAR(Step(**nest, g2, nullptr, 2).delta.ToMatrix<double>()(0, 0), -(2 + 0.9 * 2.9) * 0.1,
               1e-15);
 }
 
@@ -186,7 +191,7 @@ TEST(SgdBlockTest, DefaultsAndStateBytes) {
   EXPECT_EQ(plain->name(), "w");
   const Eigen::MatrixXd g = Eigen::MatrixXd::Ones(kRows, kCols);
   BlockStepOutput out = Step(*plain, g, nullptr, 1);
-  EXPECT_NEAR(out.delta(0, 0), -1e-2, 1e-9);  // default lr
+  EXPECT_NEAR(out.delta.ToMatrix<double>()(0, 0), -1e-2, 1e-9);  // default lr
   EXPECT_EQ(out.hyperparameters.at("momentum"), 0.0);
   EXPECT_EQ(out.hyperparameters.at("weight_decay"), 0.0);
   EXPECT_EQ(plain->StateBytes(), 0);
@@ -398,7 +403,7 @@ TEST(SgdBlockTest, ExportImportContinuesIdentically) {
     std::mt19937 rng(11);
     Eigen::MatrixXd w = RandomMatrix(rng);
     for (int64_t t = 1; t <= 3; ++t)
-      w += Step(*a, RandomMatrix(rng), &w, t).delta;
+      w += Step(*a, RandomMatrix(rng), &w, t).delta.ToMatrix<double>();
     const BlockState exported = a->ExportState();
     EXPECT_EQ(exported.scalars.at("step"), 3.0);
     ASSERT_TRUE(exported.tensors.contains("momentum_buffer"));
@@ -407,8 +412,8 @@ TEST(SgdBlockTest, ExportImportContinuesIdentically) {
     EXPECT_EQ(b->StateBytes(), a->StateBytes());
     for (int64_t t = 4; t <= 7; ++t) {
       const Eigen::MatrixXd g = RandomMatrix(rng);
-      const Eigen::MatrixXd da = Step(*a, g, &w, t).delta;
-      const Eigen::MatrixXd db = Step(*b, g, &w, t).delta;
+      const Eigen::MatrixXd da = Step(*a, g, &w, t).delta.ToMatrix<double>();
+      const Eigen::MatrixXd db = Step(*b, g, &w, t).delta.ToMatrix<double>();
       EXPECT_EQ(da, db) << t;
       w += da;
     }
@@ -460,7 +465,7 @@ TEST(SgdBlockTest, ImportValidates) {
   ASSERT_TRUE(b->ImportState(no_buffer).ok());
   EXPECT_EQ(b->StateBytes(), 0);
   const Eigen::MatrixXd g = RandomMatrix(rng);
-  EXPECT_TRUE(Step(*b, g, nullptr, 2).delta.isApprox(-1e-2 * g, 1e-6));
+  EXPECT_TRUE(Step(*b, g, nullptr, 2).delta.ToMatrix<double>().isApprox(-1e-2 * g, 1e-6));
 }
 
 }  // namespace

@@ -136,7 +136,7 @@ void CompareWithOracle(const ShampooOptions& o, int64_t rows, int64_t cols, Prec
     ctx.engine = &engine;
     auto p = (*block)->Propose(in, ctx);
     ASSERT_TRUE(p.ok()) << p.status();
-    const MatrixXd got = (*p)->Commit(1.0).delta;
+    const MatrixXd got = (*p)->Commit(1.0).delta.ToMatrix<double>();
     const double lr = o.learning_rate ? o.learning_rate->Value(t) : 1e-3;
     const double wd = o.weight_decay ? o.weight_decay->Value(t) : 0;
     const MatrixXd want = oracle.Step(g, w, lr, wd);
@@ -197,7 +197,7 @@ TEST(ShampooBlock, MergedViewOfARank3TensorMatchesOracleFloat64) {
     StepContext ctx{.step = t, .engine = &engine};
     auto p = (*block)->Propose(in, ctx);
     ASSERT_TRUE(p.ok()) << p.status();
-    const MatrixXd got = (*p)->Commit(1.0).delta;
+    const MatrixXd got = (*p)->Commit(1.0).delta.ToMatrix<double>();
     const MatrixXd want = Reshape(
         oracle.Step(Reshape(g, 6, 10), Reshape(w, 6, 10), o.learning_rate->Value(t), 0.01), 3, 20);
     EXPECT_LE(RelErr(got, want), 1e-10) << "step " << t;

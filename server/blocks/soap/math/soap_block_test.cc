@@ -76,12 +76,12 @@ void CompareWithOracle(const SoapOptions& o, int64_t rows, int64_t cols, Precisi
     const double wd = o.weight_decay ? o.weight_decay->Value(t) : 0.01;
     const MatrixXd want = oracle.Step(g, w, lr, wd);
     if (t == 1) {
-      EXPECT_TRUE(out.delta.isZero(0)) << "the first step only builds the bases";
+      EXPECT_TRUE(out.delta.ToMatrix<double>().isZero(0)) << "the first step only builds the bases";
       EXPECT_EQ(out.hyperparameters.at("preconditioned"), 0);
       continue;
     }
     refreshes += out.hyperparameters.at("refreshed") > 0;
-    EXPECT_LE(RelErr(out.delta, want), tol) << "step " << t;
+    EXPECT_LE(RelErr(out.delta.ToMatrix<double>(), want), tol) << "step " << t;
   }
   EXPECT_EQ(refreshes, (steps - 1) / o.precondition_frequency);
 }
@@ -130,7 +130,7 @@ TEST(SoapBlock, VectorIsAdamWithTheFirstStepSkippedFloat64) {
     in.gradient = g;
     in.params = w;
     StepContext ctx{.step = t, .engine = &engine};
-    const MatrixXd got = (*(*block)->Propose(in, ctx))->Commit(1).delta;
+    const MatrixXd got = (*(*block)->Propose(in, ctx))->Commit(1).delta.ToMatrix<double>();
     if (t == 1) continue;
     const int k = t - 1;
     m = 0.9 * m + 0.1 * g;
@@ -178,7 +178,7 @@ TEST(SoapBlock, ViewOfARank3TensorMatchesOracleFloat64) {
     StepContext ctx{.step = t, .engine = &engine};
     auto p = (*block)->Propose(in, ctx);
     ASSERT_TRUE(p.ok()) << p.status();
-    const MatrixXd got = (*p)->Commit(1.0).delta;
+    const MatrixXd got = (*p)->Commit(1.0).delta.ToMatrix<double>();
     const MatrixXd want = Reshape(
         oracle.Step(Reshape(g, 6, 6), Reshape(w, 6, 6), o.learning_rate->Value(t), 0.01), 3, 12);
     if (t > 1) EXPECT_LE(RelErr(got, want), 1e-10) << "step " << t;

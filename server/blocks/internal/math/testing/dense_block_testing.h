@@ -106,7 +106,7 @@ inline void ExpectExportImportContinuesExactly(ParameterBlock& a, ParameterBlock
     in.gradient = gs[t - 1];
     in.params = ws[t - 1];
     StepContext ctx{.step = t, .engine = engine};
-    return (*blk.Propose(in, ctx))->Commit(1).delta;
+    return (*blk.Propose(in, ctx))->Commit(1).delta.ToMatrix<double>();
   };
   for (int t = 1; t <= split; ++t) step(a, t);
   ASSERT_TRUE(b.ImportState(a.ExportState()).ok());
