@@ -99,7 +99,26 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
       checkpoints_skipped_(BuildCounter().Name("natgrad_checkpoints_skipped_total")
                                .Help("Checkpoint files skipped at start-up as unreadable.")
                                .Register(*registry_)
-                               .Add({})) {}
+                               .Add({})),
+      worker_running_seconds_(
+          BuildCounter().Name("natgrad_worker_running_seconds_total")
+              .Help("Seconds step worker threads spent running steps (not blocked on the "
+                    "inversion engine), summed over threads; added as each step ends.")
+              .Register(*registry_)
+              .Add({})),
+      worker_engine_wait_seconds_(
+          BuildCounter().Name("natgrad_worker_engine_wait_seconds_total")
+              .Help("Worker-slot seconds left idle because their step was blocked on the "
+                    "inversion engine with no other step running in the slot (near 0 when "
+                    "waiting steps yield their worker to queued ones); added as each step "
+                    "ends.")
+              .Register(*registry_)
+              .Add({})) {}
+
+void ServiceMetrics::WorkerTime(double running_seconds, double engine_wait_seconds) {
+  if (running_seconds > 0) worker_running_seconds_.Increment(running_seconds);
+  if (engine_wait_seconds > 0) worker_engine_wait_seconds_.Increment(engine_wait_seconds);
+}
 
 void ServiceMetrics::StreamOpened() { streams_.Increment(); }
 void ServiceMetrics::StreamClosed() { streams_.Decrement(); }

@@ -48,6 +48,11 @@ class ServiceMetrics {
   void InversionBatch(absl::string_view backend, int64_t batch_size,
                       double seconds, int64_t failed_jobs);
 
+  // From the StepExecutor as its tasks end: seconds its threads spent
+  // running tasks, and slot-seconds left idle by steps blocked on the
+  // inversion engine (StepExecutorStats).
+  void WorkerTime(double running_seconds, double engine_wait_seconds);
+
   prometheus::Registry& registry() { return *registry_; }
 
  private:
@@ -70,6 +75,8 @@ class ServiceMetrics {
   prometheus::Gauge& streams_;
   prometheus::Gauge& sessions_;
   prometheus::Counter& checkpoints_skipped_;
+  prometheus::Counter& worker_running_seconds_;
+  prometheus::Counter& worker_engine_wait_seconds_;
 };
 
 }  // namespace natgrad::service
