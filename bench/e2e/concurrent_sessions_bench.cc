@@ -21,6 +21,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+
+#include <sys/resource.h>
 #include <map>
 #include <random>
 #include <string>
@@ -110,15 +112,42 @@ std::string LoadAverage() {
   return a + " " + b + " " + c;
 }
 
-// A counter of the server's registry by name; -1 when the server has none.
-double CounterValue(natgrad::service::NatgradServer& server, const std::string& name) {
+// A counter of the server's registry by name, summed over the series that
+// have label `label` (all when empty); -1 when the server has no such family.
+double CounterValue(natgrad::service::NatgradServer& server, const std::string& name,
+                    const std::string& label = "", const std::string& value = "") {
   for (const auto& family : server.metrics().registry().Collect()) {
     if (family.name != name) continue;
     double sum = 0;
-    for (const auto& m : family.metric) sum += m.counter.value;
+    for (const auto& m : family.metric) {
+      bool match = label.empty();
+      for (const auto& l : m.label) match |= l.name == label && l.value == value;
+      if (match) sum += m.counter.value;
+    }
     return sum;
   }
   return -1;
+}
+
+// CPU seconds of this process (server and clients alike).
+double ProcessCpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+// Worker-time counters of the server at one moment.
+struct WorkerCounters {
+  double running = -1, idle = -1, idle_queued = -1;
+};
+
+WorkerCounters ReadWorkerCounters(natgrad::service::NatgradServer& server) {
+  WorkerCounters c;
+  c.running = CounterValue(server, "natgrad_worker_running_seconds_total");
+  c.idle = CounterValue(server, "natgrad_worker_engine_wait_seconds_total");
+  c.idle_queued =
+      CounterValue(server, "natgrad_worker_engine_wait_seconds_total", "queue", "nonempty");
+  return c;
 }
 
 struct Run {
@@ -126,6 +155,8 @@ struct Run {
   double p50_ms = 0;
   double running_s = -1;      // worker seconds running steps (timed part)
   double engine_wait_s = -1;  // worker-slot seconds idle on the engine
+  double engine_wait_queued_s = -1;  // ... of them with steps queued
+  double cpu = 0;             // process CPU seconds per wall second (of 2 cores: 2)
   double wall_s = 0;
   double mean_batch = 0;      // engine jobs per batch over the timed part
 };
@@ -184,9 +215,9 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
     });
   }
   if (warmed->Block()) delete warmed;
-  const double running0 = CounterValue(**server, "natgrad_worker_running_seconds_total");
-  const double wait0 = CounterValue(**server, "natgrad_worker_engine_wait_seconds_total");
+  const WorkerCounters c0 = ReadWorkerCounters(**server);
   const auto engine0 = (*server)->engine().stats();
+  const double cpu0 = ProcessCpuSeconds();
   const auto start = Clock::now();
   {
     absl::MutexLock lock(&mu);
@@ -195,11 +226,12 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
   for (auto& t : threads) t.join();
   Run r;
   r.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
-  const double running1 = CounterValue(**server, "natgrad_worker_running_seconds_total");
-  const double wait1 = CounterValue(**server, "natgrad_worker_engine_wait_seconds_total");
+  r.cpu = (ProcessCpuSeconds() - cpu0) / r.wall_s;
+  const WorkerCounters c1 = ReadWorkerCounters(**server);
   const auto engine1 = (*server)->engine().stats();
-  if (running0 >= 0) r.running_s = running1 - running0;
-  if (wait0 >= 0) r.engine_wait_s = wait1 - wait0;
+  if (c0.running >= 0) r.running_s = c1.running - c0.running;
+  if (c0.idle >= 0) r.engine_wait_s = c1.idle - c0.idle;
+  if (c0.idle_queued >= 0) r.engine_wait_queued_s = c1.idle_queued - c0.idle_queued;
   const int64_t batches = engine1.batches - engine0.batches;
   if (batches > 0) r.mean_batch = double(engine1.batched_jobs - engine0.batched_jobs) / batches;
   std::vector<double> all;
@@ -242,8 +274,12 @@ int main(int argc, char** argv) {
   const std::vector<std::vector<BlockStep>> steps = MakeSteps();
   std::printf("load average before: %s; %u hardware threads\n", LoadAverage().c_str(),
               std::thread::hardware_concurrency());
-  std::printf("%-6s %8s %4s %10s %9s %10s %12s %10s %8s\n", "mode", "sessions", "rep",
-              "steps/s", "p50 ms", "run s", "eng-idle s", "idle/run", "batch");
+  std::printf(
+      "columns: run s = worker seconds running steps; eng-idle s = worker-slot seconds idle "
+      "while its step was blocked on the engine (of it, queued = while other steps were "
+      "queued); cpu = process CPU seconds per second; batch = engine jobs per batch\n");
+  std::printf("%-6s %8s %4s %10s %9s %8s %10s %8s %6s %6s\n", "mode", "sessions", "rep",
+              "steps/s", "p50 ms", "run s", "eng-idle s", "queued", "cpu", "batch");
   // mode -> sessions -> per-rep figures.
   std::map<std::string, std::map<int, std::vector<Run>>> runs;
   // Interleaved (rep outermost), so slow drifts in the machine's load hit
@@ -254,31 +290,34 @@ int main(int argc, char** argv) {
         const int per_session = std::max(1, absl::GetFlag(FLAGS_total_steps) / n);
         Run r = RunOnce(n, per_session, mode == "yield", steps);
         runs[mode][n].push_back(r);
-        std::printf("%-6s %8d %4d %10.1f %9.2f %10.3f %12.3f %10.3f %8.2f\n", mode.c_str(), n,
-                    rep, r.steps_per_s, r.p50_ms, r.running_s, r.engine_wait_s,
-                    r.running_s > 0 ? r.engine_wait_s / r.running_s : 0.0, r.mean_batch);
+        std::printf("%-6s %8d %4d %10.1f %9.2f %8.3f %10.3f %8.3f %6.2f %6.2f\n", mode.c_str(),
+                    n, rep, r.steps_per_s, r.p50_ms, r.running_s, r.engine_wait_s,
+                    r.engine_wait_queued_s, r.cpu, r.mean_batch);
         std::fflush(stdout);
       }
     }
   }
   std::printf("\nmedians over %d reps (load average after: %s)\n", reps, LoadAverage().c_str());
-  std::printf("%-6s %8s %10s %9s %10s %12s %8s %14s\n", "mode", "sessions", "steps/s", "p50 ms",
-              "run s", "eng-idle s", "batch", "vs 1 session");
+  std::printf("%-6s %8s %10s %9s %8s %10s %8s %6s %6s %14s\n", "mode", "sessions", "steps/s",
+              "p50 ms", "run s", "eng-idle s", "queued", "cpu", "batch", "vs 1 session");
   for (const std::string& mode : modes) {
     double base = 0;
     for (int n : counts) {
-      std::vector<double> sps, p50, run, idle, batch;
+      std::vector<double> sps, p50, run, idle, queued, cpu, batch;
       for (const Run& r : runs[mode][n]) {
         sps.push_back(r.steps_per_s);
         p50.push_back(r.p50_ms);
         run.push_back(r.running_s);
         idle.push_back(r.engine_wait_s);
+        queued.push_back(r.engine_wait_queued_s);
+        cpu.push_back(r.cpu);
         batch.push_back(r.mean_batch);
       }
       const double m = Median(sps);
       if (n == 1) base = m;
-      std::printf("%-6s %8d %10.1f %9.2f %10.3f %12.3f %8.2f %14s\n", mode.c_str(), n, m,
-                  Median(p50), Median(run), Median(idle), Median(batch),
+      std::printf("%-6s %8d %10.1f %9.2f %8.3f %10.3f %8.3f %6.2f %6.2f %14s\n", mode.c_str(), n,
+                  m, Median(p50), Median(run), Median(idle), Median(queued), Median(cpu),
+                  Median(batch),
                   base > 0 ? (std::to_string(m / base).substr(0, 5) + "x").c_str() : "-");
     }
   }

@@ -50,8 +50,10 @@ class ServiceMetrics {
 
   // From the StepExecutor as its tasks end: seconds its threads spent
   // running tasks, and slot-seconds left idle by steps blocked on the
-  // inversion engine (StepExecutorStats).
-  void WorkerTime(double running_seconds, double engine_wait_seconds);
+  // inversion engine while no step was queued / while steps were queued
+  // (StepExecutorStats).
+  void WorkerTime(double running_seconds, double engine_wait_seconds,
+                  double engine_wait_queued_seconds);
 
   prometheus::Registry& registry() { return *registry_; }
 
@@ -76,7 +78,9 @@ class ServiceMetrics {
   prometheus::Gauge& sessions_;
   prometheus::Counter& checkpoints_skipped_;
   prometheus::Counter& worker_running_seconds_;
-  prometheus::Counter& worker_engine_wait_seconds_;
+  prometheus::Family<prometheus::Counter>& worker_engine_wait_;
+  prometheus::Counter& worker_engine_wait_idle_seconds_;
+  prometheus::Counter& worker_engine_wait_queued_seconds_;
 };
 
 }  // namespace natgrad::service

@@ -52,6 +52,7 @@ StepExecutorStats StepExecutor::GainLocked(double dt) const {
   g.running_seconds = running_ * dt;
   g.engine_wait_seconds = std::clamp(slots_ - running_, 0, waiting_) * dt;
   g.blocked_seconds = waiting_ * dt;
+  if (!queue_.empty()) g.engine_wait_queued_seconds = g.engine_wait_seconds;
   return g;
 }
 
@@ -62,6 +63,7 @@ StepExecutorStats StepExecutor::stats() const {
       GainLocked(std::chrono::duration<double>(Clock::now() - last_).count());
   s.running_seconds += g.running_seconds;
   s.engine_wait_seconds += g.engine_wait_seconds;
+  s.engine_wait_queued_seconds += g.engine_wait_queued_seconds;
   s.blocked_seconds += g.blocked_seconds;
   return s;
 }
@@ -72,15 +74,17 @@ void StepExecutor::AdvanceLocked() {
   last_ = now;
   stats_.running_seconds += g.running_seconds;
   stats_.engine_wait_seconds += g.engine_wait_seconds;
+  stats_.engine_wait_queued_seconds += g.engine_wait_queued_seconds;
   stats_.blocked_seconds += g.blocked_seconds;
   unflushed_running_ += g.running_seconds;
-  unflushed_engine_wait_ += g.engine_wait_seconds;
+  unflushed_engine_wait_ += g.engine_wait_seconds - g.engine_wait_queued_seconds;
+  unflushed_engine_wait_queued_ += g.engine_wait_queued_seconds;
 }
 
 void StepExecutor::StartThreadsLocked() {
   if (stopping_ && queue_.empty()) return;
-  const int startable =
-      std::min(static_cast<int>(queue_.size()), std::max(0, slots_ - HeldSlotsLocked()));
+  const int startable = std::min(static_cast<int>(queue_.size()),
+                                 std::max(0, slots_ - HeldSlotsLocked() - resuming_));
   while (parked_ + starting_ < startable && static_cast<int>(workers_.size()) < max_threads_) {
     ++starting_;
     ++stats_.threads_started;
@@ -103,19 +107,31 @@ void StepExecutor::EndEngineWait() {
   absl::MutexLock lock(&mu_);
   AdvanceLocked();
   --waiting_;
-  // Back at once, even over the slots: the step resumes where it was; no new
-  // task starts until the count is below the slots again.
+  if (yield_) {
+    // Back into a slot before computing again, ahead of queued tasks (they
+    // wait while resuming_ > 0): never more than slots_ tasks compute at
+    // once, and a step in flight finishes before a new one starts.
+    ++resuming_;
+    mu_.Await(absl::Condition(
+        +[](StepExecutor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+          return e->running_ < e->slots_;
+        },
+        this));
+    --resuming_;
+    AdvanceLocked();
+  }
   ++running_;
 }
 
 void StepExecutor::FlushMetrics() {
-  double running, engine_wait;
+  double running, idle, idle_queued;
   {
     absl::MutexLock lock(&mu_);
     running = std::exchange(unflushed_running_, 0);
-    engine_wait = std::exchange(unflushed_engine_wait_, 0);
+    idle = std::exchange(unflushed_engine_wait_, 0);
+    idle_queued = std::exchange(unflushed_engine_wait_queued_, 0);
   }
-  metrics_->WorkerTime(running, engine_wait);
+  metrics_->WorkerTime(running, idle, idle_queued);
 }
 
 void StepExecutor::Run() {
@@ -128,7 +144,8 @@ void StepExecutor::Run() {
     mu_.Await(absl::Condition(
         +[](StepExecutor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
           return (e->stopping_ && e->queue_.empty()) ||
-                 (!e->queue_.empty() && e->HeldSlotsLocked() < e->slots_);
+                 (!e->queue_.empty() && e->resuming_ == 0 &&
+                  e->HeldSlotsLocked() < e->slots_);
         },
         this));
     --parked_;

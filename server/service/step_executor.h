@@ -3,16 +3,18 @@
 //
 // It has `threads` worker slots: at most that many tasks compute at once.
 // A task that blocks on the inversion engine (core::WaitForEngine, through
-// the core::EngineWaitHook each worker thread carries) gives its slot up
-// for the wait, so another queued step (another session's: each session has
-// at most one step in flight) computes meanwhile on a spare thread, and
-// takes it back when the engine delivers; the pool may then run one task
-// over its slots until a task ends. Spare threads are started on demand, up
-// to kMaxThreadsPerSlot * threads in all, and then stay parked for reuse.
-// The waiting step keeps its own thread (it does not run other steps on its
-// stack), so it resumes as soon as its result is ready, it holds no lock
-// another step needs that it would not hold with a larger pool, and a step
-// never waits behind another one it happens to be nested in.
+// the core::EngineWaitHook each worker thread carries) gives its slot up for
+// the wait, so another queued step (another session's: a session has at
+// most one step in flight) computes in it meanwhile, on a parked or newly
+// started thread. When the engine delivers, the task takes a slot back
+// before it computes again, ahead of queued tasks. Threads are started on
+// demand, up to kMaxThreadsPerSlot per slot (which bounds the steps in
+// flight), and stay parked for reuse.
+//
+// The waiting step keeps its own thread and stack (it does not run other
+// steps nested inside its wait), so it holds no lock another step needs that
+// it would not hold in a larger pool, it never waits behind a step nested
+// above it, and it resumes as soon as its result is ready and a slot frees.
 #ifndef NATGRAD_SERVER_SERVICE_STEP_EXECUTOR_H_
 #define NATGRAD_SERVER_SERVICE_STEP_EXECUTOR_H_
 
@@ -50,6 +52,9 @@ struct StepExecutorStats {
   // engine while it could have run something; without yielding it is all
   // of the blocked time.
   double engine_wait_seconds = 0;
+  // The part of engine_wait_seconds in which steps were queued: they could
+  // have used the idle slot (without yielding, or at the thread bound).
+  double engine_wait_queued_seconds = 0;
   // Thread-seconds inside engine waits, whether or not the slot was reused.
   double blocked_seconds = 0;
   int64_t tasks = 0;
@@ -60,7 +65,7 @@ struct StepExecutorStats {
 class StepExecutor final : private core::EngineWaitHook {
  public:
   // At most this many threads per slot: a bound on steps in flight at once.
-  static constexpr int kMaxThreadsPerSlot = 4;
+  static constexpr int kMaxThreadsPerSlot = 8;
 
   explicit StepExecutor(StepExecutorOptions options);
   explicit StepExecutor(int threads) : StepExecutor(StepExecutorOptions{.threads = threads}) {}
@@ -105,6 +110,7 @@ class StepExecutor final : private core::EngineWaitHook {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int running_ ABSL_GUARDED_BY(mu_) = 0;  // in a task, not in an engine wait
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;  // in a task, blocked on the engine
+  int resuming_ ABSL_GUARDED_BY(mu_) = 0; // its result came, waiting for a slot
   int parked_ ABSL_GUARDED_BY(mu_) = 0;   // in Run, without a task
   int starting_ ABSL_GUARDED_BY(mu_) = 0;  // started, not yet in Run's loop
   std::vector<std::thread> workers_ ABSL_GUARDED_BY(mu_);
@@ -113,6 +119,7 @@ class StepExecutor final : private core::EngineWaitHook {
   // Not yet added to the metrics.
   double unflushed_running_ ABSL_GUARDED_BY(mu_) = 0;
   double unflushed_engine_wait_ ABSL_GUARDED_BY(mu_) = 0;
+  double unflushed_engine_wait_queued_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace natgrad::service

@@ -120,6 +120,35 @@ TEST(StepExecutor, StepsInFlightAreBoundedPerSlot) {
   EXPECT_FALSE(last_started_before_open) << "a task beyond the bound started";
 }
 
+TEST(StepExecutor, AResumedTaskWaitsForAFreeSlot) {
+  // One slot: the first task's result arrives while the second task holds
+  // the slot (blocked outside the engine, so it keeps it); the first may
+  // compute again only once the second has finished.
+  Gate gate;
+  std::promise<void> release_second;
+  std::shared_future<void> second_may_end = release_second.get_future().share();
+  absl::Notification second_started;
+  std::atomic<bool> first_resumed{false};
+  std::atomic<bool> first_resumed_while_second_ran{false};
+  {
+    StepExecutor executor(StepExecutorOptions{.threads = 1});
+    executor.Submit([&] {
+      core::WaitForEngine(GateFuture{&gate});
+      first_resumed = true;
+    });
+    executor.Submit([&] {
+      second_started.Notify();
+      second_may_end.wait();  // not an engine wait: the slot stays taken
+      first_resumed_while_second_ran = first_resumed.load();
+    });
+    EXPECT_TRUE(second_started.WaitForNotificationWithTimeout(kDeadlockGuard));
+    gate.Open();
+    release_second.set_value();
+  }
+  EXPECT_TRUE(first_resumed);
+  EXPECT_FALSE(first_resumed_while_second_ran) << "two tasks computed in one slot";
+}
+
 TEST(StepExecutor, WithoutYieldingAWaitingTaskKeepsItsSlot) {
   Gate gate;
   std::atomic<bool> second_started_before_open{false};
