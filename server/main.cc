@@ -31,7 +31,10 @@ ABSL_FLAG(absl::Duration, partial_step_timeout, absl::Seconds(60),
           "with DEADLINE_EXCEEDED; zero: never");
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
           "gRPC receive/send message size limit (gRPC's default is 4 MiB)");
-ABSL_FLAG(int32_t, worker_threads, 0, "Threads applying steps; 0: one per core");
+ABSL_FLAG(int32_t, worker_threads, 0,
+          "Steps computing at once (worker slots); 0: one per core. A step waiting "
+          "for the inversion engine lends its slot to a queued step (up to 8 threads "
+          "per slot)");
 ABSL_FLAG(int32_t, compute_threads, 0,
           "Threads of the pool that splits large products and Gaussian copies, "
           "shared by all steps (the step's own thread included); 0: one per core");
