@@ -35,6 +35,9 @@ ABSL_FLAG(int32_t, worker_threads, 0,
           "Steps computing at once (worker slots); 0: one per core. A step waiting "
           "for the inversion engine lends its slot to a queued step (up to 8 threads "
           "per slot)");
+ABSL_FLAG(bool, yield_engine_waits, true,
+          "A step blocked on the inversion engine lends its worker slot to a queued "
+          "step; false keeps the slot idle during the wait");
 ABSL_FLAG(int32_t, compute_threads, 0,
           "Threads of the pool that splits large products and Gaussian copies, "
           "shared by all steps (the step's own thread included); 0: one per core");
@@ -120,6 +123,7 @@ int main(int argc, char** argv) {
   o.partial_step_timeout = absl::GetFlag(FLAGS_partial_step_timeout);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  o.yield_engine_waits = absl::GetFlag(FLAGS_yield_engine_waits);
   o.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   o.engine.backend = absl::GetFlag(FLAGS_inversion_backend);
   o.engine.batch_window_us = absl::GetFlag(FLAGS_batch_window_us);

@@ -159,6 +159,8 @@ struct Run {
   double cpu = 0;             // process CPU seconds per wall second (of 2 cores: 2)
   double wall_s = 0;
   double mean_batch = 0;      // engine jobs per batch over the timed part
+  double engine_busy = 0;     // engine seconds inside backend calls per wall second
+  double job_ms = 0;          // mean engine job latency, submit to result
 };
 
 Run RunOnce(int sessions, int steps_per_session, bool yield,
@@ -234,6 +236,11 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
   if (c0.idle_queued >= 0) r.engine_wait_queued_s = c1.idle_queued - c0.idle_queued;
   const int64_t batches = engine1.batches - engine0.batches;
   if (batches > 0) r.mean_batch = double(engine1.batched_jobs - engine0.batched_jobs) / batches;
+  r.engine_busy = (engine1.busy_seconds - engine0.busy_seconds) / r.wall_s;
+  const int64_t jobs = engine1.jobs_succeeded - engine0.jobs_succeeded;
+  if (jobs > 0) {
+    r.job_ms = 1e3 * (engine1.total_latency_seconds - engine0.total_latency_seconds) / jobs;
+  }
   std::vector<double> all;
   for (auto& l : latencies) all.insert(all.end(), l.begin(), l.end());
   std::sort(all.begin(), all.end());
@@ -277,9 +284,12 @@ int main(int argc, char** argv) {
   std::printf(
       "columns: run s = worker seconds running steps; eng-idle s = worker-slot seconds idle "
       "while its step was blocked on the engine (of it, queued = while other steps were "
-      "queued); cpu = process CPU seconds per second; batch = engine jobs per batch\n");
-  std::printf("%-6s %8s %4s %10s %9s %8s %10s %8s %6s %6s\n", "mode", "sessions", "rep",
-              "steps/s", "p50 ms", "run s", "eng-idle s", "queued", "cpu", "batch");
+      "queued); cpu = process CPU seconds per second; batch = engine jobs per batch; "
+      "eng busy = engine seconds in backend calls per second; job ms = mean engine job "
+      "latency\n");
+  std::printf("%-6s %8s %4s %10s %9s %8s %10s %8s %6s %6s %8s %7s\n", "mode", "sessions",
+              "rep", "steps/s", "p50 ms", "run s", "eng-idle s", "queued", "cpu", "batch",
+              "eng busy", "job ms");
   // mode -> sessions -> per-rep figures.
   std::map<std::string, std::map<int, std::vector<Run>>> runs;
   // Interleaved (rep outermost), so slow drifts in the machine's load hit
@@ -290,9 +300,10 @@ int main(int argc, char** argv) {
         const int per_session = std::max(1, absl::GetFlag(FLAGS_total_steps) / n);
         Run r = RunOnce(n, per_session, mode == "yield", steps);
         runs[mode][n].push_back(r);
-        std::printf("%-6s %8d %4d %10.1f %9.2f %8.3f %10.3f %8.3f %6.2f %6.2f\n", mode.c_str(),
-                    n, rep, r.steps_per_s, r.p50_ms, r.running_s, r.engine_wait_s,
-                    r.engine_wait_queued_s, r.cpu, r.mean_batch);
+        std::printf("%-6s %8d %4d %10.1f %9.2f %8.3f %10.3f %8.3f %6.2f %6.2f %8.2f %7.2f\n",
+                    mode.c_str(), n, rep, r.steps_per_s, r.p50_ms, r.running_s,
+                    r.engine_wait_s, r.engine_wait_queued_s, r.cpu, r.mean_batch,
+                    r.engine_busy, r.job_ms);
         std::fflush(stdout);
       }
     }
