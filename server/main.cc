@@ -32,12 +32,15 @@ ABSL_FLAG(absl::Duration, partial_step_timeout, absl::Seconds(60),
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
           "gRPC receive/send message size limit (gRPC's default is 4 MiB)");
 ABSL_FLAG(int32_t, worker_threads, 0,
-          "Steps computing at once (worker slots); 0: one per core. A step waiting "
-          "for the inversion engine lends its slot to a queued step (up to 8 threads "
-          "per slot)");
-ABSL_FLAG(bool, yield_engine_waits, true,
+          "Steps computing at once (worker slots); 0: one per core (see "
+          "--yield_engine_waits)");
+// Off by default: with the CPU engine backend on a shared 2-core machine,
+// lending the slot measured 25-35 % fewer steps/s at 32 sessions
+// (docs/server-flags.md); measure before turning it on.
+ABSL_FLAG(bool, yield_engine_waits, false,
           "A step blocked on the inversion engine lends its worker slot to a queued "
-          "step; false keeps the slot idle during the wait");
+          "step of another session (up to 8 threads per slot); false keeps the slot "
+          "idle during the wait");
 ABSL_FLAG(int32_t, compute_threads, 0,
           "Threads of the pool that splits large products and Gaussian copies, "
           "shared by all steps (the step's own thread included); 0: one per core");
