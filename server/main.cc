@@ -31,7 +31,16 @@ ABSL_FLAG(absl::Duration, partial_step_timeout, absl::Seconds(60),
           "with DEADLINE_EXCEEDED; zero: never");
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} << 20,
           "gRPC receive/send message size limit (gRPC's default is 4 MiB)");
-ABSL_FLAG(int32_t, worker_threads, 0, "Threads applying steps; 0: one per core");
+ABSL_FLAG(int32_t, worker_threads, 0,
+          "Steps computing at once (worker slots); 0: one per core (see "
+          "--yield_engine_waits)");
+// Off by default: with the CPU engine backend on a shared 2-core machine,
+// lending the slot measured 25-35 % fewer steps/s at 32 sessions
+// (docs/server-flags.md); measure before turning it on.
+ABSL_FLAG(bool, yield_engine_waits, false,
+          "A step blocked on the inversion engine lends its worker slot to a queued "
+          "step of another session (up to 8 threads per slot); false keeps the slot "
+          "idle during the wait");
 ABSL_FLAG(int32_t, compute_threads, 0,
           "Threads of the pool that splits large products and Gaussian copies, "
           "shared by all steps (the step's own thread included); 0: one per core");
@@ -117,6 +126,7 @@ int main(int argc, char** argv) {
   o.partial_step_timeout = absl::GetFlag(FLAGS_partial_step_timeout);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  o.yield_engine_waits = absl::GetFlag(FLAGS_yield_engine_waits);
   o.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   o.engine.backend = absl::GetFlag(FLAGS_inversion_backend);
   o.engine.batch_window_us = absl::GetFlag(FLAGS_batch_window_us);

@@ -152,7 +152,10 @@ absl::Status NatgradServer::Init(ServerOptions options) {
     authenticator_ = std::make_unique<AnonymousAuthenticator>();
   }
 
-  executor_ = std::make_unique<StepExecutor>(options_.worker_threads);
+  executor_ = std::make_unique<StepExecutor>(
+      StepExecutorOptions{.threads = options_.worker_threads,
+                          .yield_engine_waits = options_.yield_engine_waits,
+                          .metrics = metrics_.get()});
   ServiceDependencies deps;
   deps.registry = registry_.get();
   deps.executor = executor_.get();

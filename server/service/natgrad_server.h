@@ -36,7 +36,12 @@ struct ServerOptions {
   std::string metrics_address;  // empty: no /metrics endpoint
   session::RegistryLimits limits;
   int64_t max_message_bytes = int64_t{256} << 20;
+  // Steps computing at once (StepExecutor slots); 0: one per core.
   int worker_threads = 0;
+  // A step blocked on the inversion engine gives its worker slot to a queued
+  // step (StepExecutor); false keeps the slot idle. natgrad-server's
+  // --yield_engine_waits defaults to false (docs/server-flags.md says why).
+  bool yield_engine_waits = true;
   // Threads of the one ComputePool the block math shares (product panels,
   // Gaussian copies); 0: one per core.
   int compute_threads = 0;

@@ -106,7 +106,31 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
                     "(a step streamed over several messages); the others are proposed "
                     "with the step's last message.")
               .Register(*registry_)
-              .Add({})) {}
+              .Add({})),
+      worker_running_seconds_(
+          BuildCounter().Name("natgrad_worker_running_seconds_total")
+              .Help("Seconds step worker threads spent running steps (not blocked on the "
+                    "inversion engine), summed over threads; added as each step ends.")
+              .Register(*registry_)
+              .Add({})),
+      worker_engine_wait_(
+          BuildCounter().Name("natgrad_worker_engine_wait_seconds_total")
+              .Help("Worker-slot seconds left idle because their step was blocked on the "
+                    "inversion engine and no other step ran in the slot, by whether steps "
+                    "were queued then (queue=nonempty: they could have run; near 0 while "
+                    "waiting steps yield their worker). Added as each step ends.")
+              .Register(*registry_)),
+      worker_engine_wait_idle_seconds_(worker_engine_wait_.Add({{"queue", "empty"}})),
+      worker_engine_wait_queued_seconds_(worker_engine_wait_.Add({{"queue", "nonempty"}})) {}
+
+void ServiceMetrics::WorkerTime(double running_seconds, double engine_wait_seconds,
+                                double engine_wait_queued_seconds) {
+  if (running_seconds > 0) worker_running_seconds_.Increment(running_seconds);
+  if (engine_wait_seconds > 0) worker_engine_wait_idle_seconds_.Increment(engine_wait_seconds);
+  if (engine_wait_queued_seconds > 0) {
+    worker_engine_wait_queued_seconds_.Increment(engine_wait_queued_seconds);
+  }
+}
 
 void ServiceMetrics::StreamOpened() { streams_.Increment(); }
 void ServiceMetrics::StreamClosed() { streams_.Decrement(); }

@@ -50,6 +50,13 @@ class ServiceMetrics {
   void InversionBatch(absl::string_view backend, int64_t batch_size,
                       double seconds, int64_t failed_jobs);
 
+  // From the StepExecutor as its tasks end: seconds its threads spent
+  // running tasks, and slot-seconds left idle by steps blocked on the
+  // inversion engine while no step was queued / while steps were queued
+  // (StepExecutorStats).
+  void WorkerTime(double running_seconds, double engine_wait_seconds,
+                  double engine_wait_queued_seconds);
+
   prometheus::Registry& registry() { return *registry_; }
 
  private:
@@ -73,6 +80,10 @@ class ServiceMetrics {
   prometheus::Gauge& sessions_;
   prometheus::Counter& checkpoints_skipped_;
   prometheus::Counter& blocks_proposed_early_;
+  prometheus::Counter& worker_running_seconds_;
+  prometheus::Family<prometheus::Counter>& worker_engine_wait_;
+  prometheus::Counter& worker_engine_wait_idle_seconds_;
+  prometheus::Counter& worker_engine_wait_queued_seconds_;
 };
 
 }  // namespace natgrad::service

@@ -1,36 +1,125 @@
-// A fixed pool of threads that apply steps, so block math never runs on
-// gRPC's callback threads (callbacks must not block; scripts/setup).
+// The pool that applies steps, so block math never runs on gRPC's callback
+// threads (callbacks must not block; scripts/setup).
+//
+// It has `threads` worker slots: at most that many tasks compute at once.
+// A task that blocks on the inversion engine (core::WaitForEngine, through
+// the core::EngineWaitHook each worker thread carries) gives its slot up for
+// the wait, so another queued step (another session's: a session has at
+// most one step in flight) computes in it meanwhile, on a parked or newly
+// started thread. When the engine delivers, the task takes a slot back
+// before it computes again, ahead of queued tasks. Threads are started on
+// demand, up to kMaxThreadsPerSlot per slot (which bounds the steps in
+// flight), and stay parked for reuse.
+//
+// The waiting step keeps its own thread and stack (it does not run other
+// steps nested inside its wait), so it holds no lock another step needs that
+// it would not hold in a larger pool, it never waits behind a step nested
+// above it, and it resumes as soon as its result is ready and a slot frees.
 #ifndef NATGRAD_SERVER_SERVICE_STEP_EXECUTOR_H_
 #define NATGRAD_SERVER_SERVICE_STEP_EXECUTOR_H_
 
+#include <chrono>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <thread>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "server/core/engine_wait.h"
 
 namespace natgrad::service {
 
-class StepExecutor {
+class ServiceMetrics;
+
+struct StepExecutorOptions {
+  // Worker slots; <= 0 means one per hardware thread.
+  int threads = 0;
+  // false: a task waiting on the engine keeps its slot (the pool before this
+  // existed; for benchmarks and tests that compare).
+  bool yield_engine_waits = true;
+  // Optional: worker time is added to its counters as tasks end.
+  ServiceMetrics* metrics = nullptr;
+};
+
+// Cumulative worker time (seconds of wall time summed over threads/slots).
+struct StepExecutorStats {
+  // Threads executing task code, not blocked on the engine.
+  double running_seconds = 0;
+  // Slot-seconds in which a slot was left idle because its step was blocked
+  // on the engine: for every instant, min(steps blocked on the engine,
+  // slots not running a task). Zero means no step's worker idled on the
+  // engine while it could have run something; without yielding it is all
+  // of the blocked time.
+  double engine_wait_seconds = 0;
+  // The part of engine_wait_seconds in which steps were queued: they could
+  // have used the idle slot (without yielding, or at the thread bound).
+  double engine_wait_queued_seconds = 0;
+  // Thread-seconds inside engine waits, whether or not the slot was reused.
+  double blocked_seconds = 0;
+  int64_t tasks = 0;
+  int64_t engine_waits = 0;  // waits that blocked (the result was not ready)
+  int threads_started = 0;   // slots plus spares started so far
+};
+
+class StepExecutor final : private core::EngineWaitHook {
  public:
-  // threads <= 0 means one per hardware thread.
-  explicit StepExecutor(int threads);
-  ~StepExecutor();  // runs what is queued, then joins
+  // At most this many threads per slot: a bound on steps in flight at once.
+  static constexpr int kMaxThreadsPerSlot = 8;
+
+  explicit StepExecutor(StepExecutorOptions options);
+  explicit StepExecutor(int threads) : StepExecutor(StepExecutorOptions{.threads = threads}) {}
+  ~StepExecutor() override;  // runs what is queued, then joins
 
   StepExecutor(const StepExecutor&) = delete;
   StepExecutor& operator=(const StepExecutor&) = delete;
 
   void Submit(std::function<void()> task);
-  int threads() const { return static_cast<int>(workers_.size()); }
+  int threads() const { return slots_; }
+  StepExecutorStats stats() const;
 
  private:
-  void Run();
+  using Clock = std::chrono::steady_clock;
 
-  absl::Mutex mu_;
+  // core::EngineWaitHook, called only on this pool's worker threads (the
+  // hook is installed per thread), from inside a task.
+  void BeginEngineWait() override;
+  void EndEngineWait() override;
+
+  void Run();
+  // Integrates the time-weighted counters up to now.
+  void AdvanceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What the counters gain over dt seconds in the current state.
+  StepExecutorStats GainLocked(double dt) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starts spare threads while queued tasks could take free slots but no
+  // parked thread is left to take them.
+  void StartThreadsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int HeldSlotsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return running_ + (yield_ ? 0 : waiting_);
+  }
+  // Hands the counters accumulated since the last flush to the metrics.
+  void FlushMetrics();
+
+  const int slots_;
+  const int max_threads_;
+  const bool yield_;
+  ServiceMetrics* const metrics_;
+
+  mutable absl::Mutex mu_;
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::thread> workers_;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // in a task, not in an engine wait
+  int waiting_ ABSL_GUARDED_BY(mu_) = 0;  // in a task, blocked on the engine
+  int resuming_ ABSL_GUARDED_BY(mu_) = 0; // its result came, waiting for a slot
+  int parked_ ABSL_GUARDED_BY(mu_) = 0;   // in Run, without a task
+  int starting_ ABSL_GUARDED_BY(mu_) = 0;  // started, not yet in Run's loop
+  std::vector<std::thread> workers_ ABSL_GUARDED_BY(mu_);
+  Clock::time_point last_ ABSL_GUARDED_BY(mu_);
+  StepExecutorStats stats_ ABSL_GUARDED_BY(mu_);
+  // Not yet added to the metrics.
+  double unflushed_running_ ABSL_GUARDED_BY(mu_) = 0;
+  double unflushed_engine_wait_ ABSL_GUARDED_BY(mu_) = 0;
+  double unflushed_engine_wait_queued_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace natgrad::service

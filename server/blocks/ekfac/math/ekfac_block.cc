@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/blocks/ekfac/math/ekfac_kernels.h"
 #include "server/core/block_error.h"
+#include "server/core/engine_wait.h"
 #include "server/core/first_order_checks.h"
 #include "server/engine/inversion_engine.h"
 
@@ -199,6 +200,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
     auto fg = context.engine->Submit(Matrix(inv_w * next.g_sum), engine::DecompositionKind::kEigh);
     for (auto [future, dim, which, out] :
          {std::tuple{&fa, ad, 'A', &next.u_a}, std::tuple{&fg, gd, 'G', &next.u_g}}) {
+      WaitForEngine(*future);
       absl::StatusOr<engine::Decomposition<Scalar>> r = future->get();
       if (!r.ok()) {
         return BlockError(r.status().code(), name(), absl::StrCat("factor ", std::string(1, which)),

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "server/core/block_error.h"
+#include "server/core/engine_wait.h"
 #include "server/core/first_order_checks.h"
 #include "server/linalg/blas.h"
 #include "server/blocks/kfac_dense/math/kfac_kernels.h"
@@ -301,6 +302,7 @@ KfacDenseBlock<Scalar>::Resolve(const Refresh& refresh) const {
   for (auto [future, dim, which] :
        {std::tuple{&refresh.a, a_dim(), 'A'},
         std::tuple{&refresh.g, g_dim(), 'G'}}) {
+    WaitForEngine(*future);  // a worker's slot goes to other steps meanwhile
     const absl::StatusOr<engine::Decomposition<Scalar>>& r = future->get();
     if (absl::Status s = CheckPsd(refresh, which, r); !s.ok()) return s;
     if (!r.ok()) {

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/blocks/internal/math/matrix_block_helpers.h"
 #include "server/core/block_error.h"
+#include "server/core/engine_wait.h"
 #include "server/core/first_order_checks.h"
 #include "server/engine/inversion_engine.h"
 
@@ -246,6 +247,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
     std::vector<Matrix> roots;
     roots.reserve(futures.size());
     for (size_t i = 0; i < futures.size(); ++i) {
+      WaitForEngine(futures[i]);
       absl::StatusOr<engine::Decomposition<Scalar>> d = futures[i].get();
       const int64_t dim = (i % 2 == 0) ? tiles_[i / 2].rows : tiles_[i / 2].cols;
       if (!d.ok() || d->eigenvalues.size() != dim || d->matrix.rows() != dim ||

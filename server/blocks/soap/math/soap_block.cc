@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/blocks/internal/math/matrix_block_helpers.h"
 #include "server/core/block_error.h"
+#include "server/core/engine_wait.h"
 #include "server/core/first_order_checks.h"
 #include "server/engine/inversion_engine.h"
 
@@ -250,6 +251,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     if (right_on_)
       futures.emplace_back(false, context.engine->Submit(right, engine::DecompositionKind::kEigh));
     for (auto& [is_left, future] : futures) {
+      WaitForEngine(future);
       absl::StatusOr<engine::Decomposition<Scalar>> d = future.get();
       const int64_t dim = is_left ? view_.rows : view_.cols;
       if (!d.ok() || d->matrix.rows() != dim || d->matrix.cols() != dim) {
