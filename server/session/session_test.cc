@@ -348,7 +348,9 @@ void ExpectSameResult(const StepResult& a, const StepResult& b, int64_t t) {
   for (size_t i = 0; i < a.blocks.size(); ++i) {
     EXPECT_EQ(a.blocks[i].index, b.blocks[i].index);
     EXPECT_EQ(a.blocks[i].name, b.blocks[i].name);
-    EXPECT_TRUE(a.blocks[i].output.delta == b.blocks[i].output.delta)
+    const core::DenseTensor& da = a.blocks[i].output.delta;
+    const core::DenseTensor& db = b.blocks[i].output.delta;
+    EXPECT_TRUE(da.dtype() == db.dtype() && da.shape() == db.shape() && da.bytes() == db.bytes())
         << "step " << t << " block " << a.blocks[i].name;
     EXPECT_EQ(a.blocks[i].output.hyperparameters, b.blocks[i].output.hyperparameters)
         << "step " << t << " block " << a.blocks[i].name;

@@ -165,7 +165,7 @@ TEST(ConcurrentKfacService, SessionsOnOneWorkerSlotAllCompleteAndEqualCoreInProc
       for (size_t l = 0; l < ref.size(); ++l) {
         auto p = ref[l]->Propose(d.core[l], ctx);
         ASSERT_TRUE(p.ok()) << p.status();
-        const Eigen::MatrixXd want = (*p)->Commit(1.0).delta;
+        const Eigen::MatrixXd want = (*p)->Commit(1.0).delta.ToMatrix<double>();
         const std::vector<double> values = client::TensorValues(r.updates(l).delta());
         ASSERT_EQ(values.size(), size_t(want.size()));
         const double scale = want.cwiseAbs().maxCoeff();

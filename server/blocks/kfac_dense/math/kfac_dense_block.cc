@@ -102,7 +102,7 @@ template <typename Scalar>
 absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
                                                    absl::string_view field,
                                                    const DenseTensor& tensor,
-                                                   Eigen::Index dim) {
+                                                   Eigen::Index dim, int64_t rows) {
   absl::StatusOr<kfac::Matrix<Scalar>> read =
       ReadFactor<Scalar>(block, field, tensor, dim);
   if (!read.ok()) return read.status();
@@ -132,7 +132,20 @@ absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
     x = (Scalar(0.5) * (x + x.transpose())).eval();
   }
   const double max_diag = static_cast<double>(x.diagonal().cwiseAbs().maxCoeff());
-  const double delta = kFactorTolerance * max_diag +
+  // The allowance for rounding: the factor's (kFactorTolerance) and the
+  // client's in forming X = a^T a / n from n rows in the wire dtype, in any
+  // summation order: |E| <= gamma_n |a|^T|a| / n entrywise, so ||E||_2 <=
+  // gamma_n tr(X) (gamma_n = n eps / (1 - n eps)), which bounds how far below
+  // 0 every principal minor's eigenvalues can be. It scales with tr(X) >=
+  // lambda_max, not with max X_ii: a float32 Gram of correlated activations
+  // (lambda_max ~ d max X_ii) has rounding eigenvalues far below -d eps max X_ii.
+  const double wire_eps = tensor.dtype() == core::DType::kFloat32
+                              ? std::numeric_limits<float>::epsilon()
+                              : std::numeric_limits<double>::epsilon();
+  const double n_eps = static_cast<double>(std::max<int64_t>(rows, 1)) * wire_eps;
+  const double gamma = n_eps < 0.5 ? n_eps / (1 - n_eps) : 1.0;
+  const double trace = std::max(0.0, static_cast<double>(x.trace()));
+  const double delta = kFactorTolerance * max_diag + gamma * trace +
                        std::numeric_limits<double>::min() * dim;
   Eigen::Index neg;
   if (static_cast<double>(x.diagonal().minCoeff(&neg)) < -delta) {
@@ -160,11 +173,9 @@ absl::StatusOr<kfac::Matrix<Scalar>> CheckedFactor(absl::string_view block,
                        " (a 2x2 principal minor is negative)"));
     }
   }
-  // The shift covers the Cholesky's own rounding (about d eps max|X|) as well
-  // as the factor's (kFactorTolerance, as above).
+  // The shift adds the Cholesky's own rounding (about d eps max|X|).
   const double shift =
-      delta + static_cast<double>(dim) *
-                  std::numeric_limits<Scalar>::epsilon() * max_diag;
+      delta + static_cast<double>(dim) * std::numeric_limits<Scalar>::epsilon() * max_diag;
   kfac::Matrix<Scalar> chol = x;
   chol.diagonal().array() += static_cast<Scalar>(shift);
   if (const int info = linalg::blas::Potrf('L', dim, chol.data(), dim);
@@ -440,10 +451,12 @@ KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input, int64_t t,
                        absl::StrCat("is ", s.num_examples, ", want > 0"));
       }
       absl::StatusOr<Matrix> af =
-          CheckedFactor<Scalar>(name(), "kfac.reduced.a_factor", s.a_factor, ad);
+          CheckedFactor<Scalar>(name(), "kfac.reduced.a_factor", s.a_factor, ad,
+                                s.num_examples);
       if (!af.ok()) return af.status();
       absl::StatusOr<Matrix> gf =
-          CheckedFactor<Scalar>(name(), "kfac.reduced.g_factor", s.g_factor, gd);
+          CheckedFactor<Scalar>(name(), "kfac.reduced.g_factor", s.g_factor, gd,
+                                s.num_examples);
       if (!gf.ok()) return gf.status();
       if (fold) {
         a_batch = *std::move(af);

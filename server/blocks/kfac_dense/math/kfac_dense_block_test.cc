@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "Eigen/Cholesky"
+#include "Eigen/Eigenvalues"
 #include "Eigen/QR"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -936,6 +937,51 @@ TEST(KfacDenseBlock, RankDeficientFactorsPassThePsdTest) {
       auto p = h.Propose(1, ReducedInput(OracleGram(s.a, true, 2), OracleGram(s.g, false, 2),
                                          s.grad, 2));
       EXPECT_TRUE(p.ok()) << p.status();
+    }
+  }
+}
+
+// The arrival test's rounding allowance for a reduced factor formed in
+// float32 from n rows: gamma_n tr(X), the bound on ||fl(a^T a / n) - a^T a / n||_2
+// for any summation order. A rank-deficient Gram of correlated activations
+// (lambda_max ~ d max X_ii) moved along a null vector by a quarter of that
+// bound is taken, though it is far outside the diagonal-scaled allowance
+// (the test checks that first); moved by four times the bound it is refused.
+TEST(KfacDenseBlock, ReducedFactorRoundingAllowanceScalesWithTheTrace) {
+  constexpr int kWideIn = 63, kN = 1000, kRank = 4;
+  const MatrixXd z = RandomMatrix(kN, kRank, 340);
+  const MatrixXd w = RandomMatrix(kRank, kWideIn, 341);
+  MatrixXd abar(kN, kWideIn + 1);
+  abar.leftCols(kWideIn) = (1.0 + 0.05 * (z * w).array()).matrix();
+  abar.col(kWideIn).setOnes();
+  const MatrixXd exact = abar.transpose() * abar / kN;  // rank kRank + 1
+  Eigen::SelfAdjointEigenSolver<MatrixXd> eig(exact);
+  const Eigen::VectorXd null = eig.eigenvectors().col(0);
+  ASSERT_LT(std::abs(eig.eigenvalues()(0)), 1e-10);
+  const double eps = std::numeric_limits<float>::epsilon();
+  const double gamma = kN * eps / (1 - kN * eps);
+  const double allowance = gamma * exact.trace();
+  const double max_diag = exact.diagonal().maxCoeff();
+  const double old_allowance = 1e-4 * max_diag + (kWideIn + 1) * eps * max_diag;
+  ASSERT_GT(0.25 * allowance, 2 * old_allowance) << "no longer tests the trace term";
+  const StepData s = MakeStep(342, kWideIn, kDout, kN);
+  for (Precision precision : {Precision::kFloat32, Precision::kFloat64}) {
+    for (double times : {0.25, 4.0}) {
+      SCOPED_TRACE(times);
+      KfacDenseOptions o = Options(KfacDampingMode::kEigenExact, 1e-3);
+      o.d_in = kWideIn;
+      Harness h(o, precision);
+      const MatrixXd a = exact - times * allowance * null * null.transpose();
+      KfacStepInput in = ReducedInput(a, OracleGram(s.g, false, kN), s.grad, kN);
+      in.kfac->a_factor = WireFactor<float>(a, /*packed=*/true);
+      auto p = h.Propose(1, in);
+      if (times < 1) {
+        EXPECT_TRUE(p.ok()) << p.status();
+      } else {
+        ASSERT_FALSE(p.ok());
+        EXPECT_THAT(p.status().message(),
+                    HasSubstr("kfac.reduced.a_factor is not positive semidefinite"));
+      }
     }
   }
 }
