@@ -131,12 +131,15 @@ void StepReactor::OnReadDone(bool ok) {
         stale = std::move(alarm_);
       }
       stale.reset();  // cancels; its callback sees a newer generation
-      const int64_t reserved = reserved_bytes_;
-      // Not queued when the stream already ended: OnDone releases it then.
-      if (RunInOrder([this, step = assembler_->Take(), reserved]() mutable {
+      // Handed over before the task is queued: it may run, finish and start
+      // the next read (whose OnReadDone adds to reserved_bytes_) before
+      // RunInOrder returns. Not queued when the stream already ended (no read
+      // follows then): OnDone releases it.
+      const int64_t reserved = std::exchange(reserved_bytes_, 0);
+      if (!RunInOrder([this, step = assembler_->Take(), reserved]() mutable {
             RunStep(std::move(step), reserved);
           })) {
-        reserved_bytes_ = 0;
+        reserved_bytes_ = reserved;
       }
     }
   }

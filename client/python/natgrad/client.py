@@ -586,7 +586,9 @@ def _size_bound(msg):
     near a limit. None for a message with a map field (then ByteSize)."""
     n = 0
     for fd, v in msg.ListFields():
-        rep = fd.label == fd.LABEL_REPEATED
+        # protobuf >= 6 (upb) dropped FieldDescriptor.label; is_repeated replaces it.
+        rep = (fd.is_repeated if hasattr(fd, "is_repeated")
+               else fd.label == fd.LABEL_REPEATED)
         if fd.type == fd.TYPE_MESSAGE:
             if fd.message_type.GetOptions().map_entry:
                 return None
