@@ -40,7 +40,7 @@ struct ServerOptions {
   int worker_threads = 0;
   // A step blocked on the inversion engine gives its worker slot to a queued
   // step (StepExecutor); false keeps the slot idle. natgrad-server's
-  // --yield_engine_waits defaults to false (docs/server-flags.md says why).
+  // As natgrad-server's --yield_engine_waits (docs/server-flags.md).
   bool yield_engine_waits = true;
   // Threads of the one ComputePool the block math shares (product panels,
   // Gaussian copies); 0: one per core.

@@ -1,5 +1,6 @@
 #include "server/service/step_reactor.h"
 
+#include <algorithm>
 #include <iostream>
 #include <new>
 #include <utility>
@@ -255,6 +256,7 @@ void StepReactor::RunNextTask() {
   }
   task();
   task = nullptr;  // its step's tensors go while the reactor is still held
+  last_task_end_ = absl::Now();
   bool more = false;
   Actions finish;
   {
@@ -299,6 +301,7 @@ void StepReactor::ProposeEarly(int64_t step, std::vector<session::BlockStepData>
 
 void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
   step.started = absl::Now();  // the end of StepTiming.queue_micros
+  step.decoded = std::max(step.decoded, last_task_end_);  // runnable from then
   const std::string name = session_->name();
   const natgrad::v1::SessionConfig& config = session_->config();
   // Decided before the step, so its reply can say it is durable (-1: no

@@ -100,6 +100,10 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   // none is left.
   std::unique_ptr<session::StepInProgress> in_progress_;
   absl::Status early_failure_;
+  // When the stream's last executor task ended (RunNextTask, before the next
+  // is submitted): a step queued behind its own early proposals is runnable
+  // from then, not from its last message (StepTiming.queue_micros).
+  absl::Time last_task_end_ = absl::InfinitePast();
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   // Released when finishing, before the client can see the status, so a
   // client that reconnects at once is not refused as a second stream.
