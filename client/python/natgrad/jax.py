@@ -60,10 +60,12 @@ except ImportError as e:  # pragma: no cover - exercised when jax is missing
 
 import concurrent.futures
 import functools
+import time
 
 import natgrad
 from natgrad import blocks as _blocks
 from natgrad import errors
+from natgrad._reduce_trial import ReduceTrial
 from natgrad._pb import session_pb2
 
 __all__ = ["KFAC", "path_str", "find_layers", "conv_patches", "natural_direction", "CHECKPOINT_FORMAT"]
@@ -230,6 +232,13 @@ class KFAC:
     those of natgrad.torch.KFAC (lr, damping, momentum, weight_decay,
     damping_mode, ema_decay, inverse_period, kl_clip, adaptive_damping,
     fallback, fallback_lr, state_dtype, ...), plus
+    reduce: True (reduced factors computed here, jitted), False (raw rows)
+    or "auto" (default): chosen by measured cost as natgrad.torch does —
+    the first step by bytes, the next two raw, the two after reduced, then
+    the form with the lower best step cost (client preparation plus round
+    trip, less the server's inversion wait; ``opt._reduce_trial``). Timing
+    based, so two "auto" runs may differ in the last bits; the trial is not
+    in state_dict() and runs again after a restore;
     locations: {conv layer: T output positions per example} (required for
     every kernel of more than two dimensions);
     exclude: layer names to put on the fallback optimizer instead;
@@ -313,7 +322,11 @@ class KFAC:
         self.pipelined = bool(pipelined)
         # One worker: steps go out in order, each after the previous answered.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "natgrad-jax-step") if pipelined else None
-        self._inflight = None   # Future of the step sent by the last step() call
+        # (Future, reduce form, preparation seconds) of the step sent by the
+        # last step() call.
+        self._inflight = None
+        self._reduce_trial = ReduceTrial()
+        self._step_form = None
         self._pending = None    # a drained StepResult whose update is not applied yet
         self.session = None
         self._created = False
@@ -368,6 +381,8 @@ class KFAC:
             raise errors.InvalidArgument(
                 f"layer '{name}': {rows} patch rows and {grows} output-gradient rows; "
                 f"both must be n * locations (locations = {T})", block=name, field="activations")
+        if self.reduce == "auto" and self._step_form is not None:
+            return self._step_form  # the measured trial's form for this step
         packed = din1 * (din1 + 1) // 2 + d_out * (d_out + 1) // 2
         if self.reduce is True or (self.reduce == "auto" and packed < rows * (d_in + d_out)):
             return "reduced"
@@ -501,15 +516,23 @@ class KFAC:
         round trip. An error of the step in flight raises here, at the next
         call (this call's step is then not sent); ``flush(params)`` drains
         it and applies its update."""
-        inputs = self._prepare(params, grads, stats)
+        t0 = time.perf_counter()
+        form = self._reduce_trial.next_form() if self.reduce == "auto" else None
+        self._step_form = form
+        try:
+            inputs = self._prepare(params, grads, stats)
+        finally:
+            self._step_form = None
+        prepare_s = time.perf_counter() - t0
         if loss is not None:
             loss = float(loss)
         if not self.pipelined:
             r = self.session.step(inputs, loss=loss)
+            self._record_cost(form, time.perf_counter() - t0, r)
             self.last_result = r
             return self._apply(params, r)
         prev = self._drain()
-        self._inflight = self._pool.submit(self.session.step, inputs, loss)
+        self._inflight = (self._pool.submit(self._timed_step, inputs, loss), form, prepare_s)
         if prev is None:
             return params
         self.last_result = prev
@@ -521,10 +544,24 @@ class KFAC:
         of a failed step (its update is lost; the session's step counter is
         unchanged, so the next step() is sent as that step)."""
         if self._inflight is not None:
-            fut, self._inflight = self._inflight, None
-            self._pending = fut.result()
+            (fut, form, prepare_s), self._inflight = self._inflight, None
+            r, step_s = fut.result()
+            self._record_cost(form, prepare_s + step_s, r)
+            self._pending = r
         r, self._pending = self._pending, None
         return r
+
+    def _timed_step(self, inputs, loss):
+        """Session.step on the pipeline's thread, with its wall time."""
+        t0 = time.perf_counter()
+        r = self.session.step(inputs, loss=loss)
+        return r, time.perf_counter() - t0
+
+    def _record_cost(self, form, seconds, r):
+        """reduce="auto": a trial step's cost is its client preparation
+        (statistics, layout, device_get) plus the round trip, less the
+        server's inversion wait, which does not depend on the form."""
+        self._reduce_trial.record_form(form, seconds - r.timing.inversion_micros * 1e-6)
 
     def flush(self, params=None):
         """Pipelined mode: waits for the step in flight (raising its error,
