@@ -351,6 +351,9 @@ def main(argv=None):
     p.add_argument("--adam_lr", type=float, default=1e-3)
     p.add_argument("--reduce", default="auto", help="natgrad.jax.KFAC reduce= (auto, true, false)")
     p.add_argument("--json", default=None, help="also write the per-rep figures to this file")
+    p.add_argument("--check", action="store_true",
+                   help="exit non-zero unless every natgrad kind's first update matches "
+                        "kfac_jax's to 1e-4 (relative; float32 rounding)")
     args = p.parse_args(argv)
     args.widths = tuple(int(w) for w in args.widths.split(","))
     args.reduce = {"true": True, "false": False}.get(str(args.reduce).lower(), args.reduce)
@@ -444,6 +447,12 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows, "reps": per_rep, "failures": failures,
                        "loss0": loss0}, f, indent=1)
+    if args.check:
+        far = {k: r.get("first_diff") for k, r in rows.items() if k.startswith("natgrad")
+               and not (r.get("first_diff") is not None and r["first_diff"] < 1e-4)}
+        if "kfac_jax" not in rows or far:
+            raise SystemExit(f"--check: first updates differ from kfac_jax's (or no kfac_jax row): {far}")
+        print("--check: every natgrad kind's first update matches kfac_jax's to 1e-4")
     return rows
 
 

@@ -18,6 +18,23 @@
 namespace natgrad::core {
 namespace {
 
+// A step's output with a slot per copy (directions only when requested).
+GaussianStepOutput SizedOutput(size_t copies, double gamma_used, int halvings,
+                               bool with_direction) {
+  GaussianStepOutput out;
+  out.gamma_used = gamma_used;
+  out.halvings = halvings;
+  out.param1.resize(copies);
+  out.param2.resize(copies);
+  out.delta1.resize(copies);
+  out.delta2.resize(copies);
+  if (with_direction) {
+    out.direction1.resize(copies);
+    out.direction2.resize(copies);
+  }
+  return out;
+}
+
 using StepInput = GaussianStepInput;
 using FisherForm = GaussianCompositionalInput::FisherForm;
 
@@ -424,17 +441,8 @@ class GaussianBlock final : public ParameterBlock {
       }
     }
 
-    GaussianStepOutput out;
-    out.gamma_used = gamma_used;
-    out.halvings = halvings;
-    out.param1.resize(copies);
-    out.param2.resize(copies);
-    out.delta1.resize(copies);
-    out.delta2.resize(copies);
-    if (options_.return_direction) {
-      out.direction1.resize(copies);
-      out.direction2.resize(copies);
-    }
+    GaussianStepOutput out =
+        SizedOutput(copies, gamma_used, halvings, options_.return_direction);
     ForEachCopy(pool, copies, [&](size_t i) {
       GaussianParams<T> np = GaussianToParams<T>(next[i], p);
       out.param1[i] = np.first.template cast<double>();
@@ -505,17 +513,8 @@ class GaussianBlock final : public ParameterBlock {
             halvings, gamma));
       }
     }
-    GaussianStepOutput out;
-    out.gamma_used = gamma_used;
-    out.halvings = halvings;
-    out.param1.resize(copies);
-    out.param2.resize(copies);
-    out.delta1.resize(copies);
-    out.delta2.resize(copies);
-    if (options_.return_direction) {
-      out.direction1.resize(copies);
-      out.direction2.resize(copies);
-    }
+    GaussianStepOutput out =
+        SizedOutput(copies, gamma_used, halvings, options_.return_direction);
     for (size_t i = 0; i < copies; ++i) {
       out.param1[i] = next[i].first.template cast<double>();
       out.param2[i] = next[i].second.template cast<double>();
