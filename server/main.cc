@@ -42,6 +42,9 @@ ABSL_FLAG(bool, yield_engine_waits, true,
           "A step blocked on the inversion engine lends its worker slot to a queued "
           "step of another session (up to 8 threads per slot); false keeps the slot "
           "idle during the wait");
+ABSL_FLAG(bool, shared_memory, false,
+          "Clients on this host may send tensors, and take replies, through /dev/shm "
+          "objects named natgrad-* (docs/shared_memory.md); off: such steps are refused");
 ABSL_FLAG(int32_t, compute_threads, 0,
           "Threads of the pool that splits large products and Gaussian copies, "
           "shared by all steps (the step's own thread included); 0: one per core");
@@ -128,6 +131,7 @@ int main(int argc, char** argv) {
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.yield_engine_waits = absl::GetFlag(FLAGS_yield_engine_waits);
+  o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   o.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   o.engine.backend = absl::GetFlag(FLAGS_inversion_backend);
   o.engine.batch_window_us = absl::GetFlag(FLAGS_batch_window_us);

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/random/random.h"
+#include "client/cpp/shared_memory.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -12,6 +13,8 @@
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "grpcpp/support/slice.h"
 #include "grpcpp/support/sync_stream.h"
 
@@ -534,6 +537,12 @@ absl::StatusOr<std::vector<grpc::ByteBuffer>> SessionStream::Requests(
     const bool last = start + per >= n;
     req->set_last(last);
     if (last && loss.has_value()) req->set_loss(*loss);
+    if (last && reply_buffer_.has_value()) *req->mutable_reply_buffer() = *reply_buffer_;
+    if (reply_buffer_.has_value()) {
+      // A step kept for replay is read from its spans after the reply was
+      // written: the reply must not land on them.
+      if (absl::Status s = CheckDisjoint(*req, *reply_buffer_); !s.ok()) return s;
+    }
     auto encoded = EncodeStepRequest(std::move(req));
     if (!encoded.ok()) return encoded.status();
     out.push_back(*std::move(encoded));
@@ -592,7 +601,9 @@ absl::Status SessionStream::Reopen(int64_t step) {
     if (k.step <= at) continue;
     auto response = Exchange(k.requests);
     if (!response.ok()) return response.status();  // a drop: retried, resumes from the server
-    if (response->step() != k.step || Normalized(*response) != k.response) {
+    absl::StatusOr<std::string> normalized = NormalizedByValue(*response);
+    if (!normalized.ok()) return normalized.status();
+    if (response->step() != k.step || *normalized != k.response) {
       DropStream();
       return absl::DataLossError(absl::StrCat(
           "Step ", name_, ": step ", k.step, " sent again after a server restart answered "
@@ -608,14 +619,56 @@ absl::Status SessionStream::Reopen(int64_t step) {
   return absl::OkStatus();
 }
 
+void SessionStream::UseSharedMemory(std::shared_ptr<SharedMemoryRegion> region,
+                                    std::optional<natgrad::v1::SharedMemorySpan> reply_buffer) {
+  shared_memory_ = std::move(region);
+  reply_buffer_ = shared_memory_ != nullptr ? std::move(reply_buffer) : std::nullopt;
+}
+
+absl::StatusOr<std::string> SessionStream::NormalizedByValue(
+    natgrad::v1::StepResponse& response) const {
+  if (shared_memory_ == nullptr) return NormalizedInPlace(response);
+  natgrad::v1::StepResponse copy = response;
+  if (absl::Status s = InlineSpans(&copy, *shared_memory_); !s.ok()) return s;
+  return NormalizedInPlace(copy);
+}
+
+absl::StatusOr<std::vector<grpc::ByteBuffer>> SessionStream::ByValue(
+    std::vector<grpc::ByteBuffer> requests) const {
+  if (shared_memory_ == nullptr) return requests;
+  std::vector<grpc::ByteBuffer> out;
+  for (grpc::ByteBuffer& b : requests) {
+    // Small: a spanned request carries no tensor bytes.
+    auto req = std::make_shared<natgrad::v1::StepRequest>();
+    grpc::Status parsed =
+        grpc::GenericDeserialize<grpc::ProtoBufferReader, natgrad::v1::StepRequest>(&b, req.get());
+    if (!parsed.ok()) return absl::InternalError("a sent request does not parse again");
+    if (absl::Status s = InlineSpans(req.get(), *shared_memory_); !s.ok()) return s;
+    auto encoded = EncodeStepRequest(std::move(req));
+    if (!encoded.ok()) return encoded.status();
+    out.push_back(*std::move(encoded));
+  }
+  return out;
+}
+
 void SessionStream::Keep(int64_t step, std::vector<grpc::ByteBuffer> requests,
                          natgrad::v1::StepResponse& response) {
   durable_step_ = response.durable_step();
   if (client_->options().max_replay_steps > 0 && durable_step_ >= 0 && step > durable_step_ &&
       (kept_.empty() || kept_.back().step == step - 1)) {
+    // With shared memory, what is kept holds the bytes: the spans are
+    // written again by the next step.
+    absl::StatusOr<std::vector<grpc::ByteBuffer>> kept = ByValue(std::move(requests));
+    absl::StatusOr<std::string> normalized = NormalizedByValue(response);
+    if (!kept.ok() || !normalized.ok()) {
+      // Not kept: a restart that loses this step is then DATA_LOSS.
+      Trim();
+      return;
+    }
+    requests = *std::move(kept);
     KeptStep& k = kept_.emplace_back();
     k.step = step;
-    k.response = NormalizedInPlace(response);
+    k.response = *std::move(normalized);
     k.bytes = static_cast<int64_t>(k.response.size());
     for (const auto& r : requests) k.bytes += static_cast<int64_t>(r.Length());
     k.requests = std::move(requests);

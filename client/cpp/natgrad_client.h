@@ -151,6 +151,8 @@ class Client {
   int64_t redirects_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+class SharedMemoryRegion;  // shared_memory.h
+
 class SessionStream {
  public:
   // `durable_step`: the session's as GetSession reported it (0: unknown).
@@ -175,6 +177,15 @@ class SessionStream {
   absl::StatusOr<natgrad::v1::StepResponse> StepNumbered(
       int64_t step, std::vector<natgrad::v1::BlockStep> blocks,
       std::optional<double> loss = std::nullopt);
+
+  // Steps whose tensors lie in `region` (SharedMemoryArena; the server
+  // needs --shared_memory): a step kept for replay keeps their bytes, not
+  // the spans the next step overwrites, and a replayed answer is compared
+  // by value. With `reply_buffer` (a span of `region`), every step asks the
+  // server to write its reply's tensors there (TensorBytes reads them);
+  // they stay valid until the next step. nullptr: back to plain messages.
+  void UseSharedMemory(std::shared_ptr<SharedMemoryRegion> region,
+                       std::optional<natgrad::v1::SharedMemorySpan> reply_buffer = std::nullopt);
 
   int64_t next_step() const { return next_step_; }
   const std::string& name() const { return name_; }
@@ -220,6 +231,11 @@ class SessionStream {
       std::optional<double> loss) const;
   void Keep(int64_t step, std::vector<grpc::ByteBuffer> requests,
             natgrad::v1::StepResponse& response);
+  // Normalized(), with the tensors in shared memory read by value.
+  absl::StatusOr<std::string> NormalizedByValue(natgrad::v1::StepResponse& response) const;
+  // `requests` with their spans replaced by the bytes (UseSharedMemory).
+  absl::StatusOr<std::vector<grpc::ByteBuffer>> ByValue(
+      std::vector<grpc::ByteBuffer> requests) const;
   // Drops kept steps that are durable, or beyond max_replay_steps.
   void Trim();
   absl::Status FinishStream();
@@ -230,6 +246,8 @@ class SessionStream {
   int64_t durable_step_;
   int reconnects_ = 0;
   bool reopen_check_ = false;  // a stream was dropped: check the server on reopening
+  std::shared_ptr<SharedMemoryRegion> shared_memory_;
+  std::optional<natgrad::v1::SharedMemorySpan> reply_buffer_;
   std::deque<KeptStep> kept_;
   int64_t kept_bytes_ = 0;
   int64_t replayed_steps_ = 0;

@@ -167,6 +167,7 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   deps.checkpoint_every_steps = options_.checkpoint_every_steps;
   deps.metrics = metrics_.get();
   deps.partial_step_timeout = options_.partial_step_timeout;
+  deps.shared_memory = options_.shared_memory;
   deps.replica_name = options_.replica_name;
   deps.moves = moves_.get();
   service_ = std::make_unique<OptimizerService>(deps);

@@ -42,6 +42,8 @@ struct ServerOptions {
   // step (StepExecutor); false keeps the slot idle. natgrad-server's
   // As natgrad-server's --yield_engine_waits (docs/server-flags.md).
   bool yield_engine_waits = true;
+  // As natgrad-server's --shared_memory (docs/shared_memory.md).
+  bool shared_memory = false;
   // Threads of the one ComputePool the block math shares (product panels,
   // Gaussian copies); 0: one per core.
   int compute_threads = 0;

@@ -31,6 +31,8 @@ struct ServiceDependencies {
   ServiceMetrics* metrics = nullptr;
   // A stream holding part of a step with no message for this long ends.
   absl::Duration partial_step_timeout = absl::Seconds(60);
+  // Steps may name tensors and a reply buffer in /dev/shm (--shared_memory).
+  bool shared_memory = false;
   // This replica's name (Session.replica; docs/replicas.md).
   std::string replica_name;
   // Optional: tombstones of sessions drained away and the move gate.

@@ -107,6 +107,12 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
                     "with the step's last message.")
               .Register(*registry_)
               .Add({})),
+      shared_memory_bytes_(
+          BuildCounter().Name("natgrad_shared_memory_bytes_total")
+              .Help("Tensor bytes clients passed through shared memory (--shared_memory) "
+                    "instead of the stream: direction=received read from their spans, "
+                    "sent written into their reply buffers.")
+              .Register(*registry_)),
       worker_running_seconds_(
           BuildCounter().Name("natgrad_worker_running_seconds_total")
               .Help("Seconds step worker threads spent running steps (not blocked on the "
@@ -160,6 +166,11 @@ void ServiceMetrics::StepSucceeded(const natgrad::v1::SessionConfig& config,
 
 void ServiceMetrics::StepFailed(absl::StatusCode code) {
   steps_.Add({{"outcome", CodeName(static_cast<int>(code))}}).Increment();
+}
+
+void ServiceMetrics::SharedMemoryBytes(bool reply, int64_t bytes) {
+  shared_memory_bytes_.Add({{"direction", reply ? "sent" : "received"}})
+      .Increment(static_cast<double>(bytes));
 }
 
 void ServiceMetrics::BlocksProposedEarly(int64_t blocks) {

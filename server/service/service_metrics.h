@@ -34,6 +34,9 @@ class ServiceMetrics {
   void StepFailed(absl::StatusCode code);
   // Blocks proposed before their step's last message arrived.
   void BlocksProposedEarly(int64_t blocks);
+  // Tensor bytes read from a client's shared memory (reply false) or
+  // written into its reply buffer (true), not carried by the messages.
+  void SharedMemoryBytes(bool reply, int64_t bytes);
   void RpcError(grpc::StatusCode code);
   void CheckpointWritten(bool ok, absl::Duration latency);
   void CheckpointSkipped();
@@ -80,6 +83,7 @@ class ServiceMetrics {
   prometheus::Gauge& sessions_;
   prometheus::Counter& checkpoints_skipped_;
   prometheus::Counter& blocks_proposed_early_;
+  prometheus::Family<prometheus::Counter>& shared_memory_bytes_;
   prometheus::Counter& worker_running_seconds_;
   prometheus::Family<prometheus::Counter>& worker_engine_wait_;
   prometheus::Counter& worker_engine_wait_idle_seconds_;

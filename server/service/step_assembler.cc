@@ -50,6 +50,7 @@ absl::Status StepAssembler::AddMessage(natgrad::v1::StepRequest& request) {
         "step: message for step ", request.step(), " arrived before step ",
         step_.data.step, " was marked last"));
   }
+  if (request.has_reply_buffer()) step_.reply_buffer = request.reply_buffer();
   if (request.has_loss()) {
     if (!std::isfinite(request.loss())) {
       return absl::InvalidArgumentError("loss: must be finite");

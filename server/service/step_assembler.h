@@ -33,6 +33,8 @@ struct AssembledStep {
   // (StepTiming.queue_micros; the reactor sets `started`).
   absl::Time decoded = absl::InfinitePast();
   absl::Time started = absl::InfinitePast();
+  // StepRequest.reply_buffer of the step's messages (the last one set).
+  std::optional<natgrad::v1::SharedMemorySpan> reply_buffer;
 };
 
 class StepAssembler {

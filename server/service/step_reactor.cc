@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "grpcpp/support/proto_buffer_reader.h"
+#include "server/common/log.h"
 #include "server/core/block_error.h"
 #include "server/service/rpc_logging.h"
 #include "server/service/service_metrics.h"
@@ -92,6 +93,7 @@ void StepReactor::OnReadDone(bool ok) {
             ", nothing was applied"));
       }
     }
+    if (status.ok()) status = InlineSharedMemory();
     if (status.ok()) {
       try {
         status = HandleMessage();
@@ -145,6 +147,51 @@ void StepReactor::OnReadDone(bool ok) {
     }
   }
   Apply(actions);
+}
+
+absl::Status StepReactor::InlineSharedMemory() {
+  absl::StatusOr<int64_t> spanned = wire::SpannedBytes(request_);
+  if (!spanned.ok()) return spanned.status();
+  if (*spanned == 0 && !request_.has_reply_buffer()) return absl::OkStatus();
+  if (!deps_.shared_memory) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step ", request_.step(),
+        ": names shared memory, which this server does not read (start it with "
+        "--shared_memory, on the client's host); send the tensors as data"));
+  }
+  absl::MutexLock lock(&shared_memory_mu_);
+  if (shared_memory_ == nullptr) shared_memory_ = std::make_unique<wire::SharedMemoryRegions>();
+  if (request_.has_reply_buffer()) {
+    // Checked now, so that a bad buffer refuses the step before it is applied.
+    if (absl::Status s = shared_memory_->CheckReplyBuffer(request_.reply_buffer()); !s.ok()) {
+      return s;
+    }
+  }
+  if (*spanned == 0) return absl::OkStatus();
+  if (absl::Status s = deps_.registry->ReserveInFlight(*spanned); !s.ok()) return s;
+  reserved_bytes_ += *spanned;  // released with the step, as the message's own bytes
+  if (deps_.metrics) deps_.metrics->SharedMemoryBytes(/*reply=*/false, *spanned);
+  return shared_memory_->Inline(&request_);
+}
+
+std::shared_ptr<const natgrad::v1::StepResponse> StepReactor::WithReplyBuffer(
+    std::shared_ptr<const natgrad::v1::StepResponse> response,
+    const std::optional<natgrad::v1::SharedMemorySpan>& buffer, int64_t step) {
+  if (!buffer.has_value()) return response;
+  absl::StatusOr<natgrad::v1::StepResponse> written = absl::InternalError("no mappings");
+  {
+    absl::MutexLock lock(&shared_memory_mu_);
+    if (shared_memory_ != nullptr) written = shared_memory_->WriteReply(*response, *buffer);
+  }
+  if (!written.ok()) {
+    NATGRAD_LOG(kWarning, session_->name(), " step ", step,
+                ": reply sent inline, not through its reply_buffer: ", written.status().message());
+    return response;
+  }
+  if (deps_.metrics) {
+    deps_.metrics->SharedMemoryBytes(/*reply=*/true, wire::SpannedReplyBytes(*written));
+  }
+  return std::make_shared<const natgrad::v1::StepResponse>(*std::move(written));
 }
 
 absl::Status StepReactor::HandleMessage() {
@@ -337,6 +384,7 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
         "step ", step.data.step, ": the server could not allocate memory for it"));
   }
   const int64_t step_number = step.data.step;
+  const std::optional<natgrad::v1::SharedMemorySpan> reply_buffer = std::move(step.reply_buffer);
   // The step's tensors go before the budget is released.
   in_progress.reset();
   step = AssembledStep();
@@ -367,6 +415,7 @@ void StepReactor::RunStep(AssembledStep step, int64_t reserved_bytes) {
       status.ok() ? ResponseFor(*outcome, has_store ? session_->durable_step() : -1)
                   : absl::StatusOr<std::shared_ptr<const natgrad::v1::StepResponse>>(status);
   status = response.status();
+  if (status.ok()) *response = WithReplyBuffer(*std::move(response), reply_buffer, step_number);
   if (deps_.metrics) {
     if (status.ok()) {
       deps_.metrics->StepSucceeded(session_->config(), **response);

@@ -25,6 +25,7 @@
 #include "natgrad/v1/step.pb.h"
 #include "server/service/optimizer_service.h"
 #include "server/service/step_assembler.h"
+#include "server/wire/shared_memory.h"
 
 namespace natgrad::service {
 
@@ -51,6 +52,16 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   static constexpr size_t kMaxUnsentResponses = 4;
 
   absl::Status HandleMessage();
+  // Copies the tensors request_ keeps in shared memory into it (their bytes
+  // reserved against the memory budget) and checks its reply buffer, before
+  // anything of the message is taken: a bad span changes nothing.
+  absl::Status InlineSharedMemory();
+  // The response to send: `response` with its tensors written into the
+  // step's reply buffer, or `response` itself when it has none or the
+  // write fails (the step is applied: its reply then travels inline).
+  std::shared_ptr<const natgrad::v1::StepResponse> WithReplyBuffer(
+      std::shared_ptr<const natgrad::v1::StepResponse> response,
+      const std::optional<natgrad::v1::SharedMemorySpan>& buffer, int64_t step);
   // Executor work of this stream runs one task at a time, in the order
   // queued (a step's proposals, then its final task); each counts in busy_
   // from here until it has run.
@@ -80,6 +91,10 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   int64_t messages_read_ = 0;
   std::shared_ptr<session::Session> session_;
   std::optional<StepAssembler> assembler_;
+  // The stream's shared-memory mappings (--shared_memory), made on first use.
+  // Reads and the executor's reply writes may overlap across steps.
+  absl::Mutex shared_memory_mu_;
+  std::unique_ptr<wire::SharedMemoryRegions> shared_memory_ ABSL_GUARDED_BY(shared_memory_mu_);
 
   absl::Mutex mu_;
   // Encoded responses; the front one is being written while writing_.
