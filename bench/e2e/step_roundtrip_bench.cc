@@ -16,6 +16,12 @@
 // inputs were decoded by StepAssembler before the timed loop (that decode is
 // the "decode p50" column).
 //
+// Rows "+shm": the same RPC steps through shared memory (docs/shared_memory.md):
+// the client copies the arrays into a /dev/shm region (SharedMemoryArena,
+// timed) and sends their spans; the server copies them out on arrival and
+// writes the deltas into the region, where the client reads them. Compared
+// with the same in-process figures as the plain row.
+//
 // CPU columns: the process's CPU time per step (p50), client and server
 // together for RPC: on a machine shared with other builds, wall time
 // stretches with the load and CPU time much less.
@@ -34,6 +40,7 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,6 +49,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
 #include "client/cpp/natgrad_client.h"
+#include "client/cpp/shared_memory.h"
 #include "client/cpp/tensor.h"
 #include "server/service/natgrad_server.h"
 #include "server/service/step_assembler.h"
@@ -50,6 +58,7 @@
 ABSL_FLAG(int, steps, 50, "timed steps per model and run (after 3 warm-up steps)");
 ABSL_FLAG(int, reps, 5, "runs per model; figures are medians over the runs");
 ABSL_FLAG(int, pool, 8, "distinct random steps a run cycles through");
+ABSL_FLAG(bool, shared_memory, true, "also time the RPC steps through shared memory (+shm rows)");
 ABSL_FLAG(std::string, models, "adam_1k,adam_100k,adam_1m,kfac_mlp,kfac_ae",
           "comma-separated: adam_1k, adam_100k, adam_1m, kfac_mlp, kfac_ae");
 
@@ -76,6 +85,36 @@ struct Model {
   SessionConfig config;
   std::function<RawStep(std::mt19937&)> step;
 };
+
+// The same into a shared-memory arena: one copy of each array.
+std::vector<BlockStep> WrapShared(const RawStep& raw, natgrad::client::SharedMemoryArena& arena) {
+  arena.Reset();
+  std::vector<BlockStep> out;
+  out.reserve(raw.size());
+  auto place = [&](const RawTensor& t) {
+    return arena.Place(t.values.data(), t.shape).value();  // sized for the step
+  };
+  for (const RawBlock& r : raw) {
+    BlockStep& s = out.emplace_back();
+    s.set_name(r.name);
+    *s.mutable_gradient() = place(r.gradient);
+    if (r.kfac) {
+      auto* stats = s.mutable_kfac()->mutable_raw();
+      *stats->mutable_activations() = place(r.activations);
+      *stats->mutable_output_gradients() = place(r.output_gradients);
+    }
+  }
+  return out;
+}
+
+int64_t StepBytes(const RawStep& raw) {
+  int64_t n = 0;
+  for (const RawBlock& r : raw) {
+    n += static_cast<int64_t>(r.gradient.values.size() + r.activations.values.size() +
+                              r.output_gradients.values.size());
+  }
+  return n * static_cast<int64_t>(sizeof(float));
+}
 
 // The client's side of a step: the arrays into the step's tensors.
 std::vector<BlockStep> Wrap(const RawStep& raw) {
@@ -196,6 +235,7 @@ int main(int argc, char** argv) {
   natgrad::service::ServerOptions options;
   options.address = "127.0.0.1:0";
   options.engine.backend = "cpu";
+  options.shared_memory = true;
   auto server = natgrad::service::NatgradServer::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
@@ -231,25 +271,38 @@ int main(int argc, char** argv) {
     std::vector<RawStep> inputs;
     for (int t = 0; t < pool; ++t) inputs.push_back(model.step(rng));
 
-    std::vector<double> rpc_p50, rpc_p99, rpc_rate, local_p50, local_p99, local_rate, ratio,
-        decode_p50, rpc_cpu, local_cpu, cpu_ratio;
-    for (int rep = 0; rep < reps; ++rep) {
-      // Over loopback.
+    // One timed run over loopback: plain messages, or through shared memory.
+    auto run_rpc = [&](bool shared, std::vector<double>& rpc_ms,
+                       std::vector<double>& rpc_cpu_ms) -> bool {
       auto session = client.CreateSession(model.config);
       if (!session.ok()) {
         std::fprintf(stderr, "%s: %s\n", it->first.c_str(), session.status().ToString().c_str());
-        return 1;
+        return false;
       }
       auto stream = *client.OpenStream(session->name());
-      std::vector<double> rpc_ms, rpc_cpu_ms;
+      std::shared_ptr<natgrad::client::SharedMemoryRegion> region;
+      if (shared) {
+        // Inputs, then the deltas (at most the gradients' bytes) and alignment.
+        region = natgrad::client::SharedMemoryRegion::Create(2 * StepBytes(inputs[0]) + (1 << 20))
+                     .value();
+      }
+      std::optional<natgrad::client::SharedMemoryArena> arena;
+      if (shared) arena.emplace(region);
       for (int t = 0; t < steps + kWarmup; ++t) {
         const double cpu_start = CpuMs();
         const auto start = Clock::now();
-        auto r = stream->Step(Wrap(inputs[t % pool]));
+        absl::StatusOr<natgrad::v1::StepResponse> r;
+        if (shared) {
+          std::vector<BlockStep> blocks = WrapShared(inputs[t % pool], *arena);
+          stream->UseSharedMemory(region, arena->Rest());
+          r = stream->Step(std::move(blocks));
+        } else {
+          r = stream->Step(Wrap(inputs[t % pool]));
+        }
         const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
         if (!r.ok()) {
           std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
-          return 1;
+          return false;
         }
         if (t >= kWarmup) {
           rpc_ms.push_back(ms);
@@ -258,6 +311,19 @@ int main(int argc, char** argv) {
       }
       stream->Close().IgnoreError();
       client.DeleteSession(session->name()).IgnoreError();
+      return true;
+    };
+
+    struct Columns {
+      std::vector<double> p50, p99, rate, ratio, cpu, cpu_ratio;
+    };
+    Columns plain, shm;
+    std::vector<double> local_p50, local_p99, local_rate, decode_p50, local_cpu;
+    const bool with_shm = absl::GetFlag(FLAGS_shared_memory);
+    for (int rep = 0; rep < reps; ++rep) {
+      std::vector<double> rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms;
+      if (!run_rpc(false, rpc_ms, rpc_cpu_ms)) return 1;
+      if (with_shm && !run_rpc(true, shm_ms, shm_cpu_ms)) return 1;
 
       // In-process: decode every distinct input first (timed on its own),
       // then time only the session step and the reply's encoding.
@@ -311,28 +377,39 @@ int main(int argc, char** argv) {
       decoded.clear();
       (*server)->registry().Delete(local_name, "bench").IgnoreError();
 
-      const Figures a = Summarise(rpc_ms), b = Summarise(local_ms);
-      rpc_p50.push_back(a.p50_ms);
-      rpc_p99.push_back(a.p99_ms);
-      rpc_rate.push_back(a.steps_per_s);
+      const Figures b = Summarise(local_ms);
       local_p50.push_back(b.p50_ms);
       local_p99.push_back(b.p99_ms);
       local_rate.push_back(b.steps_per_s);
-      ratio.push_back(a.p50_ms / b.p50_ms);
       decode_p50.push_back(Median(decode_ms));
-      rpc_cpu.push_back(Median(rpc_cpu_ms));
       local_cpu.push_back(Median(local_cpu_ms));
-      cpu_ratio.push_back(rpc_cpu.back() / std::max(1e-3, local_cpu.back()));
+      auto add = [&](Columns& c, std::vector<double>& ms, std::vector<double>& cpu_ms) {
+        if (ms.empty()) return;
+        const Figures a = Summarise(ms);
+        c.p50.push_back(a.p50_ms);
+        c.p99.push_back(a.p99_ms);
+        c.rate.push_back(a.steps_per_s);
+        c.ratio.push_back(a.p50_ms / b.p50_ms);
+        c.cpu.push_back(Median(cpu_ms));
+        c.cpu_ratio.push_back(c.cpu.back() / std::max(1e-3, local_cpu.back()));
+      };
+      add(plain, rpc_ms, rpc_cpu_ms);
+      add(shm, shm_ms, shm_cpu_ms);
     }
-    const auto [lo, hi] = std::minmax_element(ratio.begin(), ratio.end());
-    char range[64];
-    std::snprintf(range, sizeof(range), "(%.2f-%.2f)", *lo, *hi);
-    std::printf(
-        "%-10s %10.3f %10.3f %10.1f | %10.3f %10.3f %10.1f | %10.2f %15s | %10.3f | %8.2f %8.2f "
-        "%8.2f | %6.2f\n",
-        it->first.c_str(), Median(rpc_p50), Median(rpc_p99), Median(rpc_rate), Median(local_p50),
-        Median(local_p99), Median(local_rate), Median(ratio), range, Median(decode_p50),
-        Median(rpc_cpu), Median(local_cpu), Median(cpu_ratio), LoadAverage());
+    auto print = [&](const std::string& row, const Columns& c) {
+      if (c.ratio.empty()) return;
+      const auto [lo, hi] = std::minmax_element(c.ratio.begin(), c.ratio.end());
+      char range[64];
+      std::snprintf(range, sizeof(range), "(%.2f-%.2f)", *lo, *hi);
+      std::printf(
+          "%-10s %10.3f %10.3f %10.1f | %10.3f %10.3f %10.1f | %10.2f %15s | %10.3f | %8.2f "
+          "%8.2f %8.2f | %6.2f\n",
+          row.c_str(), Median(c.p50), Median(c.p99), Median(c.rate), Median(local_p50),
+          Median(local_p99), Median(local_rate), Median(c.ratio), range, Median(decode_p50),
+          Median(c.cpu), Median(local_cpu), Median(c.cpu_ratio), LoadAverage());
+    };
+    print(it->first, plain);
+    print(it->first + "+shm", shm);
     std::fflush(stdout);
   }
   (*server)->Shutdown(absl::Seconds(1));
