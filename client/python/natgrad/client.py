@@ -880,11 +880,7 @@ class Session:
         self._durable = resp.durable_step
         if self.max_replay_steps > 0 and 0 <= self._durable < step and step not in self._kept:
             if self._shm is not None:
-                # Sent again after a restart, when the regions hold later
-                # steps: kept with the bytes inline and no reply buffer.
-                what = f"Step {self.name} step {step}"
-                reqs = [_shm.materialize(r, self._shm, what)
-                        if r.HasField("reply_buffer") or _shm.has_spans(r) else r for r in reqs]
+                reqs = self._inline_for_replay(step, reqs)
             n = sum(r.ByteSize() for r in reqs)
             self._kept[step] = (reqs, self._digest(resp), n)
             self._kept_bytes += n
@@ -1206,6 +1202,11 @@ class Session:
                 raise errors.InvalidArgument(f"step {step}: loss is {loss}", field="loss")
         self._gpflow_blocks = set()
         bss = [self._block_step(n, x, step) for n, x in inputs.items()]
+        return self._split(bss, step, loss)
+
+    def _split(self, bss, step, loss):
+        """BlockSteps -> the step's StepRequest messages, at most split_bytes each
+        (one block over it alone), the last marked and carrying the loss."""
         msgs, cur, cur_bytes = [], [], 0
         for bs in bss:
             sz = _size_bound(bs)
@@ -1365,6 +1366,24 @@ class Session:
             self._drop_stream()
 
     # -- shared memory ----------------------------------------------------------
+    def _inline_for_replay(self, step, reqs):
+        """A step to keep for replay: sent again after a restart, when the
+        regions hold later steps, so with the bytes inline and no reply
+        buffer, split again at split_bytes (its spans made it one small
+        message)."""
+        if not any(r.HasField("reply_buffer") or _shm.has_spans(r) for r in reqs):
+            return reqs
+        what = f"Step {self.name} step {step}"
+        out = [_shm.materialize(r, self._shm, what) for r in reqs]
+        if any(len(r.blocks) > 1 and (_size_bound(r) or r.ByteSize()) > self.split_bytes
+               for r in out):
+            loss = out[-1].loss if out[-1].HasField("loss") else None
+            try:
+                out = self._split([bs for r in out for bs in r.blocks], step, loss)
+            except errors.ResourceExhausted:
+                pass  # a block over max_message_bytes even alone: kept as sent
+        return out
+
     def _attach_reply(self, reqs, step):
         """With shared memory: the step's reply buffer, on its last message."""
         if self._shm is not None and reqs:

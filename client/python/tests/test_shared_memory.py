@@ -203,6 +203,18 @@ def test_the_replay_buffer_keeps_steps_inline_without_a_reply_buffer(s):
     assert spans(reqs[0]) and reqs[-1].HasField("reply_buffer")
 
 
+def test_kept_steps_are_split_again_at_split_bytes_inline(s):
+    inline = session(False)
+    s.split_bytes = inline.split_bytes = 10000
+    want = inline.build_requests(inputs(1, big=100), loss=1.0)  # fc's rows: 22 kB inline
+    reqs = s.build_requests(inputs(1, big=100), loss=1.0)
+    assert len(reqs) == 1 < len(want)
+    s._attach_reply(reqs, 1)
+    s._keep(1, reqs, step_pb2.StepResponse(step=1, durable_step=0))
+    kept = s._kept[1][0]
+    assert [k.SerializeToString() for k in kept] == [w.SerializeToString() for w in want]
+
+
 def test_close_unlinks_everything_and_a_later_step_makes_new_regions(s):
     reqs = s.build_requests(inputs(1))
     s._attach_reply(reqs, 1)
