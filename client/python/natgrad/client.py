@@ -1446,6 +1446,11 @@ class Session:
                 reason = _retry_reason(e)
                 err = self.client._error(e, f"Step {self.name} step {step}", self.client._route(self.id)[2])
                 if reason is None:
+                    if self._shm is not None and isinstance(err, errors.FailedPrecondition) and \
+                            "shared memory" in err.message:
+                        err.message += (" (this session has shared_memory=True: attach with "
+                                        "shared_memory=False to send inline)")
+                        err.args = (err.message,)
                     raise err from None
             else:
                 if resp.step != step:

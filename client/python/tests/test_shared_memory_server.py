@@ -145,7 +145,7 @@ def test_a_server_without_shared_memory_refuses_and_nothing_moves(target):
     s = c.create_session(**config(np.float64), shared_memory=True)
     with pytest.raises(natgrad.FailedPrecondition, match="shared.memory") as e:
         s.step(inputs(1, np.float64))
-    assert "--shared_memory" in str(e.value)
+    assert "--shared_memory" in str(e.value) and "shared_memory=False" in str(e.value)
     assert s.next_step == 1 and s.info().last_step == 0
     # The same step inline goes through (the failed one changed nothing).
     inline = c.get_session(s.name, shared_memory=False)
