@@ -279,7 +279,7 @@ def test_replay_after_sigkills_with_shared_memory_matches_bit_for_bit(client, ev
 # -- natgrad.torch and natgrad.jax ------------------------------------------------
 
 
-def torch_run(target, steps, shared_memory, **kw):
+def torch_run(target, steps, shared_memory, clip_at=None, **kw):
     torch = pytest.importorskip("torch")
     import torch.nn as nn
     import torch.nn.functional as F
@@ -297,6 +297,8 @@ def torch_run(target, steps, shared_memory, **kw):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
+        if t == clip_at:  # .grad changed after backward: streamed blocks dropped, step sent whole
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         opt.step(loss=loss)
     opt.flush()
     out = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -312,6 +314,18 @@ def test_torch_kfac_with_shared_memory_equals_without(shm_server, mode, reduce):
     kw = dict(reduce=reduce, stream="stream" in mode, pipelined="pipelined" in mode)
     want = torch_run(shm_server.target, 8, False, **kw)
     got = torch_run(shm_server.target, 8, True, **kw)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_torch_streamed_blocks_dropped_and_resent_with_shared_memory(shm_server, pipelined):
+    torch = pytest.importorskip("torch")
+    kw = dict(reduce=False, stream=True, pipelined=pipelined, clip_at=3)
+    with pytest.warns(UserWarning, match="stream=True turned off"):
+        want = torch_run(shm_server.target, 6, False, **kw)
+    with pytest.warns(UserWarning, match="stream=True turned off"):
+        got = torch_run(shm_server.target, 6, True, **kw)
     for k in want:
         assert torch.equal(want[k], got[k]), k
 
