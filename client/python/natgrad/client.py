@@ -862,12 +862,12 @@ class Session:
         # Everything the step's math decides; timing, replayed and
         # durable_step legitimately differ between the first answer and a
         # replay. Deterministic serialization orders the hyperparameter maps.
-        # Over the values: a reply in shared memory is read inline first.
-        if self._shm is not None and _shm.has_spans(resp):
-            r = _shm.materialize(resp, self._shm, f"Step {self.name} step {resp.step}")
-        else:
-            r = step_pb2.StepResponse()
-            r.CopyFrom(resp)
+        # With shared memory, over the values wherever they lie (a first
+        # answer through the reply buffer, a replayed one inline).
+        if self._shm is not None:
+            return _shm.digest_values(resp, self._shm, ("timing", "replayed", "durable_step"))
+        r = step_pb2.StepResponse()
+        r.CopyFrom(resp)
         r.ClearField("timing")
         r.ClearField("replayed")
         r.ClearField("durable_step")

@@ -24,6 +24,7 @@ Nothing returned to the caller points into a region: StepResult arrays are
 copies (read_array), and the replay buffer keeps its requests with the bytes
 inline (materialize), since the regions are rewritten two steps later.
 """
+import hashlib
 import os
 import secrets
 import threading
@@ -319,3 +320,35 @@ def materialize(msg, arena, what="message"):
             t.data = arena.read_bytes(t.shared_memory, what)
             t.ClearField("shared_memory")
     return out
+
+
+def digest_values(msg, arena, clear=()):
+    """SHA-256 of `msg` (fields in `clear` left out) that is the same whether
+    its tensors carry their bytes inline or as spans into `arena`: the
+    message with every tensor's bytes and span removed, then each tensor's
+    bytes in order, hashed where they lie (no copy out of shared memory)."""
+    skel = type(msg)()
+    skel.CopyFrom(msg)
+    for f in clear:
+        skel.ClearField(f)
+    parts = []
+    for t in tensors(skel):
+        if t.HasField("shared_memory"):
+            sp = type(t.shared_memory)()
+            sp.CopyFrom(t.shared_memory)
+            parts.append(sp)
+            t.ClearField("shared_memory")
+        else:
+            parts.append(t.data)
+            t.data = b""
+    h = hashlib.sha256(skel.SerializeToString(deterministic=True))
+    for p in parts:
+        if isinstance(p, bytes):
+            h.update(len(p).to_bytes(8, "little"))
+            h.update(p)
+        else:
+            with arena._lock:
+                r = arena._find(p, "digest")
+                h.update(p.length.to_bytes(8, "little"))
+                h.update(r.shm.buf[p.offset:p.offset + p.length])
+    return h.digest()

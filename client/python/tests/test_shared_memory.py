@@ -177,7 +177,11 @@ def test_replies_are_read_as_copies_and_only_from_the_sessions_regions(s):
     inline.CopyFrom(resp)
     natgrad.tensor.to_tensor(want, out=inline.updates[0].delta)
     region.view(np.dtype("<f4"), (3, 6), off)[...] = want
-    assert s._digest(resp) == session(False)._digest(inline)
+    assert s._digest(resp) == s._digest(inline)
+    other = step_pb2.StepResponse()
+    other.CopyFrom(inline)
+    other.updates[0].delta.data = (want + 1).tobytes()
+    assert s._digest(resp) != s._digest(other)
     assert s._digest(resp) != s._digest(step_pb2.StepResponse(step=1))
     # A span in a region that is not the session's, or past its end.
     bad = step_pb2.StepResponse()
