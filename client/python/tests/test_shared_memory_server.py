@@ -330,6 +330,35 @@ def test_torch_streamed_blocks_dropped_and_resent_with_shared_memory(shm_server,
         assert torch.equal(want[k], got[k]), k
 
 
+@pytest.mark.parametrize("kind", ["EKFAC", "KFACPreconditioner"])
+def test_torch_ekfac_and_preconditioner_with_shared_memory_equal_without(shm_server, kind):
+    torch = pytest.importorskip("torch")
+    import natgrad.torch as ntorch
+
+    def run(flag):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        kw = dict(damping=1e-2, inverse_period=2, shared_memory=flag, stream=True)
+        if kind == "EKFAC":
+            opt = ntorch.EKFAC(model, target=shm_server.target, lr=0.1, **kw)
+            sgd = None
+        else:
+            opt = ntorch.KFACPreconditioner(model, target=shm_server.target, reduce=False, **kw)
+            sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        assert opt.session.shared_memory == flag
+        for t in range(5):
+            x = torch.randn(16, 6, generator=torch.Generator().manual_seed(t))
+            (sgd or opt).zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if sgd is not None:
+                sgd.step()
+        opt.close(delete=True)
+        return [p.detach().clone() for p in model.parameters()]
+    for u, v in zip(run(False), run(True)):
+        assert torch.equal(u, v)
+
+
 def test_torch_shampoo_with_shared_memory_equals_without(shm_server):
     torch = pytest.importorskip("torch")
     import natgrad.torch as ntorch
