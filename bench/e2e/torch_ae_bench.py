@@ -12,6 +12,10 @@ step (forward, backward, optimizer) timed for
                as backward produces it (a sender thread), the rest at step()
   kfac_<form>_pipe    stream=True, pipelined=True: step() sends the step and
                applies the previous step's update (one step stale)
+  kfac_..._shm the same with shared_memory=True: the step's tensors go
+               through POSIX shared memory instead of the gRPC messages
+               (--shared-memory on|both; the server started here then gets
+               --shared_memory; docs/shared_memory.md)
 
 Each configuration runs --reps times, the reps of all configurations
 interleaved (fresh model, optimizer and session;
@@ -29,6 +33,7 @@ The images are synthetic (no dataset download here): MNIST-shaped, about
 not depend on the pixel values.
 
   .venv/bin/python bench/e2e/torch_ae_bench.py [--server build/server/natgrad-server]
+      [--shared-memory off|on|both]
 """
 import argparse
 import json
@@ -78,14 +83,15 @@ def run(kind, args, client, seed, server_pid):
     if kind == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
-        form, _, mode = kind[len("kfac_"):].partition("_")
+        shm = kind.endswith("_shm")
+        form, _, mode = kind[len("kfac_"):len(kind) - 4 * shm].partition("_")
         reduce = {"raw": False, "reduced": True, "auto": "auto"}[form]
         if mode not in ("", "stream", "pipe"):
             raise SystemExit(f"unknown kind {kind!r}")
         opt = natgrad.torch.KFAC(model, client=client, lr=0.1, damping=args.damping, momentum=0.9,
                                  inverse_period=args.inverse_period, reduce=reduce,
                                  kl_clip=1e-3, stream=mode in ("stream", "pipe"),
-                                 pipelined=mode == "pipe")
+                                 pipelined=mode == "pipe", shared_memory=shm)
     step_s, in_opt_s, timings = [], [], []
     for i in range(args.warmup + args.steps):
         x = data[i % len(data)]
@@ -131,20 +137,30 @@ def main():
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the per-rep figures to this file")
+    p.add_argument("--shared-memory", default="off", choices=("off", "on", "both"),
+                   help="K-FAC rows through shared memory (a kind_shm row for each), or both: "
+                        "each K-FAC row with and without, side by side")
     args = p.parse_args()
+    kinds = []
+    for kind in args.kinds.split(","):
+        shm = kind.startswith("kfac_") and not kind.endswith("_shm")
+        if args.shared_memory != "on" or not shm:
+            kinds.append(kind)
+        if args.shared_memory != "off" and shm:
+            kinds.append(kind + "_shm")
     if args.threads:
         torch.set_num_threads(args.threads)
     srv = server_pid = None
     target = args.target
     if target is None:
-        srv = natgrad.LocalServer(args.server or natgrad.find_server_binary())
+        extra = ["--shared_memory"] if any(k.endswith("_shm") for k in kinds) else []
+        srv = natgrad.LocalServer(args.server or natgrad.find_server_binary(), extra_args=extra)
         srv.start()
         target = srv.target
         server_pid = srv.proc.pid
     # A generous retry deadline: the bench shares the machine with builds.
     client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0))
     try:
-        kinds = args.kinds.split(",")
         all_reps = {kind: [] for kind in kinds}
         # Rep by rep across the kinds, so a change in the machine's load
         # during the run reaches every row alike.
@@ -160,7 +176,7 @@ def main():
               f"median of {args.reps} reps x {args.steps} steps (inverse_period "
               f"{args.inverse_period})")
         adam_cpu = rows.get("adam", {}).get("client_cpu")
-        print(f"{'kind':<19} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
+        print(f"{'kind':<23} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
               f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'queue':>7} {'compute':>8} "
               f"{'invert':>7} {'encode':>7} | choice")
         for kind, r in rows.items():
@@ -171,7 +187,7 @@ def main():
                         f"{r['queue_micros']:7.1f} {r['compute_micros']:8.1f} "
                         f"{r['inversion_micros']:7.1f} {r['encode_micros']:7.1f}"
                         if "server_micros" in r else " " * 49)
-            print(f"{kind:<19} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
+            print(f"{kind:<23} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
                   f"{r.get('choice', '')}")
         print("cpu: client + server process CPU time per step (robust to a shared machine); "
               "server columns: ms per step, means of StepTiming (compute includes invert)")

@@ -56,8 +56,9 @@ import numpy as np
 from natgrad import errors
 from natgrad._pb import (admin_service_pb2 as admin_pb2, optimizer_service_pb2 as svc_pb2,
                          optimizer_service_pb2_grpc as svc_grpc, session_pb2, step_pb2)
+from natgrad import shared_memory as _shm
 from natgrad.blocks import session_config as _session_config
-from natgrad.tensor import as_array, from_tensor, is_set, to_tensor
+from natgrad.tensor import _NP, as_array, from_tensor, is_set, to_tensor
 
 try:  # googleapis-common-protos: the google.rpc.Status of error details
     from google.rpc import status_pb2 as _rpc_status_pb2
@@ -133,9 +134,13 @@ class StepResult(dict):
     for Gaussian blocks. Attributes: step, replayed, kl_clip_scale, damping,
     hyperparameters (name -> {hyperparameter: value}), timing, durable_step
     (the last step that survives a server restart; -1 without server
-    checkpoints), response (the StepResponse message)."""
+    checkpoints), response (the StepResponse message).
 
-    def __init__(self, response):
+    With shared memory the arrays are copies out of the reply buffer (safe to
+    keep); the tensors of ``response`` name their spans in it, which the
+    session writes over two steps later."""
+
+    def __init__(self, response, shm=None):
         super().__init__()
         self.response = response
         self.step = response.step
@@ -149,15 +154,14 @@ class StepResult(dict):
             self.hyperparameters[u.name] = dict(u.hyperparameters)
             if u.HasField("gaussian"):
                 g = u.gaussian
+                f = lambda t: from_tensor(t, shm=shm) if is_set(t) else None  # noqa: E731
                 self[u.name] = GaussianResult(
-                    param1=from_tensor(g.param1), param2=from_tensor(g.param2),
-                    delta1=from_tensor(g.delta1) if is_set(g.delta1) else None,
-                    delta2=from_tensor(g.delta2) if is_set(g.delta2) else None,
-                    direction1=from_tensor(g.direction1) if is_set(g.direction1) else None,
-                    direction2=from_tensor(g.direction2) if is_set(g.direction2) else None,
+                    param1=from_tensor(g.param1, shm=shm), param2=from_tensor(g.param2, shm=shm),
+                    delta1=f(g.delta1), delta2=f(g.delta2),
+                    direction1=f(g.direction1), direction2=f(g.direction2),
                     gamma_used=g.gamma_used, halvings=g.halvings)
             else:
-                self[u.name] = from_tensor(u.delta)
+                self[u.name] = from_tensor(u.delta, shm=shm)
 
 
 def _session_name(name):
@@ -240,12 +244,15 @@ class Client:
     "direct": connect to the address in the redirect (servers without a
     router); "auto" (default): the header first, and the address when the
     same redirect comes back (nothing routed on the header).
+    shared_memory: the default of the sessions this client opens (Session):
+    False, True, or the initial bytes of each shared-memory region.
     """
 
     def __init__(self, target, token=None, tls=None, *, timeout=30.0, retry=None,
                  max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, options=(), server_name=None,
                  max_replay_steps=DEFAULT_MAX_REPLAY_STEPS,
-                 max_replay_bytes=DEFAULT_MAX_REPLAY_BYTES, redirects="auto"):
+                 max_replay_bytes=DEFAULT_MAX_REPLAY_BYTES, redirects="auto",
+                 shared_memory=False):
         if redirects not in ("auto", "router", "direct"):
             raise ValueError(f"redirects must be 'auto', 'router' or 'direct', got {redirects!r}")
         self.redirects = redirects
@@ -255,6 +262,7 @@ class Client:
         self.max_replay_steps = int(max_replay_steps)
         self.max_replay_bytes = int(max_replay_bytes)
         self.max_message_bytes = int(max_message_bytes)
+        self.shared_memory = _check_shared_memory(shared_memory)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.max_receive_message_length", self.max_message_bytes),
@@ -399,12 +407,15 @@ class Client:
                                      f"within {timeout}s") from None
 
     # -- sessions -------------------------------------------------------------
-    def create_session(self, config, session_id=None, **session_kw):
+    def create_session(self, config, session_id=None, *, shared_memory=None, **session_kw):
         """config: a SessionConfig, or a list of BlockConfig (from
         natgrad.blocks) plus session_config() keywords (kl_clip=...,
         adaptive_damping=..., state_dtype=..., display_name=...).
         session_id: [a-z0-9-]{4,63}; a random one when None (chosen here, so
-        a router can place the session before it exists)."""
+        a router can place the session before it exists).
+        shared_memory: steps through POSIX shared memory with a server on
+        this host started with --shared_memory (Session; None: the client's
+        default)."""
         if not isinstance(config, session_pb2.SessionConfig):
             config = _session_config(config, **session_kw)
         elif session_kw:
@@ -424,11 +435,11 @@ class Client:
             info = self.get_session_info(sid)
             if info.config != config or info.last_step > 0:
                 raise
-        return Session(self, info)
+        return Session(self, info, shared_memory=shared_memory)
 
-    def get_session(self, name):
+    def get_session(self, name, *, shared_memory=None):
         """Attaches to an existing session; steps continue from its last_step."""
-        return Session(self, self.get_session_info(name))
+        return Session(self, self.get_session_info(name), shared_memory=shared_memory)
 
     def get_session_info(self, name):
         info = self._unary("GetSession", svc_pb2.GetSessionRequest(name=_session_name(name)),
@@ -463,13 +474,13 @@ class Client:
                            f"ExportSession {_session_name(name)}", idempotent=True,
                            session=_session_id(name))
 
-    def import_session(self, snapshot, session_id=None):
+    def import_session(self, snapshot, session_id=None, *, shared_memory=None):
         sid = session_id or (_session_id(snapshot.name) if snapshot.name else None)
         info = self._unary("ImportSession", svc_pb2.ImportSessionRequest(
             snapshot=snapshot, session_id=session_id or ""), "ImportSession", session=sid)
-        return Session(self, info)
+        return Session(self, info, shared_memory=shared_memory)
 
-    def restore_session(self, snapshot):
+    def restore_session(self, snapshot, *, shared_memory=None):
         """A Session continuing from `snapshot` (a SessionSnapshot from
         export_session, or its serialized bytes): imported (keeping its id)
         when the server does not have the session, e.g. a fresh server with
@@ -489,7 +500,7 @@ class Client:
         try:
             info = self.get_session_info(name)
         except errors.NotFound:
-            session = self.import_session(snapshot)
+            session = self.import_session(snapshot, shared_memory=shared_memory)
             if session.name != name or session.next_step != step + 1:
                 raise errors.Internal(f"ImportSession of {name} at step {step} gave {session.name} "
                                       f"at step {session.next_step - 1}") from None
@@ -502,7 +513,7 @@ class Client:
         if info.config != snapshot.config:
             raise errors.FailedPrecondition(f"session {name} on the server has another config "
                                             "than the checkpoint")
-        return Session(self, info)
+        return Session(self, info, shared_memory=shared_memory)
 
     def close(self):
         self._channel.close()
@@ -612,6 +623,56 @@ def _triu_indices(d):
     return _TRIU[d]
 
 
+def _check_shared_memory(v):
+    if v is None or v is False:
+        return False
+    if v is True:
+        return True
+    if isinstance(v, int) and v > 0:
+        return int(v)
+    raise ValueError(f"shared_memory must be True, False or a positive region size in bytes, got {v!r}")
+
+
+class _SpanWriter:
+    """to_tensor's writer for one step: tensors go into that step's slot."""
+
+    __slots__ = ("arena", "step")
+
+    def __init__(self, arena, step):
+        self.arena, self.step = arena, step
+
+    def write(self, array, dtype, span):
+        self.arena.write(self.step, array, dtype, span)
+
+
+def _nbytes(t, itemsize=None):
+    n = 1
+    for d in t.shape:
+        n *= int(d)
+    return n * (itemsize or (_NP[t.dtype].itemsize if t.dtype in _NP else 8))
+
+
+def _reply_estimate(reqs):
+    """Reply-buffer bytes a step's update tensors take (server-aligned): a
+    delta per block in its gradient's shape and dtype; a Gaussian block's
+    parameters, deltas and directions at 8 bytes a value (an upper bound)."""
+    need = 0
+    for r in reqs:
+        for bs in r.blocks:
+            if bs.HasField("gaussian"):
+                g = bs.gaussian
+                for t in (g.param1, g.param2):
+                    need += 3 * _shm.align_up(_nbytes(t, 8))
+            elif bs.HasField("gradient"):
+                need += _shm.align_up(_nbytes(bs.gradient))
+    return need
+
+
+def _reply_bytes(resp):
+    """Reply-buffer bytes `resp`'s update tensors take, inline ones included."""
+    return sum(_shm.align_up(_nbytes(t)) for t in _shm.tensors(resp) if is_set(t))
+
+
 class _OpenStep:
     """A streamed step begun on a Session: its messages so far, and how many
     of them are queued on which stream."""
@@ -655,9 +716,20 @@ class Session:
     ``begin_step()``, ``send_blocks(inputs)`` any number of times,
     ``finish_step(inputs=None, loss=None)`` (natgrad.torch sends each layer
     as backward produces it this way).
+
+    ``shared_memory=True`` (a server on this host with --shared_memory;
+    docs/shared_memory.md): every request tensor is copied once, converting
+    its dtype on the way, into a POSIX shared-memory region the session owns
+    (/dev/shm/natgrad-...) and sent as a span, and the server writes the
+    update tensors into the session's reply buffer instead of the message
+    (natgrad.shared_memory: two slots by step parity, so a step in flight
+    keeps its spans while the next is built; regions regrow when a step
+    outgrows them and are unlinked by close() and at exit). The results are
+    the same bytes as inline; the replay buffer keeps inline copies. An int
+    instead of True: the first size of each region in bytes.
     """
 
-    def __init__(self, client, info):
+    def __init__(self, client, info, shared_memory=None):
         self.client = client
         self.name = info.name
         self.id = info.name.split("/", 1)[-1]
@@ -689,6 +761,22 @@ class Session:
         self._warned_cap = False
         self._resync = False  # set when a stream is dropped: check the server on reopening
         self.replayed_steps = 0  # steps sent again after a server restart (monitoring/tests)
+        if shared_memory is None:
+            shared_memory = getattr(client, "shared_memory", False)
+        shared_memory = _check_shared_memory(shared_memory)
+        self._shm = None
+        if shared_memory:
+            self._shm = _shm.Arena(0 if shared_memory is True else shared_memory)
+
+    @property
+    def shared_memory(self):
+        """Whether steps go through shared memory (Session docstring)."""
+        return self._shm is not None
+
+    @property
+    def shared_memory_regions(self):
+        """The names of the shared-memory objects the session holds now."""
+        return self._shm.region_names if self._shm is not None else []
 
     def __repr__(self):
         return f"<natgrad.Session {self.name} next_step={self.next_step} blocks={list(self.blocks)}>"
@@ -722,10 +810,13 @@ class Session:
         self.client.delete_session(self.name)
 
     def close(self):
-        """Half-closes the Step stream (the session stays on the server)."""
+        """Half-closes the Step stream (the session stays on the server) and
+        unlinks the session's shared memory (made again by a later step)."""
         with self._lock:
             self._open = None  # the server drops a step the stream ends inside of
             self._drop_stream(cancel=False)
+            if self._shm is not None:
+                self._shm.close()
 
     def __enter__(self):
         return self
@@ -767,11 +858,14 @@ class Session:
         """Serialized bytes of the kept requests (the buffer's memory, roughly)."""
         return self._kept_bytes
 
-    @staticmethod
-    def _digest(resp):
+    def _digest(self, resp):
         # Everything the step's math decides; timing, replayed and
         # durable_step legitimately differ between the first answer and a
         # replay. Deterministic serialization orders the hyperparameter maps.
+        # With shared memory, over the values wherever they lie (a first
+        # answer through the reply buffer, a replayed one inline).
+        if self._shm is not None:
+            return _shm.digest_values(resp, self._shm, ("timing", "replayed", "durable_step"))
         r = step_pb2.StepResponse()
         r.CopyFrom(resp)
         r.ClearField("timing")
@@ -785,6 +879,8 @@ class Session:
         self._acked = max(self._acked, step)
         self._durable = resp.durable_step
         if self.max_replay_steps > 0 and 0 <= self._durable < step and step not in self._kept:
+            if self._shm is not None:
+                reqs = self._inline_for_replay(step, reqs)
             n = sum(r.ByteSize() for r in reqs)
             self._kept[step] = (reqs, self._digest(resp), n)
             self._kept_bytes += n
@@ -874,7 +970,10 @@ class Session:
                 raise self._err(block, field, "contains NaN or Inf")
         return a
 
-    def _block_step(self, name, x):
+    def _block_step(self, name, x, step=None):
+        """The BlockStep of block `name` for step `step` (default: next_step;
+        a caller building a step ahead, natgrad.torch's pipeline, says which:
+        with shared memory the number picks the region's slot)."""
         if isinstance(x, step_pb2.BlockStep):
             if x.name and x.name != name:
                 raise self._err(name, "name", f"BlockStep message names block '{x.name}'")
@@ -896,20 +995,23 @@ class Session:
         if extra:
             raise self._err(name, sorted(extra)[0], f"unknown input field(s) {sorted(extra)}")
         bs = step_pb2.BlockStep(name=name)
+        w = None
+        if self._shm is not None:
+            w = _SpanWriter(self._shm, self.next_step if step is None else step)
         shape = list(cfg.shape)
         dtype = x.get("dtype")
         if kind == "gaussian":
-            return self._gaussian_step(bs, name, cfg.gaussian, x, dtype)
+            return self._gaussian_step(bs, name, cfg.gaussian, x, dtype, w)
         if kind == "gaussian_diag":
-            return self._gaussian_diag_step(bs, name, cfg.gaussian_diag, x, dtype)
+            return self._gaussian_diag_step(bs, name, cfg.gaussian_diag, x, dtype, w)
         if x.get("gradient") is None:
             raise self._err(name, "gradient", "missing")
         grad = self._array(name, "gradient", x["gradient"], shape)
         if dtype is None:
             dtype = np.float64 if (grad.dtype.kind == "f" and grad.dtype.itemsize == 8) else np.float32
-        to_tensor(grad, dtype, out=bs.gradient)
+        to_tensor(grad, dtype, out=bs.gradient, shm=w)
         if x.get("params") is not None:
-            to_tensor(self._array(name, "params", x["params"], shape), dtype, out=bs.params)
+            to_tensor(self._array(name, "params", x["params"], shape), dtype, out=bs.params, shm=w)
         if kind in ("kfac_dense", "ekfac"):  # the same statistics (ekfac: raw only, server-checked)
             k = getattr(cfg, kind)
             din, dout, b = k.d_in, k.d_out, int(k.has_bias)
@@ -933,8 +1035,8 @@ class Session:
                     if a.shape[0] != g.shape[0] or a.shape[0] == 0:
                         raise self._err(name, "output_gradients", f"{g.shape[0]} rows but activations "
                                         f"have {a.shape[0]} (must be equal and > 0)")
-                to_tensor(a, dtype, out=bs.kfac.raw.activations)
-                to_tensor(g, dtype, out=bs.kfac.raw.output_gradients)
+                to_tensor(a, dtype, out=bs.kfac.raw.activations, shm=w)
+                to_tensor(g, dtype, out=bs.kfac.raw.output_gradients, shm=w)
             elif has_red:
                 for f in ("a_factor", "g_factor"):
                     if x.get(f) is None:
@@ -958,8 +1060,8 @@ class Session:
                     arrs[f] = arr
                 if len({a.ndim for a in arrs.values()}) != 1:
                     raise self._err(name, "g_factor", "give both factors packed (1-D) or both square")
-                to_tensor(arrs["a_factor"], dtype, out=bs.kfac.reduced.a_factor)
-                to_tensor(arrs["g_factor"], dtype, out=bs.kfac.reduced.g_factor)
+                to_tensor(arrs["a_factor"], dtype, out=bs.kfac.reduced.a_factor, shm=w)
+                to_tensor(arrs["g_factor"], dtype, out=bs.kfac.reduced.g_factor, shm=w)
                 bs.kfac.reduced.packed = arrs["a_factor"].ndim == 1
                 bs.kfac.reduced.num_examples = n
         else:
@@ -969,7 +1071,7 @@ class Session:
                     raise self._err(name, f, f"not accepted by a {kind} block")
         return bs
 
-    def _gaussian_step(self, bs, name, g, x, dtype):
+    def _gaussian_step(self, bs, name, g, x, dtype, w=None):
         copies, dim = max(1, g.copies), g.dim
         s1, s2 = [copies, dim], [copies, dim, dim]
         alt1, alt2 = ([dim], [dim, dim]) if copies == 1 else (None, None)
@@ -1021,15 +1123,15 @@ class Session:
             arr = self._array(name, f, v, s, alt)
             if self.validate:
                 arr = arr.reshape(s)
-            to_tensor(arr, dtype or np.float64, out=getattr(gi, f))
+            to_tensor(arr, dtype or np.float64, out=getattr(gi, f), shm=w)
         gi.gradient_space = _GRADIENT_SPACES[sp]
         if comp is not None:
-            self._gaussian_compositional(gi.compositional, name, copies, dim, comp, dtype)
+            self._gaussian_compositional(gi.compositional, name, copies, dim, comp, dtype, w)
         if layout == "gpflow":
             self._gpflow_blocks.add(name)
         return bs
 
-    def _gaussian_compositional(self, out, name, copies, dim, c, dtype):
+    def _gaussian_compositional(self, out, name, copies, dim, c, dtype, w=None):
         if not isinstance(c, dict):
             raise self._err(name, "compositional", "must be a dict (natgrad.gaussian.compositional_input)")
         extra = set(c) - {"samples", "likelihood_gradients", "likelihood_fisher", "fisher_form"}
@@ -1057,17 +1159,17 @@ class Session:
         fisher = self._array(name, "compositional.likelihood_fisher", c["likelihood_fisher"],
                              want, want[1:] if one else None)
         dt = dtype or np.float64
-        to_tensor(eps, dt, out=out.samples)
+        to_tensor(eps, dt, out=out.samples, shm=w)
         # (Unvalidated wrong shapes go as they are; the server refuses them.)
         if grads.size == copies * ns * dim:
             grads = grads.reshape([copies, ns, dim])
         if fisher.size == int(np.prod(want)):
             fisher = fisher.reshape(want)
-        to_tensor(grads, dt, out=out.likelihood_gradients)
-        to_tensor(fisher, dt, out=out.likelihood_fisher)
+        to_tensor(grads, dt, out=out.likelihood_gradients, shm=w)
+        to_tensor(fisher, dt, out=out.likelihood_fisher, shm=w)
         out.fisher_form = _FISHER_FORMS[form]
 
-    def _gaussian_diag_step(self, bs, name, g, x, dtype):
+    def _gaussian_diag_step(self, bs, name, g, x, dtype, w=None):
         """A diagonal Gaussian: four [copies, dim] arrays ([dim] for one copy),
         sent in their own dtype unless `dtype` says otherwise (float32 stays
         float32: these blocks can be millions of elements)."""
@@ -1087,7 +1189,7 @@ class Session:
         for f in ("param1", "param2", "grad1", "grad2"):
             arr = self._array(name, f, x[f], s, alt)
             dt = dtype or (np.float32 if arr.dtype == np.float32 else np.float64)
-            to_tensor(arr.reshape(s), dt, out=getattr(gi, f))
+            to_tensor(arr.reshape(s), dt, out=getattr(gi, f), shm=w)
         gi.gradient_space = _GRADIENT_SPACES[sp]
         return bs
 
@@ -1099,7 +1201,12 @@ class Session:
             if self.validate and not np.isfinite(loss):
                 raise errors.InvalidArgument(f"step {step}: loss is {loss}", field="loss")
         self._gpflow_blocks = set()
-        bss = [self._block_step(n, x) for n, x in inputs.items()]
+        bss = [self._block_step(n, x, step) for n, x in inputs.items()]
+        return self._split(bss, step, loss)
+
+    def _split(self, bss, step, loss):
+        """BlockSteps -> the step's StepRequest messages, at most split_bytes each
+        (one block over it alone), the last marked and carrying the loss."""
         msgs, cur, cur_bytes = [], [], 0
         for bs in bss:
             sz = _size_bound(bs)
@@ -1137,12 +1244,17 @@ class Session:
                 raise errors.FailedPrecondition(
                     f"session {self.name}: streamed step {self._open.step} is open; finish_step() "
                     "or abort_step() it before step()")
-            reqs = self.build_requests(inputs, loss)
             step = self.next_step
-            resp = self._send_step(reqs, step)
+            try:
+                reqs = self.build_requests(inputs, loss)
+                self._attach_reply(reqs, step)
+                resp = self._send_step(reqs, step)
+            finally:
+                if self._shm is not None:
+                    self._shm.finish(step)  # a resend of this number rebuilds its slot
             self._keep(step, reqs, resp)
             self.next_step = step + 1
-            result = StepResult(resp)
+            result = self._result(resp)
             for n in self._gpflow_blocks:  # back to the caller's [M, L] q_mu layout
                 result[n] = result[n].transposed()
             return result
@@ -1210,15 +1322,18 @@ class Session:
                 tail = self.build_requests(inputs or {}, loss, step=o.step)
                 o.gpflow |= self._gpflow_blocks
                 reqs = o.reqs + tail
+                self._attach_reply(reqs, o.step)
                 sent = o.sent if (o.stream is not None and o.stream is self._stream) else 0
                 resp = self._send_step(reqs, o.step, sent=sent)
             except BaseException:
                 self._abandon(o)
                 raise
             self._open = None
+            if self._shm is not None:
+                self._shm.finish(o.step)
             self._keep(o.step, reqs, resp)
             self.next_step = o.step + 1
-            result = StepResult(resp)
+            result = self._result(resp)
             for n in o.gpflow:
                 result[n] = result[n].transposed()
             return result
@@ -1245,8 +1360,49 @@ class Session:
         """Forgets the open step; a part of it on the stream is dropped with the stream."""
         if self._open is o:
             self._open = None
+        if self._shm is not None:
+            self._shm.finish(o.step)
         if o.stream is not None and o.stream is self._stream and o.sent:
             self._drop_stream()
+
+    # -- shared memory ----------------------------------------------------------
+    def _inline_for_replay(self, step, reqs):
+        """A step to keep for replay: sent again after a restart, when the
+        regions hold later steps, so with the bytes inline and no reply
+        buffer, split again at split_bytes (its spans made it one small
+        message)."""
+        if not any(r.HasField("reply_buffer") or _shm.has_spans(r) for r in reqs):
+            return reqs
+        what = f"Step {self.name} step {step}"
+        out = [_shm.materialize(r, self._shm, what) for r in reqs]
+        if any(len(r.blocks) > 1 and (_size_bound(r) or r.ByteSize()) > self.split_bytes
+               for r in out):
+            loss = out[-1].loss if out[-1].HasField("loss") else None
+            try:
+                out = self._split([bs for r in out for bs in r.blocks], step, loss)
+            except errors.ResourceExhausted:
+                pass  # a block over max_message_bytes even alone: kept as sent
+        return out
+
+    def _attach_reply(self, reqs, step):
+        """With shared memory: the step's reply buffer, on its last message."""
+        if self._shm is not None and reqs:
+            if not self._shm.reply_span(step, _reply_estimate(reqs), reqs[-1].reply_buffer):
+                reqs[-1].ClearField("reply_buffer")
+
+    def _result(self, resp):
+        if self._shm is None:
+            return StepResult(resp)
+        # A reply that did not all fit came partly inline: size the next
+        # reply buffers for all of it.
+        self._shm.note_reply_need(_reply_bytes(resp))
+        return StepResult(resp, shm=self._shm)
+
+    def _shared_memory_discard(self, step):
+        """A step built (in part) and never sent complete (natgrad.torch drops
+        it): its slot is rebuilt from the start by the next write."""
+        if self._shm is not None:
+            self._shm.finish(step)
 
     def _send_step(self, reqs, step, sent=0):
         """Sends `reqs` (the first `sent` of them already queued on the
@@ -1290,6 +1446,11 @@ class Session:
                 reason = _retry_reason(e)
                 err = self.client._error(e, f"Step {self.name} step {step}", self.client._route(self.id)[2])
                 if reason is None:
+                    if self._shm is not None and isinstance(err, errors.FailedPrecondition) and \
+                            "shared memory" in err.message:
+                        err.message += (" (this session has shared_memory=True: attach with "
+                                        "shared_memory=False to send inline)")
+                        err.args = (err.message,)
                     raise err from None
             else:
                 if resp.step != step:

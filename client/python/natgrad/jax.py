@@ -245,14 +245,19 @@ class KFAC:
     state: a state_dict() to restore instead of creating a session;
     pipelined: step t's round trip runs in a background thread while the
     caller computes step t+1, and step() returns the update of the previous
-    call's step (one step stale; see the module docstring, step and flush)."""
+    call's step (one step stale; see the module docstring, step and flush);
+    shared_memory: with a server on this host started with
+    --shared_memory, the step's tensors go through POSIX shared memory
+    instead of the gRPC messages (natgrad.Session); True, False or the
+    first region size in bytes."""
 
     def __init__(self, params, target=None, *, client=None, layers=None, kernel_layout="in_out",
                  token=None, tls=None, lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0,
                  damping_mode="tikhonov", ema_decay=None, inverse_period=None, stats_period=None,
                  kl_clip=1e-3, adaptive_damping=False, fallback="adam", fallback_lr=1e-3,
                  fallback_kwargs=None, reduce="auto", state_dtype=None, session_id=None,
-                 display_name=None, locations=None, exclude=(), state=None, pipelined=False):
+                 display_name=None, locations=None, exclude=(), state=None, pipelined=False,
+                 shared_memory=False):
         if kernel_layout not in ("in_out", "out_in"):
             raise ValueError("kernel_layout must be 'in_out' or 'out_in'")
         self.kernel_layout = kernel_layout
@@ -331,10 +336,12 @@ class KFAC:
         self.session = None
         self._created = False
         self.last_result = None
+        self._shared_memory = shared_memory
         if state is not None:
             self.load_state_dict(state)
         else:
             self.session = client.create_session(cfg, session_id=session_id, kl_clip=kl_clip or None,
+                                                 shared_memory=shared_memory,
                                                  adaptive_damping=adaptive_damping, state_dtype=state_dtype,
                                                  display_name=display_name or "jax pytree")
             self._created = True
@@ -647,7 +654,7 @@ class KFAC:
                 f"state_dict is inconsistent: session {name} step {step}, snapshot of {snap.name} "
                 f"at step {snap.last_step}", field="snapshot")
         self._check_config(snap.config, f"checkpoint of {name}")
-        session = self.client.restore_session(snap)
+        session = self.client.restore_session(snap, shared_memory=self._shared_memory)
         old, created = self.session, self._created
         self.session, self._created = session, False
         self._own_checks(session)

@@ -623,12 +623,13 @@ class _KfacModel:
         and the current .grad values; blocks without a gradient are left out."""
         return self._collect(fallback=self._mode == "optimizer")[0]
 
-    def _messages(self, inputs, locs, lrs=None):
-        """BlockStep messages: the per-step conv locations and learning rates
-        are set on the messages built (and validated) by the session."""
+    def _messages(self, inputs, locs, lrs=None, step=None):
+        """BlockStep messages of step ``step`` (default: the session's next):
+        the per-step conv locations and learning rates are set on the
+        messages built (and validated) by the session."""
         msgs = {}
         for name, x in inputs.items():
-            bs = self.session._block_step(name, x)
+            bs = self.session._block_step(name, x, step)
             if name in locs and bs.kfac.HasField("raw"):
                 bs.kfac.raw.locations = int(locs[name])
             lr = (lrs or {}).get(name)
@@ -729,7 +730,7 @@ class _KfacModel:
                 return
             x, T, has = r
             msg = self._messages({L.name: x}, {L.name: T} if T is not None else {},
-                                 {L.name: lr} if lr is not None else None)
+                                 {L.name: lr} if lr is not None else None, step=st.step)
             if has:
                 st.stats.append(L)
                 if not L.stats_sent:  # decided now for the next step; undone if this one fails
@@ -817,6 +818,7 @@ class _KfacModel:
             L.stats_sent = False
         # Behind every block the builds handed over.
         self._sender().submit(self.session.abort_step).result()
+        self.session._shared_memory_discard(st.step)
 
     def _drop_streamed(self):
         """Forgets the blocks streamed since the last step() (zero_grad, load_state_dict, close)."""
@@ -851,7 +853,7 @@ class _KfacModel:
         try:
             inputs, locs, stats, collect_s = self._collect(fallback=fallback, skip=st.queued,
                                                            step=st.step)
-            msgs = self._messages(inputs, locs, self._step_lrs(inputs))
+            msgs = self._messages(inputs, locs, self._step_lrs(inputs), step=st.step)
         except BaseException:
             self._discard(st)
             raise
@@ -884,7 +886,7 @@ class _KfacModel:
             if not inputs and not st.names:
                 raise errors.FailedPrecondition(
                     "step(): no parameter has a gradient; call loss.backward() first")
-            msgs = self._messages(inputs, locs, self._step_lrs(inputs))
+            msgs = self._messages(inputs, locs, self._step_lrs(inputs), step=st.step)
             fut = self._sender().submit(self._finish_job, st, msgs, loss, stats, collect_s)
             self._inflight = _InFlight(fut, st, list(msgs))
         except BaseException:
@@ -980,12 +982,13 @@ class _KfacModel:
         """Attaches to ``session`` (a name) or creates this model's session."""
         self._owns_session = session is None
         if session is not None:
-            self.session = self.client.get_session(session)
+            self.session = self.client.get_session(session, shared_memory=self._shared_memory)
             self._check_config(self.session.config, f"session {self.session.name}")
         else:
             a = self._session_args
             self.session = self.client.create_session(
                 self._block_configs(), session_id=a["session_id"], kl_clip=a["kl_clip"] or None,
+                shared_memory=self._shared_memory,
                 adaptive_damping=a["adaptive_damping"], state_dtype=a["state_dtype"],
                 display_name=a["display_name"] or f"torch {type(self.model).__name__}")
 
@@ -1070,9 +1073,9 @@ class _KfacModel:
                 self.session._reset(info)
                 self._reduce_trial = trial
                 return
-            new = natgrad.Session(self.client, info)
+            new = natgrad.Session(self.client, info, shared_memory=self._shared_memory)
         else:
-            new = self.client.import_session(snap)
+            new = self.client.import_session(snap, shared_memory=self._shared_memory)
         self._reduce_trial = trial
         old, self.session = self.session, new
         if old is not None:
@@ -1190,6 +1193,10 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
       update, so the round trip overlaps the next forward/backward; every
       update is one step stale (module docstring). Call flush() to apply
       the step in flight.
+    shared_memory: with a server on this host started with
+      --shared_memory, move the step's tensors through POSIX shared memory
+      instead of the gRPC messages (natgrad.Session; docs/torch_overlap.md).
+      Bit-identical updates; True, False or the first region size in bytes.
 
     param_groups: [0] the K-FAC layers (lr, damping, momentum, weight_decay),
     [1] the fallback parameters (lr = fallback_lr) -- either absent when it
@@ -1209,7 +1216,7 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
                  accumulation_steps=1, fallback="adam", fallback_lr=1e-3, fallback_kwargs=None,
                  skip_layers=(), reduce="auto", state_dtype=None, session_id=None,
                  display_name=None, async_inversion=False, locations=None, stream=False,
-                 pipelined=False):
+                 pipelined=False, shared_memory=False):
         _check_args(fisher, loss_reduction, reduce)
         if fallback not in ("adam", "sgd"):
             raise ValueError(f"fallback must be 'adam' or 'sgd', got {fallback!r}")
@@ -1248,6 +1255,7 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
             adaptive_damping=adaptive_damping, state_dtype=state_dtype, session_id=session_id,
             display_name=display_name, fallback_lr=fallback_lr, fallback_kwargs=fallback_kwargs)
         self._init_streaming(stream, pipelined)
+        self._shared_memory = shared_memory
         self._connect(target, client, token, tls)
         self._open_session(session)
         self.last_result = None
@@ -1389,7 +1397,7 @@ class KFACPreconditioner(_KfacModel):
 
     Arguments as for KFAC (damping, damping_mode, ema_decay, inverse_period,
     stats_period, fisher, loss_reduction, accumulation_steps, skip_layers,
-    reduce, state_dtype, stream, ...; not pipelined). kfac-pytorch's names are accepted too:
+    reduce, state_dtype, stream, shared_memory, ...; not pipelined). kfac-pytorch's names are accepted too:
     factor_update_steps (= stats_period), inv_update_steps (=
     inverse_period), factor_decay (= ema_decay).
     """
@@ -1403,7 +1411,7 @@ class KFACPreconditioner(_KfacModel):
                  loss_reduction="mean", accumulation_steps=1, skip_layers=(), reduce="auto",
                  state_dtype=None, session_id=None, display_name=None, async_inversion=False,
                  locations=None, factor_update_steps=None, inv_update_steps=None, factor_decay=None,
-                 stream=False):
+                 stream=False, shared_memory=False):
         _check_args(fisher, loss_reduction, reduce)
         stats_period = stats_period if factor_update_steps is None else factor_update_steps
         inverse_period = inverse_period if inv_update_steps is None else inv_update_steps
@@ -1430,6 +1438,7 @@ class KFACPreconditioner(_KfacModel):
             state_dtype=state_dtype, session_id=session_id,
             display_name=display_name or f"torch {type(model).__name__} preconditioner")
         self._init_streaming(stream, False)
+        self._shared_memory = shared_memory
         self._connect(target, client, token, tls)
         self._open_session(session)
         self.last_result = None

@@ -35,7 +35,7 @@ class DenseBlockOptimizer(torch.optim.Optimizer):
     _display_kind = "dense"
 
     def _setup(self, model, target, client, token, tls, lr, weight_decay, state_dtype,
-               display_name, make_config):
+               display_name, make_config, shared_memory=False):
         self.model = model
         self.params_by_name = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params_by_name:
@@ -49,7 +49,7 @@ class DenseBlockOptimizer(torch.optim.Optimizer):
         self.client = client
         configs = [make_config(n, list(p.shape) or [1]) for n, p in self.params_by_name.items()]
         self.session = client.create_session(
-            configs, state_dtype=state_dtype,
+            configs, state_dtype=state_dtype, shared_memory=shared_memory,
             display_name=display_name or f"torch {self._display_kind} {type(model).__name__}")
         self.last_result = None
 

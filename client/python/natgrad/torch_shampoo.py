@@ -29,16 +29,19 @@ class Shampoo(DenseBlockOptimizer):
     precondition_frequency, start_preconditioning_step,
     max_preconditioner_dim, inverse_root, grafting, grafting_beta2,
     grafting_eps). state_dtype: "float32" (default) or "float64".
+    shared_memory: as natgrad.torch.KFAC's (a server on this host with
+    --shared_memory).
     """
 
     _public_name = "natgrad.torch.Shampoo"
     _display_kind = "shampoo"
 
     def __init__(self, model, target=None, *, client=None, token=None, tls=None, lr=1e-3,
-                 weight_decay=0.0, state_dtype=None, display_name=None, **shampoo_kwargs):
+                 weight_decay=0.0, state_dtype=None, display_name=None, shared_memory=False,
+                 **shampoo_kwargs):
         def make_config(name, shape):
             return _blocks.shampoo(name, shape, lr=lr, weight_decay=weight_decay or None,
                                    **shampoo_kwargs)
 
         self._setup(model, target, client, token, tls, lr, weight_decay, state_dtype,
-                    display_name, make_config)
+                    display_name, make_config, shared_memory)

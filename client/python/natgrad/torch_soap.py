@@ -34,7 +34,8 @@ class SOAP(DenseBlockOptimizer):
     (None or negative: betas[1]), eps, precondition_frequency,
     max_precond_dim, correct_bias: as the reference's keywords. refresh:
     'power_qr' (the reference: one power iteration + QR) or 'eigh'.
-    state_dtype: "float32" (default) or "float64".
+    state_dtype: "float32" (default) or "float64". shared_memory: as
+    natgrad.torch.KFAC's (a server on this host with --shared_memory).
     """
 
     _public_name = "natgrad.torch.SOAP"
@@ -43,7 +44,7 @@ class SOAP(DenseBlockOptimizer):
     def __init__(self, model, target=None, *, client=None, token=None, tls=None, lr=3e-3,
                  betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, max_precond_dim=10000, correct_bias=True,
-                 refresh=None, state_dtype=None, display_name=None):
+                 refresh=None, state_dtype=None, display_name=None, shared_memory=False):
         if shampoo_beta is not None and shampoo_beta < 0:
             shampoo_beta = None  # the reference's "use betas[1]"
 
@@ -56,4 +57,4 @@ class SOAP(DenseBlockOptimizer):
                                 bias_correction=correct_bias)
 
         self._setup(model, target, client, token, tls, lr, weight_decay, state_dtype,
-                    display_name, make_config)
+                    display_name, make_config, shared_memory)
