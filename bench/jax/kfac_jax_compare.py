@@ -14,6 +14,11 @@ for
   natgrad_pipe   natgrad.jax.KFAC(pipelined=True): step t's round trip runs
                  while forward/backward of t+1 run; updates one step stale
   adam           optax.adam, jitted, for scale
+  natgrad_shm, natgrad_pipe_shm
+                 the same with shared_memory=True: the step's tensors go
+                 through POSIX shared memory instead of the gRPC messages
+                 (the server started here then gets --shared_memory;
+                 docs/shared_memory.md)
 
 The K-FAC settings are the same on both sides (natgrad's defaults, with the
 issue's inverse period): learning rate 0.1, momentum 0.9 (kfac-jax: fixed
@@ -281,14 +286,15 @@ def run_kfac_jax(args, seed, _client, _pid):
     return r, r.timed(step), {}
 
 
-def run_natgrad(args, seed, client, server_pid, pipelined=False):
+def run_natgrad(args, seed, client, server_pid, pipelined=False, shared_memory=False):
     import natgrad.jax
     loss_and_stats = make_loss_and_stats(args.widths, fisher=args.fisher)
     r = _Run(args, seed, first_index=1 if pipelined else 0)
     opt = natgrad.jax.KFAC(r.params, client=client, lr=args.lr, damping=args.damping,
                            momentum=args.momentum, kl_clip=args.kl_clip, ema_decay=args.ema_decay,
                            inverse_period=args.inverse_period, reduce=args.reduce,
-                           pipelined=pipelined, display_name="kfac_jax_compare")
+                           pipelined=pipelined, shared_memory=shared_memory,
+                           display_name="kfac_jax_compare")
     timings = []
     rng = jax.random.PRNGKey(seed)
 
@@ -314,7 +320,10 @@ def run_natgrad(args, seed, client, server_pid, pipelined=False):
 
 
 RUNS = {"adam": run_adam, "kfac_jax": run_kfac_jax, "natgrad": run_natgrad,
-        "natgrad_pipe": lambda a, s, c, p: run_natgrad(a, s, c, p, pipelined=True)}
+        "natgrad_pipe": lambda a, s, c, p: run_natgrad(a, s, c, p, pipelined=True),
+        "natgrad_shm": lambda a, s, c, p: run_natgrad(a, s, c, p, shared_memory=True),
+        "natgrad_pipe_shm": lambda a, s, c, p: run_natgrad(a, s, c, p, pipelined=True,
+                                                           shared_memory=True)}
 
 
 def _rel_diff(r, base):
@@ -360,14 +369,15 @@ def main(argv=None):
     kinds = args.kinds.split(",")
     unknown = set(kinds) - set(RUNS)
     if unknown:
-        p.error(f"unknown kinds {sorted(unknown)} (known: {', '.join(KINDS)})")
+        p.error(f"unknown kinds {sorted(unknown)} (known: {', '.join(RUNS)})")
 
     import natgrad
     srv = client = server_pid = None
     if any(k.startswith("natgrad") for k in kinds):
         target = args.target
         if target is None:
-            srv = natgrad.LocalServer(args.server or natgrad.find_server_binary())
+            extra = ["--shared_memory"] if any(k.endswith("_shm") for k in kinds) else []
+            srv = natgrad.LocalServer(args.server or natgrad.find_server_binary(), extra_args=extra)
             srv.start()
             target, server_pid = srv.target, srv.proc.pid
         # No replay buffer: the bench server writes no checkpoints between
