@@ -36,6 +36,17 @@ void SyrkLowerTrans(int64_t n, int64_t k, double alpha, const double* x,
               I(ldx), beta, c, I(ldc));
 }
 
+void SyrkLower(int64_t n, int64_t k, float alpha, const float* x, int64_t ldx, float beta,
+               float* c, int64_t ldc) {
+  cblas_ssyrk(CblasColMajor, CblasLower, CblasNoTrans, I(n), I(k), alpha, x, I(ldx), beta, c,
+              I(ldc));
+}
+void SyrkLower(int64_t n, int64_t k, double alpha, const double* x, int64_t ldx, double beta,
+               double* c, int64_t ldc) {
+  cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, I(n), I(k), alpha, x, I(ldx), beta, c,
+              I(ldc));
+}
+
 void SymmLower(bool left, int64_t m, int64_t n, float alpha, const float* a,
                int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                int64_t ldc) {

@@ -26,6 +26,11 @@ void SyrkLowerTrans(int64_t n, int64_t k, float alpha, const float* x,
                     int64_t ldx, float beta, float* c, int64_t ldc);
 void SyrkLowerTrans(int64_t n, int64_t k, double alpha, const double* x,
                     int64_t ldx, double beta, double* c, int64_t ldc);
+// The same for C = alpha X X^T + beta C, X n x k.
+void SyrkLower(int64_t n, int64_t k, float alpha, const float* x, int64_t ldx, float beta,
+               float* c, int64_t ldc);
+void SyrkLower(int64_t n, int64_t k, double alpha, const double* x, int64_t ldx, double beta,
+               double* c, int64_t ldc);
 
 // C = alpha A B + beta C (left) or alpha B A + beta C (right), A symmetric
 // with its lower triangle read; B and C m x n.

@@ -34,6 +34,20 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   });
 }
 
+namespace {
+
+// Column block [j0, j1) of Gram panels p of `panels`: blocks of equal
+// trapezoid area (the area of columns [0, j) is n j - j^2 / 2, so
+// j = n (1 - sqrt(1 - f))).
+int64_t PanelEdge(int64_t n, int panels, int64_t p) {
+  if (p >= panels) return n;
+  const double f = static_cast<double>(p) / panels;
+  return std::clamp<int64_t>(static_cast<int64_t>(std::llround(n * (1.0 - std::sqrt(1.0 - f)))),
+                             0, n);
+}
+
+}  // namespace
+
 template <typename Scalar>
 void GramLower(int64_t n, int64_t k, Scalar alpha, const Scalar* x,
                int64_t ldx, Scalar* c, int64_t ldc, ComputePool* pool) {
@@ -43,23 +57,36 @@ void GramLower(int64_t n, int64_t k, Scalar alpha, const Scalar* x,
     return;
   }
   // Column block [j0, j1) of the lower triangle: its diagonal square by
-  // SYRK, the rows below by GEMM. Blocks of equal trapezoid area: the area
-  // of columns [0, j) is n j - j^2 / 2, so j = n (1 - sqrt(1 - f)).
-  auto edge = [&](int64_t p) {
-    if (p >= panels) return n;
-    const double f = static_cast<double>(p) / panels;
-    return std::clamp<int64_t>(
-        static_cast<int64_t>(std::llround(n * (1.0 - std::sqrt(1.0 - f)))), 0,
-        n);
-  };
+  // SYRK, the rows below by GEMM.
   pool->ParallelFor(panels, [&](size_t p) {
-    const int64_t j0 = edge(p), j1 = edge(p + 1), w = j1 - j0;
+    const int64_t j0 = PanelEdge(n, panels, p), j1 = PanelEdge(n, panels, p + 1), w = j1 - j0;
     if (w <= 0) return;
     blas::SyrkLowerTrans(w, k, alpha, x + j0 * ldx, ldx, Scalar(0),
                          c + j0 + j0 * ldc, ldc);
     if (n - j1 > 0) {
       blas::Gemm(true, false, n - j1, w, k, alpha, x + j1 * ldx, ldx,
                  x + j0 * ldx, ldx, Scalar(0), c + j1 + j0 * ldc, ldc);
+    }
+  });
+}
+
+template <typename Scalar>
+void GramLowerRowMajor(int64_t n, int64_t k, Scalar alpha, const Scalar* x, int64_t ldx,
+                       Scalar* c, int64_t ldc, ComputePool* pool) {
+  // x as column-major memory is Z = X^T (n x k, leading dimension ldx):
+  // C = Z Z^T, and feature j is row j of Z (x + j).
+  const int panels = PanelCount(n * n * k / 2, n, pool);
+  if (panels == 1) {
+    blas::SyrkLower(n, k, alpha, x, ldx, Scalar(0), c, ldc);
+    return;
+  }
+  pool->ParallelFor(panels, [&](size_t p) {
+    const int64_t j0 = PanelEdge(n, panels, p), j1 = PanelEdge(n, panels, p + 1), w = j1 - j0;
+    if (w <= 0) return;
+    blas::SyrkLower(w, k, alpha, x + j0, ldx, Scalar(0), c + j0 + j0 * ldc, ldc);
+    if (n - j1 > 0) {
+      blas::Gemm(false, true, n - j1, w, k, alpha, x + j1, ldx, x + j0, ldx, Scalar(0),
+                 c + j1 + j0 * ldc, ldc);
     }
   });
 }
@@ -74,5 +101,9 @@ template void GramLower<float>(int64_t, int64_t, float, const float*, int64_t,
                                float*, int64_t, ComputePool*);
 template void GramLower<double>(int64_t, int64_t, double, const double*,
                                 int64_t, double*, int64_t, ComputePool*);
+template void GramLowerRowMajor<float>(int64_t, int64_t, float, const float*, int64_t, float*,
+                                       int64_t, ComputePool*);
+template void GramLowerRowMajor<double>(int64_t, int64_t, double, const double*, int64_t,
+                                        double*, int64_t, ComputePool*);
 
 }  // namespace natgrad::linalg

@@ -47,6 +47,13 @@ void GramLower(int64_t n, int64_t k, Scalar alpha, const Scalar* x,
                int64_t ldx, Scalar* c, int64_t ldc,
                ComputePool* pool = nullptr);
 
+// The same Gram from X stored row-major (k rows of n values, row stride
+// ldx >= n): C = alpha X^T X without transposing X first (as column-major
+// memory it is X^T, n x k, so this is SYRK/GEMM without transposes).
+template <typename Scalar>
+void GramLowerRowMajor(int64_t n, int64_t k, Scalar alpha, const Scalar* x, int64_t ldx,
+                       Scalar* c, int64_t ldc, ComputePool* pool = nullptr);
+
 extern template void Gemm<float>(bool, bool, int64_t, int64_t, int64_t, float,
                                  const float*, int64_t, const float*, int64_t,
                                  float, float*, int64_t, ComputePool*);
@@ -59,6 +66,10 @@ extern template void GramLower<float>(int64_t, int64_t, float, const float*,
 extern template void GramLower<double>(int64_t, int64_t, double,
                                        const double*, int64_t, double*,
                                        int64_t, ComputePool*);
+extern template void GramLowerRowMajor<float>(int64_t, int64_t, float, const float*, int64_t,
+                                              float*, int64_t, ComputePool*);
+extern template void GramLowerRowMajor<double>(int64_t, int64_t, double, const double*,
+                                               int64_t, double*, int64_t, ComputePool*);
 
 }  // namespace natgrad::linalg
 

@@ -422,21 +422,36 @@ KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input, int64_t t,
   if (input.kfac) {
     const KfacStatisticsInput& s = *input.kfac;
     if (s.form == KfacStatisticsInput::Form::kRaw) {
-      absl::StatusOr<kfac::RawStatistics<Scalar>> raw = kfac::CheckedRawStatistics<Scalar>(
+      // Shapes here; the values are read straight from the received
+      // row-major bytes into the Grams (no transposed copy).
+      absl::StatusOr<kfac::RawStatistics<Scalar>> raw = kfac::CheckedRawShapes<Scalar>(
           name(), s, options_.d_in, gd, options_.locations);
       if (!raw.ok()) return raw.status();
-      const Matrix* as = &raw->a;
-      const Matrix* gs = &raw->g;
       const int64_t rows = raw->rows;
       const int64_t loc = raw->locations;
-      if (fold) {
+      if (!fold) {
+        if (absl::Status v = kfac::CheckedRawValues<Scalar>(name(), "kfac.raw.activations",
+                                                           s.activations);
+            !v.ok()) {
+          return v;
+        }
+        if (absl::Status v = kfac::CheckedRawValues<Scalar>(
+                name(), "kfac.raw.output_gradients", s.output_gradients);
+            !v.ok()) {
+          return v;
+        }
+      } else {
         // KFC scaling (kfac-jax): A over the n examples, G over n*T rows.
-        a_batch = kfac::GramFactor<Scalar>(*as, options_.has_bias,
-                                           static_cast<Scalar>(rows / loc),
-                                           context.compute_pool);
-        g_batch = kfac::GramFactor<Scalar>(*gs, false,
-                                           static_cast<Scalar>(rows),
-                                           context.compute_pool);
+        absl::StatusOr<Matrix> a = kfac::CheckedRawGram<Scalar>(
+            name(), "kfac.raw.activations", s.activations, options_.has_bias,
+            static_cast<Scalar>(rows / loc), context.compute_pool);
+        if (!a.ok()) return a.status();
+        absl::StatusOr<Matrix> g = kfac::CheckedRawGram<Scalar>(
+            name(), "kfac.raw.output_gradients", s.output_gradients, false,
+            static_cast<Scalar>(rows), context.compute_pool);
+        if (!g.ok()) return g.status();
+        a_batch = *std::move(a);
+        g_batch = *std::move(g);
         if (!a_batch->allFinite()) {
           return Invalid("kfac.raw.activations", "overflows in a^T a / n");
         }

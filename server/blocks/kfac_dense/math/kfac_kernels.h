@@ -81,6 +81,31 @@ Matrix<Scalar> GramFactor(const Matrix<Scalar>& x, bool append_one,
   return out;
 }
 
+// The same for the rows of a row-major [rows, cols] array as it came off
+// the wire (raw statistics): no transposed copy of x first.
+template <typename Scalar>
+Matrix<Scalar> GramFactorRowMajor(const Scalar* x, Eigen::Index rows, Eigen::Index cols,
+                                  bool append_one, Scalar divisor,
+                                  linalg::ComputePool* pool = nullptr) {
+  const Eigen::Index n = cols + (append_one ? 1 : 0);
+  Matrix<Scalar> out = Matrix<Scalar>::Zero(n, n);
+  const Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>
+      view(x, rows, cols);
+  if (linalg::UseBlas(cols, cols, rows)) {
+    linalg::GramLowerRowMajor<Scalar>(cols, rows, Scalar(1) / divisor, x, cols, out.data(), n,
+                                      pool);
+  } else {
+    out.topLeftCorner(cols, cols).template selfadjointView<Eigen::Lower>().rankUpdate(
+        view.transpose(), Scalar(1) / divisor);
+  }
+  if (append_one) {
+    out.row(cols).head(cols) = view.colwise().sum() / divisor;
+    out(cols, cols) = static_cast<Scalar>(rows) / divisor;
+  }
+  CopyLowerToUpper(out);
+  return out;
+}
+
 // pi = sqrt((tr A / dim A) / (tr G / dim G)) (Martens & Grosse §6.3), 1 when
 // either trace is not positive (an all-zero factor) or the ratio overflows.
 template <typename Scalar>

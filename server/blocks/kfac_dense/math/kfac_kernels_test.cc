@@ -63,6 +63,18 @@ class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
       const Matrix<Scalar> got = GramFactor<Scalar>(x, bias, Scalar(7), pool());
       EXPECT_LT(RelError(got, want), tol) << "bias " << bias;
       EXPECT_EQ(got, got.transpose());  // exactly symmetric
+      // The same rows stored row-major, as raw statistics arrive; also below
+      // the BLAS threshold (Eigen's rank update).
+      for (Eigen::Index rows : {Eigen::Index{517}, Eigen::Index{3}}) {
+        const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> rm =
+            x.topRows(rows);
+        Eigen::MatrixXd xr = xb.topRows(rows);
+        const Eigen::MatrixXd want_rows = xr.transpose() * xr / 7.0;
+        const Matrix<Scalar> got_rows = GramFactorRowMajor<Scalar>(
+            rm.data(), rows, x.cols(), bias, Scalar(7), pool());
+        EXPECT_LT(RelError(got_rows, want_rows), tol) << "row-major, rows " << rows;
+        EXPECT_EQ(got_rows, got_rows.transpose());
+      }
     }
   }
 

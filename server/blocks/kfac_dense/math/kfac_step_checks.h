@@ -110,12 +110,14 @@ struct RawStatistics {
   int64_t examples() const { return rows / locations; }
 };
 
-// Checks raw statistics against a layer of d_in inputs and d_out outputs
-// (fields "kfac.raw.*"); `default_locations` applies when the step sets none.
+// Checks the shapes of raw statistics against a layer of d_in inputs and
+// d_out outputs (fields "kfac.raw.*"); `default_locations` applies when the
+// step sets none. Returns rows and the resolved locations (a and g unread).
 template <typename Scalar>
-absl::StatusOr<RawStatistics<Scalar>> CheckedRawStatistics(
-    absl::string_view block, const KfacStatisticsInput& s, int64_t d_in,
-    int64_t d_out, int64_t default_locations) {
+absl::StatusOr<RawStatistics<Scalar>> CheckedRawShapes(absl::string_view block,
+                                                      const KfacStatisticsInput& s,
+                                                      int64_t d_in, int64_t d_out,
+                                                      int64_t default_locations) {
   const DenseTensor& a = s.activations;
   const DenseTensor& g = s.output_gradients;
   const int64_t rows = a.rows();
@@ -146,15 +148,56 @@ absl::StatusOr<RawStatistics<Scalar>> CheckedRawStatistics(
   RawStatistics<Scalar> out;
   out.rows = rows;
   out.locations = loc;
-  absl::StatusOr<Matrix<Scalar>> as =
-      CheckedTensor<Scalar>(block, "kfac.raw.activations", a, rows, a.cols());
-  if (!as.ok()) return as.status();
-  absl::StatusOr<Matrix<Scalar>> gs =
-      CheckedTensor<Scalar>(block, "kfac.raw.output_gradients", g, rows, g.cols());
-  if (!gs.ok()) return gs.status();
-  out.a = *std::move(as);
-  out.g = *std::move(gs);
   return out;
+}
+
+// The same, with a and g read into Scalar (column-major copies).
+template <typename Scalar>
+absl::StatusOr<RawStatistics<Scalar>> CheckedRawStatistics(
+    absl::string_view block, const KfacStatisticsInput& s, int64_t d_in,
+    int64_t d_out, int64_t default_locations) {
+  absl::StatusOr<RawStatistics<Scalar>> out =
+      CheckedRawShapes<Scalar>(block, s, d_in, d_out, default_locations);
+  if (!out.ok()) return out.status();
+  const int64_t rows = out->rows;
+  absl::StatusOr<Matrix<Scalar>> as = CheckedTensor<Scalar>(
+      block, "kfac.raw.activations", s.activations, rows, s.activations.cols());
+  if (!as.ok()) return as.status();
+  absl::StatusOr<Matrix<Scalar>> gs = CheckedTensor<Scalar>(
+      block, "kfac.raw.output_gradients", s.output_gradients, rows, s.output_gradients.cols());
+  if (!gs.ok()) return gs.status();
+  out->a = *std::move(as);
+  out->g = *std::move(gs);
+  return out;
+}
+
+// Whether a raw statistics tensor (shape already checked) reads into Scalar
+// finite: known from the wire when it is already Scalar, else read and
+// checked as CheckedTensor does (its error).
+template <typename Scalar>
+absl::Status CheckedRawValues(absl::string_view block, absl::string_view field,
+                              const DenseTensor& t) {
+  const bool same = (t.dtype() == DType::kFloat32) == std::is_same_v<Scalar, float>;
+  if (same && t.AllFinite()) return absl::OkStatus();
+  return CheckedTensor<Scalar>(block, field, t, t.rows(), t.cols()).status();
+}
+
+// x^T x / divisor of a raw statistics tensor (shape already checked), with a
+// column of ones appended when append_one: straight from the received bytes
+// when they are already Scalar (no copy; their finiteness is known from the
+// wire), else read into Scalar first with CheckedTensor's checks.
+template <typename Scalar>
+absl::StatusOr<Matrix<Scalar>> CheckedRawGram(absl::string_view block, absl::string_view field,
+                                              const DenseTensor& t, bool append_one,
+                                              Scalar divisor, linalg::ComputePool* pool) {
+  const bool same = (t.dtype() == DType::kFloat32) == std::is_same_v<Scalar, float>;
+  if (same && t.AllFinite()) {
+    return GramFactorRowMajor<Scalar>(reinterpret_cast<const Scalar*>(t.data()), t.rows(),
+                                      t.cols(), append_one, divisor, pool);
+  }
+  absl::StatusOr<Matrix<Scalar>> x = CheckedTensor<Scalar>(block, field, t, t.rows(), t.cols());
+  if (!x.ok()) return x.status();
+  return GramFactor<Scalar>(*x, append_one, divisor, pool);
 }
 
 // One step's hyperparameters, from the schedules (normalized: non-null) or
