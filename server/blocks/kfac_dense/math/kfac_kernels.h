@@ -99,7 +99,10 @@ Matrix<Scalar> GramFactorRowMajor(const Scalar* x, Eigen::Index rows, Eigen::Ind
         view.transpose(), Scalar(1) / divisor);
   }
   if (append_one) {
-    out.row(cols).head(cols) = view.colwise().sum() / divisor;
+    // Row by row: contiguous adds (a column sum of a row-major array strides).
+    Eigen::Matrix<Scalar, 1, Eigen::Dynamic> sum = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>::Zero(cols);
+    for (Eigen::Index r = 0; r < rows; ++r) sum += view.row(r);
+    out.row(cols).head(cols) = sum / divisor;
     out(cols, cols) = static_cast<Scalar>(rows) / divisor;
   }
   CopyLowerToUpper(out);
