@@ -56,6 +56,31 @@ def client(target):
     c.close()
 
 
+def crashable_server(server_binary, tmp_path, every, extra_args=()):
+    """A started private server checkpointing every `every` steps, whose
+    .crash() SIGKILLs it and starts it again on the same port and checkpoint
+    directory (.kills counts them). The caller stops and cleans it up."""
+    srv = natgrad.LocalServer(server_binary, log_path=str(tmp_path / "server.log"),
+                              checkpoint_dir=str(tmp_path / "ckpt"),
+                              extra_args=[*extra_args, f"--checkpoint_every_steps={every}",
+                                          "--worker_threads=2", "--shutdown_grace_s=2"])
+    srv.start()
+    srv.kills = 0
+
+    def crash():
+        srv.kill()
+        srv.kills += 1
+        srv.start()
+    srv.crash = crash
+    return srv
+
+
+def patient_client(target, **kw):
+    """A client that rides out a server restart."""
+    return natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=60, max_attempts=200,
+                                                            max_backoff=0.2), **kw)
+
+
 @pytest.fixture()
 def fresh_server(server_binary, tmp_path):
     """A private server for tests that stop/restart it."""

@@ -19,6 +19,8 @@ import natgrad
 from natgrad import blocks
 from natgrad._pb import session_pb2
 
+from conftest import crashable_server, patient_client
+
 torch = pytest.importorskip("torch")
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -34,26 +36,10 @@ KILLS = 5
 def every10(server_binary, tmp_path):
     """A private server checkpointing every 10 steps; .crash() SIGKILLs it and
     starts it again on the same port and checkpoint directory."""
-    srv = natgrad.LocalServer(server_binary, log_path=str(tmp_path / "server.log"),
-                              checkpoint_dir=str(tmp_path / "ckpt"),
-                              extra_args=[f"--checkpoint_every_steps={EVERY}", "--worker_threads=2",
-                                          "--shutdown_grace_s=2"])
-    srv.start()
-    srv.kills = 0
-
-    def crash():
-        srv.kill()
-        srv.kills += 1
-        srv.start()
-    srv.crash = crash
+    srv = crashable_server(server_binary, tmp_path, EVERY)
     yield srv
     srv.stop()
     srv.cleanup()
-
-
-def patient_client(target, **kw):
-    return natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=60, max_attempts=200,
-                                                            max_backoff=0.2), **kw)
 
 
 class Job:

@@ -14,6 +14,8 @@ from natgrad import blocks
 from natgrad import shared_memory as shm
 from natgrad._pb import step_pb2
 
+from conftest import crashable_server, patient_client
+
 
 @pytest.fixture(scope="module")
 def shm_server(server_binary, tmp_path_factory):
@@ -226,31 +228,15 @@ EVERY = 5
 
 @pytest.fixture()
 def every5(server_binary, tmp_path):
-    srv = natgrad.LocalServer(server_binary, log_path=str(tmp_path / "server.log"),
-                              checkpoint_dir=str(tmp_path / "ckpt"),
-                              extra_args=["--shared_memory", f"--checkpoint_every_steps={EVERY}",
-                                          "--worker_threads=2", "--shutdown_grace_s=2"])
-    srv.start()
-    srv.kills = 0
-
-    def crash():
-        srv.kill()
-        srv.kills += 1
-        srv.start()
-    srv.crash = crash
+    srv = crashable_server(server_binary, tmp_path, EVERY, ["--shared_memory"])
     yield srv
     srv.stop()
     srv.cleanup()
 
 
-def patient(target, **kw):
-    return natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=60, max_attempts=200,
-                                                            max_backoff=0.2), **kw)
-
-
 def test_replay_after_sigkills_with_shared_memory_matches_bit_for_bit(client, every5):
     ref = client.create_session(**config(np.float64))
-    s = patient(every5.target).create_session(**config(np.float64), shared_memory=True)
+    s = patient_client(every5.target).create_session(**config(np.float64), shared_memory=True)
     plan = {3: "between", 7: "in_flight", 8: "between", 14: "in_flight"}
 
     def in_flight(event, sess, stream, step):
