@@ -207,6 +207,25 @@ bool GuardedCopy(void* dst, const void* src, size_t bytes) {
   return true;
 }
 
+bool GuardedAppend(std::string* out, const char* src, size_t bytes) {
+  InstallSigbusHandler();
+  out->reserve(out->size() + bytes);  // may throw: outside the guarded part
+  const size_t size = out->size();
+  sigjmp_buf jump;
+  if (sigsetjmp(jump, 1) != 0) {
+    // The append had the room it needed, so its only work was the copy that
+    // faulted; its length was not yet updated, but be sure.
+    out->resize(size);
+    return false;
+  }
+  guarded_copy_jump = &jump;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  out->append(src, bytes);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  guarded_copy_jump = nullptr;
+  return true;
+}
+
 SharedMemoryRegions::~SharedMemoryRegions() {
   for (auto& [name, m] : regions_) {
     if (m.data != nullptr) munmap(m.data, m.size);
@@ -295,8 +314,7 @@ absl::Status SharedMemoryRegions::Inline(Message* message) {
     absl::StatusOr<char*> src = Locate(span, /*write=*/false);
     if (!src.ok()) return src.status();
     std::string bytes;
-    bytes.resize(static_cast<size_t>(span.length()));
-    if (span.length() > 0 && !GuardedCopy(bytes.data(), *src, bytes.size())) {
+    if (span.length() > 0 && !GuardedAppend(&bytes, *src, static_cast<size_t>(span.length()))) {
       Unmap(span.region());  // the object shrank: map it again next time
       return absl::InvalidArgumentError(absl::StrCat(
           "could not be read: region ", core::QuotedClientString(span.region()),

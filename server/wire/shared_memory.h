@@ -48,6 +48,9 @@ int64_t SpannedReplyBytes(const natgrad::v1::StepResponse& response);
 // process's SIGBUS handler is installed on first use; a SIGBUS outside a
 // guarded copy still ends the process, as it would without it.
 bool GuardedCopy(void* dst, const void* src, size_t bytes);
+// The same, appended to `out` (reserved first, so the bytes are written once,
+// not zero-filled and then copied). On false `out` is as it was.
+bool GuardedAppend(std::string* out, const char* src, size_t bytes);
 
 // The mapped regions of one Step stream: mapped on first use, kept while
 // the object behind the name stays the same (device, inode and size are

@@ -203,10 +203,15 @@ TEST(SharedMemory, GuardedCopyCatchesTheFaultOfATruncatedMapping) {
   EXPECT_FALSE(GuardedCopy(out.data(), p, out.size()));
   // And the thread goes on working (the handler left it in a sane state).
   EXPECT_FALSE(GuardedCopy(out.data(), p, out.size()));
+  std::string appended = "kept";
+  EXPECT_FALSE(GuardedAppend(&appended, static_cast<const char*>(p), out.size()));
+  EXPECT_EQ(appended, "kept");
   char local[8] = "abcdefg";
   char copy[8] = {};
   EXPECT_TRUE(GuardedCopy(copy, local, sizeof(local)));
   EXPECT_STREQ(copy, "abcdefg");
+  EXPECT_TRUE(GuardedAppend(&appended, local, 3));
+  EXPECT_EQ(appended, "keptabc");
   munmap(p, 2 * 4096);
   close(fd);
 }
