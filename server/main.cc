@@ -40,7 +40,7 @@ ABSL_FLAG(int32_t, worker_threads, 0,
 // slower; false is for a machine whose cores other work keeps busy.
 ABSL_FLAG(bool, yield_engine_waits, true,
           "A step blocked on the inversion engine lends its worker slot to a queued "
-          "step of another session (up to 8 threads per slot); false keeps the slot "
+          "step of another session (up to 32 threads per slot); false keeps the slot "
           "idle during the wait");
 ABSL_FLAG(bool, shared_memory, false,
           "Clients on this host may send tensors, and take replies, through /dev/shm "

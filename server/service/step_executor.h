@@ -64,8 +64,11 @@ struct StepExecutorStats {
 
 class StepExecutor final : private core::EngineWaitHook {
  public:
-  // At most this many threads per slot: a bound on steps in flight at once.
-  static constexpr int kMaxThreadsPerSlot = 8;
+  // At most this many threads per slot: a bound on steps in flight at once
+  // (a session has at most one). With 8, 32 sessions inverting every step
+  // on 2 slots left 1.36 slot-s idle with steps queued; 32 halved it
+  // (concurrent_sessions_bench). Parked threads cost their stacks' address space.
+  static constexpr int kMaxThreadsPerSlot = 32;
 
   explicit StepExecutor(StepExecutorOptions options);
   explicit StepExecutor(int threads) : StepExecutor(StepExecutorOptions{.threads = threads}) {}
