@@ -181,7 +181,7 @@ def run(target, args):
             weight_decay=args.weight_decay,
             kl_clip=args.kl_clip, inverse_period=args.inverse_period, fisher=args.fisher,
             fallback_lr=args.adam_lr, display_name=f"digits {args.model}", pipelined=pipelined,
-            stream=args.stream)
+            stream=args.stream, shared_memory=args.shared_memory)
         try:
             runs.append(train(name, kfac_model, opt, data, args.steps, args.batch_size,
                               args.eval_every, args.target_acc, args.seed, True,
@@ -227,6 +227,9 @@ def main(argv=None):
                     help="also run K-FAC pipelined (updates one step stale; default on)")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
                     help="K-FAC sends each layer's block as backward produces it")
+    ap.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=False,
+                    help="K-FAC steps' tensors through /dev/shm (a server on this host with "
+                         "--shared_memory; docs/shared_memory.md)")
     ap.add_argument("--adam-lr", type=float, default=1e-3, help="baseline Adam (and K-FAC fallback) lr")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=DEFAULT_PLOT, help="PNG path ('' for none; default: out/ at the repository root)")
@@ -239,7 +242,8 @@ def main(argv=None):
     if args.target:
         run(args.target, args)
     else:
-        with natgrad.LocalServer(args.server) as srv:
+        extra = ["--shared_memory"] if args.shared_memory else []
+        with natgrad.LocalServer(args.server, extra_args=extra) as srv:
             print(f"natgrad-server {srv.binary} on {srv.target}")
             run(srv.target, args)
     return 0

@@ -286,3 +286,17 @@ def test_compositional_server_step_matches_numpy_reference(target):
         vc.close_quietly(s1)
         vc.close_quietly(s2)
     c.close()
+
+
+def test_digits_demo_through_shared_memory(server_binary, tmp_path):
+    # The sidecar deployment's trainer command (deploy/k8s/sidecar): K-FAC
+    # steps through /dev/shm to a server started with --shared_memory.
+    r = subprocess.run([sys.executable, os.path.join(EXAMPLES, "digits_kfac.py"), "--steps", "40",
+                        "--no-pipelined", "--shared-memory", "--server", server_binary,
+                        "--no-progress", "--plot", ""],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith(("natgrad K-FAC", "torch Adam"))]
+    assert [l[:26].strip() for l in rows] == ["natgrad K-FAC", "torch Adam"], r.stdout
+    # Trained, not just run: 40 K-FAC steps take the digits far past chance.
+    assert float(rows[0][26:].split()[-6]) > 0.5, rows[0]
