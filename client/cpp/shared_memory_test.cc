@@ -88,8 +88,10 @@ std::vector<BlockStep> Spanned(const Inputs& in, SharedMemoryArena& arena) {
 
 class SharedMemoryStepTest : public ::testing::Test {
  protected:
-  void StartServer(bool shared_memory, const std::string& checkpoint_dir = "", int port = 0) {
+  void StartServer(bool shared_memory, const std::string& checkpoint_dir = "", int port = 0,
+                   int64_t max_session_bytes = 0) {
     service::ServerOptions options;
+    if (max_session_bytes > 0) options.limits.max_session_bytes = max_session_bytes;
     options.address = "127.0.0.1:" + std::to_string(port);
     options.engine.backend = "cpu";
     options.shared_memory = shared_memory;
@@ -225,6 +227,29 @@ TEST_F(SharedMemoryStepTest, BadSpansAndReplyBuffersChangeNothing) {
   auto ok = stream->Step(std::move(blocks));
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->step(), 1);
+}
+
+// A span larger than a session's step may be is refused before the server
+// reserves or copies anything.
+TEST_F(SharedMemoryStepTest, SpansCountAgainstTheSessionLimit) {
+  StartServer(/*shared_memory=*/true, "", 0, /*max_session_bytes=*/64 << 10);
+  Client client(Options());
+  auto session = client.CreateSession(Config());
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto stream = *client.OpenStream(session->name());
+  auto region = SharedMemoryRegion::Create(1 << 20).value();
+  SharedMemoryArena arena(region);
+  std::mt19937 rng(8);
+  std::vector<BlockStep> blocks = Spanned(RandomInputs(rng), arena);
+  // Claims 100k floats in the region for the 1000-value block.
+  natgrad::v1::Tensor* g = blocks[1].mutable_gradient();
+  g->set_shape(0, 100000);
+  g->mutable_shared_memory()->set_length(400000);
+  auto r = stream->Step(std::move(blocks));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_THAT(r.status().message(), HasSubstr("per-session limit"));
+  EXPECT_EQ(client.GetSession(session->name())->last_step(), 0);
 }
 
 // Steps 1..3 are acknowledged but not durable (checkpoint every 4 steps);

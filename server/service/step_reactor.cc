@@ -168,6 +168,14 @@ absl::Status StepReactor::InlineSharedMemory() {
     }
   }
   if (*spanned == 0) return absl::OkStatus();
+  // The per-session bound on a step's bytes, before anything is reserved or
+  // copied (the assembler checks the inlined message against it again).
+  const int64_t max_step_bytes = deps_.registry->limits().max_session_bytes;
+  if (*spanned > max_step_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "step ", request_.step(), ": its messages exceed ", max_step_bytes,
+        " bytes (the per-session limit), counting ", *spanned, " bytes in shared memory"));
+  }
   if (absl::Status s = deps_.registry->ReserveInFlight(*spanned); !s.ok()) return s;
   reserved_bytes_ += *spanned;  // released with the step, as the message's own bytes
   if (deps_.metrics) deps_.metrics->SharedMemoryBytes(/*reply=*/false, *spanned);
