@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <fstream>
 
-#include <sys/resource.h>
 #include <map>
 #include <random>
 #include <string>
@@ -35,6 +34,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/barrier.h"
 #include "absl/synchronization/mutex.h"
+#include "bench/common/loopback_server.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
 #include "server/service/natgrad_server.h"
@@ -129,12 +129,8 @@ double CounterValue(natgrad::service::NatgradServer& server, const std::string& 
   return -1;
 }
 
-// CPU seconds of this process (server and clients alike).
-double ProcessCpuSeconds() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
+using natgrad::bench::Median;
+using natgrad::bench::ProcessCpuSeconds;
 
 // Worker-time counters of the server at one moment.
 struct WorkerCounters {
@@ -166,17 +162,10 @@ struct Run {
 Run RunOnce(int sessions, int steps_per_session, bool yield,
             const std::vector<std::vector<BlockStep>>& steps) {
   natgrad::service::ServerOptions so;
-  so.address = "127.0.0.1:0";
-  so.engine.backend = "cpu";
   so.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   so.yield_engine_waits = yield;
-  auto server = natgrad::service::NatgradServer::Start(so);
-  if (!server.ok()) {
-    std::fprintf(stderr, "server: %s\n", server.status().ToString().c_str());
-    std::exit(1);
-  }
-  natgrad::client::ClientOptions co;
-  co.target = "127.0.0.1:" + std::to_string((*server)->port());
+  auto server = natgrad::bench::StartLoopbackServer(so);
+  natgrad::client::ClientOptions co = natgrad::bench::LoopbackClientOptions(*server);
   const natgrad::v1::SessionConfig config = MlpConfig();
 
   std::vector<std::vector<double>> latencies(sessions);
@@ -217,8 +206,8 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
     });
   }
   if (warmed->Block()) delete warmed;
-  const WorkerCounters c0 = ReadWorkerCounters(**server);
-  const auto engine0 = (*server)->engine().stats();
+  const WorkerCounters c0 = ReadWorkerCounters(*server);
+  const auto engine0 = server->engine().stats();
   const double cpu0 = ProcessCpuSeconds();
   const auto start = Clock::now();
   {
@@ -229,8 +218,8 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
   Run r;
   r.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
   r.cpu = (ProcessCpuSeconds() - cpu0) / r.wall_s;
-  const WorkerCounters c1 = ReadWorkerCounters(**server);
-  const auto engine1 = (*server)->engine().stats();
+  const WorkerCounters c1 = ReadWorkerCounters(*server);
+  const auto engine1 = server->engine().stats();
   if (c0.running >= 0) r.running_s = c1.running - c0.running;
   if (c0.idle >= 0) r.engine_wait_s = c1.idle - c0.idle;
   if (c0.idle_queued >= 0) r.engine_wait_queued_s = c1.idle_queued - c0.idle_queued;
@@ -246,15 +235,10 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
   std::sort(all.begin(), all.end());
   r.p50_ms = all[all.size() / 2];
   r.steps_per_s = double(all.size()) / r.wall_s;
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
   return r;
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 }  // namespace
 

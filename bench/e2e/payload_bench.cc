@@ -17,8 +17,6 @@
 // the round trip; producing the gradient values is not.
 //
 //   payload_bench [--values=16777216] [--steps=5] [--reps=5]
-#include <stdlib.h>
-#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -30,9 +28,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/common/loopback_server.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
-#include "server/service/natgrad_server.h"
 
 ABSL_FLAG(int64_t, values, int64_t{16} << 20, "float32 values in the gradient (16M: 64 MiB)");
 ABSL_FLAG(int, steps, 5, "timed steps per rep (after one warm-up step)");
@@ -42,21 +40,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-double CpuSeconds() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
-
-double LoadAverage() {
-  double load[1] = {0};
-  return getloadavg(load, 1) == 1 ? load[0] : -1;
-}
+using natgrad::bench::LoadAverage;
+using natgrad::bench::Median;
+using natgrad::bench::ProcessCpuSeconds;
 
 }  // namespace
 
@@ -72,17 +58,8 @@ int main(int argc, char** argv) {
   const int64_t bytes_each_way = n * static_cast<int64_t>(sizeof(float));
   const double payload = 2.0 * static_cast<double>(bytes_each_way);
 
-  natgrad::service::ServerOptions options;
-  options.address = "127.0.0.1:0";
-  options.engine.backend = "cpu";
-  auto server = natgrad::service::NatgradServer::Start(options);
-  if (!server.ok()) {
-    std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
-    return 1;
-  }
-  natgrad::client::ClientOptions co;
-  co.target = "127.0.0.1:" + std::to_string((*server)->port());
-  natgrad::client::Client client(co);
+  auto server = natgrad::bench::StartLoopbackServer();
+  natgrad::client::Client client(natgrad::bench::LoopbackClientOptions(*server));
 
   natgrad::v1::SessionConfig config;
   auto* block = config.add_blocks();
@@ -117,7 +94,7 @@ int main(int argc, char** argv) {
     std::vector<double> rep_all, rep_nc, rep_rtt, rep_compute, rep_decode, rep_encode, rep_server,
         rep_wire, rep_cpu;
     for (int t = 0; t < steps + (rep == 0 ? 1 : 0); ++t) {
-      const double cpu_start = CpuSeconds();
+      const double cpu_start = ProcessCpuSeconds();
       const auto start = Clock::now();
       natgrad::v1::BlockStep s;
       s.set_name("w");
@@ -126,7 +103,7 @@ int main(int argc, char** argv) {
       blocks.push_back(std::move(s));
       auto r = (*stream)->Step(std::move(blocks));
       const double s_elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-      const double cpu = CpuSeconds() - cpu_start;
+      const double cpu = ProcessCpuSeconds() - cpu_start;
       if (!r.ok()) {
         std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
         return 1;
@@ -182,6 +159,6 @@ int main(int argc, char** argv) {
               bytes_each_way / 1048576.0, Median(all_in), Median(no_compute), Median(rtt_ms),
               Median(server_ms), Median(decode_ms), Median(compute_ms), Median(encode_ms),
               Median(wire_ms), Median(cpu_ms), Median(memcpy_gbs), LoadAverage());
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
   return 0;
 }

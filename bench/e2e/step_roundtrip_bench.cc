@@ -32,8 +32,6 @@
 //
 //   step_roundtrip_bench [--steps=N] [--reps=5] [--pool=8]
 //       [--models=adam_1k,adam_100k,adam_1m,kfac_mlp,kfac_ae]
-#include <stdlib.h>
-#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -48,6 +46,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
+#include "bench/common/loopback_server.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/shared_memory.h"
 #include "client/cpp/tensor.h"
@@ -190,23 +189,11 @@ Model KfacModel(const std::vector<int64_t>& widths, int64_t batch, int64_t inver
   return m;
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using natgrad::bench::LoadAverage;
+using natgrad::bench::Median;
 
 // CPU time of the whole process (client, server and gRPC threads).
-double CpuMs() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return 1e3 * (u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
-         1e-3 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
-
-double LoadAverage() {
-  double load[1] = {0};
-  return getloadavg(load, 1) == 1 ? load[0] : -1;
-}
+double CpuMs() { return 1e3 * natgrad::bench::ProcessCpuSeconds(); }
 
 struct Figures {
   double p50_ms, p99_ms, steps_per_s;
@@ -233,17 +220,9 @@ int main(int argc, char** argv) {
       {"kfac_ae", KfacModel({784, 1000, 500, 250, 30, 250, 500, 1000, 784}, 1000, 10)},
   };
   natgrad::service::ServerOptions options;
-  options.address = "127.0.0.1:0";
-  options.engine.backend = "cpu";
   options.shared_memory = true;
-  auto server = natgrad::service::NatgradServer::Start(options);
-  if (!server.ok()) {
-    std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
-    return 1;
-  }
-  natgrad::client::ClientOptions co;
-  co.target = "127.0.0.1:" + std::to_string((*server)->port());
-  natgrad::client::Client client(co);
+  auto server = natgrad::bench::StartLoopbackServer(options);
+  natgrad::client::Client client(natgrad::bench::LoopbackClientOptions(*server));
   const int steps = absl::GetFlag(FLAGS_steps);
   const int reps = absl::GetFlag(FLAGS_reps);
   const int pool = std::min(absl::GetFlag(FLAGS_pool), steps + 3);
@@ -327,7 +306,7 @@ int main(int argc, char** argv) {
 
       // In-process: decode every distinct input first (timed on its own),
       // then time only the session step and the reply's encoding.
-      auto local = (*server)->registry().Create(model.config, "bench", "");
+      auto local = server->registry().Create(model.config, "bench", "");
       if (!local.ok()) {
         std::fprintf(stderr, "%s\n", local.status().ToString().c_str());
         return 1;
@@ -375,7 +354,7 @@ int main(int argc, char** argv) {
         }
       }
       decoded.clear();
-      (*server)->registry().Delete(local_name, "bench").IgnoreError();
+      server->registry().Delete(local_name, "bench").IgnoreError();
 
       const Figures b = Summarise(local_ms);
       local_p50.push_back(b.p50_ms);
@@ -412,6 +391,6 @@ int main(int argc, char** argv) {
     print(it->first + "+shm", shm);
     std::fflush(stdout);
   }
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
   return 0;
 }

@@ -32,6 +32,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/common/loopback_server.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
 #include "server/service/natgrad_server.h"
@@ -173,17 +174,8 @@ int main(int argc, char** argv) {
     gaps.push_back(v);
   }
 
-  natgrad::service::ServerOptions options;
-  options.address = "127.0.0.1:0";
-  options.engine.backend = "cpu";
-  auto server = natgrad::service::NatgradServer::Start(options);
-  if (!server.ok()) {
-    std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
-    return 1;
-  }
-  natgrad::client::ClientOptions co;
-  co.target = "127.0.0.1:" + std::to_string((*server)->port());
-  natgrad::client::Client client(co);
+  auto server = natgrad::bench::StartLoopbackServer();
+  natgrad::client::Client client(natgrad::bench::LoopbackClientOptions(*server));
   const int layers = static_cast<int>(kWidths.size()) - 1;
 
   std::printf("MNIST AE K-FAC step, batch %lld, float32 raw statistics, inverse every %lld; "
@@ -245,6 +237,6 @@ int main(int argc, char** argv) {
                 c.min, c.max, d.median, d.min, d.max);
     std::fflush(stdout);
   }
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
   return 0;
 }

@@ -12,6 +12,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/common/loopback_server.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
 #include "server/blocks/gaussian_diag/math/gaussian_diag_block.h"
@@ -25,10 +26,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using natgrad::bench::Median;
 
 }  // namespace
 
@@ -46,16 +44,8 @@ int main(int argc, char** argv) {
     g2[i] = normal(rng);
   }
 
-  natgrad::service::ServerOptions options;
-  options.address = "127.0.0.1:0";
-  options.engine.backend = "cpu";
-  auto server = natgrad::service::NatgradServer::Start(options);
-  if (!server.ok()) {
-    std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
-    return 1;
-  }
-  natgrad::client::ClientOptions co;
-  co.target = "127.0.0.1:" + std::to_string((*server)->port());
+  auto server = natgrad::bench::StartLoopbackServer();
+  natgrad::client::ClientOptions co = natgrad::bench::LoopbackClientOptions(*server);
   co.max_message_bytes = int64_t{1} << 30;
   natgrad::client::Client client(co);
   natgrad::v1::SessionConfig c;
@@ -137,6 +127,6 @@ int main(int argc, char** argv) {
   std::printf("  in-process    %9.1f ms   %6.2f GB/s of the block's own arrays (4 in, 4 out)\n",
               local, 8.0 * 4 * dim / local / 1e6);
   std::printf("  rpc / in-process %.2f\n", rpc / local);
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
   return 0;
 }
