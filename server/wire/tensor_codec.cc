@@ -82,8 +82,8 @@ int64_t NumElements(const natgrad::v1::Tensor& tensor) {
   return n;
 }
 
-absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
-                            absl::string_view field) {
+absl::Status ValidateTensorLayout(const natgrad::v1::Tensor& tensor,
+                                  absl::string_view field) {
   const size_t es = ElementSize(tensor.dtype());
   if (es == 0) {
     return absl::InvalidArgumentError(
@@ -111,6 +111,12 @@ absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
         absl::StrJoin(tensor.shape(), ", "), "] of ",
         natgrad::v1::DType_Name(tensor.dtype()), " needs ", n * es));
   }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
+                            absl::string_view field) {
+  if (absl::Status s = ValidateTensorLayout(tensor, field); !s.ok()) return s;
   const bool finite = tensor.dtype() == natgrad::v1::FLOAT32
                           ? AllFinite<float>(tensor.data())
                           : AllFinite<double>(tensor.data());
@@ -129,6 +135,16 @@ absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
   return core::DenseTensor::FromCheckedBytes(
       tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32
                                               : core::DType::kFloat64,
+      {tensor->shape().begin(), tensor->shape().end()}, std::move(bytes));
+}
+
+absl::StatusOr<core::DenseTensor> TakeTensorUnscanned(natgrad::v1::Tensor* tensor,
+                                                      absl::string_view field) {
+  if (absl::Status s = ValidateTensorLayout(*tensor, field); !s.ok()) return s;
+  std::string bytes;
+  tensor->mutable_data()->swap(bytes);
+  return core::DenseTensor::FromBytes(
+      tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32 : core::DType::kFloat64,
       {tensor->shape().begin(), tensor->shape().end()}, std::move(bytes));
 }
 

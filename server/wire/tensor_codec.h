@@ -22,6 +22,9 @@ int64_t NumElements(const natgrad::v1::Tensor& tensor);
 // the tensor in error messages ("blocks[0].gradient").
 absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
                             absl::string_view field);
+// The same without finiteness.
+absl::Status ValidateTensorLayout(const natgrad::v1::Tensor& tensor,
+                                  absl::string_view field);
 
 // Validates `tensor` and moves its values into a core tensor (the wire
 // message keeps an empty payload): no conversion, no copy of the values. The
@@ -29,6 +32,14 @@ absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
 // the only finiteness scan the step path makes of it.
 absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
                                              absl::string_view field);
+// The same without the finiteness scan, for a tensor whose block finds
+// non-finite values as a side effect of its first pass over them (raw K-FAC
+// statistics: a Gram's diagonal is non-finite exactly when its column holds a
+// non-finite value). The core tensor is not marked finite, so any
+// DenseTensor::AllFinite() on it still scans: reading it unchecked is never
+// silent.
+absl::StatusOr<core::DenseTensor> TakeTensorUnscanned(natgrad::v1::Tensor* tensor,
+                                                      absl::string_view field);
 
 // Decodes as a rows x cols matrix: rank 0 is 1x1, rank 1 is n x 1, rank 2 is
 // itself, higher ranks are [shape[0], prod(rest)]. Call ValidateTensor first.

@@ -361,7 +361,7 @@ TEST_F(EkfacRefusal, NonFiniteValuesAreRefused) {
         const int64_t rows = raw->output_gradients().shape(0);
         *raw->mutable_output_gradients() = client::MakeTensor(v, {rows, 3});
       },
-      {"block \"conv\"", "kfac.raw.output_gradients", "NaN"});
+      {"block \"conv\"", "kfac.raw.output_gradients has a non-finite value (nan) at [1, 2]"});
 }
 
 TEST(EkfacService, BadConfigNamesBlockAndField) {

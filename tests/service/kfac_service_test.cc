@@ -2,6 +2,10 @@
 // give the updates of the core blocks called in-process, with the session's
 // KL clipping and Levenberg-Marquardt damping applied the same way.
 #include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "server/blocks/kfac_dense/math/kfac_dense_block.h"
@@ -168,6 +172,79 @@ TEST(KfacService, BadStatisticsAreRejectedNamingBlockAndField) {
   EXPECT_THAT(r.status().message(), ::testing::HasSubstr("activations"));
   EXPECT_EQ(client.GetSession(session->name())->last_step(), 0);
   EXPECT_EQ(client.GetSession(session->name())->state_bytes(), bytes_before);
+}
+
+// Raw statistics are not scanned on arrival (the Gram finds a non-finite
+// value on its own pass): a NaN or an Inf anywhere, in either dtype and
+// state precision, is still refused with its place, and nothing moves.
+TEST(KfacService, NonFiniteRawStatisticsAreRefusedWithTheirPlace) {
+  auto server = StartServer();
+  client::Client client(ClientFor(*server));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  struct Case {
+    natgrad::v1::DType state, wire;
+    size_t layer;
+    bool activations;
+    int64_t row, col;
+    double value;
+    std::string want;
+  };
+  using natgrad::v1::FLOAT32;
+  using natgrad::v1::FLOAT64;
+  const std::vector<Case> cases = {
+      {FLOAT64, FLOAT64, 1, true, 3, 2, nan,
+       "block \"fc1\": kfac.raw.activations has a non-finite value (nan) at [3, 2]"},
+      {FLOAT32, FLOAT32, 2, false, kBatch - 1, 2, -inf,
+       "block \"fc2\": kfac.raw.output_gradients has a non-finite value (-inf) at [15, 2]"},
+      {FLOAT32, FLOAT32, 0, true, 0, 0, inf,
+       "block \"fc0\": kfac.raw.activations has a non-finite value (inf) at [0, 0]"},
+      {FLOAT32, FLOAT64, 1, false, 7, 1, nan,
+       "block \"fc1\": kfac.raw.output_gradients has a non-finite value (nan) at [7, 1]"},
+      {FLOAT64, FLOAT32, 2, true, 9, 3, inf,
+       "block \"fc2\": kfac.raw.activations has a non-finite value (inf) at [9, 3]"},
+  };
+  for (const Case& c : cases) {
+    natgrad::v1::SessionConfig config = MlpConfig(false);
+    config.set_state_dtype(c.state);
+    auto session = client.CreateSession(config);
+    ASSERT_TRUE(session.ok()) << session.status();
+    auto stream = client.OpenStream(session->name());
+    const int64_t bytes_before = client.GetSession(session->name())->state_bytes();
+    std::mt19937 rng(5);
+    auto tensor = [&](std::vector<double> v, int64_t rows, int64_t cols) {
+      if (c.wire == FLOAT64) return client::MakeTensor(v, {rows, cols});
+      return client::MakeTensor(std::vector<float>(v.begin(), v.end()), {rows, cols});
+    };
+    auto steps = [&](bool bad) {
+      std::vector<natgrad::v1::BlockStep> out;
+      for (size_t l = 0; l + 1 < kWidths.size(); ++l) {
+        const int64_t din = kWidths[l], dout = kWidths[l + 1];
+        std::vector<double> a = RandomVector(rng, kBatch * din);
+        std::vector<double> g = RandomVector(rng, kBatch * dout);
+        if (bad && l == c.layer) {
+          (c.activations ? a[c.row * din + c.col] : g[c.row * dout + c.col]) = c.value;
+        }
+        natgrad::v1::BlockStep s;
+        s.set_name("fc" + std::to_string(l));
+        *s.mutable_gradient() = tensor(RandomVector(rng, dout * (din + 1)), dout, din + 1);
+        *s.mutable_kfac()->mutable_raw()->mutable_activations() = tensor(a, kBatch, din);
+        *s.mutable_kfac()->mutable_raw()->mutable_output_gradients() = tensor(g, kBatch, dout);
+        out.push_back(s);
+      }
+      return out;
+    };
+    auto r = (*stream)->Step(steps(true));
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.want;
+    EXPECT_THAT(std::string(r.status().message()), ::testing::HasSubstr(c.want));
+    EXPECT_EQ(client.GetSession(session->name())->last_step(), 0);
+    EXPECT_EQ(client.GetSession(session->name())->state_bytes(), bytes_before);
+    // A finite step goes through as step 1 (the refused one left no trace).
+    auto ok = (*stream)->Step(steps(false));
+    ASSERT_TRUE(ok.ok()) << ok.status();
+    EXPECT_EQ(ok->step(), 1);
+    (*stream)->Close().IgnoreError();
+  }
 }
 
 TEST(KfacService, AdaptiveDampingNeedsAKfacBlock) {

@@ -37,9 +37,11 @@ double InitialKfacDamping(const natgrad::v1::Schedule& damping);
 absl::Status PrefixedKindStatus(const absl::Status& s, const std::string& field,
                                 absl::string_view kind);
 
-// A required rank-2 statistics tensor, moved out of the message.
+// A required rank-2 statistics tensor, moved out of the message; scanned for
+// finiteness unless `scan` is false (wire::TakeTensorUnscanned).
 absl::StatusOr<core::DenseTensor> TakeRank2Statistic(bool present, natgrad::v1::Tensor* t,
-                                                     const std::string& field);
+                                                     const std::string& field,
+                                                     bool scan = true);
 
 // The step's raw statistics, moved out of `raw` (fields "kfac.raw.*").
 absl::StatusOr<core::KfacStatisticsInput> TakeRawKfacStatistics(

@@ -4,11 +4,17 @@
 // compute pool and with one that splits the products into column panels.
 #include "server/blocks/kfac_dense/math/kfac_kernels.h"
 
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
 
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/blocks/kfac_dense/math/kfac_step_checks.h"
 #include "server/linalg/compute_pool.h"
 #include "server/linalg/thread_policy.h"
 
@@ -78,6 +84,61 @@ class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
     }
   }
 
+  // CheckedRawGram on received bytes nobody scanned (wire::TakeTensorUnscanned):
+  // every non-finite value, wherever it lies, is refused with its place, as a
+  // scan would have found it; finite values give GramFactorRowMajor's Gram
+  // exactly; finite values whose squares overflow come back as a non-finite
+  // Gram for the block to refuse.
+  template <typename Scalar>
+  void CheckRawGramFindsNonFinite() {
+    using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const DType dtype = std::is_same_v<Scalar, float> ? DType::kFloat32 : DType::kFloat64;
+    auto received = [&](const RowMajor& m) {
+      std::string bytes(static_cast<size_t>(m.size()) * sizeof(Scalar), '\0');
+      std::memcpy(bytes.data(), m.data(), bytes.size());
+      return DenseTensor::FromBytes(dtype, {m.rows(), m.cols()}, std::move(bytes));
+    };
+    const Scalar inf = std::numeric_limits<Scalar>::infinity();
+    const Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
+    for (auto [rows, cols] : {std::pair<Eigen::Index, Eigen::Index>{517, 301}, {3, 5}, {4, 1}}) {
+      const RowMajor x = RowMajor::Random(rows, cols);
+      for (bool bias : {false, true}) {
+        const DenseTensor good = received(x);
+        ASSERT_FALSE(good.known_finite());
+        absl::StatusOr<Matrix<Scalar>> gram =
+            CheckedRawGram<Scalar>("fc", "kfac.raw.activations", good, bias, Scalar(7), pool());
+        ASSERT_TRUE(gram.ok()) << gram.status();
+        const Matrix<Scalar> want =
+            GramFactorRowMajor<Scalar>(x.data(), rows, cols, bias, Scalar(7), pool());
+        EXPECT_EQ(*gram, want);
+        for (Scalar bad : {nan, inf, -inf}) {
+          for (auto [i, j] : {std::pair<Eigen::Index, Eigen::Index>{0, 0},
+                              {rows - 1, cols - 1}, {rows / 2, cols / 2}}) {
+            RowMajor y = x;
+            y(i, j) = bad;
+            absl::StatusOr<Matrix<Scalar>> r = CheckedRawGram<Scalar>(
+                "fc", "kfac.raw.activations", received(y), bias, Scalar(7), pool());
+            ASSERT_FALSE(r.ok()) << rows << "x" << cols << " bad " << bad << " at " << i << "," << j;
+            EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+            EXPECT_THAT(std::string(r.status().message()),
+                        ::testing::HasSubstr(absl::StrCat(
+                            "block \"fc\": kfac.raw.activations has a non-finite value (",
+                            static_cast<double>(bad), ") at [", i, ", ", j, "]")));
+          }
+        }
+      }
+      // Finite, but a square overflows float32 (float64 holds 1e30 squared).
+      RowMajor big = x;
+      big(rows - 1, 0) = Scalar(1e30);
+      const DenseTensor huge = received(big);
+      absl::StatusOr<Matrix<Scalar>> r =
+          CheckedRawGram<Scalar>("fc", "kfac.raw.activations", huge, false, Scalar(1), pool());
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(r->allFinite(), (!std::is_same_v<Scalar, float>));
+      EXPECT_TRUE(huge.AllFinite());
+    }
+  }
+
   template <typename Scalar>
   static double RelError(const Matrix<Scalar>& got, const Eigen::MatrixXd& want) {
     return (got.template cast<double>() - want).norm() / want.norm();
@@ -92,6 +153,8 @@ TEST_P(KfacKernels, ProductFloatMatchesFloat64) { CheckProducts<float>(1e-5); }
 TEST_P(KfacKernels, ProductDoubleMatchesFloat64) { CheckProducts<double>(1e-13); }
 TEST_P(KfacKernels, GramFloatMatchesFloat64) { CheckGram<float>(1e-5); }
 TEST_P(KfacKernels, GramDoubleMatchesFloat64) { CheckGram<double>(1e-13); }
+TEST_P(KfacKernels, RawGramFloatFindsEveryNonFiniteValue) { CheckRawGramFindsNonFinite<float>(); }
+TEST_P(KfacKernels, RawGramDoubleFindsEveryNonFiniteValue) { CheckRawGramFindsNonFinite<double>(); }
 
 TEST_P(KfacKernels, PreconditionersMatchEigen) {
   const int dg = 150, da = 181;

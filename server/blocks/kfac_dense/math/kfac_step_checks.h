@@ -184,16 +184,25 @@ absl::Status CheckedRawValues(absl::string_view block, absl::string_view field,
 
 // x^T x / divisor of a raw statistics tensor (shape already checked), with a
 // column of ones appended when append_one: straight from the received bytes
-// when they are already Scalar (no copy; their finiteness is known from the
-// wire), else read into Scalar first with CheckedTensor's checks.
+// when they are already Scalar (no copy), else read into Scalar first with
+// CheckedTensor's checks.
+//
+// From the bytes, the Gram is its own finiteness check, so the tensor needs
+// no scan before it (wire::TakeTensorUnscanned): a non-finite x_ij makes
+// diagonal entry j, a sum of squares, +Inf or NaN, and nothing brings a sum
+// back from those. So a finite Gram means finite values; a non-finite one is
+// either a non-finite value (found by a scan, for CheckedTensor's message) or
+// finite values whose products overflow, which the caller refuses.
 template <typename Scalar>
 absl::StatusOr<Matrix<Scalar>> CheckedRawGram(absl::string_view block, absl::string_view field,
                                               const DenseTensor& t, bool append_one,
                                               Scalar divisor, linalg::ComputePool* pool) {
   const bool same = (t.dtype() == DType::kFloat32) == std::is_same_v<Scalar, float>;
-  if (same && t.AllFinite()) {
-    return GramFactorRowMajor<Scalar>(reinterpret_cast<const Scalar*>(t.data()), t.rows(),
-                                      t.cols(), append_one, divisor, pool);
+  if (same) {
+    Matrix<Scalar> gram = GramFactorRowMajor<Scalar>(reinterpret_cast<const Scalar*>(t.data()),
+                                                     t.rows(), t.cols(), append_one, divisor, pool);
+    if (gram.allFinite() || t.AllFinite()) return gram;
+    return InvalidBlockField(block, field, NonFiniteAt(t.template ToMatrix<double>()));
   }
   absl::StatusOr<Matrix<Scalar>> x = CheckedTensor<Scalar>(block, field, t, t.rows(), t.cols());
   if (!x.ok()) return x.status();
