@@ -245,7 +245,8 @@ class Client:
     router); "auto" (default): the header first, and the address when the
     same redirect comes back (nothing routed on the header).
     shared_memory: the default of the sessions this client opens (Session):
-    False, True, or the initial bytes of each shared-memory region.
+    False, True, "auto" (shared memory when the server takes it, else
+    inline), or the initial bytes of each shared-memory region.
     """
 
     def __init__(self, target, token=None, tls=None, *, timeout=30.0, retry=None,
@@ -626,11 +627,24 @@ def _triu_indices(d):
 def _check_shared_memory(v):
     if v is None or v is False:
         return False
-    if v is True:
-        return True
-    if isinstance(v, int) and v > 0:
+    if v is True or v == "auto":
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return int(v)
-    raise ValueError(f"shared_memory must be True, False or a positive region size in bytes, got {v!r}")
+    raise ValueError("shared_memory must be True, False, \"auto\" or a positive region size in "
+                     f"bytes, got {v!r}")
+
+
+def _shared_memory_refusal(err):
+    """Whether `err` is a server refusing a step only for its shared memory:
+    started without --shared_memory, or unable to open the client's regions
+    (another host or container). Either refusal applied nothing."""
+    if isinstance(err, errors.FailedPrecondition):
+        return "names shared memory" in err.message
+    if isinstance(err, errors.InvalidArgument):
+        return ("which the server cannot open" in err.message
+                or "which the server cannot map" in err.message)
+    return False
 
 
 class _SpanWriter:
@@ -727,6 +741,11 @@ class Session:
     outgrows them and are unlinked by close() and at exit). The results are
     the same bytes as inline; the replay buffer keeps inline copies. An int
     instead of True: the first size of each region in bytes.
+    ``shared_memory="auto"``: the same, until the server refuses a step for
+    its shared memory (started without --shared_memory, or on another host
+    or in another container, so that it cannot open the regions); that step
+    is then sent again inline at once (a refused step applied nothing), and
+    so is every later one. ``Session.shared_memory`` tells which is in use.
     """
 
     def __init__(self, client, info, shared_memory=None):
@@ -765,8 +784,14 @@ class Session:
             shared_memory = getattr(client, "shared_memory", False)
         shared_memory = _check_shared_memory(shared_memory)
         self._shm = None
+        # "auto": shared memory until the server refuses it, then inline for
+        # good. Digests stay over the values, so that steps kept before the
+        # switch still compare with their replays.
+        self._shm_auto = shared_memory == "auto"
+        self._value_digests = bool(shared_memory)
         if shared_memory:
-            self._shm = _shm.Arena(0 if shared_memory is True else shared_memory)
+            self._shm = _shm.Arena(shared_memory if isinstance(shared_memory, int)
+                                   and shared_memory is not True else 0)
 
     @property
     def shared_memory(self):
@@ -864,7 +889,7 @@ class Session:
         # replay. Deterministic serialization orders the hyperparameter maps.
         # With shared memory, over the values wherever they lie (a first
         # answer through the reply buffer, a replayed one inline).
-        if self._shm is not None:
+        if self._value_digests:
             return _shm.digest_values(resp, self._shm, ("timing", "replayed", "durable_step"))
         r = step_pb2.StepResponse()
         r.CopyFrom(resp)
@@ -1384,6 +1409,17 @@ class Session:
                 pass  # a block over max_message_bytes even alone: kept as sent
         return out
 
+    def _give_up_shared_memory(self, err, step, reqs):
+        """An "auto" session whose server refused its shared memory: `reqs`
+        (the refused step, every message of it) and every later step go
+        inline (Session docstring). Only the step being sent can hold spans:
+        one step is built at a time, and kept steps are inline already."""
+        log.info("natgrad: %s: the server does not take this client's shared memory, so steps "
+                 "go inline from now on: %s", self.name, err.message)
+        reqs[:] = self._inline_for_replay(step, reqs)
+        arena, self._shm = self._shm, None
+        arena.close()
+
     def _attach_reply(self, reqs, step):
         """With shared memory: the step's reply buffer, on its last message."""
         if self._shm is not None and reqs:
@@ -1445,6 +1481,11 @@ class Session:
                     continue
                 reason = _retry_reason(e)
                 err = self.client._error(e, f"Step {self.name} step {step}", self.client._route(self.id)[2])
+                if reason is None and self._shm is not None and self._shm_auto and \
+                        _shared_memory_refusal(err):
+                    self._give_up_shared_memory(err, step, reqs)
+                    attempt -= 1
+                    continue  # sent again at once, inline: the refusal applied nothing
                 if reason is None:
                     if self._shm is not None and isinstance(err, errors.FailedPrecondition) and \
                             "shared memory" in err.message:

@@ -248,8 +248,9 @@ class KFAC:
     call's step (one step stale; see the module docstring, step and flush);
     shared_memory: with a server on this host started with
     --shared_memory, the step's tensors go through POSIX shared memory
-    instead of the gRPC messages (natgrad.Session); True, False or the
-    first region size in bytes."""
+    instead of the gRPC messages (natgrad.Session); True, False, "auto"
+    (inline from the server's first refusal on) or the first region size
+    in bytes."""
 
     def __init__(self, params, target=None, *, client=None, layers=None, kernel_layout="in_out",
                  token=None, tls=None, lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0,

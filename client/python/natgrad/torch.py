@@ -1196,7 +1196,8 @@ class KFAC(_KfacModel, torch.optim.Optimizer):
     shared_memory: with a server on this host started with
       --shared_memory, move the step's tensors through POSIX shared memory
       instead of the gRPC messages (natgrad.Session; docs/torch_overlap.md).
-      Bit-identical updates; True, False or the first region size in bytes.
+      Bit-identical updates; True, False, "auto" (inline from the server's
+      first refusal on) or the first region size in bytes.
 
     param_groups: [0] the K-FAC layers (lr, damping, momentum, weight_decay),
     [1] the fallback parameters (lr = fallback_lr) -- either absent when it
