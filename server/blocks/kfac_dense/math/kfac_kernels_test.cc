@@ -2,12 +2,15 @@
 // preconditioners) against Eigen in float64, above the BLAS and split
 // thresholds, with OpenBLAS threaded and held at one thread, without a
 // compute pool and with one that splits the products into column panels.
+// Also the checks of kfac_step_checks.h that lean on them: the raw Gram as
+// its own finiteness check, and the fused bound of CheckCommittable.
 #include "server/blocks/kfac_dense/math/kfac_kernels.h"
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -184,6 +187,63 @@ INSTANTIATE_TEST_SUITE_P(
       return "openblas_threads_" + std::to_string(std::get<0>(info.param)) +
              (pool == 0 ? std::string("_nopool") : "_pool" + std::to_string(pool));
     });
+
+}  // namespace
+}  // namespace natgrad::core::kfac
+
+namespace natgrad::core::kfac {
+namespace {
+
+// CheckCommittable's fused largest-entry check against the definition it
+// stands for: |v| + |decayed| (and lr times it) built in float64, every
+// entry checked finite and, for a float32 reader, within float32's range.
+template <typename Scalar>
+absl::Status CommittableOracle(const Matrix<Scalar>& v, const std::optional<Matrix<Scalar>>& d,
+                               double lr, DType gradient_dtype) {
+  Eigen::MatrixXd bound = v.template cast<double>().cwiseAbs();
+  if (d) bound += d->template cast<double>().cwiseAbs();
+  const DType state = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
+  if (absl::Status s = first_order_internal::CheckCommittable("fc", "momentum", state, bound);
+      !s.ok()) {
+    return s;
+  }
+  bound *= lr;
+  return first_order_internal::CheckCommittable(
+      "fc", "delta", gradient_dtype == DType::kFloat32 ? DType::kFloat32 : state, bound);
+}
+
+template <typename Scalar>
+void CheckCommittableAgainstOracle() {
+  const Scalar inf = std::numeric_limits<Scalar>::infinity();
+  const Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
+  const Scalar big = std::numeric_limits<Scalar>::max();
+  int refused = 0;
+  for (int c = 0; c < 9; ++c) {
+    Matrix<Scalar> v = Matrix<Scalar>::Random(37, 23);
+    std::optional<Matrix<Scalar>> d;
+    if (c % 3 != 0) d = Matrix<Scalar>::Random(37, 23);
+    if (c == 1) v(36, 22) = nan;
+    if (c == 2) (*d)(0, 5) = -inf;
+    if (c == 4) v(3, 3) = big, (*d)(3, 3) = -big;  // |v| + |d| = 2 max
+    if (c == 5) (*d)(10, 1) = big;                 // within range alone
+    for (double lr : {0.0, 0.1, 1.0, 3.0, 1e300}) {
+      for (DType g : {DType::kFloat32, DType::kFloat64}) {
+        const absl::Status want = CommittableOracle<Scalar>(v, d, lr, g);
+        const absl::Status got = CheckCommittable<Scalar>("fc", v, d, lr, g);
+        EXPECT_EQ(got, want) << "case " << c << " lr " << lr;
+        refused += !want.ok();
+      }
+    }
+  }
+  EXPECT_GT(refused, 10);  // the cases reach every refusal, not only the OK path
+}
+
+TEST(KfacCheckCommittable, FloatMatchesTheDenseDefinition) {
+  CheckCommittableAgainstOracle<float>();
+}
+TEST(KfacCheckCommittable, DoubleMatchesTheDenseDefinition) {
+  CheckCommittableAgainstOracle<double>();
+}
 
 }  // namespace
 }  // namespace natgrad::core::kfac

@@ -283,20 +283,27 @@ absl::StatusOr<StepTensors<Scalar>> CheckedStepTensors(absl::string_view block,
 // Commit installs scale * v + decayed as the momentum and returns -lr times
 // it, for a KL scale in (0, 1]; |v| + |decayed| bounds both for every such
 // scale, so checking the bound at Propose keeps Commit from producing Inf.
+//
+// The bound is nonnegative and lr * x is monotone in x, so its largest entry
+// decides every check: one fused pass in double (NaN propagated), with no
+// bound matrix allocated (float64 copies of the layer, several passes, before).
 template <typename Scalar>
 absl::Status CheckCommittable(const std::string& block, const Matrix<Scalar>& v,
                               const std::optional<Matrix<Scalar>>& decayed, double lr,
                               DType gradient_dtype) {
-  Eigen::MatrixXd bound = v.template cast<double>().cwiseAbs();
-  if (decayed) bound += decayed->template cast<double>().cwiseAbs();
+  if (v.size() == 0) return absl::OkStatus();
+  const double largest =
+      decayed ? (v.template cast<double>().cwiseAbs() + decayed->template cast<double>().cwiseAbs())
+                    .template maxCoeff<Eigen::PropagateNaN>()
+              : v.template cast<double>().cwiseAbs().template maxCoeff<Eigen::PropagateNaN>();
   const DType kState = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
-  if (absl::Status s = first_order_internal::CheckCommittable(block, "momentum", kState, bound);
+  const Eigen::Matrix<double, 1, 1> at_most(largest);
+  if (absl::Status s = first_order_internal::CheckCommittable(block, "momentum", kState, at_most);
       !s.ok()) {
     return s;
   }
-  bound *= lr;
   return first_order_internal::CheckCommittable(
-      block, "delta", gradient_dtype == DType::kFloat32 ? DType::kFloat32 : kState, bound);
+      block, "delta", gradient_dtype == DType::kFloat32 ? DType::kFloat32 : kState, lr * at_most);
 }
 
 // <x, y> accumulated in double.
