@@ -5,8 +5,10 @@
 // server-side decode time per step (StepAssembler::Add) on its own.
 //
 // Each of --reps runs makes fresh sessions and times --steps steps (after 3
-// warm-up steps) of both paths; the columns are the medians over the runs of
-// each run's figures (the ratio is each run's rpc p50 / in-process p50).
+// warm-up steps) of every path, interleaved step by step in a rotating order
+// (so drift on a shared machine falls on all paths alike); the columns are the
+// medians over the runs of each run's figures (the ratio is each run's rpc
+// p50 / in-process p50).
 //
 // What is timed. RPC: wrapping the caller's arrays into the step's tensors
 // (MakeTensor), the client's encoding, transport, the server's decode, step
@@ -250,70 +252,44 @@ int main(int argc, char** argv) {
     std::vector<RawStep> inputs;
     for (int t = 0; t < pool; ++t) inputs.push_back(model.step(rng));
 
-    // One timed run over loopback: plain messages, or through shared memory.
-    auto run_rpc = [&](bool shared, std::vector<double>& rpc_ms,
-                       std::vector<double>& rpc_cpu_ms) -> bool {
-      auto session = client.CreateSession(model.config);
-      if (!session.ok()) {
-        std::fprintf(stderr, "%s: %s\n", it->first.c_str(), session.status().ToString().c_str());
+    // One rep: the three paths' sessions side by side, their steps
+    // interleaved (the order rotating each step), so that the machine's drift
+    // (other processes, clock, memory) falls on all three alike and the
+    // ratio of one rep compares steps taken at the same moments.
+    auto run_rep = [&](std::vector<double>& rpc_ms, std::vector<double>& rpc_cpu_ms,
+                       std::vector<double>& shm_ms, std::vector<double>& shm_cpu_ms,
+                       std::vector<double>& local_ms, std::vector<double>& local_cpu_ms,
+                       std::vector<double>& decode_ms) -> bool {
+      const bool with_shm = absl::GetFlag(FLAGS_shared_memory);
+      auto fail = [&](const absl::Status& s) {
+        std::fprintf(stderr, "%s: %s\n", it->first.c_str(), s.ToString().c_str());
         return false;
-      }
-      auto stream = *client.OpenStream(session->name());
+      };
+      auto plain_session = client.CreateSession(model.config);
+      if (!plain_session.ok()) return fail(plain_session.status());
+      auto plain_stream = client.OpenStream(plain_session->name());
+      if (!plain_stream.ok()) return fail(plain_stream.status());
+      absl::StatusOr<natgrad::v1::Session> shm_session;
+      std::unique_ptr<natgrad::client::SessionStream> shm_stream;
       std::shared_ptr<natgrad::client::SharedMemoryRegion> region;
-      if (shared) {
+      std::optional<natgrad::client::SharedMemoryArena> arena;
+      if (with_shm) {
+        shm_session = client.CreateSession(model.config);
+        if (!shm_session.ok()) return fail(shm_session.status());
+        auto opened = client.OpenStream(shm_session->name());
+        if (!opened.ok()) return fail(opened.status());
+        shm_stream = *std::move(opened);
         // Inputs, then the deltas (at most the gradients' bytes) and alignment.
         region = natgrad::client::SharedMemoryRegion::Create(2 * StepBytes(inputs[0]) + (1 << 20))
                      .value();
+        arena.emplace(region);
       }
-      std::optional<natgrad::client::SharedMemoryArena> arena;
-      if (shared) arena.emplace(region);
-      for (int t = 0; t < steps + kWarmup; ++t) {
-        const double cpu_start = CpuMs();
-        const auto start = Clock::now();
-        absl::StatusOr<natgrad::v1::StepResponse> r;
-        if (shared) {
-          std::vector<BlockStep> blocks = WrapShared(inputs[t % pool], *arena);
-          stream->UseSharedMemory(region, arena->Rest());
-          r = stream->Step(std::move(blocks));
-        } else {
-          r = stream->Step(Wrap(inputs[t % pool]));
-        }
-        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-        if (!r.ok()) {
-          std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
-          return false;
-        }
-        if (t >= kWarmup) {
-          rpc_ms.push_back(ms);
-          rpc_cpu_ms.push_back(CpuMs() - cpu_start);
-        }
-      }
-      stream->Close().IgnoreError();
-      client.DeleteSession(session->name()).IgnoreError();
-      return true;
-    };
-
-    struct Columns {
-      std::vector<double> p50, p99, rate, ratio, cpu, cpu_ratio;
-    };
-    Columns plain, shm;
-    std::vector<double> local_p50, local_p99, local_rate, decode_p50, local_cpu;
-    const bool with_shm = absl::GetFlag(FLAGS_shared_memory);
-    for (int rep = 0; rep < reps; ++rep) {
-      std::vector<double> rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms;
-      if (!run_rpc(false, rpc_ms, rpc_cpu_ms)) return 1;
-      if (with_shm && !run_rpc(true, shm_ms, shm_cpu_ms)) return 1;
-
       // In-process: decode every distinct input first (timed on its own),
       // then time only the session step and the reply's encoding.
       auto local = server->registry().Create(model.config, "bench", "");
-      if (!local.ok()) {
-        std::fprintf(stderr, "%s\n", local.status().ToString().c_str());
-        return 1;
-      }
+      if (!local.ok()) return fail(local.status());
       const std::string local_name = (*local)->name();
       std::vector<natgrad::service::AssembledStep> decoded;
-      std::vector<double> decode_ms;
       for (int p = 0; p < pool; ++p) {
         natgrad::v1::StepRequest req;
         req.set_session(local_name);
@@ -322,39 +298,76 @@ int main(int argc, char** argv) {
         for (auto& b : Wrap(inputs[p])) *req.add_blocks() = std::move(b);
         const auto start = Clock::now();
         natgrad::service::StepAssembler assembler((*local)->config(), int64_t{1} << 40);
-        if (absl::Status s = assembler.Add(req); !s.ok()) {
-          std::fprintf(stderr, "%s\n", s.ToString().c_str());
-          return 1;
-        }
+        if (absl::Status s = assembler.Add(req); !s.ok()) return fail(s);
         decoded.push_back(assembler.Take());
         decode_ms.push_back(
             std::chrono::duration<double, std::milli>(Clock::now() - start).count());
       }
-      std::vector<double> local_ms, local_cpu_ms;
-      for (int t = 0; t < steps + kWarmup; ++t) {
+
+      auto plain_step = [&](int t) -> absl::Status {
+        return (*plain_stream)->Step(Wrap(inputs[t % pool])).status();
+      };
+      auto shm_step = [&](int t) -> absl::Status {
+        std::vector<BlockStep> blocks = WrapShared(inputs[t % pool], *arena);
+        shm_stream->UseSharedMemory(region, arena->Rest());
+        return shm_stream->Step(std::move(blocks)).status();
+      };
+      auto local_step = [&](int t) -> absl::Status {
         natgrad::service::AssembledStep& step = decoded[t % pool];
         step.data.step = t + 1;
-        const double cpu_start = CpuMs();
-        const auto start = Clock::now();
-        auto r = (*local)->Step(
-            step.data,
-            [&](natgrad::session::StepResult& result)
-                -> std::shared_ptr<const natgrad::session::CachedReply> {
-              return natgrad::service::EncodeStepReply(result, step, (*local)->config(),
-                                                        local_name, /*durable_step=*/-1);
-            });
-        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-        if (!r.ok()) {
-          std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
-          return 1;
+        return (*local)
+            ->Step(step.data,
+                   [&](natgrad::session::StepResult& result)
+                       -> std::shared_ptr<const natgrad::session::CachedReply> {
+                     return natgrad::service::EncodeStepReply(result, step, (*local)->config(),
+                                                               local_name, /*durable_step=*/-1);
+                   })
+            .status();
+      };
+      struct Path {
+        std::function<absl::Status(int)> step;
+        std::vector<double>* ms;
+        std::vector<double>* cpu_ms;
+      };
+      std::vector<Path> paths = {{plain_step, &rpc_ms, &rpc_cpu_ms},
+                                 {local_step, &local_ms, &local_cpu_ms}};
+      if (with_shm) paths.push_back({shm_step, &shm_ms, &shm_cpu_ms});
+      for (int t = 0; t < steps + kWarmup; ++t) {
+        for (size_t k = 0; k < paths.size(); ++k) {
+          Path& path = paths[(t + k) % paths.size()];
+          const double cpu_start = CpuMs();
+          const auto start = Clock::now();
+          const absl::Status s = path.step(t);
+          const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+          if (!s.ok()) return fail(s);
+          if (t >= kWarmup) {
+            path.ms->push_back(ms);
+            path.cpu_ms->push_back(CpuMs() - cpu_start);
+          }
         }
-        if (t >= kWarmup) {
-          local_ms.push_back(ms);
-          local_cpu_ms.push_back(CpuMs() - cpu_start);
-        }
+      }
+      (*plain_stream)->Close().IgnoreError();
+      client.DeleteSession(plain_session->name()).IgnoreError();
+      if (with_shm) {
+        shm_stream->Close().IgnoreError();
+        client.DeleteSession(shm_session->name()).IgnoreError();
       }
       decoded.clear();
       server->registry().Delete(local_name, "bench").IgnoreError();
+      return true;
+    };
+
+    struct Columns {
+      std::vector<double> p50, p99, rate, ratio, cpu, cpu_ratio;
+    };
+    Columns plain, shm;
+    std::vector<double> local_p50, local_p99, local_rate, decode_p50, local_cpu;
+    for (int rep = 0; rep < reps; ++rep) {
+      std::vector<double> rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms, local_ms, local_cpu_ms,
+          decode_ms;
+      if (!run_rep(rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms, local_ms, local_cpu_ms, decode_ms)) {
+        return 1;
+      }
 
       const Figures b = Summarise(local_ms);
       local_p50.push_back(b.p50_ms);
