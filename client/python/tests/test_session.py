@@ -268,3 +268,29 @@ def test_concurrent_sessions(client):
     for t in th:
         t.join()
     assert not errs, errs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("field,value,at", [("activations", np.nan, (3, 2)),
+                                            ("output_gradients", -np.inf, (7, 1)),
+                                            ("activations", np.inf, (0, 0))])
+def test_non_finite_raw_statistics_are_refused_by_the_server_with_their_place(
+        client, dtype, field, value, at):
+    """The client does not scan raw statistics (the server's Gram is the
+    check): a NaN or Inf is refused with its block, field, value and place,
+    nothing is applied, and the next finite step is step 1."""
+    s = client.create_session([blocks.kfac_dense("fc", 5, 3, bias=True, lr=0.1, damping=1e-2)])
+    r = np.random.default_rng(1)
+    x = {"gradient": r.standard_normal((3, 6)).astype(dtype),
+         "activations": r.standard_normal((9, 5)).astype(dtype),
+         "output_gradients": r.standard_normal((9, 3)).astype(dtype)}
+    bad = dict(x)
+    bad[field] = x[field].copy()
+    bad[field][at] = value
+    with pytest.raises(natgrad.InvalidArgument) as e:
+        s.step({"fc": bad})
+    want = f'block "fc": kfac.raw.{field} has a non-finite value ({value}) at [{at[0]}, {at[1]}]'
+    assert want in str(e.value)
+    assert s.next_step == 1 and s.info().last_step == 0
+    assert s.step({"fc": x}).step == 1
+    s.delete()
