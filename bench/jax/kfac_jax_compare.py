@@ -312,7 +312,8 @@ def run_natgrad(args, seed, client, server_pid, pipelined=False, shared_memory=F
         times = r.timed(step, finish, server_pid)
     finally:
         opt.close(delete=True)
-    extra = {}
+    # reduce="auto"'s measured choice (raw or reduced), printed per rep.
+    extra = {"choice": (opt._reduce_trial.choice or "?") if args.reduce == "auto" else ""}
     for f in ("server_micros", "decode_micros", "compute_micros", "inversion_micros", "encode_micros"):
         if timings and hasattr(timings[0], f):
             extra[f] = statistics.fmean(getattr(t, f) for t in timings) / 1e3
@@ -389,6 +390,7 @@ def main(argv=None):
     eval_loss = jax.jit(lambda p, x: mean_loss(p, x, args.widths))
     loss0 = float(eval_loss(init_params(0, args.widths), held_out))
     per_rep = {k: [] for k in kinds}
+    choices = {}
     failures = []
     try:
         # Reps interleaved across kinds, so that load from other work on the
@@ -404,11 +406,15 @@ def main(argv=None):
                     print(f"  rep {seed} {kind}: FAILED: {e}", file=sys.stderr, flush=True)
                     continue
                 base = r if kind == "kfac_jax" else base
+                choice = extra.pop("choice", "")
+                choices.setdefault(kind, []).append(choice)
                 per_rep[kind].append(dict(step_ms=wall * 1e3, cpu_ms=cpu * 1e3, server_cpu_ms=srv_cpu * 1e3,
                                           loss=float(eval_loss(r.params, held_out)),
                                           first_diff=_rel_diff(r, base) if kind != "adam" else None,
                                           **extra))
-                print(f"  rep {seed} {kind}: {wall * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+                print(f"  rep {seed} {kind}: {wall * 1e3:.1f} ms/step"
+                      + (f" (reduce=auto chose {choice})" if choice else ""),
+                      file=sys.stderr, flush=True)
     finally:
         if client is not None:
             client.close()
@@ -450,13 +456,16 @@ def main(argv=None):
               f"{r['loss']:9.2f} {fd} | {srvcols}")
     for f in failures:
         print(f"failed: {f}")
+    for kind, c in choices.items():
+        if any(c):
+            print(f"reduce=auto chose, rep by rep: {kind} {','.join(c)}")
     print(f"(held-out loss of the initial parameters {loss0:.2f}; cpu ms / srv cpu: CPU time of this "
           "process / of the server per step; 1st upd: relative difference of the first update from kfac_jax's; server columns: "
           "mean StepTiming per timed step, ms)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows, "reps": per_rep, "failures": failures,
-                       "loss0": loss0}, f, indent=1)
+                       "choices": choices, "loss0": loss0}, f, indent=1)
     if args.check:
         far = {k: r.get("first_diff") for k, r in rows.items() if k.startswith("natgrad")
                and not (r.get("first_diff") is not None and r["first_diff"] < 1e-4)}

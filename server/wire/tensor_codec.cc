@@ -127,26 +127,33 @@ absl::Status ValidateTensor(const natgrad::v1::Tensor& tensor,
   return absl::OkStatus();
 }
 
+namespace {
+
+// The validated payload moved into a core tensor, marked finite or not.
+core::DenseTensor MoveIntoCore(natgrad::v1::Tensor* tensor, bool scanned) {
+  std::string bytes;
+  tensor->mutable_data()->swap(bytes);
+  const core::DType dtype =
+      tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32 : core::DType::kFloat64;
+  std::vector<int64_t> shape(tensor->shape().begin(), tensor->shape().end());
+  return scanned ? core::DenseTensor::FromCheckedBytes(dtype, std::move(shape), std::move(bytes))
+                 : core::DenseTensor::FromBytes(dtype, std::move(shape), std::move(bytes));
+}
+
+}  // namespace
+
 absl::StatusOr<core::DenseTensor> TakeTensor(natgrad::v1::Tensor* tensor,
                                              absl::string_view field) {
   if (absl::Status s = ValidateTensor(*tensor, field); !s.ok()) return s;
-  std::string bytes;
-  tensor->mutable_data()->swap(bytes);
-  return core::DenseTensor::FromCheckedBytes(
-      tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32
-                                              : core::DType::kFloat64,
-      {tensor->shape().begin(), tensor->shape().end()}, std::move(bytes));
+  return MoveIntoCore(tensor, /*scanned=*/true);
 }
 
 absl::StatusOr<core::DenseTensor> TakeTensorUnscanned(natgrad::v1::Tensor* tensor,
                                                       absl::string_view field) {
   if (absl::Status s = ValidateTensorLayout(*tensor, field); !s.ok()) return s;
-  std::string bytes;
-  tensor->mutable_data()->swap(bytes);
-  return core::DenseTensor::FromBytes(
-      tensor->dtype() == natgrad::v1::FLOAT32 ? core::DType::kFloat32 : core::DType::kFloat64,
-      {tensor->shape().begin(), tensor->shape().end()}, std::move(bytes));
+  return MoveIntoCore(tensor, /*scanned=*/false);
 }
+
 
 void EncodeTensor(core::DenseTensor tensor, natgrad::v1::DType dtype,
                   const std::vector<int64_t>& shape, natgrad::v1::Tensor* out) {

@@ -124,6 +124,10 @@ def test_natgrad_runs_on_a_tiny_model(drv, server_binary, capsys):
     rows = drv.main(TINY_ARGS + ["--kinds", "natgrad,natgrad_pipe", "--server", server_binary])
     out = capsys.readouterr().out
     assert "natgrad_pipe" in out and "x kfac_jax" in out
+    # reduce="auto" (the driver's default) says what it chose, rep by rep ("?": still
+    # trying after these few steps).
+    chose = [line for line in out.splitlines() if line.startswith("reduce=auto chose")]
+    assert len(chose) == 2 and all(line.rsplit(" ", 1)[-1] in ("raw", "reduced", "?") for line in chose)
     loss0 = float(drv.mean_loss(drv.init_params(0, TINY), drv.images(32, 999, d=TINY[0]), TINY))
     for kind in ("natgrad", "natgrad_pipe"):
         r = rows[kind]

@@ -15,17 +15,7 @@ from natgrad import shared_memory as shm
 
 from conftest import crashable_server, patient_client
 from test_shared_memory_server import check_reply_in_buffer, config, inputs, same
-
-
-@pytest.fixture(scope="module")
-def shm_server(server_binary, tmp_path_factory):
-    log = tmp_path_factory.mktemp("shm-auto-server") / "server.log"
-    srv = natgrad.LocalServer(server_binary, log_path=str(log),
-                              extra_args=["--shared_memory", "--worker_threads=2"])
-    srv.start()
-    yield srv
-    srv.stop()
-    srv.cleanup()
+from test_shared_memory_server import shm_server  # noqa: F401  (a fixture)
 
 
 def test_the_value_is_checked():
