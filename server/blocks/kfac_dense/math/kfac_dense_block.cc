@@ -444,21 +444,14 @@ KfacDenseBlock<Scalar>::FoldStatistics(const KfacStepInput& input, int64_t t,
         // KFC scaling (kfac-jax): A over the n examples, G over n*T rows.
         absl::StatusOr<Matrix> a = kfac::CheckedRawGram<Scalar>(
             name(), "kfac.raw.activations", s.activations, options_.has_bias,
-            static_cast<Scalar>(rows / loc), context.compute_pool);
+            static_cast<Scalar>(rows / loc), context.compute_pool, "overflows in a^T a / n");
         if (!a.ok()) return a.status();
         absl::StatusOr<Matrix> g = kfac::CheckedRawGram<Scalar>(
             name(), "kfac.raw.output_gradients", s.output_gradients, false,
-            static_cast<Scalar>(rows), context.compute_pool);
+            static_cast<Scalar>(rows), context.compute_pool, "overflows in g^T g / (n T)");
         if (!g.ok()) return g.status();
         a_batch = *std::move(a);
         g_batch = *std::move(g);
-        if (!a_batch->allFinite()) {
-          return Invalid("kfac.raw.activations", "overflows in a^T a / n");
-        }
-        if (!g_batch->allFinite()) {
-          return Invalid("kfac.raw.output_gradients",
-                         "overflows in g^T g / (n T)");
-        }
       }
     } else {
       if (s.num_examples <= 0) {

@@ -90,8 +90,7 @@ class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
   // CheckedRawGram on received bytes nobody scanned (wire::TakeTensorUnscanned):
   // every non-finite value, wherever it lies, is refused with its place, as a
   // scan would have found it; finite values give GramFactorRowMajor's Gram
-  // exactly; finite values whose squares overflow come back as a non-finite
-  // Gram for the block to refuse.
+  // exactly; finite values whose squares overflow are refused as overflow.
   template <typename Scalar>
   void CheckRawGramFindsNonFinite() {
     using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -109,7 +108,8 @@ class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
         const DenseTensor good = received(x);
         ASSERT_FALSE(good.known_finite());
         absl::StatusOr<Matrix<Scalar>> gram =
-            CheckedRawGram<Scalar>("fc", "kfac.raw.activations", good, bias, Scalar(7), pool());
+            CheckedRawGram<Scalar>("fc", "kfac.raw.activations", good, bias, Scalar(7), pool(),
+                                   "overflows");
         ASSERT_TRUE(gram.ok()) << gram.status();
         const Matrix<Scalar> want =
             GramFactorRowMajor<Scalar>(x.data(), rows, cols, bias, Scalar(7), pool());
@@ -120,7 +120,7 @@ class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
             RowMajor y = x;
             y(i, j) = bad;
             absl::StatusOr<Matrix<Scalar>> r = CheckedRawGram<Scalar>(
-                "fc", "kfac.raw.activations", received(y), bias, Scalar(7), pool());
+                "fc", "kfac.raw.activations", received(y), bias, Scalar(7), pool(), "overflows");
             ASSERT_FALSE(r.ok()) << rows << "x" << cols << " bad " << bad << " at " << i << "," << j;
             EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
             EXPECT_THAT(std::string(r.status().message()),
@@ -134,10 +134,16 @@ class KfacKernels : public ::testing::TestWithParam<std::tuple<int, int>> {
       RowMajor big = x;
       big(rows - 1, 0) = Scalar(1e30);
       const DenseTensor huge = received(big);
-      absl::StatusOr<Matrix<Scalar>> r =
-          CheckedRawGram<Scalar>("fc", "kfac.raw.activations", huge, false, Scalar(1), pool());
-      ASSERT_TRUE(r.ok()) << r.status();
-      EXPECT_EQ(r->allFinite(), (!std::is_same_v<Scalar, float>));
+      absl::StatusOr<Matrix<Scalar>> r = CheckedRawGram<Scalar>(
+          "fc", "kfac.raw.activations", huge, false, Scalar(1), pool(), "overflows in a^T a / n");
+      if (std::is_same_v<Scalar, float>) {
+        ASSERT_FALSE(r.ok());
+        EXPECT_EQ(r.status().message(),
+                  "block \"fc\": kfac.raw.activations overflows in a^T a / n");
+      } else {
+        ASSERT_TRUE(r.ok()) << r.status();
+        EXPECT_TRUE(r->allFinite());
+      }
       EXPECT_TRUE(huge.AllFinite());
     }
   }

@@ -192,21 +192,28 @@ absl::Status CheckedRawValues(absl::string_view block, absl::string_view field,
 // diagonal entry j, a sum of squares, +Inf or NaN, and nothing brings a sum
 // back from those. So a finite Gram means finite values; a non-finite one is
 // either a non-finite value (found by a scan, for CheckedTensor's message) or
-// finite values whose products overflow, which the caller refuses.
+// finite values whose products overflow, refused with `overflow` ("overflows
+// in a^T a / n"). The returned Gram is finite.
 template <typename Scalar>
 absl::StatusOr<Matrix<Scalar>> CheckedRawGram(absl::string_view block, absl::string_view field,
                                               const DenseTensor& t, bool append_one,
-                                              Scalar divisor, linalg::ComputePool* pool) {
+                                              Scalar divisor, linalg::ComputePool* pool,
+                                              absl::string_view overflow) {
   const bool same = (t.dtype() == DType::kFloat32) == std::is_same_v<Scalar, float>;
+  Matrix<Scalar> gram;
   if (same) {
-    Matrix<Scalar> gram = GramFactorRowMajor<Scalar>(reinterpret_cast<const Scalar*>(t.data()),
-                                                     t.rows(), t.cols(), append_one, divisor, pool);
-    if (gram.allFinite() || t.AllFinite()) return gram;
-    return InvalidBlockField(block, field, NonFiniteAt(t.template ToMatrix<double>()));
+    gram = GramFactorRowMajor<Scalar>(reinterpret_cast<const Scalar*>(t.data()), t.rows(),
+                                      t.cols(), append_one, divisor, pool);
+    if (!gram.allFinite() && !t.AllFinite()) {
+      return InvalidBlockField(block, field, NonFiniteAt(t.template ToMatrix<double>()));
+    }
+  } else {
+    absl::StatusOr<Matrix<Scalar>> x = CheckedTensor<Scalar>(block, field, t, t.rows(), t.cols());
+    if (!x.ok()) return x.status();
+    gram = GramFactor<Scalar>(*x, append_one, divisor, pool);
   }
-  absl::StatusOr<Matrix<Scalar>> x = CheckedTensor<Scalar>(block, field, t, t.rows(), t.cols());
-  if (!x.ok()) return x.status();
-  return GramFactor<Scalar>(*x, append_one, divisor, pool);
+  if (!gram.allFinite()) return InvalidBlockField(block, field, overflow);
+  return gram;
 }
 
 // One step's hyperparameters, from the schedules (normalized: non-null) or
