@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "server/common/build_info.h"
 #include "server/common/log.h"
+#include "server/linalg/openblas_environment.h"
 #include "server/service/natgrad_server.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:50051",
@@ -89,6 +90,11 @@ ABSL_FLAG(std::string, log_level, "info",
           "Least severe log line written to stderr: debug, info, warning or error");
 
 int main(int argc, char** argv) {
+  // Before anything else (the exec would lose it): OpenBLAS must load with
+  // its idle workers asleep, not spinning (server/linalg/openblas_environment.h).
+  if (!natgrad::linalg::ReexecWithQuietOpenBlasThreads(argv)) {
+    std::perror("natgrad-server: re-exec with OPENBLAS_THREAD_TIMEOUT set (going on without)");
+  }
   // --help lists the flags defined in this file (absl's default looks for a
   // file named after the binary).
   absl::FlagsUsageConfig usage;

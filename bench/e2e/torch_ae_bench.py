@@ -32,6 +32,12 @@ The images are synthetic (no dataset download here): MNIST-shaped, about
 19% of pixels on (MNIST's share), values in [0, 1]; the cost of a step does
 not depend on the pixel values.
 
+The bench runs with OPENBLAS_THREAD_TIMEOUT=4 unless the environment sets
+it (docs/torch_overlap.md, "Idle BLAS threads"): torch's OpenBLAS workers
+then sleep when idle instead of spinning for 0.1 s after every product,
+which on two shared cores takes a core from the server while the client
+waits for it. OPENBLAS_THREAD_TIMEOUT=28 gives OpenBLAS's default.
+
   .venv/bin/python bench/e2e/torch_ae_bench.py [--server build/server/natgrad-server]
       [--shared-memory off|on|both]
 """
@@ -42,12 +48,15 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# Before torch loads OpenBLAS, which reads it only then.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-import natgrad
-import natgrad.torch
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import natgrad  # noqa: E402
+import natgrad.torch  # noqa: E402
 
 WIDTHS = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
 
@@ -174,7 +183,8 @@ def main():
         adam = rows.get("adam", {}).get("step")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
               f"median of {args.reps} reps x {args.steps} steps (inverse_period "
-              f"{args.inverse_period})")
+              f"{args.inverse_period}, OPENBLAS_THREAD_TIMEOUT="
+              f"{os.environ['OPENBLAS_THREAD_TIMEOUT']})")
         adam_cpu = rows.get("adam", {}).get("client_cpu")
         print(f"{'kind':<23} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
               f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'queue':>7} {'compute':>8} "

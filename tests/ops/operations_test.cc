@@ -52,6 +52,50 @@ TEST(Health, ServingForTheServerAndForTheServiceName) {
             grpc::StatusCode::NOT_FOUND);
 }
 
+// OpenBLAS reads OPENBLAS_THREAD_TIMEOUT only when it loads, so the server
+// executes itself again with it set (server/linalg/openblas_environment.h):
+// same pid, same name, and an operator's own value kept.
+std::string ProcFile(pid_t pid, const std::string& file) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/" + file, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+std::vector<std::string> EnvironmentOf(pid_t pid) {
+  std::vector<std::string> out;
+  std::string all = ProcFile(pid, "environ");
+  for (size_t at = 0; at < all.size();) {
+    const size_t end = all.find('\0', at);
+    out.push_back(all.substr(at, end - at));
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return out;
+}
+
+TEST(OpenBlas, TheServerRunsWithQuietWorkersAndKeepsAnOperatorsSetting) {
+  const char* had = std::getenv("OPENBLAS_THREAD_TIMEOUT");
+  const std::string saved = had != nullptr ? had : "";
+  unsetenv("OPENBLAS_THREAD_TIMEOUT");
+  {
+    ServerProcess server({});
+    ASSERT_TRUE(server.running());  // it serves after the exec
+    EXPECT_THAT(EnvironmentOf(server.pid()), Contains("OPENBLAS_THREAD_TIMEOUT=4"));
+    EXPECT_EQ(ProcFile(server.pid(), "comm"), "natgrad-server\n");
+  }
+  setenv("OPENBLAS_THREAD_TIMEOUT", "9", 1);
+  {
+    ServerProcess server({});
+    ASSERT_TRUE(server.running());
+    EXPECT_THAT(EnvironmentOf(server.pid()), Contains("OPENBLAS_THREAD_TIMEOUT=9"));
+    EXPECT_THAT(EnvironmentOf(server.pid()), Not(Contains("OPENBLAS_THREAD_TIMEOUT=4")));
+  }
+  if (had != nullptr) {
+    setenv("OPENBLAS_THREAD_TIMEOUT", saved.c_str(), 1);
+  } else {
+    unsetenv("OPENBLAS_THREAD_TIMEOUT");
+  }
+}
+
 TEST(Metrics, BuildInfoGauge) {
   const int mport = FreePort();
   ServerProcess server({"--metrics_address=127.0.0.1:" + std::to_string(mport)});
