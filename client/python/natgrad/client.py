@@ -16,8 +16,8 @@ Steps that are acknowledged but not yet durable on the server survive a
 server crash too. Every response carries the session's ``durable_step`` (the
 last step whose checkpoint is written; -1 when the server has no
 --checkpoint_dir). The Session keeps the requests of the steps after it, with
-a SHA-256 digest of each response, at most ``max_replay_steps`` of them and
-``max_replay_bytes`` of requests (1000 steps, 1 GiB by default). After
+each response, at most ``max_replay_steps`` of them and ``max_replay_bytes``
+of requests and responses (1000 steps, 1 GiB by default). After
 a reconnect it asks the server where the session is (GetSession); if it is
 behind the last acknowledged step (a SIGKILL between checkpoints with
 --checkpoint_every_steps=N loses up to N-1 steps on the server) it sends the
@@ -42,7 +42,6 @@ retried with exponential backoff within RetryPolicy.deadline_s.
 """
 import collections
 import dataclasses
-import hashlib
 import logging
 import queue
 import random
@@ -55,7 +54,8 @@ import numpy as np
 
 from natgrad import errors
 from natgrad._pb import (admin_service_pb2 as admin_pb2, optimizer_service_pb2 as svc_pb2,
-                         optimizer_service_pb2_grpc as svc_grpc, session_pb2, step_pb2)
+                         optimizer_service_pb2_grpc as svc_grpc, session_pb2, step_pb2,
+                         tensor_pb2)
 from natgrad import shared_memory as _shm
 from natgrad.blocks import session_config as _session_config
 from natgrad.tensor import _NP, as_array, from_tensor, is_set, to_tensor
@@ -237,7 +237,7 @@ class Client:
     "key": path} (mTLS), or grpc.ChannelCredentials. timeout: seconds for
     unary calls. retry: RetryPolicy for Step streams and unary calls.
     max_replay_steps, max_replay_bytes: the most non-durable steps, and
-    serialized request bytes, each Session keeps to send again after a server
+    bytes of their requests and responses, each Session keeps to send again after a server
     restart (0: keep none; module docstring).
     redirects: how a SessionMoved redirect is followed. "router": `target`
     is a router (deploy/nginx) and only the natgrad-replica header changes;
@@ -589,13 +589,56 @@ def _retry_reason(e):
 
 
 _TRIU = {}
+_TENSOR_NAME = tensor_pb2.Tensor.DESCRIPTOR.full_name
+_TENSOR_ITEMSIZE = {tensor_pb2.FLOAT32: 4, tensor_pb2.FLOAT64: 8}
 
 
-def _size_bound(msg):
+def _tensor_size_bound(t, inline=False):
+    """_size_bound of a natgrad.v1.Tensor from its dtype and shape alone.
+    Reading ``t.data`` from Python copies the bytes (cpp protobuf and upb
+    both hand out a new bytes object), about 5 ms per 57 MB here, so the
+    data's length is taken from the shape: every tensor of a request is
+    built by to_tensor, which writes exactly prod(shape) elements of dtype
+    (or none, with a shared-memory span). ``inline``: the bound of the
+    tensor with a span's bytes inline instead. None for another dtype."""
+    size = _TENSOR_ITEMSIZE.get(t.dtype)
+    if size is None:
+        return None
+    for d in t.shape:
+        size *= max(int(d), 0)
+    n = _LEN + 10 * len(t.shape) + _VARINT  # shape (packed), dtype
+    if t.HasField("shared_memory") and not inline:  # then data is empty (to_tensor)
+        return n + _LEN + _LEN + len(t.shared_memory.region.encode()) + 2 * _VARINT
+    return n + _LEN + size
+
+
+# Largest encoded size of a field (tag of a field number < 2048, 2 bytes)
+# without its payload: a length-delimited field's tag and length (< 2^35),
+# a varint field whole, a fixed-width field's tag.
+_LEN, _VARINT, _TAG = 2 + 5, 2 + 10, 2
+_FIXED = {"TYPE_DOUBLE": 8, "TYPE_FIXED64": 8, "TYPE_SFIXED64": 8,
+          "TYPE_FLOAT": 4, "TYPE_FIXED32": 4, "TYPE_SFIXED32": 4}
+
+
+def _scalar_bound(fd, v):
+    """Encoded size bound of one non-message value of field ``fd``."""
+    if fd.type in (fd.TYPE_BYTES, fd.TYPE_STRING):
+        return _LEN + (len(v) if isinstance(v, bytes) else len(v.encode()))
+    for name, width in _FIXED.items():
+        if fd.type == getattr(fd, name):
+            return _TAG + width
+    return _VARINT
+
+
+def _size_bound(msg, inline=False):
     """An upper bound on msg.ByteSize() that reads no tensor bytes: upb's
     ByteSize encodes the whole message, a full pass over every tensor, and
     build_requests only needs to know whether a block or a request may be
-    near a limit. None for a message with a map field (then ByteSize)."""
+    near a limit; Session.replay_bytes adds them up. ``inline``: the bound
+    with every shared-memory span's bytes inline. None for a tensor of
+    another dtype (then ByteSize)."""
+    if msg.DESCRIPTOR.full_name == _TENSOR_NAME:
+        return _tensor_size_bound(msg, inline)
     n = 0
     for fd, v in msg.ListFields():
         # protobuf >= 6 (upb) dropped FieldDescriptor.label; is_repeated replaces it.
@@ -603,18 +646,40 @@ def _size_bound(msg):
                else fd.label == fd.LABEL_REPEATED)
         if fd.type == fd.TYPE_MESSAGE:
             if fd.message_type.GetOptions().map_entry:
-                return None
+                key = fd.message_type.fields_by_name["key"]
+                value = fd.message_type.fields_by_name["value"]
+                for k, val in v.items():
+                    if value.type == value.TYPE_MESSAGE:
+                        b = _size_bound(val, inline)
+                        if b is None:
+                            return None
+                        b += _LEN
+                    else:
+                        b = _scalar_bound(value, val)
+                    n += _LEN + _scalar_bound(key, k) + b
+                continue
             for m in (v if rep else (v,)):
-                b = _size_bound(m)
+                b = _size_bound(m, inline)
                 if b is None:
                     return None
-                n += b + 16  # tag + length varint
-        elif fd.type in (fd.TYPE_BYTES, fd.TYPE_STRING):
-            for b in (v if rep else (v,)):
-                n += (len(b) if isinstance(b, bytes) else 4 * len(b)) + 16
+                n += _LEN + b
         else:
-            n += 16 * (len(v) if rep else 1) + 16
+            # (repeated: packed or not, one length prefix more covers both)
+            n += sum(_scalar_bound(fd, x) for x in (v if rep else (v,))) + (_LEN if rep else 0)
     return n
+
+
+def _same_answer(replayed, first):
+    """Whether a replayed step answered what it answered the first time:
+    every field but timing, replayed and durable_step, which legitimately
+    differ (both hold their tensors' values inline)."""
+    a, b = step_pb2.StepResponse(), step_pb2.StepResponse()
+    a.CopyFrom(replayed)
+    b.CopyFrom(first)
+    for m in (a, b):
+        for f in ("timing", "replayed", "durable_step"):
+            m.ClearField(f)
+    return a == b
 
 
 def _triu_indices(d):
@@ -769,7 +834,7 @@ class Session:
         self.retries = 0  # reconnects so far (for monitoring/tests)
         self.redirects = 0  # SessionMoved redirects followed by steps (monitoring/tests)
         # Replay of non-durable steps (module docstring): step -> (requests,
-        # response digest, request bytes) for the steps after the server's
+        # response with its values inline, their bytes) for the steps after the server's
         # durable step, oldest first.
         self.max_replay_steps = getattr(client, "max_replay_steps", DEFAULT_MAX_REPLAY_STEPS)
         self.max_replay_bytes = getattr(client, "max_replay_bytes", DEFAULT_MAX_REPLAY_BYTES)
@@ -785,10 +850,9 @@ class Session:
         shared_memory = _check_shared_memory(shared_memory)
         self._shm = None
         # "auto": shared memory until the server refuses it, then inline for
-        # good. Digests stay over the values, so that steps kept before the
-        # switch still compare with their replays.
+        # good (kept answers hold values, so steps kept before the switch
+        # still compare with their replays).
         self._shm_auto = shared_memory == "auto"
-        self._value_digests = bool(shared_memory)
         if shared_memory:
             self._shm = _shm.Arena(shared_memory if isinstance(shared_memory, int)
                                    and shared_memory is not True else 0)
@@ -880,23 +944,18 @@ class Session:
 
     @property
     def replay_bytes(self):
-        """Serialized bytes of the kept requests (the buffer's memory, roughly)."""
+        """Bytes of the kept requests and responses (the buffer's memory, roughly)."""
         return self._kept_bytes
 
-    def _digest(self, resp):
-        # Everything the step's math decides; timing, replayed and
-        # durable_step legitimately differ between the first answer and a
-        # replay. Deterministic serialization orders the hyperparameter maps.
-        # With shared memory, over the values wherever they lie (a first
-        # answer through the reply buffer, a replayed one inline).
-        if self._value_digests:
-            return _shm.digest_values(resp, self._shm, ("timing", "replayed", "durable_step"))
-        r = step_pb2.StepResponse()
-        r.CopyFrom(resp)
-        r.ClearField("timing")
-        r.ClearField("replayed")
-        r.ClearField("durable_step")
-        return hashlib.sha256(r.SerializeToString(deterministic=True)).digest()
+    def _answer(self, resp):
+        """What a replay of this step must answer: the response itself, its
+        values inline. A first answer through the reply buffer is copied out
+        of it (the next steps reuse the region); an inline one is kept as it
+        came, no copy. A SHA-256 digest instead would cost a hash of every
+        kept response (about 9 ms per 11 MB here) to save its memory."""
+        if self._shm is not None and _shm.has_spans(resp):
+            return _shm.materialize(resp, self._shm, f"Step {self.name} step {resp.step}")
+        return resp
 
     def _keep(self, step, reqs, resp):
         """Records an acknowledged step; forgets every kept step now durable
@@ -906,8 +965,10 @@ class Session:
         if self.max_replay_steps > 0 and 0 <= self._durable < step and step not in self._kept:
             if self._shm is not None:
                 reqs = self._inline_for_replay(step, reqs)
-            n = sum(r.ByteSize() for r in reqs)
-            self._kept[step] = (reqs, self._digest(resp), n)
+            answer = self._answer(resp)
+            n = (sum(_size_bound(r) or r.ByteSize() for r in reqs)
+                 + (_size_bound(answer) or answer.ByteSize()))
+            self._kept[step] = (reqs, answer, n)
             self._kept_bytes += n
         while self._kept:
             first = next(iter(self._kept))
@@ -960,11 +1021,11 @@ class Session:
         log.warning("natgrad: %s: the server's session is at step %d, this client at %d: sending "
                     "steps %d..%d again", self.name, behind, acked, need[0], need[-1])
         for t in need:
-            reqs, digest, _ = self._kept[t]
+            reqs, answer, _ = self._kept[t]
             for r in reqs:
                 stream.send(r)
             resp = stream.recv()  # a drop here: the retry loop reopens and resumes
-            if resp.step != t or self._digest(resp) != digest:
+            if resp.step != t or not _same_answer(resp, answer):
                 self._drop_stream()
                 raise errors.DataLoss(
                     f"Step {self.name}: step {t} sent again after a server restart answered "
@@ -1232,12 +1293,12 @@ class Session:
         bss = [self._block_step(n, x, step) for n, x in inputs.items()]
         return self._split(bss, step, loss)
 
-    def _split(self, bss, step, loss):
-        """BlockSteps -> the step's StepRequest messages, at most split_bytes each
-        (one block over it alone), the last marked and carrying the loss."""
+    def _groups(self, bss, inline=False):
+        """BlockSteps in consecutive groups of at most split_bytes each (one
+        block over it alone); ``inline``: sized with their spans' bytes inline."""
         msgs, cur, cur_bytes = [], [], 0
         for bs in bss:
-            sz = _size_bound(bs)
+            sz = _size_bound(bs, inline)
             if sz is None:
                 sz = bs.ByteSize()
             if cur and cur_bytes + sz > self.split_bytes:
@@ -1246,6 +1307,12 @@ class Session:
             cur.append(bs)
             cur_bytes += sz
         msgs.append(cur)
+        return msgs
+
+    def _split(self, bss, step, loss):
+        """BlockSteps -> the step's StepRequest messages, at most split_bytes each
+        (one block over it alone), the last marked and carrying the loss."""
+        msgs = self._groups(bss)
         reqs = []
         for i, group in enumerate(msgs):
             r = step_pb2.StepRequest(session=self.name, step=step, blocks=group,
@@ -1398,18 +1465,24 @@ class Session:
         """A step to keep for replay: sent again after a restart, when the
         regions hold later steps, so with the bytes inline and no reply
         buffer, split again at split_bytes (its spans made it one small
-        message)."""
+        message). Each block's bytes go straight into the message that
+        keeps it: one copy out of the region, and the proto's own."""
         if not any(r.HasField("reply_buffer") or _shm.has_spans(r) for r in reqs):
             return reqs
         what = f"Step {self.name} step {step}"
-        out = [_shm.materialize(r, self._shm, what) for r in reqs]
-        if any(len(r.blocks) > 1 and (_size_bound(r) or r.ByteSize()) > self.split_bytes
-               for r in out):
-            loss = out[-1].loss if out[-1].HasField("loss") else None
-            try:
-                out = self._split([bs for r in out for bs in r.blocks], step, loss)
-            except errors.ResourceExhausted:
-                pass  # a block over max_message_bytes even alone: kept as sent
+        loss = reqs[-1].loss if reqs[-1].HasField("loss") else None
+        groups = self._groups([bs for r in reqs for bs in r.blocks], inline=True)
+        out = []
+        for i, group in enumerate(groups):
+            r = step_pb2.StepRequest(session=reqs[0].session, step=reqs[0].step,
+                                     last=reqs[-1].last and i == len(groups) - 1)
+            if r.last and loss is not None:
+                r.loss = loss
+            for bs in group:
+                kept = r.blocks.add()
+                kept.CopyFrom(bs)  # spans, not bytes: small
+                _shm.inline_spans(kept, self._shm, what)
+            out.append(r)
         return out
 
     def _give_up_shared_memory(self, err, step, reqs):

@@ -24,7 +24,6 @@ Nothing returned to the caller points into a region: StepResult arrays are
 copies (read_array), and the replay buffer keeps its requests with the bytes
 inline (materialize), since the regions are rewritten two steps later.
 """
-import hashlib
 import os
 import secrets
 import threading
@@ -307,48 +306,22 @@ def has_spans(msg):
     return any(t.HasField("shared_memory") for t in tensors(msg))
 
 
+def inline_spans(msg, arena, what="message"):
+    """Puts the bytes of every shared-memory tensor in `msg` inline (in
+    place): read out of `arena`, the span cleared."""
+    for t in tensors(msg):
+        if t.HasField("shared_memory"):
+            t.data = arena.read_bytes(t.shared_memory, what)
+            t.ClearField("shared_memory")
+
+
 def materialize(msg, arena, what="message"):
     """A copy of `msg` with every shared-memory tensor's bytes inline (and a
     request's reply_buffer cleared): what may be kept past the regions'
-    reuse, and what a digest of the values is taken over."""
+    reuse, and the form a kept answer is compared in."""
     out = type(msg)()
     out.CopyFrom(msg)
     if out.DESCRIPTOR.fields_by_name.get("reply_buffer") is not None:
         out.ClearField("reply_buffer")
-    for t in tensors(out):
-        if t.HasField("shared_memory"):
-            t.data = arena.read_bytes(t.shared_memory, what)
-            t.ClearField("shared_memory")
+    inline_spans(out, arena, what)
     return out
-
-
-def digest_values(msg, arena, clear=()):
-    """SHA-256 of `msg` (fields in `clear` left out) that is the same whether
-    its tensors carry their bytes inline or as spans into `arena`: the
-    message with every tensor's bytes and span removed, then each tensor's
-    bytes in order, hashed where they lie (no copy out of shared memory)."""
-    skel = type(msg)()
-    skel.CopyFrom(msg)
-    for f in clear:
-        skel.ClearField(f)
-    parts = []
-    for t in tensors(skel):
-        if t.HasField("shared_memory"):
-            sp = type(t.shared_memory)()
-            sp.CopyFrom(t.shared_memory)
-            parts.append(sp)
-            t.ClearField("shared_memory")
-        else:
-            parts.append(t.data)
-            t.data = b""
-    h = hashlib.sha256(skel.SerializeToString(deterministic=True))
-    for p in parts:
-        if isinstance(p, bytes):
-            h.update(len(p).to_bytes(8, "little"))
-            h.update(p)
-        else:
-            with arena._lock:
-                r = arena._find(p, "digest")
-                h.update(p.length.to_bytes(8, "little"))
-                h.update(r.shm.buf[p.offset:p.offset + p.length])
-    return h.digest()

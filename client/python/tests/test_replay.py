@@ -17,7 +17,6 @@ import pytest
 
 import natgrad
 from natgrad import blocks
-from natgrad._pb import session_pb2
 
 from conftest import crashable_server, patient_client
 
@@ -170,10 +169,12 @@ def test_missing_session_after_restart_is_a_clear_not_found(every10):
 
 @pytest.mark.parametrize("cap", ["steps", "bytes"])
 def test_further_behind_than_kept_is_data_loss_and_attaches_nothing(every10, cap):
-    # Every step's requests have the same size; measured offline.
-    probe = natgrad.Session(natgrad.Client(every10.target), session_pb2.Session(
-        name="sessions/probe", config=blocks.session_config(ADAM)))
-    one = sum(r.ByteSize() for r in probe.build_requests(inputs(1)))
+    # Every step's requests and response have the same size: what one
+    # non-durable step of another session keeps.
+    probe = patient_client(every10.target).create_session(ADAM)
+    probe.step(inputs(1))
+    one = probe.replay_bytes
+    probe.delete()
     kw = {"max_replay_steps": 2} if cap == "steps" else {"max_replay_bytes": 2 * one + one // 2}
     c = patient_client(every10.target, **kw)
     s = c.create_session(ADAM)

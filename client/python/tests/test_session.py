@@ -105,6 +105,44 @@ def test_split_step_equals_single_message(client):
     b.delete()
 
 
+def test_request_size_bound_is_tight_without_reading_tensor_bytes(client, monkeypatch):
+    """build_requests sizes messages from each tensor's dtype and shape
+    (client._size_bound): never below the real size, within a few dozen
+    bytes per tensor of it, and without touching any tensor's data (a read
+    would copy it from the message)."""
+    from natgrad._pb import step_pb2, tensor_pb2
+    from natgrad.client import _size_bound
+    from natgrad.tensor import to_tensor
+    cfg = [blocks.kfac_dense("fc", d_in=4, d_out=3, lr=0.1),
+           blocks.adam("scalar", [1], lr=0.1), blocks.adam("w64", [6, 7], lr=0.1)]
+    s = client.create_session(cfg)
+    inputs = {"fc": kfac_inputs(0, n=2000), "scalar": np.float32([2.0]),
+              "w64": rng.standard_normal((6, 7))}
+    reqs = s.build_requests(inputs, loss=1.0)
+    # And tensors no step of these blocks has: empty, 0-d, in a span.
+    extra = step_pb2.BlockStep(name="extra")
+    to_tensor(np.zeros((0, 3), np.float32), out=extra.gradient)
+    to_tensor(np.float64(1.5), out=extra.params)
+    span = extra.kfac.raw.activations
+    span.dtype, span.shape[:] = tensor_pb2.FLOAT32, [5, 2]
+    span.shared_memory.region, span.shared_memory.length = "natgrad-x" * 20, 40
+    reqs.append(step_pb2.StepRequest(session=s.name, blocks=[extra]))
+    tensors = sum(1 for r in reqs for b in r.blocks for _ in natgrad.shared_memory.tensors(b))
+    assert tensors >= 8
+    exact = sum(r.ByteSize() for r in reqs)
+    with monkeypatch.context() as m:
+        def no_read(self):
+            raise AssertionError("_size_bound read a tensor's data")
+        m.setattr(tensor_pb2.Tensor, "data", property(no_read), raising=False)
+        bound = sum(_size_bound(r) for r in reqs)
+    assert exact > 100_000 and exact <= bound <= exact + 200 * tensors
+    for r in reqs:
+        for b in r.blocks:
+            assert b.ByteSize() <= _size_bound(b)
+    assert s.step(inputs, loss=1.0).step == 1
+    s.delete()
+
+
 def test_retry_after_stream_cancelled_before_response(client):
     """The stream dies after the server applied the step but before the client
     read the response: the client reconnects, resends the same step number and
