@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 
 namespace natgrad::wire {
@@ -262,6 +263,51 @@ TEST(SharedMemory, ReplyTensorsGoIntoTheBufferAligned) {
   EXPECT_EQ(out->updates(0).hyperparameters().at("learning_rate"), 0.1);
   EXPECT_EQ(response.updates(0).delta().data(), Floats({1, 2, 3}));
   EXPECT_EQ(SpannedReplyBytes(*out), 20);
+}
+
+// The reply is the response with each tensor's bytes moved into the
+// buffer and nothing else changed: put back from the region, every field of
+// every kind (Gaussian updates, maps, timing, an empty tensor) is equal.
+TEST(SharedMemory, AReplyPutBackFromTheBufferIsTheResponse) {
+  Object region("whole", 4096);
+  SharedMemoryRegions regions;
+  StepResponse response = TwoUpdates();
+  response.set_session("sessions/s");
+  response.set_kl_clip_scale(0.5);
+  response.set_damping(1e-3);
+  response.set_replayed(true);
+  response.set_durable_step(2);
+  response.mutable_timing()->set_server_micros(77);
+  natgrad::v1::BlockUpdate* g = response.add_updates();
+  g->set_name("q");
+  g->mutable_gaussian()->mutable_param1()->set_dtype(natgrad::v1::FLOAT64);
+  g->mutable_gaussian()->mutable_param1()->add_shape(0);  // empty: stays inline
+  g->mutable_gaussian()->mutable_delta2()->set_dtype(natgrad::v1::FLOAT32);
+  g->mutable_gaussian()->mutable_delta2()->add_shape(2);
+  g->mutable_gaussian()->mutable_delta2()->set_data(Floats({7, 8}));
+  g->mutable_gaussian()->set_gamma_used(0.25);
+  g->mutable_gaussian()->set_halvings(3);
+  (*g->mutable_hyperparameters())["gamma"] = 0.25;
+  absl::StatusOr<StepResponse> out = regions.WriteReply(response, Buffer(region.name(), 0, 4096));
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(SpannedReplyBytes(*out), 12 + 8 + 8);
+  StepResponse back = *out;
+  auto put_back = [&](Tensor* t) {
+    if (!t->has_shared_memory()) return;
+    t->set_data(region.Read(t->shared_memory().offset(), t->shared_memory().length()));
+    t->clear_shared_memory();
+  };
+  for (natgrad::v1::BlockUpdate& u : *back.mutable_updates()) {
+    if (u.has_delta()) put_back(u.mutable_delta());
+    if (u.has_gaussian()) {
+      put_back(u.mutable_gaussian()->mutable_delta2());
+      put_back(u.mutable_gaussian()->mutable_param1());
+    }
+  }
+  std::string diff;
+  google::protobuf::util::MessageDifferencer d;
+  d.ReportDifferencesToString(&diff);
+  EXPECT_TRUE(d.Compare(back, response)) << diff;
 }
 
 TEST(SharedMemory, ReplyTensorsThatDoNotFitStayInline) {
