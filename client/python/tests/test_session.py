@@ -143,6 +143,29 @@ def test_request_size_bound_is_tight_without_reading_tensor_bytes(client, monkey
     s.delete()
 
 
+def test_block_step_messages_as_inputs_are_sent_unchanged(client):
+    """A BlockStep given as a step's input (what natgrad.torch builds) is
+    used as it is, named or not, and left as it was: the step equals the
+    same inputs given as arrays."""
+    from natgrad._pb import step_pb2
+    cfg = [blocks.kfac_dense("fc", d_in=4, d_out=3, lr=0.1), blocks.adam("p", [5], lr=1e-2)]
+    a, b = client.create_session(cfg), client.create_session(cfg)
+    for t in range(1, 4):
+        x = {"fc": kfac_inputs(t), "p": np.arange(5.0) * t}
+        named = b._block_step("fc", x["fc"])
+        unnamed = b._block_step("p", x["p"])
+        unnamed.ClearField("name")
+        before = [m.SerializeToString(deterministic=True) for m in (named, unnamed)]
+        ra, rb = a.step(x), b.step({"fc": named, "p": unnamed})
+        assert [m.SerializeToString(deterministic=True) for m in (named, unnamed)] == before
+        for k in ra:
+            np.testing.assert_array_equal(ra[k], rb[k])
+    with pytest.raises(natgrad.InvalidArgument, match="names block 'fc'"):
+        b.step({"p": step_pb2.BlockStep(name="fc")})
+    a.delete()
+    b.delete()
+
+
 def test_retry_after_stream_cancelled_before_response(client):
     """The stream dies after the server applied the step but before the client
     read the response: the client reconnects, resends the same step number and
