@@ -35,6 +35,7 @@
 #include "absl/synchronization/barrier.h"
 #include "absl/synchronization/mutex.h"
 #include "bench/common/loopback_server.h"
+#include "server/linalg/openblas_environment.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
 #include "server/service/natgrad_server.h"
@@ -243,6 +244,9 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The server in this process runs as natgrad-server does: idle OpenBLAS
+  // workers asleep (server/linalg/openblas_environment.h).
+  natgrad::linalg::ReexecWithQuietOpenBlasThreads(argv);
   absl::ParseCommandLine(argc, argv);
   std::vector<int> counts;
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_sessions), ',')) {

@@ -29,6 +29,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "bench/common/loopback_server.h"
+#include "server/linalg/openblas_environment.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
 
@@ -47,6 +48,9 @@ using natgrad::bench::ProcessCpuSeconds;
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The server in this process runs as natgrad-server does: idle OpenBLAS
+  // workers asleep (server/linalg/openblas_environment.h).
+  natgrad::linalg::ReexecWithQuietOpenBlasThreads(argv);
   absl::ParseCommandLine(argc, argv);
   const int64_t n = absl::GetFlag(FLAGS_values);
   const int steps = absl::GetFlag(FLAGS_steps);

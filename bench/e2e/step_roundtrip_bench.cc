@@ -49,6 +49,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
 #include "bench/common/loopback_server.h"
+#include "server/linalg/openblas_environment.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/shared_memory.h"
 #include "client/cpp/tensor.h"
@@ -212,6 +213,9 @@ Figures Summarise(std::vector<double> ms) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The server in this process runs as natgrad-server does: idle OpenBLAS
+  // workers asleep (server/linalg/openblas_environment.h).
+  natgrad::linalg::ReexecWithQuietOpenBlasThreads(argv);
   absl::ParseCommandLine(argc, argv);
   std::map<std::string, Model> models = {
       {"adam_1k", AdamModel(1000)},

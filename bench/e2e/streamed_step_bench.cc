@@ -33,6 +33,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/common/loopback_server.h"
+#include "server/linalg/openblas_environment.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/tensor.h"
 #include "server/service/natgrad_server.h"
@@ -160,6 +161,9 @@ double Mean(const std::vector<double>& v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The server in this process runs as natgrad-server does: idle OpenBLAS
+  // workers asleep (server/linalg/openblas_environment.h).
+  natgrad::linalg::ReexecWithQuietOpenBlasThreads(argv);
   absl::ParseCommandLine(argc, argv);
   const int reps = absl::GetFlag(FLAGS_reps);
   const int steps = absl::GetFlag(FLAGS_steps);
