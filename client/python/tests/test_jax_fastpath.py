@@ -42,8 +42,8 @@ def test_reduced_first_step_matches_the_reference(target):
     sent = {}
     real = opt.session._block_step
 
-    def block_step(name, inp, step=None):
-        sent[name] = bs = real(name, inp, step)
+    def block_step(name, inp, step=None, out=None):
+        sent[name] = bs = real(name, inp, step, out)
         return bs
     opt.session._block_step = block_step
     layers = {}

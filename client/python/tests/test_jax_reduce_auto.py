@@ -14,8 +14,8 @@ def _capture(opt):
     sent = []
     real = opt.session._block_step
 
-    def block_step(name, inp, step=None):
-        bs = real(name, inp, step)
+    def block_step(name, inp, step=None, out=None):
+        bs = real(name, inp, step, out)
         if bs.HasField("kfac"):
             sent.append((name, bs.kfac.WhichOneof("statistics")))
         return bs

@@ -143,6 +143,30 @@ def test_request_size_bound_is_tight_without_reading_tensor_bytes(client, monkey
     s.delete()
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_requests_built_in_place_equal_those_assembled_from_blocks(client, monkeypatch, in_place):
+    """build_requests builds blocks inside their requests (cpp protobuf) or
+    alone and then copies them in (upb): the same messages either way, split
+    at the same places, and the step the same."""
+    import natgrad.client as nc
+    cfg = [blocks.kfac_dense(f"l{i}", d_in=4, d_out=3, lr=0.1) for i in range(5)]
+    ref, s = client.create_session(cfg), client.create_session(cfg)
+    ref.split_bytes = s.split_bytes = 3000  # two blocks of about 1.3 kB per message
+    x = {f"l{i}": kfac_inputs(i, n=20) for i in range(5)}
+    monkeypatch.setattr(nc, "_BUILD_IN_PLACE", not in_place)
+    want = [r.SerializeToString(deterministic=True) for r in ref.build_requests(x, loss=2.0)]
+    monkeypatch.setattr(nc, "_BUILD_IN_PLACE", in_place)
+    got = s.build_requests(x, loss=2.0)
+    assert 1 < len(got) < 5
+    assert [r.SerializeToString(deterministic=True).replace(s.name.encode(), ref.name.encode())
+            for r in got] == want
+    ra, rb = ref.step(x, loss=2.0), s.step(x, loss=2.0)
+    for k in ra:
+        np.testing.assert_array_equal(ra[k], rb[k])
+    ref.delete()
+    s.delete()
+
+
 def test_block_step_messages_as_inputs_are_sent_unchanged(client):
     """A BlockStep given as a step's input (what natgrad.torch builds) is
     used as it is, named or not, and left as it was: the step equals the
