@@ -51,6 +51,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import api_implementation
 
 from natgrad import errors
@@ -593,8 +594,8 @@ _TRIU = {}
 _TENSOR_NAME = tensor_pb2.Tensor.DESCRIPTOR.full_name
 # Whether build_requests builds each block inside its request message. With
 # the cpp protobuf backend (Debian's) that saves a copy of every block: for
-# the MNIST autoencoder's 46 MB step, building 62 -> 28 ms and serializing
-# 21 -> 13 ms. With upb (PyPI's wheels) a request built that way serializes
+# the MNIST autoencoder's 46 MB step, building 45-62 -> 26-28 ms (serializing
+# 13-21 ms either way). With upb (PyPI's wheels) a request built that way serializes
 # at half the speed of one assembled from standalone blocks (97 vs 48 ms),
 # more than the copy saves, so there blocks are built alone and copied in.
 _BUILD_IN_PLACE = api_implementation.Type() != "upb"
@@ -624,18 +625,23 @@ def _tensor_size_bound(t, inline=False):
 # without its payload: a length-delimited field's tag and length (< 2^35),
 # a varint field whole, a fixed-width field's tag.
 _LEN, _VARINT, _TAG = 2 + 5, 2 + 10, 2
-_FIXED = {"TYPE_DOUBLE": 8, "TYPE_FIXED64": 8, "TYPE_SFIXED64": 8,
-          "TYPE_FLOAT": 4, "TYPE_FIXED32": 4, "TYPE_SFIXED32": 4}
+_FIXED = {FieldDescriptor.TYPE_DOUBLE: 8, FieldDescriptor.TYPE_FIXED64: 8,
+          FieldDescriptor.TYPE_SFIXED64: 8, FieldDescriptor.TYPE_FLOAT: 4,
+          FieldDescriptor.TYPE_FIXED32: 4, FieldDescriptor.TYPE_SFIXED32: 4}
 
 
 def _scalar_bound(fd, v):
     """Encoded size bound of one non-message value of field ``fd``."""
     if fd.type in (fd.TYPE_BYTES, fd.TYPE_STRING):
         return _LEN + (len(v) if isinstance(v, bytes) else len(v.encode()))
-    for name, width in _FIXED.items():
-        if fd.type == getattr(fd, name):
-            return _TAG + width
-    return _VARINT
+    width = _FIXED.get(fd.type)
+    return _VARINT if width is None else _TAG + width
+
+
+def _bytes_of(msg, inline=False):
+    """_size_bound, or the exact size where there is no bound."""
+    b = _size_bound(msg, inline)
+    return msg.ByteSize() if b is None else b
 
 
 def _size_bound(msg, inline=False):
@@ -974,8 +980,7 @@ class Session:
             if self._shm is not None:
                 reqs = self._inline_for_replay(step, reqs)
             answer = self._answer(resp)
-            n = (sum(_size_bound(r) or r.ByteSize() for r in reqs)
-                 + (_size_bound(answer) or answer.ByteSize()))
+            n = sum(_bytes_of(r) for r in reqs) + _bytes_of(answer)
             self._kept[step] = (reqs, answer, n)
             self._kept_bytes += n
         while self._kept:
@@ -1321,9 +1326,7 @@ class Session:
         groups, cur, cur_bytes = [], step_pb2.StepRequest(), 0
         for n, x in inputs.items():
             bs = self._block_step(n, x, step, out=cur.blocks.add())
-            sz = _size_bound(bs)
-            if sz is None:
-                sz = bs.ByteSize()
+            sz = _bytes_of(bs)
             if len(cur.blocks) > 1 and cur_bytes + sz > self.split_bytes:
                 moved = step_pb2.StepRequest()
                 moved.blocks.add().CopyFrom(bs)
@@ -1339,9 +1342,7 @@ class Session:
         block over it alone); ``inline``: sized with their spans' bytes inline."""
         msgs, cur, cur_bytes = [], [], 0
         for bs in bss:
-            sz = _size_bound(bs, inline)
-            if sz is None:
-                sz = bs.ByteSize()
+            sz = _bytes_of(bs, inline)
             if cur and cur_bytes + sz > self.split_bytes:
                 msgs.append(cur)
                 cur, cur_bytes = [], 0
