@@ -37,6 +37,11 @@ absl::StatusOr<double> LearningRate(const Schedule& schedule, int64_t t,
                                     const std::string& block,
                                     const DenseStepInput& input);
 
+// CheckCommittable's message for a non-finite value (blocks that check
+// finiteness in their own pass give the same one).
+inline constexpr absl::string_view kNonFiniteUpdate =
+    "would be non-finite (Inf or NaN); step rejected, nothing changed";
+
 // An update or new state a block may commit: every value finite and, when
 // the client works in float32 (`reply`), within float32's range, so neither
 // the client's parameters nor a checkpoint ever holds Inf or NaN.
@@ -45,8 +50,7 @@ absl::Status CheckCommittable(const std::string& block, absl::string_view field,
                               DType reply, const Eigen::MatrixBase<Derived>& m) {
   if (m.size() == 0) return absl::OkStatus();
   if (!m.allFinite()) {
-    return InvalidBlockField(block, field,
-                             "would be non-finite (Inf or NaN); step rejected, nothing changed");
+    return InvalidBlockField(block, field, kNonFiniteUpdate);
   }
   if (reply == DType::kFloat32 &&
       static_cast<double>(m.cwiseAbs().maxCoeff()) > 3.4028234663852886e38) {

@@ -1,5 +1,6 @@
 #include "server/blocks/sgd/math/sgd_block.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -17,6 +18,36 @@ namespace natgrad::core {
 
 namespace fo = first_order_internal;
 
+namespace {
+
+// -lr * g straight from the received row-major bytes into the reply's, in
+// one pass, with the finiteness of the result checked chunk by chunk while
+// it is still in cache. The general path copies g into a column-major
+// matrix, computes the delta into another, and copies it back out row-major
+// (payload_bench: 46 ms of server compute for a 64 MiB step). Elementwise,
+// so the bytes are exactly those of that path.
+template <typename Scalar>
+DenseTensor ScaledGradient(const DenseTensor& g, Scalar a, bool* finite) {
+  using Vector = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
+  DenseTensor out = DenseTensor::Zeros<Scalar>({g.rows(), g.cols()});
+  const Scalar* src = reinterpret_cast<const Scalar*>(g.data());
+  Scalar* dst = out.MutableData<Scalar>();
+  constexpr int64_t kChunk = 8192;  // 32-64 KiB: checked while in L1/L2
+  *finite = true;
+  for (int64_t at = 0, n = g.size(); at < n; at += kChunk) {
+    const int64_t len = std::min(kChunk, n - at);
+    Eigen::Map<Vector> d(dst + at, len);
+    d = a * Eigen::Map<const Vector>(src + at, len);
+    *finite = *finite && d.allFinite();
+  }
+  return out;
+}
+
+template <typename Scalar>
+constexpr DType kDTypeOf = sizeof(Scalar) == 4 ? DType::kFloat32 : DType::kFloat64;
+
+}  // namespace
+
 template <typename Scalar>
 class SgdBlock<Scalar>::Update final : public PendingBlockUpdate {
  public:
@@ -26,13 +57,19 @@ class SgdBlock<Scalar>::Update final : public PendingBlockUpdate {
         delta_(std::move(delta)),
         buffer_(std::move(buffer)),
         hyperparameters_(std::move(hyperparameters)) {}
+  // The delta already in its reply form (the one-pass path).
+  Update(SgdBlock* block, DenseTensor delta, std::map<std::string, double> hyperparameters)
+      : block_(block),
+        delta_tensor_(std::move(delta)),
+        hyperparameters_(std::move(hyperparameters)) {}
 
   BlockStepOutput Commit(double /*kl_scale: first-order blocks are not
                                  KL-clipped*/) override {
     if (buffer_.has_value()) block_->buffer_ = std::move(*buffer_);
     ++block_->step_;
     BlockStepOutput out;
-    out.delta = DenseTensor::FromMatrix(delta_);
+    out.delta = delta_tensor_.has_value() ? *std::move(delta_tensor_)
+                                          : DenseTensor::FromMatrix(delta_);
     out.hyperparameters = std::move(hyperparameters_);
     return out;
   }
@@ -40,6 +77,7 @@ class SgdBlock<Scalar>::Update final : public PendingBlockUpdate {
  private:
   SgdBlock* block_;
   Matrix delta_;
+  std::optional<DenseTensor> delta_tensor_;
   std::optional<Matrix> buffer_;
   std::map<std::string, double> hyperparameters_;
 };
@@ -98,6 +136,18 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
                              "is required when weight_decay > 0");
   }
 
+  std::map<std::string, double> hyper = {
+      {"learning_rate", *lr}, {"momentum", mu}, {"weight_decay", *wd}};
+  const DType reply = input.gradient.dtype();
+  if (options_.momentum == nullptr && *wd == 0 && reply == kDTypeOf<Scalar>) {
+    bool finite = false;
+    DenseTensor delta = ScaledGradient<Scalar>(input.gradient, -Scalar(*lr), &finite);
+    if (!finite) {
+      return InvalidBlockField(name(), "delta", fo::kNonFiniteUpdate);
+    }
+    return std::make_unique<Update>(this, std::move(delta), std::move(hyper));
+  }
+
   Matrix d = input.gradient.template ToMatrix<Scalar>();
   if (*wd > 0) d += Scalar(*wd) * input.params->template ToMatrix<Scalar>();
   std::optional<Matrix> buffer;
@@ -112,7 +162,6 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
   }
   // Finite inputs can still overflow (e.g. a double gradient beyond float's
   // range); refuse rather than poison the state.
-  const DType reply = input.gradient.dtype();
   if (absl::Status s = fo::CheckCommittable(name(), "delta", reply, delta); !s.ok()) return s;
   if (buffer.has_value()) {
     if (absl::Status s = fo::CheckCommittable(name(), "momentum_buffer", DType::kFloat64, *buffer);
@@ -120,8 +169,6 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SgdBlock<Scalar>::Propose(
       return s;
     }
   }
-  std::map<std::string, double> hyper = {
-      {"learning_rate", *lr}, {"momentum", mu}, {"weight_decay", *wd}};
   return std::make_unique<Update>(this, std::move(delta), std::move(buffer),
                                   std::move(hyper));
 }

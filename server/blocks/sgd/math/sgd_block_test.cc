@@ -468,5 +468,89 @@ TEST(SgdBlockTest, ImportValidates) {
   EXPECT_TRUE(Step(*b, g, nullptr, 2).delta.ToMatrix<double>().isApprox(-1e-2 * g, 1e-6));
 }
 
+// Plain SGD (no momentum, no weight decay) on a gradient of the block's own
+// dtype takes a one-pass path from the received bytes to the reply's. Its
+// delta must be -lr * g for every element in the gradient's row-major
+// order. The shape is not square, so a transposed result would show. It
+// spans several of the path's 8192-element chunks and ends inside one.
+// The float oracle is the product rounded once from double: a product of
+// two floats is exact in double, so this is what a correctly rounded float
+// multiply gives.
+template <typename Scalar>
+void ExpectPlainStepIsTheScaledGradient(Precision precision) {
+  using M = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  constexpr int64_t kR = 129, kC = 131;  // 16899 elements
+  SgdOptions o;
+  o.learning_rate = ConstantSchedule(0.37);
+  absl::StatusOr<std::unique_ptr<ParameterBlock>> b = NewSgdBlock("w", {kR, kC}, o, precision);
+  ASSERT_TRUE(b.ok()) << b.status();
+  std::mt19937 rng(11);
+  const M g = RandomMatrix(rng, kR, kC).template cast<Scalar>();
+  DenseStepInput in;
+  in.gradient = DenseTensor::FromMatrix(g);
+  StepContext ctx;
+  ctx.step = 1;
+  auto u = (*b)->Propose(in, ctx);
+  ASSERT_TRUE(u.ok()) << u.status();
+  const BlockStepOutput out = (*u)->Commit(1.0);
+  ASSERT_EQ(out.delta.dtype(), in.gradient.dtype());
+  ASSERT_EQ(out.delta.shape(), (std::vector<int64_t>{kR, kC}));
+  const RowMajor rows = g;  // the gradient's bytes, in order
+  const Scalar* delta = reinterpret_cast<const Scalar*>(out.delta.data());
+  const Scalar lr = static_cast<Scalar>(0.37);
+  int64_t mismatches = 0;
+  for (int64_t i = 0; i < rows.size(); ++i) {
+    const Scalar want =
+        sizeof(Scalar) == 4
+            ? static_cast<Scalar>(-static_cast<double>(lr) * static_cast<double>(rows.data()[i]))
+            : -lr * rows.data()[i];
+    mismatches += delta[i] != want;
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_EQ(out.hyperparameters.at("learning_rate"), 0.37);
+  EXPECT_EQ((*b)->ExportState().scalars.at("step"), 1.0);
+}
+
+TEST(SgdBlockTest, PlainStepInTheBlocksOwnDtypeIsTheScaledGradient) {
+  ExpectPlainStepIsTheScaledGradient<float>(Precision::kFloat32);
+  ExpectPlainStepIsTheScaledGradient<double>(Precision::kFloat64);
+}
+
+// A product that overflows on that path (a finite float gradient times a
+// learning rate) is refused like the general path's, naming the delta,
+// wherever it falls (here in the third chunk), and nothing changes.
+TEST(SgdBlockTest, PlainStepThatOverflowsIsRefusedAndChangesNothing) {
+  constexpr int64_t kR = 129, kC = 131;
+  SgdOptions o;
+  o.learning_rate = ConstantSchedule(10.0);
+  absl::StatusOr<std::unique_ptr<ParameterBlock>> b =
+      NewSgdBlock("w", {kR, kC}, o, Precision::kFloat32);
+  ASSERT_TRUE(b.ok()) << b.status();
+  std::mt19937 rng(12);
+  Eigen::MatrixXf g = RandomMatrix(rng, kR, kC).cast<float>();
+  DenseStepInput in;
+  in.gradient = DenseTensor::FromMatrix(g);
+  StepContext ctx;
+  ctx.step = 1;
+  ASSERT_TRUE((*b)->Propose(in, ctx).ok());  // dropped: not committed
+  const BlockState before = (*b)->ExportState();
+  g(128, 130) = 3e38f;  // the last element: row-major index 16898
+  in.gradient = DenseTensor::FromMatrix(g);
+  auto u = (*b)->Propose(in, ctx);
+  ASSERT_FALSE(u.ok());
+  EXPECT_EQ(u.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(u.status().message()),
+              HasSubstr("block \"w\": delta would be non-finite"));
+  EXPECT_TRUE(SameState((*b)->ExportState(), before));
+  g(128, 130) = 1.0f;
+  in.gradient = DenseTensor::FromMatrix(g);
+  ctx.step = 1;
+  auto ok = (*b)->Propose(in, ctx);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  (*ok)->Commit(1.0);
+  EXPECT_EQ((*b)->ExportState().scalars.at("step"), 1.0);
+}
+
 }  // namespace
 }  // namespace natgrad::core
