@@ -4,7 +4,8 @@
 // so every step decomposes, raw statistics of a batch of 128), each stepping
 // from its own thread over its own C++ client stream. For every N and
 // repetition: aggregate steps/s, per-step p50 latency at the client, and the
-// server's worker time (natgrad_worker_running_seconds_total and
+// server's worker time (natgrad_worker_running_seconds_total,
+// natgrad_worker_handoff_seconds_total and
 // natgrad_worker_engine_wait_seconds_total, read from its metrics registry).
 // The summary gives the medians over repetitions and the aggregate ratio of
 // the largest N to N = 1 per mode.
@@ -135,12 +136,13 @@ using natgrad::bench::ProcessCpuSeconds;
 
 // Worker-time counters of the server at one moment.
 struct WorkerCounters {
-  double running = -1, idle = -1, idle_queued = -1;
+  double running = -1, handoff = -1, idle = -1, idle_queued = -1;
 };
 
 WorkerCounters ReadWorkerCounters(natgrad::service::NatgradServer& server) {
   WorkerCounters c;
   c.running = CounterValue(server, "natgrad_worker_running_seconds_total");
+  c.handoff = CounterValue(server, "natgrad_worker_handoff_seconds_total");
   c.idle = CounterValue(server, "natgrad_worker_engine_wait_seconds_total");
   c.idle_queued =
       CounterValue(server, "natgrad_worker_engine_wait_seconds_total", "queue", "nonempty");
@@ -151,6 +153,7 @@ struct Run {
   double steps_per_s = 0;
   double p50_ms = 0;
   double running_s = -1;      // worker seconds running steps (timed part)
+  double handoff_s = -1;      // slot seconds handed over, thread not yet awake
   double engine_wait_s = -1;  // worker-slot seconds idle on the engine
   double engine_wait_queued_s = -1;  // ... of them with steps queued
   double cpu = 0;             // process CPU seconds per wall second (of 2 cores: 2)
@@ -222,6 +225,7 @@ Run RunOnce(int sessions, int steps_per_session, bool yield,
   const WorkerCounters c1 = ReadWorkerCounters(*server);
   const auto engine1 = server->engine().stats();
   if (c0.running >= 0) r.running_s = c1.running - c0.running;
+  if (c0.handoff >= 0) r.handoff_s = c1.handoff - c0.handoff;
   if (c0.idle >= 0) r.engine_wait_s = c1.idle - c0.idle;
   if (c0.idle_queued >= 0) r.engine_wait_queued_s = c1.idle_queued - c0.idle_queued;
   const int64_t batches = engine1.batches - engine0.batches;
@@ -270,14 +274,16 @@ int main(int argc, char** argv) {
   std::printf("load average before: %s; %u hardware threads\n", LoadAverage().c_str(),
               std::thread::hardware_concurrency());
   std::printf(
-      "columns: run s = worker seconds running steps; eng-idle s = worker-slot seconds idle "
+      "columns: run s = worker seconds running steps; handoff s = worker-slot seconds "
+      "between a slot's handoff to a thread and that thread running (scheduler wake-up); "
+      "eng-idle s = worker-slot seconds idle "
       "while its step was blocked on the engine (of it, queued = while other steps were "
       "queued); cpu = process CPU seconds per second; batch = engine jobs per batch; "
       "eng busy = engine seconds in backend calls per second; job ms = mean engine job "
       "latency\n");
-  std::printf("%-6s %8s %4s %10s %9s %8s %10s %8s %6s %6s %8s %7s\n", "mode", "sessions",
-              "rep", "steps/s", "p50 ms", "run s", "eng-idle s", "queued", "cpu", "batch",
-              "eng busy", "job ms");
+  std::printf("%-6s %8s %4s %10s %9s %8s %9s %10s %8s %6s %6s %8s %7s\n", "mode",
+              "sessions", "rep", "steps/s", "p50 ms", "run s", "handoff s", "eng-idle s",
+              "queued", "cpu", "batch", "eng busy", "job ms");
   // mode -> sessions -> per-rep figures.
   std::map<std::string, std::map<int, std::vector<Run>>> runs;
   // Interleaved (rep outermost), so slow drifts in the machine's load hit
@@ -288,25 +294,27 @@ int main(int argc, char** argv) {
         const int per_session = std::max(1, absl::GetFlag(FLAGS_total_steps) / n);
         Run r = RunOnce(n, per_session, mode == "yield", steps);
         runs[mode][n].push_back(r);
-        std::printf("%-6s %8d %4d %10.1f %9.2f %8.3f %10.3f %8.3f %6.2f %6.2f %8.2f %7.2f\n",
+        std::printf("%-6s %8d %4d %10.1f %9.2f %8.3f %9.3f %10.3f %8.3f %6.2f %6.2f %8.2f %7.2f\n",
                     mode.c_str(), n, rep, r.steps_per_s, r.p50_ms, r.running_s,
-                    r.engine_wait_s, r.engine_wait_queued_s, r.cpu, r.mean_batch,
+                    r.handoff_s, r.engine_wait_s, r.engine_wait_queued_s, r.cpu, r.mean_batch,
                     r.engine_busy, r.job_ms);
         std::fflush(stdout);
       }
     }
   }
   std::printf("\nmedians over %d reps (load average after: %s)\n", reps, LoadAverage().c_str());
-  std::printf("%-6s %8s %10s %9s %8s %10s %8s %6s %6s %14s\n", "mode", "sessions", "steps/s",
-              "p50 ms", "run s", "eng-idle s", "queued", "cpu", "batch", "vs 1 session");
+  std::printf("%-6s %8s %10s %9s %8s %9s %10s %8s %6s %6s %14s\n", "mode", "sessions",
+              "steps/s", "p50 ms", "run s", "handoff s", "eng-idle s", "queued", "cpu", "batch",
+              "vs 1 session");
   for (const std::string& mode : modes) {
     double base = 0;
     for (int n : counts) {
-      std::vector<double> sps, p50, run, idle, queued, cpu, batch;
+      std::vector<double> sps, p50, run, handoff, idle, queued, cpu, batch;
       for (const Run& r : runs[mode][n]) {
         sps.push_back(r.steps_per_s);
         p50.push_back(r.p50_ms);
         run.push_back(r.running_s);
+        handoff.push_back(r.handoff_s);
         idle.push_back(r.engine_wait_s);
         queued.push_back(r.engine_wait_queued_s);
         cpu.push_back(r.cpu);
@@ -314,8 +322,8 @@ int main(int argc, char** argv) {
       }
       const double m = Median(sps);
       if (n == 1) base = m;
-      std::printf("%-6s %8d %10.1f %9.2f %8.3f %10.3f %8.3f %6.2f %6.2f %14s\n", mode.c_str(), n,
-                  m, Median(p50), Median(run), Median(idle), Median(queued), Median(cpu),
+      std::printf("%-6s %8d %10.1f %9.2f %8.3f %9.3f %10.3f %8.3f %6.2f %6.2f %14s\n",
+                  mode.c_str(), n, m, Median(p50), Median(run), Median(handoff), Median(idle), Median(queued), Median(cpu),
                   Median(batch),
                   base > 0 ? (std::to_string(m / base).substr(0, 5) + "x").c_str() : "-");
     }

@@ -119,6 +119,14 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
                     "inversion engine), summed over threads; added as each step ends.")
               .Register(*registry_)
               .Add({})),
+      worker_handoff_seconds_(
+          BuildCounter().Name("natgrad_worker_handoff_seconds_total")
+              .Help("Worker-slot seconds between a slot being handed to a step worker "
+                    "thread (a parked one given a queued step, or a step resuming from "
+                    "the inversion engine) and that thread running: the scheduler's "
+                    "wake-up latency. Added as each step ends.")
+              .Register(*registry_)
+              .Add({})),
       worker_engine_wait_(
           BuildCounter().Name("natgrad_worker_engine_wait_seconds_total")
               .Help("Worker-slot seconds left idle because their step was blocked on the "
@@ -129,9 +137,10 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
       worker_engine_wait_idle_seconds_(worker_engine_wait_.Add({{"queue", "empty"}})),
       worker_engine_wait_queued_seconds_(worker_engine_wait_.Add({{"queue", "nonempty"}})) {}
 
-void ServiceMetrics::WorkerTime(double running_seconds, double engine_wait_seconds,
-                                double engine_wait_queued_seconds) {
+void ServiceMetrics::WorkerTime(double running_seconds, double handoff_seconds,
+                                double engine_wait_seconds, double engine_wait_queued_seconds) {
   if (running_seconds > 0) worker_running_seconds_.Increment(running_seconds);
+  if (handoff_seconds > 0) worker_handoff_seconds_.Increment(handoff_seconds);
   if (engine_wait_seconds > 0) worker_engine_wait_idle_seconds_.Increment(engine_wait_seconds);
   if (engine_wait_queued_seconds > 0) {
     worker_engine_wait_queued_seconds_.Increment(engine_wait_queued_seconds);

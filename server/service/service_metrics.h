@@ -54,11 +54,12 @@ class ServiceMetrics {
                       double seconds, int64_t failed_jobs);
 
   // From the StepExecutor as its tasks end: seconds its threads spent
-  // running tasks, and slot-seconds left idle by steps blocked on the
-  // inversion engine while no step was queued / while steps were queued
+  // running tasks, slot-seconds between a slot's handoff and its new thread
+  // running, and slot-seconds left idle by steps blocked on the inversion
+  // engine while no step was queued / while steps were queued
   // (StepExecutorStats).
-  void WorkerTime(double running_seconds, double engine_wait_seconds,
-                  double engine_wait_queued_seconds);
+  void WorkerTime(double running_seconds, double handoff_seconds,
+                  double engine_wait_seconds, double engine_wait_queued_seconds);
 
   prometheus::Registry& registry() { return *registry_; }
 
@@ -85,6 +86,7 @@ class ServiceMetrics {
   prometheus::Counter& blocks_proposed_early_;
   prometheus::Family<prometheus::Counter>& shared_memory_bytes_;
   prometheus::Counter& worker_running_seconds_;
+  prometheus::Counter& worker_handoff_seconds_;
   prometheus::Family<prometheus::Counter>& worker_engine_wait_;
   prometheus::Counter& worker_engine_wait_idle_seconds_;
   prometheus::Counter& worker_engine_wait_queued_seconds_;

@@ -11,6 +11,14 @@
 // demand, up to kMaxThreadsPerSlot per slot (which bounds the steps in
 // flight), and stay parked for reuse.
 //
+// Slots change hands directly: whoever frees a slot (a step beginning an
+// engine wait, a task ending) gives it, under the pool's lock, to the first
+// step resuming from the engine, else to a parked thread together with the
+// next queued task. A slot is therefore never free while a step could take
+// it; what is left between giving it and the receiving thread running is the
+// operating system's wake-up of that thread, counted on its own
+// (StepExecutorStats::handoff_seconds).
+//
 // The waiting step keeps its own thread and stack (it does not run other
 // steps nested inside its wait), so it holds no lock another step needs that
 // it would not hold in a larger pool, it never waits behind a step nested
@@ -46,11 +54,16 @@ struct StepExecutorOptions {
 struct StepExecutorStats {
   // Threads executing task code, not blocked on the engine.
   double running_seconds = 0;
+  // Slot-seconds between a slot being handed to a thread (a parked one with
+  // a queued task, or a step resuming from the engine) and that thread
+  // running: the scheduler's wake-up latency, which the pool cannot shorten
+  // (on loaded cores the woken thread waits for one).
+  double handoff_seconds = 0;
   // Slot-seconds in which a slot was left idle because its step was blocked
   // on the engine: for every instant, min(steps blocked on the engine,
-  // slots not running a task). Zero means no step's worker idled on the
-  // engine while it could have run something; without yielding it is all
-  // of the blocked time.
+  // slots neither running a task nor handed to a thread). Zero means no
+  // step's worker idled on the engine while it could have run something;
+  // without yielding it is all of the blocked time.
   double engine_wait_seconds = 0;
   // The part of engine_wait_seconds in which steps were queued: they could
   // have used the idle slot (without yielding, or at the thread bound).
@@ -59,10 +72,11 @@ struct StepExecutorStats {
   double blocked_seconds = 0;
   int64_t tasks = 0;
   int64_t engine_waits = 0;  // waits that blocked (the result was not ready)
+  int64_t handoffs = 0;      // slots handed to another thread
   int threads_started = 0;   // slots plus spares started so far
 };
 
-class StepExecutor final : private core::EngineWaitHook {
+class StepExecutor final {
  public:
   // At most this many threads per slot: a bound on steps in flight at once
   // (a session has at most one). With 8, 32 sessions inverting every step
@@ -72,7 +86,7 @@ class StepExecutor final : private core::EngineWaitHook {
 
   explicit StepExecutor(StepExecutorOptions options);
   explicit StepExecutor(int threads) : StepExecutor(StepExecutorOptions{.threads = threads}) {}
-  ~StepExecutor() override;  // runs what is queued, then joins
+  ~StepExecutor();  // runs what is queued, then joins
 
   StepExecutor(const StepExecutor&) = delete;
   StepExecutor& operator=(const StepExecutor&) = delete;
@@ -83,13 +97,20 @@ class StepExecutor final : private core::EngineWaitHook {
 
  private:
   using Clock = std::chrono::steady_clock;
+  // A worker thread's mailbox, on its stack in Run; it is also the thread's
+  // core::EngineWaitHook.
+  class Worker;
 
-  // core::EngineWaitHook, called only on this pool's worker threads (the
-  // hook is installed per thread), from inside a task.
-  void BeginEngineWait() override;
-  void EndEngineWait() override;
+  // From a worker's hook, on that worker's thread, inside a task.
+  void BeginEngineWait(Worker& self);
+  void EndEngineWait(Worker& self);
 
   void Run();
+  // Gives every free slot away: to resuming steps first (oldest first), then
+  // with the queued tasks to parked threads; then starts spare threads for
+  // queued tasks that free slots are left for.
+  void DispatchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HandLocked(Worker& to) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Integrates the time-weighted counters up to now.
   void AdvanceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // What the counters gain over dt seconds in the current state.
@@ -98,7 +119,7 @@ class StepExecutor final : private core::EngineWaitHook {
   // parked thread is left to take them.
   void StartThreadsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int HeldSlotsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return running_ + (yield_ ? 0 : waiting_);
+    return running_ + handing_ + (yield_ ? 0 : waiting_);
   }
   // Hands the counters accumulated since the last flush to the metrics.
   void FlushMetrics();
@@ -113,14 +134,19 @@ class StepExecutor final : private core::EngineWaitHook {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int running_ ABSL_GUARDED_BY(mu_) = 0;  // in a task, not in an engine wait
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;  // in a task, blocked on the engine
-  int resuming_ ABSL_GUARDED_BY(mu_) = 0; // its result came, waiting for a slot
-  int parked_ ABSL_GUARDED_BY(mu_) = 0;   // in Run, without a task
+  int handing_ ABSL_GUARDED_BY(mu_) = 0;  // handed a slot, not yet awake
   int starting_ ABSL_GUARDED_BY(mu_) = 0;  // started, not yet in Run's loop
+  // Steps whose engine result came, waiting for a slot (oldest first).
+  std::deque<Worker*> resuming_ ABSL_GUARDED_BY(mu_);
+  // Threads in Run without a task (the latest parked is handed work first:
+  // its stack is the warmest).
+  std::vector<Worker*> parked_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> workers_ ABSL_GUARDED_BY(mu_);
   Clock::time_point last_ ABSL_GUARDED_BY(mu_);
   StepExecutorStats stats_ ABSL_GUARDED_BY(mu_);
   // Not yet added to the metrics.
   double unflushed_running_ ABSL_GUARDED_BY(mu_) = 0;
+  double unflushed_handoff_ ABSL_GUARDED_BY(mu_) = 0;
   double unflushed_engine_wait_ ABSL_GUARDED_BY(mu_) = 0;
   double unflushed_engine_wait_queued_ ABSL_GUARDED_BY(mu_) = 0;
 };

@@ -149,6 +149,43 @@ TEST(StepExecutor, AResumedTaskWaitsForAFreeSlot) {
   EXPECT_FALSE(first_resumed_while_second_ran) << "two tasks computed in one slot";
 }
 
+TEST(StepExecutor, AWaitingStepsSlotIsHandedOnAtOnce) {
+  // One slot, two rounds of: a task blocks on the engine while a second is
+  // queued, and the second releases it. The first round starts the spare
+  // thread; in the second both threads exist, so the waiting task's slot
+  // goes to the queued one inside BeginEngineWait, under the pool's lock:
+  // not one instant passes with the slot free and a step queued. (Before
+  // slots were handed over, the queued task waited for a parked thread to
+  // wake and find it, and that time counted here.)
+  StepExecutor executor(StepExecutorOptions{.threads = 1});
+  StepExecutorStats before;
+  for (int round = 0; round < 2; ++round) {
+    if (round == 1) before = executor.stats();
+    Gate gate;
+    absl::Notification first_done, second_done;
+    executor.Submit([&] {
+      core::WaitForEngine(GateFuture{&gate});
+      first_done.Notify();
+    });
+    executor.Submit([&] {
+      gate.Open();
+      second_done.Notify();
+    });
+    ASSERT_TRUE(first_done.WaitForNotificationWithTimeout(kDeadlockGuard));
+    ASSERT_TRUE(second_done.WaitForNotificationWithTimeout(kDeadlockGuard));
+  }
+  const StepExecutorStats after = executor.stats();
+  EXPECT_EQ(after.threads_started, 2);
+  EXPECT_EQ(after.tasks - before.tasks, 2);
+  EXPECT_EQ(after.engine_waits - before.engine_waits, 1) << "the first task did not block";
+  // The second task was handed to the parked thread, and the first task's
+  // resumption was handed the slot the second freed (unless its result was
+  // there before the second ended: then it found the slot free itself).
+  EXPECT_GE(after.handoffs - before.handoffs, 1);
+  EXPECT_EQ(after.engine_wait_queued_seconds, before.engine_wait_queued_seconds);
+  EXPECT_GE(after.handoff_seconds, before.handoff_seconds);
+}
+
 TEST(StepExecutor, WithoutYieldingAWaitingTaskKeepsItsSlot) {
   Gate gate;
   std::atomic<bool> second_started_before_open{false};
