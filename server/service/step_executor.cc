@@ -11,7 +11,7 @@ class StepExecutor::Worker final : public core::EngineWaitHook {
  public:
   explicit Worker(StepExecutor* executor) : executor_(executor) {}
 
-  void BeginEngineWait() override { executor_->BeginEngineWait(*this); }
+  void BeginEngineWait() override { executor_->BeginEngineWait(); }
   void EndEngineWait() override { executor_->EndEngineWait(*this); }
 
   StepExecutor* const executor_;
@@ -140,7 +140,7 @@ void StepExecutor::StartThreadsLocked() {
   }
 }
 
-void StepExecutor::BeginEngineWait(Worker& /*self*/) {
+void StepExecutor::BeginEngineWait() {
   absl::MutexLock lock(&mu_);
   AdvanceLocked();
   --running_;

@@ -102,7 +102,8 @@ class StepExecutor final {
   class Worker;
 
   // From a worker's hook, on that worker's thread, inside a task.
-  void BeginEngineWait(Worker& self);
+  void BeginEngineWait();
+  // `self` is the calling thread's worker: its mailbox receives the slot.
   void EndEngineWait(Worker& self);
 
   void Run();
