@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/time/time.h"
 #include "server/common/build_info.h"
+#include "server/linalg/blas_library.h"
 #include "server/common/log.h"
 #include "server/linalg/openblas_environment.h"
 #include "server/service/natgrad_server.h"
@@ -167,6 +168,8 @@ int main(int argc, char** argv) {
   const natgrad::BuildInfo& build = natgrad::GetBuildInfo();
   NATGRAD_LOG(kInfo, "version ", build.version, " (commit ", build.git_commit, ", ",
               build.build_type, ", cuda ", build.cuda ? "on" : "off", ")");
+  NATGRAD_LOG(kInfo, "BLAS: ",
+              natgrad::linalg::DescribeBlasLibrary(natgrad::linalg::GetBlasLibraryInfo()));
   auto server = natgrad::service::NatgradServer::Start(o);
   if (!server.ok()) {
     NATGRAD_LOG(kError, server.status().ToString());

@@ -13,6 +13,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "natgrad/v1/optimizer_service.grpc.pb.h"
 #include "server/common/build_info.h"
+#include "server/linalg/blas_library.h"
 #include "server/common/log.h"
 #include "server/service/rpc_logging.h"
 #include "server/linalg/thread_policy.h"
@@ -56,6 +57,8 @@ absl::Status NatgradServer::Init(ServerOptions options) {
   metrics_ = std::make_shared<ServiceMetrics>(std::make_shared<prometheus::Registry>());
   const BuildInfo& build = GetBuildInfo();
   metrics_->SetBuildInfo(build.version, build.git_commit, build.build_type, build.cuda);
+  const linalg::BlasLibraryInfo& blas = linalg::GetBlasLibraryInfo();
+  metrics_->SetBlasInfo(blas.config, blas.core, blas.coretype_env);
   if (!options_.metrics_address.empty()) {
     auto http = MetricsHttpServer::Start(
         options_.metrics_address,

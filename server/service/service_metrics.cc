@@ -75,6 +75,11 @@ ServiceMetrics::ServiceMetrics(std::shared_ptr<prometheus::Registry> registry)
                       .Help("1, labelled with the version, git commit, build type and "
                             "CUDA support of the running server.")
                       .Register(*registry_)),
+      blas_info_(BuildGauge().Name("natgrad_blas_info")
+                     .Help("1, labelled with the BLAS library's build line, the kernel set "
+                           "it runs and $OPENBLAS_CORETYPE (empty: the kernels were "
+                           "detected for this CPU).")
+                     .Register(*registry_)),
       checkpoint_healthy_(BuildGauge().Name("natgrad_checkpoint_healthy")
                               .Help("0 while checkpoint writes fail (from a failed write until "
                                     "one succeeds, and while a session's latest write failed), "
@@ -215,6 +220,14 @@ void ServiceMetrics::SetBuildInfo(absl::string_view version, absl::string_view g
                    {"git_commit", std::string(git_commit)},
                    {"build_type", std::string(build_type)},
                    {"cuda", cuda ? "on" : "off"}})
+      .Set(1);
+}
+
+void ServiceMetrics::SetBlasInfo(absl::string_view config, absl::string_view core,
+                                 absl::string_view coretype_env) {
+  blas_info_.Add({{"config", std::string(config)},
+                  {"core", std::string(core)},
+                  {"coretype_env", std::string(coretype_env)}})
       .Set(1);
 }
 

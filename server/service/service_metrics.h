@@ -49,6 +49,10 @@ class ServiceMetrics {
   // build is serving (one series; set once at start-up).
   void SetBuildInfo(absl::string_view version, absl::string_view git_commit,
                     absl::string_view build_type, bool cuda);
+  // natgrad_blas_info{config, core, coretype_env} = 1: the BLAS library and
+  // kernel set the block math runs on (linalg/blas_library.h).
+  void SetBlasInfo(absl::string_view config, absl::string_view core,
+                   absl::string_view coretype_env);
   // From the inversion engine's observer.
   void InversionBatch(absl::string_view backend, int64_t batch_size,
                       double seconds, int64_t failed_jobs);
@@ -77,6 +81,7 @@ class ServiceMetrics {
   prometheus::Family<prometheus::Histogram>& inversion_batch_size_;
   prometheus::Family<prometheus::Gauge>& backend_;
   prometheus::Family<prometheus::Gauge>& build_info_;
+  prometheus::Family<prometheus::Gauge>& blas_info_;
   prometheus::Family<prometheus::Gauge>& checkpoint_healthy_;
   prometheus::Histogram& step_latency_;
   prometheus::Histogram& checkpoint_latency_;

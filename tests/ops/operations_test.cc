@@ -3,6 +3,7 @@
 // metric on /metrics, and one log line per session created/deleted and per
 // failed step, filtered by --log_level.
 #include <fstream>
+#include <optional>
 #include <regex>
 #include <string>
 #include <vector>
@@ -72,28 +73,65 @@ std::vector<std::string> EnvironmentOf(pid_t pid) {
   return out;
 }
 
+// Sets (or, with nullptr, unsets) an environment variable for a scope, for
+// the server processes started in it.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* had = std::getenv(name);
+    if (had != nullptr) saved_ = had;
+    if (value != nullptr) {
+      setenv(name, value, 1);
+    } else {
+      unsetenv(name);
+    }
+  }
+  ~ScopedEnv() {
+    if (saved_) {
+      setenv(name_, saved_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> saved_;
+};
+
 TEST(OpenBlas, TheServerRunsWithQuietWorkersAndKeepsAnOperatorsSetting) {
-  const char* had = std::getenv("OPENBLAS_THREAD_TIMEOUT");
-  const std::string saved = had != nullptr ? had : "";
-  unsetenv("OPENBLAS_THREAD_TIMEOUT");
   {
+    ScopedEnv unset("OPENBLAS_THREAD_TIMEOUT", nullptr);
     ServerProcess server({});
     ASSERT_TRUE(server.running());  // it serves after the exec
     EXPECT_THAT(EnvironmentOf(server.pid()), Contains("OPENBLAS_THREAD_TIMEOUT=4"));
     EXPECT_EQ(ProcFile(server.pid(), "comm"), "natgrad-server\n");
   }
-  setenv("OPENBLAS_THREAD_TIMEOUT", "9", 1);
-  {
-    ServerProcess server({});
-    ASSERT_TRUE(server.running());
-    EXPECT_THAT(EnvironmentOf(server.pid()), Contains("OPENBLAS_THREAD_TIMEOUT=9"));
-    EXPECT_THAT(EnvironmentOf(server.pid()), Not(Contains("OPENBLAS_THREAD_TIMEOUT=4")));
-  }
-  if (had != nullptr) {
-    setenv("OPENBLAS_THREAD_TIMEOUT", saved.c_str(), 1);
-  } else {
-    unsetenv("OPENBLAS_THREAD_TIMEOUT");
-  }
+  ScopedEnv operators("OPENBLAS_THREAD_TIMEOUT", "9");
+  ServerProcess server({});
+  ASSERT_TRUE(server.running());
+  EXPECT_THAT(EnvironmentOf(server.pid()), Contains("OPENBLAS_THREAD_TIMEOUT=9"));
+  EXPECT_THAT(EnvironmentOf(server.pid()), Not(Contains("OPENBLAS_THREAD_TIMEOUT=4")));
+}
+
+// natgrad_blas_info names the kernels OpenBLAS runs and why: an operator's
+// OPENBLAS_CORETYPE (Prescott: SSE3, in every x86-64 DYNAMIC_ARCH build)
+// is what the server then runs and says it was told to.
+TEST(Metrics, BlasInfoGaugeNamesTheKernelsAndTheEnvironmentsChoice) {
+  ScopedEnv coretype("OPENBLAS_CORETYPE", "Prescott");
+  const int mport = FreePort();
+  ServerProcess server({"--metrics_address=127.0.0.1:" + std::to_string(mport)});
+  ASSERT_TRUE(server.running());
+  auto body = HttpGet(mport, "/metrics");
+  ASSERT_TRUE(body.has_value());
+  const std::regex line(
+      "(^|\n)natgrad_blas_info\\{config=\"(OpenBLAS[^\"]*)\",core=\"([^\"]*)\","
+      "coretype_env=\"([^\"]*)\"\\} 1(\n|$)");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(*body, m, line)) << *body;
+  EXPECT_EQ(m[3].str(), "Prescott");
+  EXPECT_EQ(m[4].str(), "Prescott");
+  EXPECT_THAT(*body, HasSubstr("# TYPE natgrad_blas_info gauge"));
 }
 
 TEST(Metrics, BuildInfoGauge) {
