@@ -683,6 +683,57 @@ def _size_bound(msg, inline=False):
     return n
 
 
+def _needs_inlining(reqs):
+    return any(r.HasField("reply_buffer") or _shm.has_spans(r) for r in reqs)
+
+
+class _KeptStep:
+    """An acknowledged step held for replay until the server reports it
+    durable. A step that went through shared memory keeps its requests and
+    response as they were (spans, small) and one copy of the spans' bytes
+    (SpanCopies in the session's CopyPool); the inline messages a replay
+    sends and compares are made from those only when a replay happens."""
+
+    __slots__ = ("_session", "step", "_reqs", "_resp", "_copies", "nbytes")
+
+    def __init__(self, session, step, reqs, resp):
+        self._session, self.step = session, step
+        self._reqs, self._resp = list(reqs), resp
+        self._copies = None
+        arena = session._shm
+        if arena is not None and (_needs_inlining(self._reqs) or _shm.has_spans(resp)):
+            self._copies = arena.copy_spans(self._reqs + [resp], session._copy_pool,
+                                            f"Step {session.name} step {step}")
+        # From the sizes (no pass over the bytes): the inline form's bound,
+        # or, for a tensor of a dtype with no bound, the message's own size
+        # (spans only) plus the copies.
+        bounds = [_size_bound(m, inline=True) for m in self._reqs + [resp]]
+        if all(b is not None for b in bounds):
+            self.nbytes = sum(bounds)
+        else:
+            self.nbytes = (sum(m.ByteSize() for m in self._reqs + [resp])
+                           + (self._copies.nbytes if self._copies is not None else 0))
+
+    def requests(self):
+        """The step's requests as a replay sends them: values inline, no reply buffer."""
+        if self._copies is None:
+            return self._reqs
+        return self._session._inline_for_replay(self.step, self._reqs, source=self._copies)
+
+    def answer(self):
+        """The step's first response with its values inline (what a replay
+        must answer; a response that came inline is kept as it came)."""
+        if self._copies is None or not _shm.has_spans(self._resp):
+            return self._resp
+        return _shm.materialize(self._resp, self._copies,
+                                f"Step {self._session.name} step {self.step}")
+
+    def release(self, pool):
+        if self._copies is not None:
+            self._copies.release(pool)
+            self._copies = None
+
+
 def _same_answer(replayed, first):
     """Whether a replayed step answered what it answered the first time:
     every field but timing, replayed and durable_step, which legitimately
@@ -847,15 +898,15 @@ class Session:
         self._open = None  # the streamed step begun and not finished (_OpenStep)
         self.retries = 0  # reconnects so far (for monitoring/tests)
         self.redirects = 0  # SessionMoved redirects followed by steps (monitoring/tests)
-        # Replay of non-durable steps (module docstring): step -> (requests,
-        # response with its values inline, their bytes) for the steps after the server's
-        # durable step, oldest first.
+        # Replay of non-durable steps (module docstring): step -> _KeptStep for
+        # the steps after the server's durable step, oldest first.
         self.max_replay_steps = getattr(client, "max_replay_steps", DEFAULT_MAX_REPLAY_STEPS)
         self.max_replay_bytes = getattr(client, "max_replay_bytes", DEFAULT_MAX_REPLAY_BYTES)
         self._acked = info.last_step  # the last step the server confirmed to this object
         self._durable = info.durable_step
         self._kept = collections.OrderedDict()
         self._kept_bytes = 0
+        self._copy_pool = _shm.CopyPool()  # buffers of kept steps' shared-memory bytes
         self._warned_cap = False
         self._resync = False  # set when a stream is dropped: check the server on reopening
         self.replayed_steps = 0  # steps sent again after a server restart (monitoring/tests)
@@ -943,8 +994,11 @@ class Session:
         self.next_step = info.last_step + 1
         self._acked = info.last_step
         self._durable = info.durable_step
+        for kept in self._kept.values():
+            kept.release(self._copy_pool)
         self._kept.clear()
         self._kept_bytes = 0
+        self._copy_pool.clear()
 
     @property
     def durable_step(self):
@@ -961,28 +1015,18 @@ class Session:
         """Bytes of the kept requests and responses (the buffer's memory, roughly)."""
         return self._kept_bytes
 
-    def _answer(self, resp):
-        """What a replay of this step must answer: the response itself, its
-        values inline. A first answer through the reply buffer is copied out
-        of it (the next steps reuse the region); an inline one is kept as it
-        came, no copy. A SHA-256 digest instead would cost a hash of every
-        kept response (about 9 ms per 11 MB here) to save its memory."""
-        if self._shm is not None and _shm.has_spans(resp):
-            return _shm.materialize(resp, self._shm, f"Step {self.name} step {resp.step}")
-        return resp
-
     def _keep(self, step, reqs, resp):
         """Records an acknowledged step; forgets every kept step now durable
         (all of them when the server keeps no checkpoints)."""
         self._acked = max(self._acked, step)
         self._durable = resp.durable_step
+        # Durable steps first, so the new step's copies reuse their buffers.
+        while self._kept and next(iter(self._kept)) <= self._durable:
+            self._forget(next(iter(self._kept)))
         if self.max_replay_steps > 0 and 0 <= self._durable < step and step not in self._kept:
-            if self._shm is not None:
-                reqs = self._inline_for_replay(step, reqs)
-            answer = self._answer(resp)
-            n = sum(_bytes_of(r) for r in reqs) + _bytes_of(answer)
-            self._kept[step] = (reqs, answer, n)
-            self._kept_bytes += n
+            kept = _KeptStep(self, step, reqs, resp)
+            self._kept[step] = kept
+            self._kept_bytes += kept.nbytes
         while self._kept:
             first = next(iter(self._kept))
             within = (len(self._kept) <= self.max_replay_steps
@@ -995,7 +1039,12 @@ class Session:
                             "bytes are not durable on the server (durable step %d): the oldest can no "
                             "longer be sent again after a server restart", self.name,
                             self.max_replay_steps, self.max_replay_bytes, self._durable)
-            self._kept_bytes -= self._kept.pop(first)[2]
+            self._forget(first)
+
+    def _forget(self, step):
+        kept = self._kept.pop(step)
+        self._kept_bytes -= kept.nbytes
+        kept.release(self._copy_pool)
 
     def _reopen(self, step):
         """Opens a stream after a drop: asks where the server's session is and
@@ -1034,7 +1083,7 @@ class Session:
         log.warning("natgrad: %s: the server's session is at step %d, this client at %d: sending "
                     "steps %d..%d again", self.name, behind, acked, need[0], need[-1])
         for t in need:
-            reqs, answer, _ = self._kept[t]
+            reqs, answer = self._kept[t].requests(), self._kept[t].answer()
             for r in reqs:
                 stream.send(r)
             resp = stream.recv()  # a drop here: the retry loop reopens and resumes
@@ -1503,14 +1552,15 @@ class Session:
             self._drop_stream()
 
     # -- shared memory ----------------------------------------------------------
-    def _inline_for_replay(self, step, reqs):
-        """A step to keep for replay: sent again after a restart, when the
-        regions hold later steps, so with the bytes inline and no reply
-        buffer, split again at split_bytes (its spans made it one small
-        message). Each block's bytes go straight into the message that
-        keeps it: one copy out of the region, and the proto's own."""
-        if not any(r.HasField("reply_buffer") or _shm.has_spans(r) for r in reqs):
+    def _inline_for_replay(self, step, reqs, source=None):
+        """A step to send again after a restart, when the regions hold later
+        steps: with the bytes inline (read from `source`, the kept step's
+        SpanCopies, or else the arena) and no reply buffer, split again at
+        split_bytes (its spans made it one small message). Each block's
+        bytes go straight into the message that holds it."""
+        if not _needs_inlining(reqs):
             return reqs
+        source = source if source is not None else self._shm
         what = f"Step {self.name} step {step}"
         loss = reqs[-1].loss if reqs[-1].HasField("loss") else None
         groups = self._groups([bs for r in reqs for bs in r.blocks], inline=True)
@@ -1523,7 +1573,7 @@ class Session:
             for bs in group:
                 kept = r.blocks.add()
                 kept.CopyFrom(bs)  # spans, not bytes: small
-                _shm.inline_spans(kept, self._shm, what)
+                _shm.inline_spans(kept, source, what)
             out.append(r)
         return out
 

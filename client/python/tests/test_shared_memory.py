@@ -178,9 +178,12 @@ def test_replies_are_read_as_copies_and_only_from_the_sessions_regions(s):
     inline.CopyFrom(resp)
     natgrad.tensor.to_tensor(want, out=inline.updates[0].delta)
     region.view(np.dtype("<f4"), (3, 6), off)[...] = want
-    kept = s._answer(resp)
-    assert not natgrad.shared_memory.has_spans(kept)
+    resp.durable_step = 0  # not durable: kept
+    s._keep(1, reqs, resp)
     region.view(np.dtype("<f4"), (3, 6), off)[...] = -1
+    kept = s._kept[1].answer()
+    assert not natgrad.shared_memory.has_spans(kept)
+    inline.durable_step = 0
     assert natgrad.client._same_answer(inline, kept)
     replayed = step_pb2.StepResponse()
     replayed.CopyFrom(inline)
@@ -209,7 +212,7 @@ def test_the_replay_buffer_keeps_steps_inline_without_a_reply_buffer(s):
     reqs = s.build_requests(inputs(1), loss=1.0)
     s._attach_reply(reqs, 1)
     s._keep(1, reqs, step_pb2.StepResponse(step=1, durable_step=0))  # not durable: kept
-    kept, _, n = s._kept[1]
+    kept, n = s._kept[1].requests(), s._kept[1].nbytes
     assert [k.SerializeToString() for k in kept] == [r.SerializeToString() for r in inline]
     # Counted from the sizes, not the bytes: at least what they are, within a
     # few bytes a field (requests and the answer).
@@ -227,8 +230,69 @@ def test_kept_steps_are_split_again_at_split_bytes_inline(s):
     assert len(reqs) == 1 < len(want)
     s._attach_reply(reqs, 1)
     s._keep(1, reqs, step_pb2.StepResponse(step=1, durable_step=0))
-    kept = s._kept[1][0]
+    kept = s._kept[1].requests()
     assert [k.SerializeToString() for k in kept] == [w.SerializeToString() for w in want]
+
+
+def test_a_kept_step_holds_one_copy_of_its_spans_in_recycled_buffers(s):
+    """Keeping a step copies each span once, into a buffer the pool gives
+    back when the step is durable; the next kept step reuses it (no fresh
+    allocation), and what a replay sends is unaffected by the regions' reuse."""
+    inline = session(False)
+    want = [r.SerializeToString() for r in inline.build_requests(inputs(1), loss=1.0, step=1)]
+    reqs = s.build_requests(inputs(1), loss=1.0, step=1)
+    s._attach_reply(reqs, 1)
+    s._shm.finish(1)
+    s._keep(1, reqs, step_pb2.StepResponse(step=1, durable_step=0))
+    n = sum(x.length for x in spans(reqs[0]))
+    pool = s._copy_pool
+    assert pool._out == n and pool.free_bytes == 0
+    held = [b for b in s._kept[1]._copies._copies.values()]
+    # Step 3 reuses step 1's region; step 1's kept bytes are copies.
+    for t in (2, 3):
+        r = s.build_requests(inputs(t), loss=1.0, step=t)
+        s._attach_reply(r, t)
+        s._shm.finish(t)
+    assert {x.region for x in spans(r[0])} == {x.region for x in spans(reqs[0])}
+    assert [k.SerializeToString() for k in s._kept[1].requests()] == want
+    # Step 1 durable, step 3 kept: step 3's copies are step 1's buffers.
+    s._keep(3, r, step_pb2.StepResponse(step=3, durable_step=2))
+    assert list(s._kept) == [3] and pool._out == n and pool.free_bytes == 0
+    reused = list(s._kept[3]._copies._copies.values())
+    assert sorted(map(id, reused)) == sorted(map(id, held))
+    want3 = [x.SerializeToString() for x in inline.build_requests(inputs(3), loss=1.0, step=3)]
+    assert [k.SerializeToString() for k in s._kept[3].requests()] == want3
+    # All durable: the pool keeps the buffers for the next kept step, within
+    # the most it held, and a reset drops them.
+    s._keep(4, r, step_pb2.StepResponse(step=4, durable_step=4))
+    assert not s._kept and pool._out == 0 and pool.free_bytes == n
+    pool.clear()
+    assert pool.free_bytes == 0
+
+
+def test_the_copy_pool_holds_no_more_than_its_high_water_mark():
+    pool = natgrad.shared_memory.CopyPool()
+    a, b = pool.take(100), pool.take(100)
+    assert len(a) == len(b) == 100 and pool._peak == 200
+    pool.give(a)
+    pool.give(b)
+    assert pool.free_bytes == 200
+    c = pool.take(100)
+    assert c is b or c is a  # recycled, not fresh
+    d = pool.take(50)  # another size: fresh (free 100, out 150)
+    pool.give(d)  # free 100 + out 100 + 50 > peak 200: dropped
+    assert pool.free_bytes == 100 and pool._out == 100
+    pool.give(c)  # free 100 + out 0 + 100 <= 200: kept
+    assert pool.free_bytes == 200 and pool._out == 0
+    e = pool.take(100)
+    pool.clear()  # the high-water mark restarts at what is out
+    assert pool.free_bytes == 0 and pool._peak == 100
+    pool.give(e)
+    assert pool.free_bytes == 100 and pool._out == 0
+    pool.clear()
+    f = pool.take(100)
+    pool.give(f)
+    assert pool.free_bytes == 100  # the new high-water mark
 
 
 def test_close_unlinks_everything_and_a_later_step_makes_new_regions(s):

@@ -248,10 +248,12 @@ def test_replay_after_sigkills_with_shared_memory_matches_bit_for_bit(client, ev
         r = s.step(inputs(t, np.float64), loss=1.0 / t)
         same(ref.step(inputs(t, np.float64), loss=1.0 / t), r)
         check_reply_in_buffer(r, s)
-        # Kept steps hold the bytes inline (the regions are reused every
-        # other step) and no reply buffer.
-        for reqs, _, _ in s._kept.values():
-            assert not any(x.HasField("reply_buffer") or shm.has_spans(x) for x in reqs)
+        # Kept steps hold copies of their spans' bytes (the regions are
+        # reused every other step); a replay sends them inline, with no
+        # reply buffer.
+        for kept in s._kept.values():
+            assert not any(x.HasField("reply_buffer") or shm.has_spans(x) for x in kept.requests())
+            assert not shm.has_spans(kept.answer())
         if plan.get(t) == "between":
             plan[t] = "done"
             every5.crash()
