@@ -114,15 +114,21 @@ TEST(OpenBlas, TheServerRunsWithQuietWorkersAndKeepsAnOperatorsSetting) {
   EXPECT_THAT(EnvironmentOf(server.pid()), Not(Contains("OPENBLAS_THREAD_TIMEOUT=4")));
 }
 
+// /metrics of a server process started for it (with this process's
+// environment); nullopt when it did not serve.
+std::optional<std::string> MetricsOfAFreshServer() {
+  const int mport = FreePort();
+  ServerProcess server({"--metrics_address=127.0.0.1:" + std::to_string(mport)});
+  if (!server.running()) return std::nullopt;
+  return HttpGet(mport, "/metrics");
+}
+
 // natgrad_blas_info names the kernels OpenBLAS runs and why: an operator's
 // OPENBLAS_CORETYPE (Prescott: SSE3, in every x86-64 DYNAMIC_ARCH build)
 // is what the server then runs and says it was told to.
 TEST(Metrics, BlasInfoGaugeNamesTheKernelsAndTheEnvironmentsChoice) {
   ScopedEnv coretype("OPENBLAS_CORETYPE", "Prescott");
-  const int mport = FreePort();
-  ServerProcess server({"--metrics_address=127.0.0.1:" + std::to_string(mport)});
-  ASSERT_TRUE(server.running());
-  auto body = HttpGet(mport, "/metrics");
+  const std::optional<std::string> body = MetricsOfAFreshServer();
   ASSERT_TRUE(body.has_value());
   const std::regex line(
       "(^|\n)natgrad_blas_info\\{config=\"(OpenBLAS[^\"]*)\",core=\"([^\"]*)\","
@@ -135,10 +141,7 @@ TEST(Metrics, BlasInfoGaugeNamesTheKernelsAndTheEnvironmentsChoice) {
 }
 
 TEST(Metrics, BuildInfoGauge) {
-  const int mport = FreePort();
-  ServerProcess server({"--metrics_address=127.0.0.1:" + std::to_string(mport)});
-  ASSERT_TRUE(server.running());
-  auto body = HttpGet(mport, "/metrics");
+  const std::optional<std::string> body = MetricsOfAFreshServer();
   ASSERT_TRUE(body.has_value());
   // One series, value 1; labels in prometheus-cpp's (sorted) order.
   const std::regex line(
