@@ -694,10 +694,12 @@ class _KeptStep:
     (SpanCopies in the session's CopyPool); the inline messages a replay
     sends and compares are made from those only when a replay happens."""
 
-    __slots__ = ("_session", "step", "_reqs", "_resp", "_copies", "nbytes")
+    # No reference back to the session: a cycle would keep a dropped
+    # session's replay buffer (up to max_replay_bytes) until the cyclic GC.
+    __slots__ = ("step", "_reqs", "_resp", "_copies", "nbytes")
 
     def __init__(self, session, step, reqs, resp):
-        self._session, self.step = session, step
+        self.step = step
         self._reqs, self._resp = list(reqs), resp
         self._copies = None
         arena = session._shm
@@ -714,19 +716,18 @@ class _KeptStep:
             self.nbytes = (sum(m.ByteSize() for m in self._reqs + [resp])
                            + (self._copies.nbytes if self._copies is not None else 0))
 
-    def requests(self):
+    def requests(self, session):
         """The step's requests as a replay sends them: values inline, no reply buffer."""
         if self._copies is None:
             return self._reqs
-        return self._session._inline_for_replay(self.step, self._reqs, source=self._copies)
+        return session._inline_for_replay(self.step, self._reqs, source=self._copies)
 
-    def answer(self):
+    def answer(self, session):
         """The step's first response with its values inline (what a replay
         must answer; a response that came inline is kept as it came)."""
         if self._copies is None or not _shm.has_spans(self._resp):
             return self._resp
-        return _shm.materialize(self._resp, self._copies,
-                                f"Step {self._session.name} step {self.step}")
+        return _shm.materialize(self._resp, self._copies, f"Step {session.name} step {self.step}")
 
     def release(self, pool):
         if self._copies is not None:
@@ -1083,7 +1084,7 @@ class Session:
         log.warning("natgrad: %s: the server's session is at step %d, this client at %d: sending "
                     "steps %d..%d again", self.name, behind, acked, need[0], need[-1])
         for t in need:
-            reqs, answer = self._kept[t].requests(), self._kept[t].answer()
+            reqs, answer = self._kept[t].requests(self), self._kept[t].answer(self)
             for r in reqs:
                 stream.send(r)
             resp = stream.recv()  # a drop here: the retry loop reopens and resumes

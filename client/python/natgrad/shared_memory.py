@@ -24,6 +24,7 @@ Nothing returned to the caller points into a region: StepResult arrays are
 copies (read_array), and the replay buffer keeps its requests with the bytes
 inline (materialize), since the regions are rewritten two steps later.
 """
+import mmap
 import os
 import secrets
 import threading
@@ -314,7 +315,7 @@ class SpanCopies:
     materialize take either."""
 
     def __init__(self, copies):
-        self._copies = copies  # (region, offset, length) -> bytearray
+        self._copies = copies  # (region, offset, length) -> uint8 buffer
 
     @property
     def nbytes(self):
@@ -345,7 +346,7 @@ class CopyPool:
     the most the replay buffer has held."""
 
     def __init__(self):
-        self._free = {}       # length -> [bytearray]
+        self._free = {}       # length -> [buffer]
         self._free_bytes = 0
         self._out = 0         # bytes in SpanCopies not yet released
         self._peak = 0        # high-water mark of _out
@@ -360,7 +361,10 @@ class CopyPool:
             b = bufs.pop()
             self._free_bytes -= n
         else:
-            b = bytearray(n)
+            # Anonymous memory: the kernel's zero pages fault in under the
+            # copy, one pass (bytearray(n) zero-fills first; numpy asks for
+            # huge pages, slow to find beside a large replay buffer).
+            b = mmap.mmap(-1, n) if n else bytearray()
         self._out += n
         self._peak = max(self._peak, self._out)
         return b

@@ -181,7 +181,7 @@ def test_replies_are_read_as_copies_and_only_from_the_sessions_regions(s):
     resp.durable_step = 0  # not durable: kept
     s._keep(1, reqs, resp)
     region.view(np.dtype("<f4"), (3, 6), off)[...] = -1
-    kept = s._kept[1].answer()
+    kept = s._kept[1].answer(s)
     assert not natgrad.shared_memory.has_spans(kept)
     inline.durable_step = 0
     assert natgrad.client._same_answer(inline, kept)
@@ -212,7 +212,7 @@ def test_the_replay_buffer_keeps_steps_inline_without_a_reply_buffer(s):
     reqs = s.build_requests(inputs(1), loss=1.0)
     s._attach_reply(reqs, 1)
     s._keep(1, reqs, step_pb2.StepResponse(step=1, durable_step=0))  # not durable: kept
-    kept, n = s._kept[1].requests(), s._kept[1].nbytes
+    kept, n = s._kept[1].requests(s), s._kept[1].nbytes
     assert [k.SerializeToString() for k in kept] == [r.SerializeToString() for r in inline]
     # Counted from the sizes, not the bytes: at least what they are, within a
     # few bytes a field (requests and the answer).
@@ -230,7 +230,7 @@ def test_kept_steps_are_split_again_at_split_bytes_inline(s):
     assert len(reqs) == 1 < len(want)
     s._attach_reply(reqs, 1)
     s._keep(1, reqs, step_pb2.StepResponse(step=1, durable_step=0))
-    kept = s._kept[1].requests()
+    kept = s._kept[1].requests(s)
     assert [k.SerializeToString() for k in kept] == [w.SerializeToString() for w in want]
 
 
@@ -254,14 +254,14 @@ def test_a_kept_step_holds_one_copy_of_its_spans_in_recycled_buffers(s):
         s._attach_reply(r, t)
         s._shm.finish(t)
     assert {x.region for x in spans(r[0])} == {x.region for x in spans(reqs[0])}
-    assert [k.SerializeToString() for k in s._kept[1].requests()] == want
+    assert [k.SerializeToString() for k in s._kept[1].requests(s)] == want
     # Step 1 durable, step 3 kept: step 3's copies are step 1's buffers.
     s._keep(3, r, step_pb2.StepResponse(step=3, durable_step=2))
     assert list(s._kept) == [3] and pool._out == n and pool.free_bytes == 0
     reused = list(s._kept[3]._copies._copies.values())
     assert sorted(map(id, reused)) == sorted(map(id, held))
     want3 = [x.SerializeToString() for x in inline.build_requests(inputs(3), loss=1.0, step=3)]
-    assert [k.SerializeToString() for k in s._kept[3].requests()] == want3
+    assert [k.SerializeToString() for k in s._kept[3].requests(s)] == want3
     # All durable: the pool keeps the buffers for the next kept step, within
     # the most it held, and a reset drops them.
     s._keep(4, r, step_pb2.StepResponse(step=4, durable_step=4))

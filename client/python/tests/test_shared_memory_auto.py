@@ -41,7 +41,7 @@ def test_auto_against_a_server_without_shared_memory_goes_inline(target, caplog)
     assert s.info().last_step == 4 and s.next_step == 5 and s.retries == 0
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
     for kept in s._kept.values():
-        assert not any(x.HasField("reply_buffer") or shm.has_spans(x) for x in kept.requests())
+        assert not any(x.HasField("reply_buffer") or shm.has_spans(x) for x in kept.requests(s))
     ref.delete()
     s.delete()
 

@@ -252,8 +252,8 @@ def test_replay_after_sigkills_with_shared_memory_matches_bit_for_bit(client, ev
         # reused every other step); a replay sends them inline, with no
         # reply buffer.
         for kept in s._kept.values():
-            assert not any(x.HasField("reply_buffer") or shm.has_spans(x) for x in kept.requests())
-            assert not shm.has_spans(kept.answer())
+            assert not any(x.HasField("reply_buffer") or shm.has_spans(x) for x in kept.requests(s))
+            assert not shm.has_spans(kept.answer(s))
         if plan.get(t) == "between":
             plan[t] = "done"
             every5.crash()
