@@ -11,8 +11,8 @@
 #include "absl/strings/match.h"
 #include "absl/time/time.h"
 #include "server/common/build_info.h"
-#include "server/linalg/blas_library.h"
 #include "server/common/log.h"
+#include "server/linalg/blas_library.h"
 #include "server/linalg/openblas_environment.h"
 #include "server/service/natgrad_server.h"
 

@@ -21,8 +21,9 @@ reset the smaller regions are unlinked, so a step of the same size then fits
 in one region.
 
 Nothing returned to the caller points into a region: StepResult arrays are
-copies (read_array), and the replay buffer keeps its requests with the bytes
-inline (materialize), since the regions are rewritten two steps later.
+copies (read_array), and the replay buffer keeps a copy of each kept step's
+span bytes (copy_spans, in a CopyPool's buffers), since the regions are
+rewritten two steps later; a replay inlines from that copy.
 """
 import mmap
 import os
@@ -315,7 +316,7 @@ class SpanCopies:
     materialize take either."""
 
     def __init__(self, copies):
-        self._copies = copies  # (region, offset, length) -> uint8 buffer
+        self._copies = copies  # (region, offset, length) -> a CopyPool buffer
 
     @property
     def nbytes(self):
