@@ -28,11 +28,18 @@
 // together for RPC: on a machine shared with other builds, wall time
 // stretches with the load and CPU time much less.
 //
+// TCP floor (unless --tcp_floor=false): the plain step's request bytes up
+// and its updates' bytes down through a bare loopback socket pair in this
+// process (bench/common/loopback_tcp_floor.h), interleaved with the other
+// paths; "floor rat." is (in-process p50 + that round trip's p50) /
+// in-process p50, the ratio a transport that only paid the kernel's copies
+// would reach without overlapping them with the step.
+//
 // A run's steps cycle through --pool distinct random inputs (kfac_ae's raw
 // statistics are ~46 MB a step; decoding 50 of them ahead would not fit
 // beside the other engineers' builds).
 //
-//   step_roundtrip_bench [--steps=N] [--reps=5] [--pool=8]
+//   step_roundtrip_bench [--steps=N] [--reps=5] [--pool=8] [--tcp_floor=true]
 //       [--models=adam_1k,adam_100k,adam_1m,kfac_mlp,kfac_ae]
 
 #include <algorithm>
@@ -49,6 +56,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
 #include "bench/common/loopback_server.h"
+#include "bench/common/loopback_tcp_floor.h"
 #include "server/linalg/openblas_environment.h"
 #include "client/cpp/natgrad_client.h"
 #include "client/cpp/shared_memory.h"
@@ -61,6 +69,8 @@ ABSL_FLAG(int, steps, 50, "timed steps per model and run (after 3 warm-up steps)
 ABSL_FLAG(int, reps, 5, "runs per model; figures are medians over the runs");
 ABSL_FLAG(int, pool, 8, "distinct random steps a run cycles through");
 ABSL_FLAG(bool, shared_memory, true, "also time the RPC steps through shared memory (+shm rows)");
+ABSL_FLAG(bool, tcp_floor, true,
+          "also time the step's bytes through a bare loopback socket pair (tcp p50, floor rat.)");
 ABSL_FLAG(std::string, models, "adam_1k,adam_100k,adam_1m,kfac_mlp,kfac_ae",
           "comma-separated: adam_1k, adam_100k, adam_1m, kfac_mlp, kfac_ae");
 
@@ -107,6 +117,13 @@ std::vector<BlockStep> WrapShared(const RawStep& raw, natgrad::client::SharedMem
     }
   }
   return out;
+}
+
+// What the plain step's reply carries: one delta of the gradient's size per block.
+int64_t UpdateBytes(const RawStep& raw) {
+  int64_t n = 0;
+  for (const RawBlock& r : raw) n += static_cast<int64_t>(r.gradient.values.size());
+  return n * static_cast<int64_t>(sizeof(float));
 }
 
 int64_t StepBytes(const RawStep& raw) {
@@ -241,10 +258,12 @@ int main(int argc, char** argv) {
   std::printf("%d runs of %d steps (+%d warm-up), %d distinct inputs; medians over the runs; "
               "times in ms\n",
               reps, steps, kWarmup, pool);
-  std::printf("%-10s %10s %10s %10s | %10s %10s %10s | %10s %15s | %10s | %8s %8s %8s | %6s\n",
-              "model", "rpc p50", "rpc p99", "rpc st/s", "inproc p50", "inproc p99",
-              "inproc st/s", "rpc/inproc", "(min-max)", "decode p50", "rpc cpu", "inp cpu",
-              "cpu rat.", "load");
+  std::printf(
+      "%-10s %10s %10s %10s | %10s %10s %10s | %10s %15s | %10s | %8s %8s %8s | %8s %10s | "
+      "%6s\n",
+      "model", "rpc p50", "rpc p99", "rpc st/s", "inproc p50", "inproc p99", "inproc st/s",
+      "rpc/inproc", "(min-max)", "decode p50", "rpc cpu", "inp cpu", "cpu rat.", "tcp p50",
+      "floor rat.", "load");
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
     auto it = models.find(std::string(name));
     if (it == models.end()) {
@@ -263,7 +282,7 @@ int main(int argc, char** argv) {
     auto run_rep = [&](std::vector<double>& rpc_ms, std::vector<double>& rpc_cpu_ms,
                        std::vector<double>& shm_ms, std::vector<double>& shm_cpu_ms,
                        std::vector<double>& local_ms, std::vector<double>& local_cpu_ms,
-                       std::vector<double>& decode_ms) -> bool {
+                       std::vector<double>& decode_ms, std::vector<double>& tcp_ms) -> bool {
       const bool with_shm = absl::GetFlag(FLAGS_shared_memory);
       auto fail = [&](const absl::Status& s) {
         std::fprintf(stderr, "%s: %s\n", it->first.c_str(), s.ToString().c_str());
@@ -336,6 +355,18 @@ int main(int argc, char** argv) {
       std::vector<Path> paths = {{plain_step, &rpc_ms, &rpc_cpu_ms},
                                  {local_step, &local_ms, &local_cpu_ms}};
       if (with_shm) paths.push_back({shm_step, &shm_ms, &shm_cpu_ms});
+      std::optional<natgrad::bench::LoopbackTcpFloor> floor;
+      std::vector<double> tcp_cpu_ms;
+      if (absl::GetFlag(FLAGS_tcp_floor)) {
+        natgrad::v1::StepRequest sized;
+        for (auto& b : Wrap(inputs[0])) *sized.add_blocks() = std::move(b);
+        floor.emplace(static_cast<int64_t>(sized.ByteSizeLong()), UpdateBytes(inputs[0]));
+        paths.push_back({[&](int) {
+                           floor->RoundTripMs();
+                           return absl::OkStatus();
+                         },
+                         &tcp_ms, &tcp_cpu_ms});
+      }
       for (int t = 0; t < steps + kWarmup; ++t) {
         for (size_t k = 0; k < paths.size(); ++k) {
           Path& path = paths[(t + k) % paths.size()];
@@ -365,11 +396,13 @@ int main(int argc, char** argv) {
       std::vector<double> p50, p99, rate, ratio, cpu, cpu_ratio;
     };
     Columns plain, shm;
-    std::vector<double> local_p50, local_p99, local_rate, decode_p50, local_cpu;
+    std::vector<double> local_p50, local_p99, local_rate, decode_p50, local_cpu, tcp_p50,
+        floor_ratio;
     for (int rep = 0; rep < reps; ++rep) {
       std::vector<double> rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms, local_ms, local_cpu_ms,
-          decode_ms;
-      if (!run_rep(rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms, local_ms, local_cpu_ms, decode_ms)) {
+          decode_ms, tcp_ms;
+      if (!run_rep(rpc_ms, rpc_cpu_ms, shm_ms, shm_cpu_ms, local_ms, local_cpu_ms, decode_ms,
+                   tcp_ms)) {
         return 1;
       }
 
@@ -379,6 +412,10 @@ int main(int argc, char** argv) {
       local_rate.push_back(b.steps_per_s);
       decode_p50.push_back(Median(decode_ms));
       local_cpu.push_back(Median(local_cpu_ms));
+      if (!tcp_ms.empty()) {
+        tcp_p50.push_back(Median(tcp_ms));
+        floor_ratio.push_back((b.p50_ms + tcp_p50.back()) / b.p50_ms);
+      }
       auto add = [&](Columns& c, std::vector<double>& ms, std::vector<double>& cpu_ms) {
         if (ms.empty()) return;
         const Figures a = Summarise(ms);
@@ -392,20 +429,27 @@ int main(int argc, char** argv) {
       add(plain, rpc_ms, rpc_cpu_ms);
       add(shm, shm_ms, shm_cpu_ms);
     }
-    auto print = [&](const std::string& row, const Columns& c) {
+    // The floor belongs to the plain row (the shared-memory path sends no
+    // tensor bytes through the socket).
+    auto print = [&](const std::string& row, const Columns& c, bool with_floor) {
       if (c.ratio.empty()) return;
       const auto [lo, hi] = std::minmax_element(c.ratio.begin(), c.ratio.end());
       char range[64];
       std::snprintf(range, sizeof(range), "(%.2f-%.2f)", *lo, *hi);
+      char tcp[16] = "-", floor[16] = "-";
+      if (with_floor && !tcp_p50.empty()) {
+        std::snprintf(tcp, sizeof(tcp), "%.2f", Median(tcp_p50));
+        std::snprintf(floor, sizeof(floor), "%.3f", Median(floor_ratio));
+      }
       std::printf(
           "%-10s %10.3f %10.3f %10.1f | %10.3f %10.3f %10.1f | %10.2f %15s | %10.3f | %8.2f "
-          "%8.2f %8.2f | %6.2f\n",
+          "%8.2f %8.2f | %8s %10s | %6.2f\n",
           row.c_str(), Median(c.p50), Median(c.p99), Median(c.rate), Median(local_p50),
           Median(local_p99), Median(local_rate), Median(c.ratio), range, Median(decode_p50),
-          Median(c.cpu), Median(local_cpu), Median(c.cpu_ratio), LoadAverage());
+          Median(c.cpu), Median(local_cpu), Median(c.cpu_ratio), tcp, floor, LoadAverage());
     };
-    print(it->first, plain);
-    print(it->first + "+shm", shm);
+    print(it->first, plain, true);
+    print(it->first + "+shm", shm, false);
     std::fflush(stdout);
   }
   server->Shutdown(absl::Seconds(1));
