@@ -355,14 +355,14 @@ int main(int argc, char** argv) {
       std::vector<Path> paths = {{plain_step, &rpc_ms, &rpc_cpu_ms},
                                  {local_step, &local_ms, &local_cpu_ms}};
       if (with_shm) paths.push_back({shm_step, &shm_ms, &shm_cpu_ms});
-      std::optional<natgrad::bench::LoopbackTcpFloor> floor;
+      std::optional<natgrad::bench::LoopbackTcpFloor> tcp_floor;
       std::vector<double> tcp_cpu_ms;
       if (absl::GetFlag(FLAGS_tcp_floor)) {
         natgrad::v1::StepRequest sized;
         for (auto& b : Wrap(inputs[0])) *sized.add_blocks() = std::move(b);
-        floor.emplace(static_cast<int64_t>(sized.ByteSizeLong()), UpdateBytes(inputs[0]));
+        tcp_floor.emplace(static_cast<int64_t>(sized.ByteSizeLong()), UpdateBytes(inputs[0]));
         paths.push_back({[&](int) {
-                           floor->RoundTripMs();
+                           tcp_floor->RoundTripMs();
                            return absl::OkStatus();
                          },
                          &tcp_ms, &tcp_cpu_ms});
@@ -436,17 +436,17 @@ int main(int argc, char** argv) {
       const auto [lo, hi] = std::minmax_element(c.ratio.begin(), c.ratio.end());
       char range[64];
       std::snprintf(range, sizeof(range), "(%.2f-%.2f)", *lo, *hi);
-      char tcp[16] = "-", floor[16] = "-";
+      char tcp_text[16] = "-", floor_text[16] = "-";
       if (with_floor && !tcp_p50.empty()) {
-        std::snprintf(tcp, sizeof(tcp), "%.2f", Median(tcp_p50));
-        std::snprintf(floor, sizeof(floor), "%.3f", Median(floor_ratio));
+        std::snprintf(tcp_text, sizeof(tcp_text), "%.2f", Median(tcp_p50));
+        std::snprintf(floor_text, sizeof(floor_text), "%.3f", Median(floor_ratio));
       }
       std::printf(
           "%-10s %10.3f %10.3f %10.1f | %10.3f %10.3f %10.1f | %10.2f %15s | %10.3f | %8.2f "
           "%8.2f %8.2f | %8s %10s | %6.2f\n",
           row.c_str(), Median(c.p50), Median(c.p99), Median(c.rate), Median(local_p50),
           Median(local_p99), Median(local_rate), Median(c.ratio), range, Median(decode_p50),
-          Median(c.cpu), Median(local_cpu), Median(c.cpu_ratio), tcp, floor, LoadAverage());
+          Median(c.cpu), Median(local_cpu), Median(c.cpu_ratio), tcp_text, floor_text, LoadAverage());
     };
     print(it->first, plain, true);
     print(it->first + "+shm", shm, false);
