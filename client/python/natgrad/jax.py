@@ -234,8 +234,9 @@ class KFAC:
     fallback, fallback_lr, state_dtype, ...), plus
     reduce: True (reduced factors computed here, jitted), False (raw rows)
     or "auto" (default): chosen by measured cost as natgrad.torch does —
-    the first step by bytes, the next two raw, the two after reduced, then
-    the form with the lower best step cost (client preparation plus round
+    the first step by bytes, an untimed warm-up step raw then reduced, three
+    timed steps of each alternating, then the form with the lower best step
+    cost (client preparation plus round
     trip, less the server's inversion wait; ``opt._reduce_trial``). Timing
     based, so two "auto" runs may differ in the last bits; the trial is not
     in state_dict() and runs again after a restore;

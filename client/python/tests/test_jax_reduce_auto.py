@@ -9,6 +9,11 @@ import natgrad.jax  # noqa: E402
 from test_jax import data, init, loss_and_stats  # noqa: E402  (enables x64)
 
 
+def trial_plan_steps():
+    from natgrad._reduce_trial import ReduceTrial
+    return ReduceTrial.PLAN_STEPS
+
+
 def _capture(opt):
     """The statistics form of every block sent: "raw" or "reduced"."""
     sent = []
@@ -31,7 +36,7 @@ def test_auto_times_both_forms_then_keeps_the_cheaper(target, pipelined):
                            reduce="auto", pipelined=pipelined)
     sent = _capture(opt)
     layers = sorted(opt.layers)
-    steps = 9
+    steps = 1 + trial_plan_steps() + 2
     for _ in range(steps):
         _, grads, stats = loss_and_stats(params, x, y)
         params = opt.step(params, grads, stats)
@@ -45,8 +50,10 @@ def test_auto_times_both_forms_then_keeps_the_cheaper(target, pipelined):
     per_step = [[f for (n, f) in sent[i * len(layers):(i + 1) * len(layers)]] for i in range(steps)]
     assert all(len(set(p)) == 1 for p in per_step), per_step  # one form per step
     seq = [p[0] for p in per_step]
-    assert seq[1:1 + 2 * k] == ["raw"] * k + ["reduced"] * k, seq
+    # A warm-up step per form, then the forms alternate.
+    assert seq[1:1 + 2 * (k + 1)] == ["raw", "reduced"] * (k + 1), seq
+    assert trial.warm == ["raw", "reduced"]
     # Pipelined: the choice lands one step after the last trial's response.
-    tail = seq[1 + 2 * k + (1 if pipelined else 0):]
+    tail = seq[1 + 2 * (k + 1) + (1 if pipelined else 0):]
     assert tail and set(tail) == {trial.choice}, seq
     opt.close(delete=True)

@@ -194,17 +194,18 @@ def test_auto_times_both_forms_then_keeps_the_cheaper(target):
     model = small_ae()
     opt = natgrad.torch.KFAC(model, target=target, reduce="auto")
     sent = capture(opt)
-    train(opt, model, 8)
     trial = opt._reduce_trial
+    train(opt, model, trial.PLAN_STEPS + 2)
     k = trial.TRIALS
     assert len(trial.costs["raw"]) == k and len(trial.costs["reduced"]) == k
     assert all(c > 0 for c in trial.costs["raw"] + trial.costs["reduced"])
     assert trial.choice == min(("raw", "reduced"), key=lambda f: min(trial.costs[f]))
     forms = [form(m["0"]) for m in sent]
     # Step 1 by bytes (the packed 91 + 21 values < 32 rows of 12 + 6), then
-    # the trial.
-    assert forms[:1 + 2 * k] == ["reduced"] + ["raw"] * k + ["reduced"] * k
-    assert set(forms[1 + 2 * k:]) == {trial.choice}
+    # a warm-up step per form, then the forms alternating.
+    assert forms[:trial.PLAN_STEPS] == ["reduced"] + ["raw", "reduced"] * (k + 1)
+    assert trial.warm == ["raw", "reduced"]
+    assert set(forms[trial.PLAN_STEPS:]) == {trial.choice}
     opt.close(delete=True)
 
 
