@@ -26,7 +26,8 @@ Server figures are the means of each timed step's StepTiming. Besides wall
 time, the CPU time of the client process and of the server process per
 step is reported (client + server for K-FAC): on a machine shared with other
 work, wall times stretch with the load while CPU time stays close to the
-work done.
+work done. The client keeps no replay buffer unless --replay (torch's Adam
+keeps nothing; see the comment in main for what keeping costs).
 
 The images are synthetic (no dataset download here): MNIST-shaped, about
 19% of pixels on (MNIST's share), values in [0, 1]; the cost of a step does
@@ -147,6 +148,8 @@ def main():
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the per-rep figures to this file")
+    p.add_argument("--replay", action="store_true",
+                   help="keep the client's replay buffer (default: max_replay_steps=0)")
     p.add_argument("--shared-memory", default="off", choices=("off", "on", "both"),
                    help="K-FAC rows through shared memory (a kind_shm row for each), or both: "
                         "each K-FAC row with and without, side by side")
@@ -169,7 +172,15 @@ def main():
         target = srv.target
         server_pid = srv.proc.pid
     # A generous retry deadline: the bench shares the machine with builds.
-    client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0))
+    # No replay buffer unless --replay: the LocalServer here writes no
+    # checkpoints between steps, so the client would keep every step, and
+    # a shared-memory step kept is one copy of its 46 MB of spans into
+    # memory the process never touched before (35-240 ms a step on this
+    # VM, where a fresh page costs 2.5-15 us) until max_replay_bytes is
+    # reached and the buffers recycle (about 4 ms); each rep's fresh
+    # session sits inside that transient. torch's Adam keeps nothing.
+    client = natgrad.Client(target, retry=natgrad.RetryPolicy(deadline_s=120.0),
+                            **({} if args.replay else {"max_replay_steps": 0}))
     try:
         all_reps = {kind: [] for kind in kinds}
         # Rep by rep across the kinds, so a change in the machine's load
@@ -183,17 +194,20 @@ def main():
                               else ",".join(r[k] for r in reps)) for k in reps[0]}
         adam = rows.get("adam", {}).get("step")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+              f"replay buffer {'on' if args.replay else 'off'}, "
               f"median of {args.reps} reps x {args.steps} steps (inverse_period "
               f"{args.inverse_period}, OPENBLAS_THREAD_TIMEOUT="
               f"{os.environ['OPENBLAS_THREAD_TIMEOUT']})")
         adam_cpu = rows.get("adam", {}).get("client_cpu")
+        ncpu = len(os.sched_getaffinity(0))
         print(f"{'kind':<23} {'step ms':>8} {'x Adam':>7} {'opt.step':>9} {'cpu ms':>7} "
-              f"{'x Adam':>7} | {'server':>7} {'decode':>7} {'queue':>7} {'compute':>8} "
+              f"{'x Adam':>7} {'floor x':>7} | {'server':>7} {'decode':>7} {'queue':>7} {'compute':>8} "
               f"{'invert':>7} {'encode':>7} | choice")
         for kind, r in rows.items():
             ratio = f"{r['step'] / adam:7.2f}" if adam else "      -"
             cpu = r["client_cpu"] + r["server_cpu"]
-            cpu_cols = f"{1e3 * cpu:7.1f} " + (f"{cpu / adam_cpu:7.2f}" if adam_cpu else "      -")
+            cpu_cols = (f"{1e3 * cpu:7.1f} " + (f"{cpu / adam_cpu:7.2f}" if adam_cpu else "      -")
+                        + (f" {cpu / ncpu / adam:7.2f}" if adam else "       -"))
             srv_cols = (f"{r['server_micros']:7.1f} {r['decode_micros']:7.1f} "
                         f"{r['queue_micros']:7.1f} {r['compute_micros']:8.1f} "
                         f"{r['inversion_micros']:7.1f} {r['encode_micros']:7.1f}"
@@ -201,6 +215,8 @@ def main():
             print(f"{kind:<23} {1e3 * r['step']:8.1f} {ratio} {1e3 * r['opt']:9.1f} {cpu_cols} | {srv_cols} | "
                   f"{r.get('choice', '')}")
         print("cpu: client + server process CPU time per step (robust to a shared machine); "
+              f"floor x: that CPU time spread over the {ncpu} cpus, over Adam's step: the ratio the "
+              "step's work allows with every core busy all the time (no overlap goes below it); "
               "server columns: ms per step, means of StepTiming (compute includes invert)")
         if args.json:
             with open(args.json, "w") as f:

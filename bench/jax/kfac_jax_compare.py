@@ -393,6 +393,7 @@ def main(argv=None):
     eval_loss = jax.jit(lambda p, x: mean_loss(p, x, args.widths))
     loss0 = float(eval_loss(init_params(0, args.widths), held_out))
     per_rep = {k: [] for k in kinds}
+    ncpu = len(os.sched_getaffinity(0))
     choices = {}
     failures = []
     try:
@@ -411,7 +412,11 @@ def main(argv=None):
                 base = r if kind == "kfac_jax" else base
                 choice = extra.pop("choice", "")
                 choices.setdefault(kind, []).append(choice)
+                # The step's CPU work (both processes) spread perfectly over
+                # the cores: no overlap, pipelined or not, can go below it.
+                floor_ms = (cpu + srv_cpu) * 1e3 / ncpu
                 per_rep[kind].append(dict(step_ms=wall * 1e3, cpu_ms=cpu * 1e3, server_cpu_ms=srv_cpu * 1e3,
+                                          floor_ms=floor_ms,
                                           loss=float(eval_loss(r.params, held_out)),
                                           first_diff=_rel_diff(r, base) if kind != "adam" else None,
                                           **extra))
@@ -446,16 +451,17 @@ def main(argv=None):
           f"kl_clip {args.kl_clip}, natgrad reduce={args.reduce}")
     base = rows.get("kfac_jax", {}).get("step_ms")
     n = args.warmup + args.steps
-    print(f"{'kind':<13} {'reps':>4} {'step ms':>8} {'x kfac_jax':>10} {'cpu ms':>7} {'srv cpu':>7} {f'loss@{n}':>9} "
+    print(f"{'kind':<13} {'reps':>4} {'step ms':>8} {'x kfac_jax':>10} {'cpu ms':>7} {'srv cpu':>7} {'floor x':>7} {f'loss@{n}':>9} "
           f"{'1st upd':>8} | "
           f"{'server':>7} {'decode':>7} {'compute':>8} {'invert':>7} {'encode':>7}")
     for kind, r in rows.items():
         ratio = f"{r['step_ms'] / base:10.2f}" if base else f"{'-':>10}"
+        floor = f"{r['floor_ms'] / base:7.2f}" if base else f"{'-':>7}"
         fd = f"{r['first_diff']:8.1e}" if r.get("first_diff") is not None else f"{'-':>8}"
         srvcols = " ".join(f"{r[f]:{w}.1f}" if f in r else f"{'':>{w}}" for f, w in
                            (("server_micros", 7), ("decode_micros", 7), ("compute_micros", 8),
                             ("inversion_micros", 7), ("encode_micros", 7)))
-        print(f"{kind:<13} {r['reps_ok']:4d} {r['step_ms']:8.1f} {ratio} {r['cpu_ms']:7.1f} {r['server_cpu_ms']:7.1f} "
+        print(f"{kind:<13} {r['reps_ok']:4d} {r['step_ms']:8.1f} {ratio} {r['cpu_ms']:7.1f} {r['server_cpu_ms']:7.1f} {floor} "
               f"{r['loss']:9.2f} {fd} | {srvcols}")
     for f in failures:
         print(f"failed: {f}")
@@ -463,7 +469,8 @@ def main(argv=None):
         if any(c):
             print(f"reduce=auto chose, rep by rep: {kind} {','.join(c)}")
     print(f"(held-out loss of the initial parameters {loss0:.2f}; cpu ms / srv cpu: CPU time of this "
-          "process / of the server per step; 1st upd: relative difference of the first update from kfac_jax's; server columns: "
+          f"process / of the server per step; floor x: (cpu ms + srv cpu) / {ncpu} cpus over kfac_jax's step, the ratio "
+          "this kind's CPU work allows with every core busy all the time (no overlap goes below it); 1st upd: relative difference of the first update from kfac_jax's; server columns: "
           "mean StepTiming per timed step, ms)")
     if args.json:
         with open(args.json, "w") as f:

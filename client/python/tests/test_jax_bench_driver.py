@@ -123,7 +123,7 @@ TINY_ARGS = ["--widths", ",".join(map(str, TINY)), "--batch", "32", "--batches",
 def test_natgrad_runs_on_a_tiny_model(drv, server_binary, capsys):
     rows = drv.main(TINY_ARGS + ["--kinds", "natgrad,natgrad_pipe", "--server", server_binary])
     out = capsys.readouterr().out
-    assert "natgrad_pipe" in out and "x kfac_jax" in out
+    assert "natgrad_pipe" in out and "x kfac_jax" in out and "floor x" in out
     # reduce="auto" (the driver's default) says what it chose, rep by rep ("?": still
     # trying after these few steps).
     chose = [line for line in out.splitlines() if line.startswith("reduce=auto chose")]
@@ -133,3 +133,6 @@ def test_natgrad_runs_on_a_tiny_model(drv, server_binary, capsys):
         r = rows[kind]
         assert r["step_ms"] > 0 and np.isfinite(r["loss"]) and r["loss"] < loss0
         assert r["server_micros"] > 0
+        # Both processes' CPU per step over this machine's cores (one rep).
+        ncpu = len(os.sched_getaffinity(0))
+        assert r["floor_ms"] == pytest.approx((r["cpu_ms"] + r["server_cpu_ms"]) / ncpu)
