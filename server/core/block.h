@@ -202,6 +202,12 @@ class ParameterBlock {
   // and computes the proposed update. Never changes the block.
   virtual absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) = 0;
+  // Whether Propose at `step` may block on the inversion engine. A session
+  // proposes the blocks that will not side by side on the compute pool, and
+  // those that may on the step's own thread, whose engine waits give its
+  // worker slot to another step (engine_wait.h); a pool thread would just
+  // block. True unless a kind knows better.
+  virtual bool MayWaitForEngine(int64_t step) const { return true; }
 
   virtual BlockState ExportState() const = 0;
   // Replaces the state; validates shapes and finiteness first.

@@ -1,9 +1,12 @@
 #include "server/session/session.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <map>
+#include <new>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -260,21 +263,70 @@ void Session::ResetProposalsLocked(StepInProgress& step) const {
 
 size_t Session::ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
                               const core::StepContext& context) {
-  size_t proposed = 0;
+  std::vector<size_t> todo;
   for (size_t i : indices) {
     // A lower block already failed: Step's config-order pass stops there.
-    if (i > step.error_index_) continue;
-    if (step.pending_[i] != nullptr) continue;
-    auto p = blocks_[i].block->Propose(step.slot_[i]->input, context);
-    ++proposed;
-    if (!p.ok()) {
-      step.error_index_ = i;
-      step.error_ = p.status();
-      // What lies above the failure is never committed.
-      for (size_t j = i + 1; j < step.pending_.size(); ++j) step.pending_[j].reset();
-      continue;
+    if (i > step.error_index_ || step.pending_[i] != nullptr) continue;
+    todo.push_back(i);
+  }
+  if (todo.empty()) return 0;
+  using Proposal = absl::StatusOr<std::unique_ptr<core::PendingBlockUpdate>>;
+  std::vector<std::optional<Proposal>> out(todo.size());
+  // The lowest config index that failed so far; proposals above it are
+  // skipped (never committed anyway).
+  std::atomic<size_t> lowest_failure{step.error_index_};
+  auto propose = [&](size_t k) {
+    const size_t i = todo[k];
+    if (i > lowest_failure.load(std::memory_order_relaxed)) return;
+    out[k] = blocks_[i].block->Propose(step.slot_[i]->input, context);
+    if (!out[k]->ok()) {
+      size_t seen = lowest_failure.load(std::memory_order_relaxed);
+      while (i < seen && !lowest_failure.compare_exchange_weak(seen, i)) {
+      }
     }
-    step.pending_[i] = *std::move(p);
+  };
+  // Blocks side by side on the compute pool: each block's passes that are
+  // not large products (layouts, factor averages, checks) run on one thread,
+  // so one block at a time left a core idle for about half of a K-FAC
+  // autoencoder step. Proposals only read their block's state, and a
+  // block's own products still split over the pool (nested calls finish on
+  // their caller). A block that may wait for the engine is proposed here,
+  // on the step's thread, after the others (see MayWaitForEngine).
+  std::vector<size_t> side_by_side, here;
+  for (size_t k = 0; k < todo.size(); ++k) {
+    (blocks_[todo[k]].block->MayWaitForEngine(step.step_) ? here : side_by_side).push_back(k);
+  }
+  if (side_by_side.size() > 1 && linalg::Parallelism(context.compute_pool) > 1) {
+    std::atomic<bool> out_of_memory{false};
+    context.compute_pool->ParallelFor(side_by_side.size(), [&](size_t n) {
+      try {
+        propose(side_by_side[n]);
+      } catch (const std::bad_alloc&) {
+        out_of_memory.store(true);
+      }
+    });
+    if (out_of_memory.load()) throw std::bad_alloc();  // the caller's to report
+  } else {
+    for (size_t k : side_by_side) propose(k);
+  }
+  for (size_t k : here) propose(k);
+  size_t proposed = 0;
+  for (size_t k = 0; k < todo.size(); ++k) {
+    if (!out[k].has_value()) continue;
+    ++proposed;
+    const size_t i = todo[k];
+    if (!out[k]->ok()) {
+      if (i < step.error_index_) {
+        step.error_index_ = i;
+        step.error_ = out[k]->status();
+      }
+    } else if (i < step.error_index_) {
+      step.pending_[i] = *std::move(*out[k]);
+    }
+  }
+  // What lies above the lowest failure is never committed.
+  if (step.error_index_ != SIZE_MAX) {
+    for (size_t j = step.error_index_ + 1; j < step.pending_.size(); ++j) step.pending_[j].reset();
   }
   return proposed;
 }

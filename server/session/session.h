@@ -216,8 +216,9 @@ class Session {
   std::vector<size_t> AddBlocksLocked(StepInProgress& step,
                                       const std::vector<const BlockStepData*>& blocks) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Proposes the given config slots of `step` in order, skipping those above
-  // its lowest failure.
+  // Proposes the given config slots of `step`, side by side on the compute
+  // pool when there is one, skipping those above its lowest failure; the
+  // outcome is that of proposing them in config order.
   // Returns how many it proposed (failures included).
   size_t ProposeLocked(StepInProgress& step, absl::Span<const size_t> indices,
                        const core::StepContext& context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

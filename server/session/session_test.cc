@@ -14,6 +14,7 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 #include "server/engine/testing/eigen_inversion_engine.h"
+#include "server/linalg/compute_pool.h"
 
 namespace natgrad::session {
 namespace {
@@ -507,6 +508,53 @@ TEST_P(IncrementalStep, ReportsTheErrorTheOneShotStepReports) {
   EXPECT_TRUE(replay->replayed);
   EXPECT_EQ(replay->reply->Serialized(), "step 1");
   EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(inc->Snapshot(), before));
+}
+
+// A session with a compute pool proposes the blocks that will not wait for
+// the engine side by side (the adam blocks every step, the kfac blocks
+// between refreshes); the results, the state and the error reported are
+// those of proposing them one at a time.
+TEST_P(IncrementalStep, ProposingSideBySideOnAPoolChangesNothing) {
+  linalg::ComputePool pool(2);
+  auto one = NewSession("s");
+  auto pooled = Session::Create("s", "", Mixed(GetParam().dtype, GetParam().kl_clip,
+                                              GetParam().adaptive), &engine_, &pool);
+  ASSERT_TRUE(one && pooled.ok()) << pooled.status();
+  Session& side = **pooled;
+  for (int64_t t = 1; t <= 12; ++t) {
+    const StepData d = Flatten(t, Loss(t), {MixedBlocks(t, float32())});
+    auto a = OneShot(*one, d);
+    auto b = OneShot(side, d);
+    ASSERT_TRUE(a.ok()) << "step " << t << ": " << a.status();
+    ASSERT_TRUE(b.ok()) << "step " << t << ": " << b.status();
+    ExpectSameResult(ResultOf(*a), ResultOf(*b), t);
+  }
+  ExpectSameState(*one, side);
+  const natgrad::v1::SessionSnapshot before = side.Snapshot();
+  // Two bad blocks, proposed on different threads: the lower config index
+  // is reported, and nothing moves.
+  for (const std::vector<std::string>& bad :
+       std::vector<std::vector<std::string>>{{"out", "emb"}, {"out", "fc1"}, {"emb"}}) {
+    std::vector<BlockStepData> blocks = MixedBlocks(13, float32());
+    for (const std::string& name : bad) {
+      for (auto& b : MixedBlocks(13, float32(), name)) {
+        if (b.name != name) continue;
+        for (auto& slot : blocks)
+          if (slot.name == name) slot = b;
+      }
+    }
+    auto want = OneShot(*one, Flatten(13, Loss(13), {blocks}));
+    auto got = OneShot(side, Flatten(13, Loss(13), {blocks}));
+    ASSERT_FALSE(want.ok());
+    EXPECT_EQ(got.status(), want.status()) << bad[0];
+    const std::string lowest = bad.size() == 1 ? bad[0] : bad[1];
+    EXPECT_THAT(got.status().message(), HasSubstr("block \"" + lowest + "\"")) << bad[0];
+    EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(side.Snapshot(), before));
+  }
+  auto a = OneShot(*one, Flatten(13, Loss(13), {MixedBlocks(13, float32())}));
+  auto b = OneShot(side, Flatten(13, Loss(13), {MixedBlocks(13, float32())}));
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  ExpectSameResult(ResultOf(*a), ResultOf(*b), 13);
 }
 
 TEST_P(IncrementalStep, ADroppedStepLeavesNoTrace) {

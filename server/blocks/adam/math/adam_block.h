@@ -50,6 +50,7 @@ class AdamBlock final : public ParameterBlock {
   // next Propose/ImportState or the block's destruction.
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) override;
+  bool MayWaitForEngine(int64_t) const override { return false; }  // no decompositions
   // Tensors "exp_avg", "exp_avg_sq" (zeros before the first step) and
   // scalar "step" (committed steps, drives the bias correction).
   BlockState ExportState() const override;

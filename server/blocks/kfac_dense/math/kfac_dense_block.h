@@ -74,6 +74,11 @@ class KfacDenseBlock final : public ParameterBlock {
   absl::string_view kind() const override { return kKfacDenseKind; }
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) override;
+  // A refresh step, the first decomposition, or a refresh in flight that
+  // this step may install or wait for (PlanRefresh).
+  bool MayWaitForEngine(int64_t step) const override {
+    return IsInverseStep(step) || decomp_.step == 0 || in_flight_.has_value();
+  }
   BlockState ExportState() const override;
   absl::Status ImportState(const BlockState& state) override;
   int64_t StateBytes() const override;

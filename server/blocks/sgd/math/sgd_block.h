@@ -49,6 +49,7 @@ class SgdBlock final : public ParameterBlock {
   // next Propose/ImportState or the block's destruction.
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) override;
+  bool MayWaitForEngine(int64_t) const override { return false; }  // no decompositions
   // Scalar "step" (committed steps); tensor "momentum_buffer" once a step
   // with momentum has been committed.
   BlockState ExportState() const override;
