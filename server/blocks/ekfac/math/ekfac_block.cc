@@ -188,7 +188,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> EkfacBlock<Scalar>::Propose(
   //    jobs are submitted before waiting on either so the engine batches them
   //    with other blocks' and sessions'.
   int64_t inversion_micros = 0;
-  const bool refresh = IsBasisStep(t) || state_.basis_step == 0;
+  const bool refresh = RefreshesBasis(t);
   if (refresh) {
     if (context.engine == nullptr) {
       return BlockError(absl::StatusCode::kInternal, name(), "",

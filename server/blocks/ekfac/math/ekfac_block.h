@@ -67,6 +67,8 @@ class EkfacBlock final : public ParameterBlock {
   absl::string_view kind() const override { return kEkfacKind; }
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) override;
+  // Only steps that recompute the eigenbasis use the engine.
+  bool MayWaitForEngine(int64_t step) const override { return RefreshesBasis(step); }
   BlockState ExportState() const override;
   absl::Status ImportState(const BlockState& state) override;
   int64_t StateBytes() const override;
@@ -74,6 +76,8 @@ class EkfacBlock final : public ParameterBlock {
   const EkfacOptions& options() const { return options_; }
   // Whether step t recomputes the eigenbasis.
   bool IsBasisStep(int64_t step) const;
+  // A basis step, or the first basis.
+  bool RefreshesBasis(int64_t step) const { return IsBasisStep(step) || state_.basis_step == 0; }
 
  private:
   friend class EkfacPendingUpdate<Scalar>;

@@ -204,6 +204,33 @@ double MaxRelativeError(const Config& c, Precision precision, int steps, bool fl
   return worst;
 }
 
+// A session proposes the blocks that will not wait for the engine side by
+// side on pool threads: MayWaitForEngine must be true exactly on the steps
+// whose Propose submits the eigenbases (the first and every 3rd here).
+TEST(EkfacBlock, MayWaitForEngineExactlyOnBasisSteps) {
+  Config c;
+  EigenInversionEngine engine;
+  auto block = NewEkfacBlock("fc", OptionsOf(c), Precision::kFloat64);
+  ASSERT_TRUE(block.ok()) << block.status();
+  std::mt19937 rng(3);
+  const MatrixXd w = RandomMatrix(c.d_out, c.d_in + 1, rng);
+  int waits = 0;
+  for (int t = 1; t <= 8; ++t) {
+    const StepData d = RandomStep(c, rng);
+    StepContext ctx;
+    ctx.step = t;
+    ctx.engine = &engine;
+    const bool may = (*block)->MayWaitForEngine(t);
+    const int before = engine.submitted();
+    auto p = (*block)->Propose(InputOf(d, RandomMatrix(c.d_out, c.d_in + 1, rng), w), ctx);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(may, engine.submitted() > before) << "step " << t;
+    waits += may;
+    (*p)->Commit(1.0);
+  }
+  EXPECT_EQ(waits, 3);  // steps 1, 4, 7
+}
+
 TEST(EkfacBlock, DenseLayerEqualsOracleFloat64) {
   Config c;
   EXPECT_LT(MaxRelativeError(c, Precision::kFloat64, 8), 1e-10);

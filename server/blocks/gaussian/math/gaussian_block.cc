@@ -167,6 +167,8 @@ class GaussianBlock final : public ParameterBlock {
 
   absl::string_view kind() const override { return kGaussianBlockKind; }
 
+  bool MayWaitForEngine(int64_t) const override { return false; }  // its Cholesky factorisations are inline
+
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& step_input, const StepContext& context) override {
     const GaussianStepInput* input = std::get_if<GaussianStepInput>(&step_input);

@@ -75,6 +75,8 @@ class GaussianDiagBlock final : public ParameterBlock {
 
   absl::string_view kind() const override { return kGaussianDiagBlockKind; }
 
+  bool MayWaitForEngine(int64_t) const override { return false; }  // no decompositions
+
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& step_input, const StepContext& context) override {
     absl::StatusOr<const GaussianDiagStepInput*> in = InputOf<GaussianDiagStepInput>(step_input);

@@ -336,8 +336,13 @@ TEST(KfacDenseBlock, InversePeriodReusesStaleDecomposition) {
     // inverses keep the lambda of their refresh (step 1).
     const double lambdas[] = {0.1, 0.4, 0.1, 0.2};
     for (int t = 1; t <= 4; ++t) {
+      // Synchronous refreshes: the engine is used (and waited for) exactly
+      // when the block says it may be.
+      const bool may = h.block->MayWaitForEngine(t);
+      const int submitted_before = h.engine.submitted();
       BlockStepOutput out =
           h.Step(t, RawInput(steps[t - 1]), 1.0, lambdas[t - 1]);
+      EXPECT_EQ(may, h.engine.submitted() > submitted_before) << "step " << t;
       const int decomposed = t < 4 ? 1 : 4;
       auto [a, g] = OracleEma(steps, 0.95, decomposed);
       const double lambda = mode == KfacDampingMode::kEigenExact
@@ -766,8 +771,16 @@ TEST(KfacDenseBlock, AsyncRefreshRespectsMaxStaleness) {
   // 6 = 4 + max_staleness) and 7 (in flight).
   const int used[] = {1, 1, 1, 1, 1, 4, 4};
   const int computed[] = {2, 2, 2, 2, 2, 4, 4};
+  // The lazy engine computes only what a step waits for: MayWaitForEngine
+  // (a session's cue to keep the block on the step's own thread) must be
+  // true on those steps (1, 4: the first and overdue, 6), and it is false
+  // at 2 and 3 (no refresh, none in flight).
+  const bool may_wait[] = {true, false, false, true, true, true, true};
   for (int t = 1; t <= 7; ++t) {
+    EXPECT_EQ(h.block->MayWaitForEngine(t), may_wait[t - 1]) << "step " << t;
+    const int computed_before = h.engine.computed();
     BlockStepOutput out = h.Step(t, RawInput(steps[t - 1]));
+    if (h.engine.computed() > computed_before) EXPECT_TRUE(may_wait[t - 1]) << "step " << t;
     auto [a, g] = OracleEma(steps, 0.95, used[t - 1]);
     EXPECT_LT(RelErr(-out.delta.ToMatrix<double>(), ExactOracle(a, g, steps[t - 1].grad, 0.1)),
               1e-10)

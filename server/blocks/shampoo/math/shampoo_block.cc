@@ -182,6 +182,15 @@ absl::StatusOr<std::unique_ptr<ShampooBlock<Scalar>>> ShampooBlock<Scalar>::Crea
 }
 
 template <typename Scalar>
+bool ShampooBlock<Scalar>::RefreshesNextStep() const {
+  const ShampooOptions& o = options_;
+  const int64_t n = step_ + 1;
+  return !diagonal() && n >= o.start_preconditioning_step &&
+         (left_root_.empty() ||
+          (n - o.start_preconditioning_step) % o.precondition_frequency == 0);
+}
+
+template <typename Scalar>
 absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propose(
     const BlockStepInput& step_input, const StepContext& context) {
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
@@ -194,9 +203,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
   const ShampooOptions& o = options_;
   const int64_t n = step_ + 1;
   const bool precondition = !diagonal() && n >= o.start_preconditioning_step;
-  const bool refresh =
-      precondition && (left_root_.empty() ||
-                       (n - o.start_preconditioning_step) % o.precondition_frequency == 0);
+  const bool refresh = RefreshesNextStep();
   if (refresh && context.engine == nullptr) {
     return InvalidBlockField(name(), "", "has no inversion engine in the step context");
   }

@@ -77,6 +77,8 @@ class ShampooBlock final : public ParameterBlock {
   // submit every tile's two factors to context.engine before waiting on any.
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(
       const BlockStepInput& input, const StepContext& context) override;
+  // Only refresh steps use the engine (the step counted by the block).
+  bool MayWaitForEngine(int64_t) const override { return RefreshesNextStep(); }
   // Scalar "step"; tensors "momentum", "second_moment" (the Adam graft's or
   // the diagonal preconditioner's; absent with SGD/no grafting on a matrix),
   // and per tile k (row-major over tiles) "left_factor.k", "right_factor.k",
@@ -96,6 +98,8 @@ class ShampooBlock final : public ParameterBlock {
   };
 
   ShampooBlock(std::string name, MatrixShape shape, ShampooOptions options);
+  // Whether the next Propose recomputes the roots.
+  bool RefreshesNextStep() const;
   bool HasSecondMoment() const {
     return diagonal() || options_.grafting == ShampooGrafting::kAdam;
   }

@@ -144,6 +144,14 @@ void CompareWithOracle(const ShampooOptions& o, int64_t rows, int64_t cols, Prec
   }
 }
 
+TEST(ShampooBlock, MayWaitForEngineExactlyOnRefreshSteps) {
+  // Refreshes at steps 2, 5, 8 (start 2, frequency 3).
+  testing::EigenInversionEngine engine;
+  auto block = NewShampooBlock("w", {5, 4}, Full(), Precision::kFloat64);
+  ASSERT_TRUE(block.ok()) << block.status();
+  dense_block_testing::ExpectMayWaitExactlyWhenItSubmits(**block, engine, 5, 4, 9);
+}
+
 TEST(ShampooBlock, BlockedAdamGraftedBiasCorrectedMatchesOracleFloat64) {
   // 7 x 5 with max 3: row tiles 3, 3, 1 and column tiles 3, 2 (six tiles).
   CompareWithOracle(Full(), 7, 5, Precision::kFloat64, 1e-10);

@@ -165,6 +165,14 @@ absl::StatusOr<std::unique_ptr<SoapBlock<Scalar>>> SoapBlock<Scalar>::Create(
 }
 
 template <typename Scalar>
+bool SoapBlock<Scalar>::UsesEngineNextStep() const {
+  const bool first = step_ == 0;
+  const bool refresh = !first && step_ % options_.precondition_frequency == 0;
+  return (left_on_ || right_on_) &&
+         (first || (refresh && options_.refresh == SoapRefresh::kEigh));
+}
+
+template <typename Scalar>
 absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
     const BlockStepInput& step_input, const StepContext& context) {
   absl::StatusOr<const DenseStepInput*> in = InputOf<DenseStepInput>(step_input);
@@ -179,8 +187,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
   // k: the reference's state["step"] after its increment (first step: 0).
   const int64_t k = step_;
   const bool refresh = !first && k % o.precondition_frequency == 0;
-  const bool use_engine =
-      (left_on_ || right_on_) && (first || (refresh && o.refresh == SoapRefresh::kEigh));
+  const bool use_engine = UsesEngineNextStep();
   if (use_engine && context.engine == nullptr) {
     return InvalidBlockField(name(), "", "has no inversion engine in the step context");
   }

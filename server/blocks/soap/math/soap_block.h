@@ -83,6 +83,9 @@ class SoapBlock final : public ParameterBlock {
   // kEigh refreshes submit both sides to context.engine before waiting.
   absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> Propose(const BlockStepInput& input,
                                                               const StepContext& context) override;
+  // The first step and kEigh refreshes use the engine (steps counted by the
+  // block).
+  bool MayWaitForEngine(int64_t) const override { return UsesEngineNextStep(); }
   // Scalar "step" (Propose calls committed, the first included); tensors
   // "exp_avg" and "exp_avg_sq" (both in the eigenbasis), and per
   // preconditioned side "left_factor"/"right_factor" and, once step >= 1,
@@ -98,6 +101,8 @@ class SoapBlock final : public ParameterBlock {
   class Update;
 
   SoapBlock(std::string name, MatrixShape shape, SoapOptions options);
+  // Whether the next Propose submits decompositions to the engine.
+  bool UsesEngineNextStep() const;
   Matrix ToView(const Matrix& x) const;
   Matrix FromView(const Matrix& x) const;
   // Q_L^T x Q_R and its inverse Q_L x Q_R^T (identity sides skipped).

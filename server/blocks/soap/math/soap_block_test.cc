@@ -86,6 +86,19 @@ void CompareWithOracle(const SoapOptions& o, int64_t rows, int64_t cols, Precisi
   EXPECT_EQ(refreshes, (steps - 1) / o.precondition_frequency);
 }
 
+TEST(SoapBlock, MayWaitForEngineExactlyWhenItDecomposes) {
+  // The first step always; then the kEigh refreshes (every 3rd step), but
+  // never the power-iteration ones, which run on the step's thread.
+  for (SoapRefresh refresh : {SoapRefresh::kEigh, SoapRefresh::kPowerQr}) {
+    SoapOptions o = Full();
+    o.refresh = refresh;
+    testing::EigenInversionEngine engine;
+    auto block = NewSoapBlock("w", {5, 4}, o, Precision::kFloat64);
+    ASSERT_TRUE(block.ok()) << block.status();
+    dense_block_testing::ExpectMayWaitExactlyWhenItSubmits(**block, engine, 5, 4, 8);
+  }
+}
+
 TEST(SoapBlock, PowerIterationRefreshMatchesOracleFloat64) {
   CompareWithOracle(Full(), 5, 5, Precision::kFloat64, 1e-10);
 }

@@ -1,7 +1,8 @@
 // Test helpers shared by the dense-gradient blocks' math tests (shampoo,
 // soap): random inputs, a relative error, state equality, the step inputs
-// every such block must refuse without changing its state, and an
-// export/import round trip that must continue exactly. Test only.
+// every such block must refuse without changing its state, an
+// export/import round trip that must continue exactly, and MayWaitForEngine
+// against the engine's submissions. Test only.
 #ifndef NATGRAD_SERVER_BLOCKS_INTERNAL_MATH_TESTING_DENSE_BLOCK_TESTING_H_
 #define NATGRAD_SERVER_BLOCKS_INTERNAL_MATH_TESTING_DENSE_BLOCK_TESTING_H_
 
@@ -112,6 +113,33 @@ inline void ExpectExportImportContinuesExactly(ParameterBlock& a, ParameterBlock
   ASSERT_TRUE(b.ImportState(a.ExportState()).ok());
   EXPECT_EQ(b.StateBytes(), a.StateBytes());
   for (int t = split + 1; t <= last; ++t) EXPECT_EQ(step(a, t), step(b, t)) << "step " << t;
+}
+
+// MayWaitForEngine(t), asked before each of `steps` committed steps, is true
+// exactly on the steps whose Propose submits to `engine` (a counting engine
+// double with submitted(), e.g. testing::EigenInversionEngine): a session
+// proposes the others side by side on pool threads, where an engine wait
+// would block.
+template <typename CountingEngine>
+void ExpectMayWaitExactlyWhenItSubmits(ParameterBlock& blk, CountingEngine& engine, int64_t rows,
+                                       int64_t cols, int steps) {
+  std::mt19937 rng(11);
+  int waits = 0;
+  for (int t = 1; t <= steps; ++t) {
+    DenseStepInput in;
+    in.gradient = Random(rng, rows, cols);
+    in.params = Random(rng, rows, cols);  // weight decay reads them
+    StepContext ctx{.step = t, .engine = &engine};
+    const bool may = blk.MayWaitForEngine(t);
+    const int before = engine.submitted();
+    auto p = blk.Propose(in, ctx);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(may, engine.submitted() > before) << "step " << t;
+    waits += may;
+    (*p)->Commit(1);
+  }
+  EXPECT_GT(waits, 0);
+  EXPECT_LT(waits, steps);  // the plan has steps of both kinds
 }
 
 }  // namespace natgrad::core::dense_block_testing
