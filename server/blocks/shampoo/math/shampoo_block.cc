@@ -182,12 +182,16 @@ absl::StatusOr<std::unique_ptr<ShampooBlock<Scalar>>> ShampooBlock<Scalar>::Crea
 }
 
 template <typename Scalar>
+bool ShampooBlock<Scalar>::PreconditionsNextStep() const {
+  return !diagonal() && step_ + 1 >= options_.start_preconditioning_step;
+}
+
+template <typename Scalar>
 bool ShampooBlock<Scalar>::RefreshesNextStep() const {
-  const ShampooOptions& o = options_;
   const int64_t n = step_ + 1;
-  return !diagonal() && n >= o.start_preconditioning_step &&
+  return PreconditionsNextStep() &&
          (left_root_.empty() ||
-          (n - o.start_preconditioning_step) % o.precondition_frequency == 0);
+          (n - options_.start_preconditioning_step) % options_.precondition_frequency == 0);
 }
 
 template <typename Scalar>
@@ -202,7 +206,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> ShampooBlock<Scalar>::Propos
   const double lr = rates->learning_rate, wd = rates->weight_decay;
   const ShampooOptions& o = options_;
   const int64_t n = step_ + 1;
-  const bool precondition = !diagonal() && n >= o.start_preconditioning_step;
+  const bool precondition = PreconditionsNextStep();
   const bool refresh = RefreshesNextStep();
   if (refresh && context.engine == nullptr) {
     return InvalidBlockField(name(), "", "has no inversion engine in the step context");

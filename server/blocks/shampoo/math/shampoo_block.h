@@ -98,7 +98,9 @@ class ShampooBlock final : public ParameterBlock {
   };
 
   ShampooBlock(std::string name, MatrixShape shape, ShampooOptions options);
-  // Whether the next Propose recomputes the roots.
+  // Whether the next Propose preconditions, and whether it recomputes the
+  // roots.
+  bool PreconditionsNextStep() const;
   bool RefreshesNextStep() const;
   bool HasSecondMoment() const {
     return diagonal() || options_.grafting == ShampooGrafting::kAdam;

@@ -165,11 +165,15 @@ absl::StatusOr<std::unique_ptr<SoapBlock<Scalar>>> SoapBlock<Scalar>::Create(
 }
 
 template <typename Scalar>
+bool SoapBlock<Scalar>::RefreshesNextStep() const {
+  // step_: the reference's state["step"] after its increment (first step: 0).
+  return step_ != 0 && step_ % options_.precondition_frequency == 0;
+}
+
+template <typename Scalar>
 bool SoapBlock<Scalar>::UsesEngineNextStep() const {
-  const bool first = step_ == 0;
-  const bool refresh = !first && step_ % options_.precondition_frequency == 0;
   return (left_on_ || right_on_) &&
-         (first || (refresh && options_.refresh == SoapRefresh::kEigh));
+         (step_ == 0 || (RefreshesNextStep() && options_.refresh == SoapRefresh::kEigh));
 }
 
 template <typename Scalar>
@@ -186,7 +190,7 @@ absl::StatusOr<std::unique_ptr<PendingBlockUpdate>> SoapBlock<Scalar>::Propose(
   const bool first = step_ == 0;
   // k: the reference's state["step"] after its increment (first step: 0).
   const int64_t k = step_;
-  const bool refresh = !first && k % o.precondition_frequency == 0;
+  const bool refresh = RefreshesNextStep();
   const bool use_engine = UsesEngineNextStep();
   if (use_engine && context.engine == nullptr) {
     return InvalidBlockField(name(), "", "has no inversion engine in the step context");

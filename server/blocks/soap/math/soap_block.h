@@ -101,7 +101,9 @@ class SoapBlock final : public ParameterBlock {
   class Update;
 
   SoapBlock(std::string name, MatrixShape shape, SoapOptions options);
-  // Whether the next Propose submits decompositions to the engine.
+  // Whether the next Propose refreshes the bases (any way), and whether it
+  // submits decompositions to the engine (the first step, kEigh refreshes).
+  bool RefreshesNextStep() const;
   bool UsesEngineNextStep() const;
   Matrix ToView(const Matrix& x) const;
   Matrix FromView(const Matrix& x) const;
