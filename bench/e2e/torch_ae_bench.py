@@ -175,7 +175,7 @@ def main():
     # No replay buffer unless --replay: the LocalServer here writes no
     # checkpoints between steps, so the client would keep every step, and
     # a shared-memory step kept is one copy of its 46 MB of spans into
-    # memory the process never touched before (35-240 ms a step on this
+    # memory the process never touched before (35-280 ms a step on this
     # VM, where a fresh page costs 2.5-15 us) until max_replay_bytes is
     # reached and the buffers recycle (about 4 ms); each rep's fresh
     # session sits inside that transient. torch's Adam keeps nothing.
